@@ -1,0 +1,132 @@
+"""The Method contract: what every continual-learning method provides.
+
+A method is a frozen dataclass of hyper-parameters plus pure functions over pytrees. It never imports
+a backbone; the trainer hands it what it needs:
+
+- `ModelInfo`: the backbone's LoRA sites and sizes.
+- `StreamInfo`: the number of tasks (room is made for `max_tasks` so shapes never change), the kind
+  of stream and the number of classes.
+
+The trainable pytree is `{"adapters": <method's adapter pytree>, "head": <task head params or {}>}`.
+Adapter pytrees follow `jaxtree_lora/models/common.py`: `site -> pytree` whose leaves have a leading
+`num_layers` axis; the backbone slices it per layer and calls `method.delta` at each site.
+
+Life cycle, driven by `jaxtree_lora/train/loop.py`:
+
+    trainable, state = method.init(key, model_info, stream_info)
+    for task t:
+        trainable, state = method.begin_task(trainable, state, t)            # pure
+        for epoch e:
+            state = method.begin_epoch(state, e, steps_per_epoch)            # pure
+            for micro-batch (inside the jitted step):
+                (loss, aux), grads = grad(method.loss)(trainable, state, batch, key, task_loss)
+                state = method.after_step(state, aux)                        # pure
+                updates *= method.update_mask(state)    # frozen parts get no optimiser update
+        trainable, state = method.end_task(trainable, state, t, context)     # host work allowed
+
+`begin_task`, `begin_epoch`, `after_step` and `update_mask` run inside jit with the task index as a
+traced integer, so a new task never compiles the step again.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxtree_lora import lora as lora_lib
+from jaxtree_lora.models.common import Site
+
+Array = jax.Array
+PyTree = Any
+# task_loss(trainable, key) -> (loss, aux): the stream's loss on the current batch (closure over it).
+TaskLoss = Callable[[PyTree, Optional[Array]], tuple[Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a method may know about the backbone."""
+
+    sites: Mapping[str, Site]
+    num_layers: int
+    feature_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamInfo:
+    """What a method may know about the stream before it starts."""
+
+    num_tasks: int
+    max_tasks: int
+    kind: str  # "classification" or "instruction"
+    num_classes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EndTaskContext:
+    """Host-side helpers for `end_task` (methods that need passes over the task's data)."""
+
+    task: int
+    steps_per_epoch: int
+    # features(trainable, state) -> iterator over (inputs, labels) dicts, for prototype-style methods.
+    batches: Optional[Callable[[], Any]] = None
+    apply: Optional[Callable[..., Any]] = None
+
+
+class Method:
+    """Base class: sequential-LoRA behaviour; subclasses override what differs.
+
+    Subclasses are frozen dataclasses with a `lora: LoraSpec` field and a class attribute `name`.
+    """
+
+    name: str = "base"
+    lora: lora_lib.LoraSpec
+
+    # -- set-up -------------------------------------------------------------------------------
+    def init(self, key: Array, model: ModelInfo, stream: StreamInfo) -> tuple[PyTree, PyTree]:
+        """Returns (adapters, method_state). Shapes are fixed for the whole stream."""
+        adapters = lora_lib.init(key, self.lora, model.sites, model.num_layers)
+        return adapters, {"task": jnp.zeros((), jnp.int32)}
+
+    def begin_task(self, adapters: PyTree, state: PyTree, task: Array) -> tuple[PyTree, PyTree]:
+        return adapters, {**state, "task": jnp.asarray(task, jnp.int32)}
+
+    def begin_epoch(self, state: PyTree, epoch: Array, steps_per_epoch: int) -> PyTree:
+        return state
+
+    # -- inside the step ----------------------------------------------------------------------
+    def delta(self, state: PyTree, site: str, adapter: PyTree, x: Array, key: Optional[Array]) -> Array:
+        """What the adapter adds at one site of one layer: x [..., d_in] -> [..., d_out]."""
+        x = lora_lib.dropout(x, self.lora.dropout, key)
+        return lora_lib.apply(adapter, x, self.lora.scale)
+
+    def loss(self, trainable: PyTree, state: PyTree, batch: Mapping[str, Array], key: Optional[Array],
+             task_loss: TaskLoss) -> tuple[Array, dict]:
+        """Task loss plus the method's own terms. aux must be a dict of arrays."""
+        return task_loss(trainable, key)
+
+    def after_step(self, state: PyTree, aux: Mapping[str, Array]) -> PyTree:
+        return state
+
+    def update_mask(self, state: PyTree, trainable: PyTree) -> Optional[PyTree]:
+        """A pytree like `trainable` (leaves broadcastable) of 0/1: which entries the optimiser may
+        change. None means everything trainable is updated."""
+        return None
+
+    # -- between tasks --------------------------------------------------------------------------
+    def end_task(self, trainable: PyTree, state: PyTree, context: EndTaskContext) -> tuple[PyTree, PyTree]:
+        return trainable, state
+
+    # -- reporting ------------------------------------------------------------------------------
+    def trainable_count(self, trainable: PyTree, state: PyTree) -> int:
+        """Parameters trained for one task (for the trainable-parameter share)."""
+        return lora_lib.count(trainable)
+
+    def describe(self) -> dict:
+        """Hyper-parameters for results.json."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return out

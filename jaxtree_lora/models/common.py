@@ -1,0 +1,112 @@
+"""What every backbone shares: LoRA sites, the delta hook, and small pure layers.
+
+Every backbone keeps its transformer blocks *stacked*: each per-layer weight has a leading
+`num_layers` axis and the blocks run under `jax.lax.scan`, so a 30-layer model compiles one block.
+
+LoRA sites
+----------
+A *site* is one frozen projection whose output a continual-learning method may change, named
+`"<group>.<projection>"` (for example `"attn.q_proj"`, `"mlp.down_proj"`). Every backbone lists its
+sites with their shapes through `lora_sites()`:
+
+    {"attn.q_proj": Site(d_in=576, d_out=576), ...}       # one entry per projection kind
+
+The layer index is not part of the name: adapters are stacked over layers too. An *adapter pytree*
+is a dict `site name -> pytree` whose leaves all have a leading `num_layers` axis. The backbone slices
+it layer by layer inside its scan and, at every site present in the dict, calls the delta hook:
+
+    dy = delta(site_name, adapter_slice, x, key)    # x: [..., d_in] -> dy: [..., d_out]
+
+`key` is a per-layer, per-site PRNG key for adapter dropout, or None in deterministic mode. The
+backbone adds `dy` to the frozen projection's output. Sites absent from the dict cost nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+
+# delta(site_name, adapter_slice_for_one_layer, x, key_or_None) -> dy
+DeltaFn = Callable[[str, PyTree, Array, Optional[Array]], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Shape of one LoRA site: the projection maps [..., d_in] to [..., d_out] in every layer."""
+
+    d_in: int
+    d_out: int
+
+
+class SiteHook:
+    """Applies the method's delta at the sites of one layer.
+
+    Built inside the layer scan from the adapter slice of that layer; a backbone calls
+    `hook(site_name, x, y)` after each frozen projection and gets `y + delta` back (or `y` when the
+    site carries no adapter).
+    """
+
+    def __init__(self, adapters: Optional[Mapping[str, PyTree]], delta: Optional[DeltaFn],
+                 key: Optional[Array]):
+        self.adapters = adapters or {}
+        self.delta = delta
+        self.key = key
+
+    def __call__(self, site: str, x: Array, y: Array) -> Array:
+        if self.delta is None or site not in self.adapters:
+            return y
+        key = None
+        if self.key is not None:
+            # A stable per-site key: the site's position in the sorted site list.
+            key = jax.random.fold_in(self.key, sorted(self.adapters).index(site))
+        dy = self.delta(site, self.adapters[site], x, key)
+        return y + dy.astype(y.dtype)
+
+
+def layer_keys(key: Optional[Array], num_layers: int) -> Optional[Array]:
+    """One PRNG key per layer (for adapter dropout), or None in deterministic mode."""
+    if key is None:
+        return None
+    return jax.random.split(key, num_layers)
+
+
+def scan_layers(body, carry, layer_params: PyTree, adapters: Optional[Mapping[str, PyTree]],
+                delta: Optional[DeltaFn], key: Optional[Array], num_layers: int,
+                remat: bool = False):
+    """Runs `body(carry, params_l, hook_l) -> (carry, out_l)` over the stacked layers.
+
+    `layer_params` and every adapter leaf carry a leading `num_layers` axis; the scan slices both.
+    """
+    keys = layer_keys(key, num_layers)
+    xs = (layer_params, dict(adapters or {}), keys)
+
+    def step(c, x):
+        params_l, adapters_l, key_l = x
+        return body(c, params_l, SiteHook(adapters_l, delta, key_l))
+
+    if remat:
+        step = jax.checkpoint(step, prevent_cse=False)
+    return jax.lax.scan(step, carry, xs, length=num_layers)
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm computed in float32, returned in x's dtype. x: [..., d], weight: [d]."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(dtype)
+
+
+def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
+    """LayerNorm computed in float32, returned in x's dtype. x: [..., d]."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
