@@ -1,0 +1,35 @@
+"""Continual-learning methods on one contract (see `base.py`). `get(name, **options)` builds one."""
+from __future__ import annotations
+
+import importlib
+
+from jaxtree_lora.methods.base import EndTaskContext, Method, ModelInfo, StreamInfo
+
+# name -> "module:Class"; modules are imported on demand so a missing optional piece never breaks the rest.
+REGISTRY = {
+    "seqlora": "jaxtree_lora.methods.seqlora:SeqLoRA",
+    "inclora": "jaxtree_lora.methods.inclora:IncLoRA",
+    "treelora": "jaxtree_lora.methods.treelora:TreeLoRA",
+}
+
+
+class UnknownMethod(ValueError):
+    pass
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get_class(name: str):
+    if name not in REGISTRY:
+        raise UnknownMethod(f"unknown method {name!r}: choose one of {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get(name: str, **options) -> Method:
+    return get_class(name)(**options)
+
+
+__all__ = ["EndTaskContext", "Method", "ModelInfo", "StreamInfo", "get", "get_class", "names", "REGISTRY"]

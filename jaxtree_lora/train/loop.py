@@ -1,0 +1,406 @@
+"""The continual loop: the imperative shell around the jitted step.
+
+    for task t:   begin_task -> epochs x jitted steps -> end_task (host) -> evaluate tasks 0..t
+                  -> one column of the accuracy matrix -> checkpoint -> metrics.jsonl
+
+Host work happens only between steps: metrics are fetched every `log_every` steps, the progress bar
+is updated then, checkpoints are written every `checkpoint_every` steps and at every task end. The
+batch order and every PRNG key are pure functions of (seed, task, epoch, batch), so a run resumed
+from any checkpoint replays exactly the steps an uninterrupted run takes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtree_lora import checkpoint as checkpoint_lib
+from jaxtree_lora import lora as lora_lib
+from jaxtree_lora import methods as methods_lib
+from jaxtree_lora.errors import ConfigError
+from jaxtree_lora.methods.base import EndTaskContext, StreamInfo
+from jaxtree_lora.train import mesh as mesh_lib
+from jaxtree_lora.train.step import TrainState, init_head, make_optimizer, make_task_loss, make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    """Raised by the test hook `stop_after_steps` to end a run as if it had been killed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# building pieces from the config
+# ----------------------------------------------------------------------------------------------
+
+def build_method(config, max_tasks: int):
+    """The method named by config.method.name with its options and config.lora as its LoRA spec."""
+    name = config.method.name
+    cls = methods_lib.get_class(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    given = config.method.get(name, None)
+    options = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ConfigError(f"method {name!r} has no option(s) {', '.join(unknown)} (under config.method.{name}); "
+                          f"its options are: {', '.join(sorted(set(fields) - {'lora', 'max_tasks'}))}")
+    for key, value in list(options.items()):
+        if isinstance(value, list):
+            options[key] = tuple(value)
+    if "lora" in fields:
+        spec = dict(config.lora)
+        spec["targets"] = tuple(spec.get("targets", ()))
+        options["lora"] = lora_lib.LoraSpec(**spec)
+    if "max_tasks" in fields:
+        options["max_tasks"] = max_tasks
+    return cls(**options)
+
+
+def validate(config) -> None:
+    """Checks what can be checked before any weights or data are loaded (fails in one clear line)."""
+    build_method(config, max_tasks=1)
+    make_optimizer(config)
+    train = config.train
+    for key in ("batch_size", "accumulation"):
+        if int(train.get(key, 1)) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {train.get(key)}")
+    epochs = train.epochs
+    for value in (epochs if isinstance(epochs, (list, tuple)) else [epochs]):
+        if int(value) < 1:
+            raise ConfigError(f"train.epochs must be >= 1 (per task), got {epochs}")
+    if train.get("train_mask", "task") not in ("task", "seen"):
+        raise ConfigError(f"train.train_mask must be 'task' or 'seen', got {train.train_mask!r}")
+    if float(config.eval.get("temperature", 0.0)) < 0:
+        raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {config.eval.temperature}")
+    if int(config.eval.get("batch_size", 1)) < 1:
+        raise ConfigError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
+
+
+def epochs_for(config, task: int) -> int:
+    epochs = config.train.epochs
+    if isinstance(epochs, (list, tuple)):
+        if len(epochs) == 1:
+            return int(epochs[0])
+        if task >= len(epochs):
+            raise ConfigError(f"train.epochs lists {len(epochs)} tasks but the stream has more: "
+                              f"give one entry per task or a single integer")
+        return int(epochs[task])
+    return int(epochs)
+
+
+def fingerprint(config) -> str:
+    """What must match for a checkpoint to be resumed: model, method, LoRA, data, training, seed."""
+    relevant = {k: config.to_dict().get(k) for k in ("model", "method", "lora", "data", "train", "seed")}
+    relevant["train"] = {k: v for k, v in (relevant["train"] or {}).items()
+                         if k not in ("log_every", "checkpoint_every")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def peak_memory_mb() -> float:
+    """Peak host resident memory of this process (MiB); device peak where the backend reports it."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return float(stats["peak_bytes_in_use"]) / 2 ** 20
+    except Exception:
+        pass
+    return peak
+
+
+def split_arrays(split, kind: str) -> dict:
+    """Arrays the step consumes from one data split."""
+    if kind == "classification":
+        arrays = dict(split.inputs)
+        arrays["labels"] = np.asarray(split.labels, np.int32)
+        return arrays
+    return {k: split.arrays[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """Everything a continual run needs, built once; `fit()` drives it."""
+
+    config: Any
+    backbone: Any
+    stream: Any
+    workdir: str
+    progress: bool = True
+    logger: Optional[Callable[[dict], None]] = None
+    stop_after_steps: Optional[int] = None  # for tests: stop (as if killed) after this many steps
+
+    def __post_init__(self):
+        from jaxtree_lora.data import batching
+
+        self.batching = batching
+        config = self.config
+        self.kind = self.stream.kind
+        self.num_tasks = len(self.stream.tasks)
+        self.max_tasks = max(int(config.train.get("max_tasks", 0) or 0), self.num_tasks)
+        self.method = build_method(config, self.max_tasks)
+        self.stream_info = StreamInfo(num_tasks=self.num_tasks, max_tasks=self.max_tasks, kind=self.kind,
+                                      num_classes=int(getattr(self.stream, "num_classes", 0) or 0))
+        self.mesh = mesh_lib.make_mesh(tuple(config.train.get("mesh", ()) or ()))
+        self.micro_batch = int(config.train.batch_size)
+        self.accumulation = int(config.train.get("accumulation", 1))
+        if self.micro_batch < 1 or self.accumulation < 1:
+            raise ConfigError("train.batch_size and train.accumulation must be >= 1")
+        devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if self.micro_batch % devices:
+            raise ConfigError(f"train.batch_size={self.micro_batch} must be divisible by the "
+                              f"{devices} data-parallel devices of the mesh")
+        self.optimizer = make_optimizer(config)
+        self.consts = self._stream_consts()
+        self.task_loss = make_task_loss(self.backbone, self.method, self.kind,
+                                        config.train.get("train_mask", "task"))
+        self._compile()
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _stream_consts(self) -> dict:
+        classes = int(getattr(self.stream, "num_classes", 0) or 0)
+        task_classes = np.zeros((self.max_tasks, max(classes, 1)), bool)
+        if self.kind == "classification":
+            for task in self.stream.tasks:
+                task_classes[task.index, list(task.classes)] = True
+        seen = np.cumsum(task_classes, axis=0) > 0
+        return {"task_classes": jnp.asarray(task_classes), "seen_classes": jnp.asarray(seen)}
+
+    def initial_state(self) -> TrainState:
+        key = jax.random.PRNGKey(int(self.config.seed))
+        init_key, head_key = jax.random.split(jax.random.fold_in(key, 1))
+        adapters, method_state = self.method.init(init_key, self.backbone.info, self.stream_info)
+        head = init_head(head_key, self.backbone.info.feature_dim, self.stream_info.num_classes) \
+            if self.kind == "classification" else {}
+        trainable = {"adapters": adapters, "head": head}
+        state = TrainState(trainable=trainable, opt_state=self.optimizer.init(trainable),
+                           method_state=method_state, step=jnp.zeros((), jnp.int32))
+        return jax.device_put(state, mesh_lib.replicated(self.mesh))
+
+    def _compile(self):
+        replicated = mesh_lib.replicated(self.mesh)
+        step = make_train_step(self.method, self.task_loss, self.optimizer)
+        self.train_step = jax.jit(step, donate_argnums=(0,))
+        self.frozen = jax.device_put(self.backbone.params, replicated)
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        method = self.method
+
+        def begin_task(state, task):
+            adapters, method_state = method.begin_task(state.trainable["adapters"], state.method_state, task)
+            trainable = {**state.trainable, "adapters": adapters}
+            return state.replace(trainable=trainable, method_state=method_state)
+
+        def begin_epoch(state, epoch, steps_per_epoch):
+            return state.replace(method_state=method.begin_epoch(state.method_state, epoch, steps_per_epoch))
+
+        self.begin_task = jax.jit(begin_task, donate_argnums=(0,))
+        self.begin_epoch = jax.jit(begin_epoch, static_argnums=(2,), donate_argnums=(0,))
+        self._predict = jax.jit(self._predict_fn)
+        self._generate = None
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _predict_fn(self, trainable, frozen, consts, method_state, batch, seen_upto):
+        delta = lambda site, adapter, x, key: self.method.delta(method_state, site, adapter, x, key)
+        features = self.backbone.features(frozen, batch, adapters=trainable["adapters"], delta=delta)
+        logits = features.astype(jnp.float32) @ trainable["head"]["w"] + trainable["head"]["b"]
+        logits = jnp.where(consts["seen_classes"][seen_upto][None, :], logits, -jnp.inf)
+        return jnp.argmax(logits, axis=-1)
+
+    def _generate_fn(self, trainable, frozen, method_state, prompt_ids, prompt_mask, key, max_new_tokens):
+        from flax import nnx
+
+        from jaxtree_lora.models.generate import generate
+
+        delta = lambda site, adapter, x, k: self.method.delta(method_state, site, adapter, x, k)
+        tokenizer = self.backbone.tokenizer
+        model = nnx.merge(self.backbone.graphdef, frozen)
+        return generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                        temperature=float(self.config.eval.get("temperature", 0.0)), key=key,
+                        eos_id=int(tokenizer.eos_token_id),
+                        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                   else tokenizer.eos_token_id),
+                        adapters=trainable["adapters"], delta=delta)
+
+    def evaluate_task(self, state: TrainState, task_index: int, trained_upto: int) -> float:
+        """Score (0-100) on task `task_index`'s test split with the state after task `trained_upto`."""
+        task = self.stream.tasks[task_index]
+        eval_batch = int(self.config.eval.get("batch_size", 64))
+        if self.kind == "classification":
+            arrays = split_arrays(task.test, self.kind)
+            correct, total = 0.0, 0.0
+            for batch in self.batching.batches(arrays, eval_batch, seed=0, task=task_index, epoch=0, shuffle=False):
+                weight = batch.pop("weight")
+                labels = batch.pop("labels")
+                predictions = self._predict(state.trainable, self.frozen, self.consts, state.method_state,
+                                            batch, trained_upto)
+                predictions = np.asarray(predictions)
+                correct += float(np.sum((predictions == labels) * weight))
+                total += float(np.sum(weight))
+            return 100.0 * correct / max(total, 1.0)
+        from jaxtree_lora.evaluation import task_metrics
+
+        if self._generate is None:
+            self._generate = jax.jit(self._generate_fn, static_argnums=(6,))
+        max_new = max(int(t.max_new_tokens) for t in self.stream.tasks)
+        arrays = {"prompt_ids": task.test.arrays["prompt_ids"], "prompt_mask": task.test.arrays["prompt_mask"]}
+        base = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), 7)
+        key = jax.random.fold_in(jax.random.fold_in(base, trained_upto), task_index)
+        predictions = []
+        count = len(task.test.answers)
+        for number, batch in enumerate(self.batching.batches(arrays, eval_batch, seed=0, task=task_index,
+                                                             epoch=0, shuffle=False)):
+            weight = batch.pop("weight")
+            tokens = self._generate(state.trainable, self.frozen, state.method_state, batch["prompt_ids"],
+                                    batch["prompt_mask"], jax.random.fold_in(key, number), max_new)
+            tokens = np.asarray(tokens)
+            for row, real in zip(tokens, weight):
+                if real > 0 and len(predictions) < count:
+                    predictions.append(self.backbone.tokenizer.decode(row.tolist(), skip_special_tokens=True))
+        return float(task_metrics.score(task.metric, predictions, list(task.test.answers),
+                                        sources=list(task.test.prompts)))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        config = self.config
+        os.makedirs(self.workdir, exist_ok=True)
+        checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                                  keep=int(config.train.get("keep_checkpoints", 2)))
+        state = self.initial_state()
+        matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
+        position = {"task": 0, "epoch": 0, "batch": 0}
+        timings = {"train_seconds": [0.0] * self.num_tasks, "eval_seconds": [0.0] * self.num_tasks,
+                   "tokens": [0.0] * self.num_tasks}
+        fp = fingerprint(config)
+        if resume and checkpoints.latest() is not None:
+            loop = checkpoints.restore_loop()
+            if loop.get("fingerprint") != fp:
+                raise checkpoint_lib.CheckpointMismatch(
+                    f"the checkpoint in {checkpoints.directory} was written by a different config "
+                    f"(model, method, data or training changed): use a new --workdir or the original config")
+            state, loop, _ = checkpoints.restore(checkpoint_lib.abstract(state))
+            position = loop["position"]
+            matrix = np.array([[np.nan if v is None else v for v in row] for row in loop["matrix"]], float)
+            timings = loop["timings"]
+        base_key = jax.random.PRNGKey(int(config.seed))
+        log_every = max(int(config.train.get("log_every", 10)), 1)
+        checkpoint_every = int(config.train.get("checkpoint_every", 0) or 0)
+        steps_done = 0
+        metrics_log = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+
+        def emit(record):
+            metrics_log.write(json.dumps(record) + "\n")
+            metrics_log.flush()
+            if self.logger:
+                self.logger(record)
+
+        def save(state, position, wait=False):
+            loop = {"position": position, "fingerprint": fp, "timings": timings,
+                    "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in matrix]}
+            checkpoints.save(int(state.step), state, loop)
+            if wait:
+                checkpoints.wait()
+
+        try:
+            for task_index in range(position["task"], self.num_tasks):
+                task = self.stream.tasks[task_index]
+                arrays = split_arrays(task.train, self.kind)
+                num_rows = len(next(iter(arrays.values())))
+                global_batch = self.micro_batch * self.accumulation
+                steps_per_epoch = self.batching.num_batches(num_rows, global_batch)
+                epochs = epochs_for(config, task_index)
+                resumed_here = task_index == position["task"] and (position["epoch"] or position["batch"])
+                if not resumed_here:
+                    state = self.begin_task(state, jnp.asarray(task_index, jnp.int32))
+                start_epoch = position["epoch"] if task_index == position["task"] else 0
+                bar = None
+                if self.progress:
+                    from tqdm.auto import tqdm
+
+                    bar = tqdm(total=epochs * steps_per_epoch, desc=f"task {task_index + 1}/{self.num_tasks}",
+                               initial=start_epoch * steps_per_epoch
+                               + (position["batch"] if task_index == position["task"] else 0),
+                               leave=True, dynamic_ncols=True)
+                task_start = time.perf_counter()
+                for epoch in range(start_epoch, epochs):
+                    start_batch = position["batch"] if (task_index == position["task"]
+                                                        and epoch == position["epoch"]) else 0
+                    if start_batch == 0:
+                        state = self.begin_epoch(state, jnp.asarray(epoch, jnp.int32), steps_per_epoch)
+                    pending = []
+                    window_start = time.perf_counter()
+                    batches = self.batching.batches(arrays, global_batch, seed=int(config.seed), task=task_index,
+                                                    epoch=epoch, shuffle=True, start=start_batch)
+                    for batch_index, batch in enumerate(batches, start=start_batch):
+                        batch = {k: v.reshape((self.accumulation, self.micro_batch) + v.shape[1:])
+                                 for k, v in batch.items()}
+                        batch = jax.device_put(batch, self.batch_sharding)
+                        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
+                            base_key, task_index), epoch), batch_index)
+                        state, metrics = self.train_step(state, self.frozen, self.consts, batch, key)
+                        pending.append(metrics)
+                        steps_done += 1
+                        last = batch_index + 1 == steps_per_epoch
+                        if len(pending) >= log_every or last:
+                            fetched = jax.device_get(pending)
+                            elapsed = time.perf_counter() - window_start
+                            tokens = float(sum(m["tokens"] for m in fetched))
+                            loss = float(fetched[-1]["loss"])
+                            if not np.isfinite(loss):
+                                raise NonFiniteLoss(
+                                    f"loss became {loss} at task {task_index}, epoch {epoch}, batch {batch_index} "
+                                    f"(global step {int(state.step)}): lower optimizer.learning_rate or set "
+                                    f"optimizer.clip_norm; the last good checkpoint is kept")
+                            timings["tokens"][task_index] += tokens
+                            record = {"type": "step", "task": task_index, "epoch": epoch, "batch": batch_index,
+                                      "step": int(state.step), "loss": loss,
+                                      "accuracy": float(fetched[-1]["accuracy"]),
+                                      "grad_norm": float(fetched[-1]["grad_norm"]),
+                                      "tokens_per_second": tokens / max(elapsed, 1e-9)}
+                            emit(record)
+                            if bar is not None:
+                                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}",
+                                                tok_s=f"{record['tokens_per_second']:.0f}")
+                                bar.update(len(pending))
+                            pending = []
+                            window_start = time.perf_counter()
+                        if checkpoint_every and int(state.step) % checkpoint_every == 0 and not last:
+                            save(state, {"task": task_index, "epoch": epoch, "batch": batch_index + 1})
+                        if self.stop_after_steps is not None and steps_done >= self.stop_after_steps:
+                            checkpoints.wait()
+                            raise StopRequested(f"stopped after {steps_done} steps (test hook)")
+                jax.block_until_ready(state)
+                timings["train_seconds"][task_index] += time.perf_counter() - task_start
+                if bar is not None:
+                    bar.close()
+                # End of task: host work, then evaluation of every task seen so far.
+                context = EndTaskContext(task=task_index, steps_per_epoch=steps_per_epoch)
+                trainable, method_state = self.method.end_task(state.trainable, state.method_state, context)
+                state = state.replace(trainable=trainable, method_state=method_state)
+                eval_start = time.perf_counter()
+                for seen in range(task_index + 1):
+                    matrix[seen, task_index] = self.evaluate_task(state, seen, task_index)
+                timings["eval_seconds"][task_index] = time.perf_counter() - eval_start
+                emit({"type": "task", "task": task_index, "name": task.name,
+                      "scores": [float(matrix[i, task_index]) for i in range(task_index + 1)],
+                      "train_seconds": timings["train_seconds"][task_index],
+                      "eval_seconds": timings["eval_seconds"][task_index]})
+                position = {"task": task_index + 1, "epoch": 0, "batch": 0}
+                save(state, position, wait=True)
+        finally:
+            metrics_log.close()
+            checkpoints.close()
+        self.final_state = state
+        return {"matrix": matrix, "timings": timings, "state": state}
