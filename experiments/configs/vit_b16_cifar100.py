@@ -1,0 +1,40 @@
+"""TreeLoRA on Split CIFAR-100 (10 tasks x 10 classes) with ViT-B/16, the paper's ViT setting.
+
+Paper (arXiv 2506.10355, App. A.3, Table 6; reference/treelora.md §4): ViT-B/16 pre-trained on
+ImageNet-21K; Adam(0.9, 0.999); batch 192; constant lr 0.005; 20 epochs per task; 224x224 inputs;
+lambda 0.1; tree depth 5. No ViT code was released, so the method runs on our contract:
+task-identity-free evaluation over all classes seen so far.
+
+Data: a tfds `cifar100` prepared as array_record under `data.data_dir` (see offline.md §5: place
+cifar-100-binary.tar.gz in <data_dir>/downloads/manual and prepare once with the `tf` extra).
+Weights: a `google/vit-base-patch16-224-in21k`-layout checkpoint directory at `model.path`.
+"""
+import ml_collections
+
+from experiments.configs import default
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.model = ml_collections.ConfigDict({
+        "name": "hf", "path": "", "kind": "vit", "compute_dtype": "bfloat16", "remat": False, "tiny": {},
+    })
+    config.data = ml_collections.ConfigDict({
+        "name": "tfds", "dataset": "cifar100", "data_dir": "", "num_tasks": 10, "image_size": 224, "seed": 0,
+        "train_split": "train", "test_split": "test",
+    })
+    config.method.name = "treelora"
+    config.method.treelora.lam = 0.1
+    config.lora = ml_collections.ConfigDict({
+        "targets": ["attn.query", "attn.value"], "rank": 8, "alpha": 32.0, "dropout": 0.0,
+        "init": "kaiming_uniform", "max_modules": -1,
+    })
+    config.optimizer = ml_collections.ConfigDict({
+        "learning_rate": 0.005, "b1": 0.9, "b2": 0.999, "weight_decay": 0.0, "clip_norm": 0.0,
+        "schedule": "constant",
+    })
+    config.train.batch_size = 192
+    config.train.epochs = 20
+    config.train.train_mask = "task"
+    config.eval.batch_size = 256
+    return config

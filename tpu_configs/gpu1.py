@@ -1,0 +1,12 @@
+"""One GPU (H100/A100 80 GB): a 1B-8B model with LoRA in bfloat16."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "mesh": [1, 1, 1],                 # (data, fsdp, tensor); product = devices in the slice
+        "per_device_batch": 8,
+        "accumulation": 4,
+        "compute_dtype": "bfloat16",        # activations and matmuls; statistics and accumulators stay float32
+        "remat": True,                  # rematerialise each block's activations in the backward pass
+    })
