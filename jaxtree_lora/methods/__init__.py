@@ -10,6 +10,8 @@ REGISTRY = {
     "seqlora": "jaxtree_lora.methods.seqlora:SeqLoRA",
     "inclora": "jaxtree_lora.methods.inclora:IncLoRA",
     "treelora": "jaxtree_lora.methods.treelora:TreeLoRA",
+    "o_lora": "jaxtree_lora.methods.o_lora:OLoRA",
+    "ewc": "jaxtree_lora.methods.ewc:EWC",
 }
 
 

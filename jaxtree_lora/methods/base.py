@@ -69,9 +69,11 @@ class EndTaskContext:
 
     task: int
     steps_per_epoch: int
-    # features(trainable, state) -> iterator over (inputs, labels) dicts, for prototype-style methods.
+    # batches() -> iterator over the task's training batches (fixed shapes, "weight" marks padding).
     batches: Optional[Callable[[], Any]] = None
-    apply: Optional[Callable[..., Any]] = None
+    # fisher(trainable, method_state) -> pytree like trainable: mean over the task's training examples
+    # of the squared per-example gradient of the task loss (the diagonal empirical Fisher).
+    fisher: Optional[Callable[[Any, Any], Any]] = None
 
 
 class Method:

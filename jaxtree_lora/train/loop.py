@@ -212,6 +212,26 @@ class Run:
         self._predict = jax.jit(self._predict_fn)
         self._generate = None
 
+    def fisher(self, trainable, method_state, arrays: dict, task_index: int):
+        """Diagonal empirical Fisher of the task loss: mean over examples of squared per-example grads."""
+        if getattr(self, "_fisher_batch", None) is None:
+            def one(trainable, method_state, example, key):
+                batch = jax.tree.map(lambda leaf: leaf[None], example)
+                loss, _ = self.task_loss(trainable, self.frozen, self.consts, method_state, batch, key)
+                return loss
+
+            def squared_sum(trainable, method_state, batch, key):
+                grads = jax.vmap(jax.grad(one), in_axes=(None, None, 0, None))(trainable, method_state, batch, key)
+                return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0), grads)
+
+            self._fisher_batch = jax.jit(squared_sum)
+        total, count = None, 0.0
+        for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
+            count += float(np.sum(batch["weight"]))
+            sums = self._fisher_batch(trainable, method_state, batch, None)
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total)
+
     # -- evaluation -------------------------------------------------------------------------------
     def _predict_fn(self, trainable, frozen, consts, method_state, batch, seen_upto):
         delta = lambda site, adapter, x, key: self.method.delta(method_state, site, adapter, x, key)
@@ -387,7 +407,12 @@ class Run:
                 if bar is not None:
                     bar.close()
                 # End of task: host work, then evaluation of every task seen so far.
-                context = EndTaskContext(task=task_index, steps_per_epoch=steps_per_epoch)
+                context = EndTaskContext(
+                    task=task_index, steps_per_epoch=steps_per_epoch,
+                    batches=lambda arrays=arrays, task_index=task_index: self.batching.batches(
+                        arrays, self.micro_batch, seed=int(config.seed), task=task_index, epoch=0, shuffle=False),
+                    fisher=lambda trainable, method_state, arrays=arrays, task_index=task_index: self.fisher(
+                        trainable, method_state, arrays, task_index))
                 trainable, method_state = self.method.end_task(state.trainable, state.method_state, context)
                 state = state.replace(trainable=trainable, method_state=method_state)
                 eval_start = time.perf_counter()
