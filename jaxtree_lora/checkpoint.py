@@ -37,6 +37,11 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "loop"))
 
     def save(self, step: int, state: Any, loop: dict, force: bool = True) -> None:
+        """Saves (asynchronously). A later save at the same step (the end-of-task save right after a
+        periodic one) replaces the earlier checkpoint."""
+        if step in self.manager.all_steps():
+            self.manager.wait_until_finished()
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          loop=ocp.args.JsonSave(loop)), force=force)
 

@@ -53,6 +53,12 @@ def _user_errors() -> tuple:
     return tuple(errors)
 
 
+def _preempted():
+    from jaxtree_lora.train.loop import Preempted
+
+    return Preempted
+
+
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     rest, overrides = [], []
     items = list(argv)
@@ -234,6 +240,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"run": cmd_run, "compare": cmd_compare, "assets": cmd_assets, "export": cmd_export}
     try:
         return handlers[args.command](args, overrides)
+    except _preempted() as error:
+        print(f"jaxtree-lora: {error}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted: resume with --resume and the same --workdir", file=sys.stderr)
         return 130

@@ -35,6 +35,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class Preempted(Exception):
+    """SIGTERM arrived: a checkpoint was saved at the current position and the run stopped."""
+
+
 class StopRequested(Exception):
     """Raised by the test hook `stop_after_steps` to end a run as if it had been killed."""
 
@@ -294,6 +298,31 @@ class Run:
                                         sources=list(task.test.prompts)))
 
     # -- the loop ---------------------------------------------------------------------------------
+    def _restore_newest_good(self, checkpoints, state, fp):
+        """Restores the newest checkpoint that reads back whole; a damaged one is reported and skipped."""
+        import sys
+
+        for step in sorted(checkpoints.steps(), reverse=True):
+            try:
+                loop = checkpoints.restore_loop(step)
+            except Exception as error:
+                print(f"jaxtree-lora: checkpoint {step} is damaged ({type(error).__name__}); trying an older one",
+                      file=sys.stderr)
+                continue
+            if loop.get("fingerprint") != fp:
+                raise checkpoint_lib.CheckpointMismatch(
+                    f"the checkpoint in {checkpoints.directory} was written by a different config "
+                    f"(model, method, data or training changed): use a new --workdir or the original config")
+            try:
+                restored, loop, _ = checkpoints.restore(checkpoint_lib.abstract(state), step)
+            except Exception as error:
+                print(f"jaxtree-lora: checkpoint {step} is damaged ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:120]}); trying an older one", file=sys.stderr)
+                continue
+            return restored, loop
+        raise checkpoint_lib.CheckpointMismatch(
+            f"no readable checkpoint in {checkpoints.directory}: every one is damaged; start again with a new --workdir")
+
     def fit(self, resume: bool = False) -> dict:
         config = self.config
         os.makedirs(self.workdir, exist_ok=True)
@@ -306,16 +335,12 @@ class Run:
                    "tokens": [0.0] * self.num_tasks}
         fp = fingerprint(config)
         if resume and checkpoints.latest() is not None:
-            loop = checkpoints.restore_loop()
-            if loop.get("fingerprint") != fp:
-                raise checkpoint_lib.CheckpointMismatch(
-                    f"the checkpoint in {checkpoints.directory} was written by a different config "
-                    f"(model, method, data or training changed): use a new --workdir or the original config")
-            state, loop, _ = checkpoints.restore(checkpoint_lib.abstract(state))
+            state, loop = self._restore_newest_good(checkpoints, state, fp)
             position = loop["position"]
             matrix = np.array([[np.nan if v is None else v for v in row] for row in loop["matrix"]], float)
             timings = loop["timings"]
         base_key = jax.random.PRNGKey(int(config.seed))
+        host_step = int(state.step)  # mirrors state.step on the host, so the loop never waits on the device
         log_every = max(int(config.train.get("log_every", 10)), 1)
         checkpoint_every = int(config.train.get("checkpoint_every", 0) or 0)
         steps_done = 0
@@ -330,10 +355,17 @@ class Run:
         def save(state, position, wait=False):
             loop = {"position": position, "fingerprint": fp, "timings": timings,
                     "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in matrix]}
-            checkpoints.save(int(state.step), state, loop)
+            checkpoints.save(host_step, state, loop)
             if wait:
                 checkpoints.wait()
 
+        preempted = []
+        import signal
+        import threading
+
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
         try:
             for task_index in range(position["task"], self.num_tasks):
                 task = self.stream.tasks[task_index]
@@ -373,6 +405,7 @@ class Run:
                         state, metrics = self.train_step(state, self.frozen, self.consts, batch, key)
                         pending.append(metrics)
                         steps_done += 1
+                        host_step += 1
                         last = batch_index + 1 == steps_per_epoch
                         if len(pending) >= log_every or last:
                             fetched = jax.device_get(pending)
@@ -382,11 +415,11 @@ class Run:
                             if not np.isfinite(loss):
                                 raise NonFiniteLoss(
                                     f"loss became {loss} at task {task_index}, epoch {epoch}, batch {batch_index} "
-                                    f"(global step {int(state.step)}): lower optimizer.learning_rate or set "
+                                    f"(global step {host_step}): lower optimizer.learning_rate or set "
                                     f"optimizer.clip_norm; the last good checkpoint is kept")
                             timings["tokens"][task_index] += tokens
                             record = {"type": "step", "task": task_index, "epoch": epoch, "batch": batch_index,
-                                      "step": int(state.step), "loss": loss,
+                                      "step": host_step, "loss": loss,
                                       "accuracy": float(fetched[-1]["accuracy"]),
                                       "grad_norm": float(fetched[-1]["grad_norm"]),
                                       "tokens_per_second": tokens / max(elapsed, 1e-9)}
@@ -397,8 +430,15 @@ class Run:
                                 bar.update(len(pending))
                             pending = []
                             window_start = time.perf_counter()
-                        if checkpoint_every and int(state.step) % checkpoint_every == 0 and not last:
-                            save(state, {"task": task_index, "epoch": epoch, "batch": batch_index + 1})
+                        after = ({"task": task_index, "epoch": epoch + 1, "batch": 0} if last else
+                                 {"task": task_index, "epoch": epoch, "batch": batch_index + 1})
+                        if preempted:
+                            save(state, after, wait=True)
+                            raise Preempted(f"SIGTERM: saved a checkpoint at step {host_step} (task "
+                                            f"{task_index}, epoch {epoch}, batch {batch_index + 1}); continue with "
+                                            f"--resume and the same --workdir")
+                        if checkpoint_every and host_step % checkpoint_every == 0:
+                            save(state, after)
                         if self.stop_after_steps is not None and steps_done >= self.stop_after_steps:
                             checkpoints.wait()
                             raise StopRequested(f"stopped after {steps_done} steps (test hook)")
@@ -426,6 +466,8 @@ class Run:
                 position = {"task": task_index + 1, "epoch": 0, "batch": 0}
                 save(state, position, wait=True)
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             metrics_log.close()
             checkpoints.close()
         self.final_state = state
