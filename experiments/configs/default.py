@@ -37,14 +37,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "init": "kaiming_uniform", "max_modules": -1,
     })
     config.optimizer = ml_collections.ConfigDict({
-        "learning_rate": 2e-3, "b1": 0.9, "b2": 0.95, "weight_decay": 0.0, "clip_norm": 1.0,
+        "learning_rate": 5e-4, "b1": 0.9, "b2": 0.95, "weight_decay": 0.0, "clip_norm": 1.0,
         "schedule": "constant",
     })
     config.train = ml_collections.ConfigDict({
         "batch_size": 16, "accumulation": 1, "epochs": 2, "max_tasks": 0, "train_mask": "task",
+        "head": "cosine", "head_scale": 20.0,
         "log_every": 4, "checkpoint_every": 0, "keep_checkpoints": 2, "mesh": [],
     })
-    config.eval = ml_collections.ConfigDict({"batch_size": 96, "temperature": 0.0})
+    # Task-identity-free evaluation over every class seen so far: nearest class mean (cosine) of the
+    # features, as CL-LoRA's prototype classifier; "head" uses the trained cosine head instead.
+    config.eval = ml_collections.ConfigDict({"batch_size": 96, "temperature": 0.0, "classifier": "prototype"})
     if arg == "tiny":  # shapes for tests: random tiny encoder, synthetic data never used in a main job
         config.model.name = "tiny-bert"
     return config

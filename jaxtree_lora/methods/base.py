@@ -108,7 +108,8 @@ class Method:
         """Task loss plus the method's own terms. aux must be a dict of arrays."""
         return task_loss(trainable, key)
 
-    def after_step(self, state: PyTree, aux: Mapping[str, Array]) -> PyTree:
+    def after_step(self, state: PyTree, aux: Mapping[str, Array], grads: Optional[PyTree] = None) -> PyTree:
+        """Statistics after one micro-step; `grads` are that micro-step's gradients of the total loss."""
         return state
 
     def update_mask(self, state: PyTree, trainable: PyTree) -> Optional[PyTree]:

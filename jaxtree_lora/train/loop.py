@@ -28,7 +28,7 @@ from jaxtree_lora import methods as methods_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import EndTaskContext, StreamInfo
 from jaxtree_lora.train import mesh as mesh_lib
-from jaxtree_lora.train.step import TrainState, init_head, make_optimizer, make_task_loss, make_train_step
+from jaxtree_lora.train.step import TrainState, head_logits, init_head, make_optimizer, make_task_loss, make_train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -82,8 +82,12 @@ def validate(config) -> None:
     for value in (epochs if isinstance(epochs, (list, tuple)) else [epochs]):
         if int(value) < 1:
             raise ConfigError(f"train.epochs must be >= 1 (per task), got {epochs}")
+    if train.get("head", "cosine") not in ("cosine", "linear"):
+        raise ConfigError(f"train.head must be 'cosine' or 'linear', got {train.head!r}")
     if train.get("train_mask", "task") not in ("task", "seen"):
         raise ConfigError(f"train.train_mask must be 'task' or 'seen', got {train.train_mask!r}")
+    if config.eval.get("classifier", "prototype") not in ("prototype", "head"):
+        raise ConfigError(f"eval.classifier must be 'prototype' or 'head', got {config.eval.classifier!r}")
     if float(config.eval.get("temperature", 0.0)) < 0:
         raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {config.eval.temperature}")
     if int(config.eval.get("batch_size", 1)) < 1:
@@ -169,8 +173,11 @@ class Run:
                               f"{devices} data-parallel devices of the mesh")
         self.optimizer = make_optimizer(config)
         self.consts = self._stream_consts()
-        self.task_loss = make_task_loss(self.backbone, self.method, self.kind,
-                                        config.train.get("train_mask", "task"))
+        self.head = config.train.get("head", "cosine")
+        self.classifier = config.eval.get("classifier", "prototype")
+        self.head_scale = float(config.train.get("head_scale", 20.0))
+        self.task_loss = make_task_loss(self.backbone, self.method, self.kind, config.train.get("train_mask", "task"),
+                                        self.head, self.head_scale)
         self._compile()
 
     # -- setup ------------------------------------------------------------------------------------
@@ -190,8 +197,10 @@ class Run:
         head = init_head(head_key, self.backbone.info.feature_dim, self.stream_info.num_classes) \
             if self.kind == "classification" else {}
         trainable = {"adapters": adapters, "head": head}
+        classes = self.stream_info.num_classes
+        prototypes = jnp.zeros((classes, self.backbone.info.feature_dim) if classes else (1, 1), jnp.float32)
         state = TrainState(trainable=trainable, opt_state=self.optimizer.init(trainable),
-                           method_state=method_state, step=jnp.zeros((), jnp.int32))
+                           method_state=method_state, step=jnp.zeros((), jnp.int32), prototypes=prototypes)
         return jax.device_put(state, mesh_lib.replicated(self.mesh))
 
     def _compile(self):
@@ -212,8 +221,9 @@ class Run:
             return state.replace(method_state=method.begin_epoch(state.method_state, epoch, steps_per_epoch))
 
         self.begin_task = jax.jit(begin_task, donate_argnums=(0,))
-        self.begin_epoch = jax.jit(begin_epoch, static_argnums=(2,), donate_argnums=(0,))
+        self.begin_epoch = jax.jit(begin_epoch, donate_argnums=(0,))
         self._predict = jax.jit(self._predict_fn)
+        self._features = jax.jit(self._features_fn)
         self._generate = None
 
     def fisher(self, trainable, method_state, arrays: dict, task_index: int):
@@ -236,11 +246,37 @@ class Run:
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total)
 
+    def class_prototypes(self, state: TrainState, task_index: int) -> TrainState:
+        """Mean feature of each class of the task (training data, current adapters) into the state."""
+        task = self.stream.tasks[task_index]
+        arrays = split_arrays(task.train, self.kind)
+        sums = np.zeros(state.prototypes.shape, np.float64)
+        counts = np.zeros((state.prototypes.shape[0],), np.float64)
+        eval_batch = int(self.config.eval.get("batch_size", 64))
+        for batch in self.batching.batches(arrays, eval_batch, seed=0, task=task_index, epoch=0, shuffle=False):
+            weight = batch.pop("weight")
+            labels = batch.pop("labels")
+            features = np.array(self._features(state.trainable, self.frozen, state.method_state, batch))
+            features /= np.linalg.norm(features, axis=-1, keepdims=True) + 1e-6
+            np.add.at(sums, labels, features * weight[:, None])
+            np.add.at(counts, labels, weight)
+        prototypes = np.asarray(state.prototypes).copy()
+        rows = list(task.classes)
+        prototypes[rows] = (sums[rows] / np.maximum(counts[rows], 1.0)[:, None]).astype(np.float32)
+        return state.replace(prototypes=jax.device_put(jnp.asarray(prototypes), mesh_lib.replicated(self.mesh)))
+
     # -- evaluation -------------------------------------------------------------------------------
-    def _predict_fn(self, trainable, frozen, consts, method_state, batch, seen_upto):
+    def _features_fn(self, trainable, frozen, method_state, batch):
         delta = lambda site, adapter, x, key: self.method.delta(method_state, site, adapter, x, key)
-        features = self.backbone.features(frozen, batch, adapters=trainable["adapters"], delta=delta)
-        logits = features.astype(jnp.float32) @ trainable["head"]["w"] + trainable["head"]["b"]
+        return self.backbone.features(frozen, batch, adapters=trainable["adapters"], delta=delta).astype(jnp.float32)
+
+    def _predict_fn(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto):
+        features = self._features_fn(trainable, frozen, method_state, batch)
+        if self.classifier == "prototype":
+            # Nearest class mean by cosine: forgetting then comes only from feature drift.
+            logits = head_logits({"w": prototypes.T}, features, "cosine", 1.0)
+        else:
+            logits = head_logits(trainable["head"], features, self.head, self.head_scale)
         logits = jnp.where(consts["seen_classes"][seen_upto][None, :], logits, -jnp.inf)
         return jnp.argmax(logits, axis=-1)
 
@@ -270,7 +306,7 @@ class Run:
                 weight = batch.pop("weight")
                 labels = batch.pop("labels")
                 predictions = self._predict(state.trainable, self.frozen, self.consts, state.method_state,
-                                            batch, trained_upto)
+                                            state.prototypes, batch, trained_upto)
                 predictions = np.asarray(predictions)
                 correct += float(np.sum((predictions == labels) * weight))
                 total += float(np.sum(weight))
@@ -391,7 +427,9 @@ class Run:
                     start_batch = position["batch"] if (task_index == position["task"]
                                                         and epoch == position["epoch"]) else 0
                     if start_batch == 0:
-                        state = self.begin_epoch(state, jnp.asarray(epoch, jnp.int32), steps_per_epoch)
+                        # The method counts micro-steps (the official code's T): optimiser steps x accumulation.
+                        state = self.begin_epoch(state, jnp.asarray(epoch, jnp.int32),
+                                                 jnp.asarray(steps_per_epoch * self.accumulation, jnp.int32))
                     pending = []
                     window_start = time.perf_counter()
                     batches = self.batching.batches(arrays, global_batch, seed=int(config.seed), task=task_index,
@@ -455,6 +493,8 @@ class Run:
                         trainable, method_state, arrays, task_index))
                 trainable, method_state = self.method.end_task(state.trainable, state.method_state, context)
                 state = state.replace(trainable=trainable, method_state=method_state)
+                if self.kind == "classification":
+                    state = self.class_prototypes(state, task_index)
                 eval_start = time.perf_counter()
                 for seen in range(task_index + 1):
                     matrix[seen, task_index] = self.evaluate_task(state, seen, task_index)

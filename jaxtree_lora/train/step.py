@@ -34,6 +34,9 @@ class TrainState:
     opt_state: PyTree
     method_state: PyTree
     step: jax.Array
+    # Class prototypes [num_classes, feature_dim] (mean feature of each learned class) for
+    # prototype (nearest-class-mean) evaluation; [1, 1] when unused.
+    prototypes: jax.Array = None
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -70,6 +73,21 @@ def init_head(key, feature_dim: int, num_classes: int) -> dict:
     return {"w": w, "b": jnp.zeros((num_classes,), jnp.float32)}
 
 
+def head_logits(head: dict, features, kind: str = "cosine", scale: float = 20.0):
+    """Class logits [B, C] from features [B, d].
+
+    "cosine": scale * cos(features, w_c) (CosFace-style, as CL-LoRA and LoDA use): logits of classes
+    learned in different tasks share one scale, so evaluation over all seen classes is not dominated
+    by whichever task's head grew largest. "linear": features @ w + b.
+    """
+    features = features.astype(jnp.float32)
+    if kind == "cosine":
+        f = features / (jnp.linalg.norm(features, axis=-1, keepdims=True) + 1e-6)
+        w = head["w"] / (jnp.linalg.norm(head["w"], axis=0, keepdims=True) + 1e-6)
+        return scale * (f @ w)
+    return features @ head["w"] + head["b"]
+
+
 def masked_cross_entropy(logits, labels, class_mask, weight):
     """Mean CE over weighted rows with logits outside `class_mask` removed. logits [B,C], labels [B]."""
     logits = jnp.where(class_mask[None, :], logits.astype(jnp.float32), -1e9)
@@ -80,7 +98,8 @@ def masked_cross_entropy(logits, labels, class_mask, weight):
     return jnp.sum(nll * weight) / total, {"accuracy": jnp.sum(correct * weight) / total}
 
 
-def make_task_loss(backbone, method, kind: str, train_mask: str = "task") -> Callable:
+def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: str = "cosine",
+                   head_scale: float = 20.0) -> Callable:
     """Returns task_loss(trainable, frozen, consts, method_state, batch, key) -> (loss, aux)."""
 
     def delta_for(method_state):
@@ -91,7 +110,7 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task") -> Cal
         def task_loss(trainable, frozen, consts, method_state, batch, key):
             features = backbone.features(frozen, batch, adapters=trainable["adapters"],
                                          delta=delta_for(method_state), rng=key)
-            logits = features.astype(jnp.float32) @ trainable["head"]["w"] + trainable["head"]["b"]
+            logits = head_logits(trainable["head"], features, head, head_scale)
             task = method_state["task"]
             mask = consts["task_classes"][task] if train_mask == "task" else consts["seen_classes"][task]
             loss, aux = masked_cross_entropy(logits, batch["labels"], mask, batch["weight"])
@@ -141,7 +160,7 @@ def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransf
                 return method.loss(trainable, method_state, micro_batch, micro_key, closure)
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-            method_state = method.after_step(method_state, aux)
+            method_state = method.after_step(method_state, aux, grads)
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             acc = aux.get("accuracy", jnp.zeros((), jnp.float32))
             return (grads_sum, method_state, loss_sum + loss, acc_sum + acc,
@@ -164,8 +183,8 @@ def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransf
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss_sum / accum, "accuracy": acc_sum / accum, "tokens": tokens,
                    "grad_norm": optax.tree.norm(grads)}
-        new_state = TrainState(trainable=trainable, opt_state=opt_state, method_state=method_state,
-                               step=state.step + 1)
+        new_state = state.replace(trainable=trainable, opt_state=opt_state, method_state=method_state,
+                                  step=state.step + 1)
         return new_state, metrics
 
     return step
