@@ -127,15 +127,15 @@ class BertEncoder(nnx.Module):
                  rng=None, compute_dtype=None):
         """Hidden states [batch, seq, hidden] for input_ids [batch, seq] (attention_mask 1 = real token)."""
         config = self.config
-        dtype = compute_dtype or self.word_embeddings.value.dtype
+        dtype = compute_dtype or self.word_embeddings[...].dtype
         batch, seq = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, seq), jnp.int32)
-        x = (self.word_embeddings.value[input_ids] + self.position_embeddings.value[jnp.arange(seq)][None]
-             + self.type_embeddings.value[token_type_ids])
-        x = layer_norm(x, self.embed_norm.value, self.embed_norm_bias.value, config.layer_norm_eps).astype(dtype)
+        x = (self.word_embeddings[...][input_ids] + self.position_embeddings[...][jnp.arange(seq)][None]
+             + self.type_embeddings[...][token_type_ids])
+        x = layer_norm(x, self.embed_norm[...], self.embed_norm_bias[...], config.layer_norm_eps).astype(dtype)
         mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
 
         def body(carry, params_l, hook):
@@ -219,4 +219,4 @@ def assign(model: nnx.Module, mapped: dict, dtype) -> None:
         node = model
         for key in path[:-1]:
             node = getattr(node, key)
-        getattr(node, path[-1]).value = jnp.asarray(hf.to_dtype(value, dtype))
+        getattr(node, path[-1]).set_value(jnp.asarray(hf.to_dtype(value, dtype)))

@@ -23,7 +23,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
     if key is None:
         key = jax.random.PRNGKey(0)
     cache = model.init_cache(batch, prompt_len + max_new_tokens,
-                             dtype=compute_dtype or model.embed.value.dtype)
+                             dtype=compute_dtype or model.embed[...].dtype)
     kwargs = dict(adapters=adapters, delta=delta, compute_dtype=compute_dtype)
     logits, cache = model(prompt_ids, prompt_mask, cache=cache, **kwargs)
     first = sample(logits[:, -1], jax.random.fold_in(key, 0), temperature)

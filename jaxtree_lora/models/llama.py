@@ -187,7 +187,7 @@ class LlamaDecoder(nnx.Module):
                  compute_dtype=None):
         """Logits [B, T, vocab] (float32) for tokens [B, T]; with a cache also returns the new cache."""
         c = self.config
-        dtype = compute_dtype or self.embed.value.dtype
+        dtype = compute_dtype or self.embed[...].dtype
         batch, seq = tokens.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), jnp.int32)
@@ -209,7 +209,7 @@ class LlamaDecoder(nnx.Module):
         allowed = causal[None] & (key_mask[:, None, :] > 0)
         bias = jnp.where(allowed, 0.0, NEG)[:, None].astype(jnp.float32)  # [B,1,T,S]
         cos, sin = rope_tables(positions, jnp.asarray(inverse_frequencies(c)))
-        x = self.embed.value[tokens].astype(dtype)
+        x = self.embed[...][tokens].astype(dtype)
         layer_params = self.layers.as_dict()
         if cache is not None:
             layer_params = {**layer_params, "_cache_k": cache["k"], "_cache_v": cache["v"]}
@@ -220,8 +220,8 @@ class LlamaDecoder(nnx.Module):
             return out, (caches if cache is not None else None)
 
         x, new_caches = scan_layers(body, x, layer_params, adapters, delta, rng, c.num_layers, remat=c.remat)
-        x = rms_norm(x, self.final_norm.value, c.rms_norm_eps)
-        head = self.embed.value.T if c.tie_embeddings else self.lm_head.value
+        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
         logits = (x @ head.astype(dtype)).astype(jnp.float32)
         if cache is None:
             return logits
@@ -265,7 +265,7 @@ def from_arrays(config: LlamaConfig, mapped: dict, dtype=jnp.float32) -> LlamaDe
         node = model
         for key in path[:-1]:
             node = getattr(node, key)
-        getattr(node, path[-1]).value = jnp.asarray(hf.to_dtype(value, dtype))
+        getattr(node, path[-1]).set_value(jnp.asarray(hf.to_dtype(value, dtype)))
     return model
 
 

@@ -25,4 +25,4 @@ class Stacked(nnx.Module):
             setattr(self, name, nnx.Param(value))
 
     def as_dict(self) -> dict:
-        return {name: getattr(self, name).value for name in self._names}
+        return {name: getattr(self, name)[...] for name in self._names}

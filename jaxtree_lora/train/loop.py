@@ -160,6 +160,8 @@ class Run:
         self.num_tasks = len(self.stream.tasks)
         self.max_tasks = max(int(config.train.get("max_tasks", 0) or 0), self.num_tasks)
         self.method = build_method(config, self.max_tasks)
+        if hasattr(self.method, "lora"):
+            self.method.lora.select(self.backbone.info.sites)  # fails now, naming the sites, if nothing matches
         self.stream_info = StreamInfo(num_tasks=self.num_tasks, max_tasks=self.max_tasks, kind=self.kind,
                                       num_classes=int(getattr(self.stream, "num_classes", 0) or 0))
         self.mesh = mesh_lib.make_mesh(tuple(config.train.get("mesh", ()) or ()))
