@@ -123,10 +123,19 @@ def map_checkpoint(tensors: Mapping[str, np.ndarray], rules: Sequence[KeyRule],
         if missing or extra:
             problems.append(f"{'.'.join(target)}: layers {missing or extra} do not match num_layers={num_layers}")
             continue
+        shapes = {tuple(layers[i].shape) for i in range(num_layers)}
+        if len(shapes) > 1:
+            expected_layer = tuple(expected.get(target, (None,))[1:])
+            wrong = [i for i in range(num_layers) if tuple(layers[i].shape) != expected_layer]
+            problems.append(f"{'.'.join(target)} of layers {wrong} has shape "
+                            f"{tuple(layers[wrong[0]].shape) if wrong else sorted(shapes)}, expected {expected_layer}")
+            continue
         out[target] = np.stack([layers[i] for i in range(num_layers)])
     optional = set(optional)
     for target, shape in expected.items():
         if target not in out:
+            if target in per_layer:
+                continue  # already reported
             if target not in optional:
                 problems.append(f"missing {'.'.join(target)}")
             continue
