@@ -87,7 +87,9 @@ def main(argv=None) -> dict:
     result = {"benchmark": "throughput", "model": args.model, "method": args.method, "batch": args.batch,
               "seq": args.seq, "dtype": args.dtype, "remat": args.remat, "step_seconds": seconds,
               "compile_seconds": compile_seconds, "tokens_per_second": tokens_per_second,
-              "model_tflops_per_second": achieved / 1e12, "mfu": achieved / peak_flops(args.peak_tflops),
+              "model_tflops_per_second": achieved / 1e12,
+              # None where the device's peak is unknown (a CPU without --peak_tflops)
+              "mfu": (achieved / peak_flops(args.peak_tflops)) if np.isfinite(peak_flops(args.peak_tflops)) else None,
               "device": jax.devices()[0].device_kind}
     print(json.dumps(result))
     return result
