@@ -57,13 +57,14 @@ class Backbone:
 
 
 def _finish(name, kind, module, tokenizer, compute_dtype, remat, hf_config=None) -> Backbone:
+    if remat and hasattr(module.config, "remat"):
+        # Rematerialise each scanned block in the backward pass (model.remat in the config).
+        module.config = dataclasses.replace(module.config, remat=True)
     graphdef, params = nnx.split(module)
     sites = module.lora_sites()
     num_layers = module.config.num_layers
     feature_dim = getattr(module, "feature_dim", None) or module.config.hidden_size
     info = ModelInfo(sites=sites, num_layers=num_layers, feature_dim=feature_dim)
-    if remat and hasattr(module.config, "remat"):
-        pass
     return Backbone(name=name, kind=kind, graphdef=graphdef, params=params, tokenizer=tokenizer, info=info,
                     hf_module_path=module.hf_module_path, compute_dtype=compute_dtype, remat=remat,
                     hf_config=hf_config)
