@@ -1,143 +1,246 @@
-"""TRACE's task metrics, each a score in 0..100 averaged over examples.
+"""TRACE's task metrics: each returns a score in 0..100, averaged over examples.
 
-- accuracy: TRACE's `metrics.py` rule: the stripped prediction, truncated to the target's length,
-  must equal the stripped target.
-- first_char: ScienceQA; the first non-space character of prediction and target agree.
-- exact_match: whole strings equal after stripping (and, with `normalize`, lower-casing and
-  collapsing whitespace).
-- rouge_l: ROUGE-L F-measure from the `rouge-score` package (MeetingBank).
-- fuzzy: Py150; fuzzywuzzy's `fuzz.ratio` (difflib-free Levenshtein ratio in python-Levenshtein)
-  as computed by rapidfuzz's `fuzz.ratio`, which implements the same normalised Indel similarity.
-- sari: 20Minuten; SARI (Xu et al., TACL 2016) with n-grams 1..4, averaging add-F1, keep-F1 and
-  deletion precision, with EASSE's fix of the keep recall, as in HF evaluate's `sari` (the
-  implementation TRACE's evaluation imports); text is lower-cased and split with sacrebleu's 13a rules.
+Checked against the evaluation code the official TreeLoRA repository ships (ZinYY/TreeLoRA
+`metrics.py`, `evaluations/eval_*.py`, a fork of BeyonderXX/TRACE's) and its pinned requirements:
+
+- accuracy (C-STANCE, FOMC, NumGLUE-cm/ds): the prediction is stripped and cut to the target's
+  length; it must then equal the target exactly. The target is not stripped. An empty prediction or
+  target is a miss (TRACE skips it but keeps it in the denominator).
+- first_char (ScienceQA): the first character of the stripped prediction equals the first character
+  of the stripped target (TRACE's `resolve` + accuracy). TRACE maps an empty string to "N/A", so an
+  empty prediction against an empty target would count as a hit there; here any empty side is a miss.
+- exact_match: whole-string equality, by default after lower-casing and collapsing whitespace.
+- rouge_l (MeetingBank): ROUGE-L F-measure of Google's `rouge-score` (`RougeScorer(["rougeL"])`, no
+  stemming). TRACE used the `rouge` package (pltrdy), which keeps case and punctuation inside tokens;
+  `rouge-score` lower-cases and keeps only [a-z0-9] tokens, so scores can differ slightly.
+- fuzzy (Py150): fuzzywuzzy's `fuzz.ratio`, an integer 0..100 per example, after TRACE's literal
+  post-processing (`<NUM_LIT>` -> 0, `<STR_LIT:x>` -> x, ...). fuzzywuzzy computes
+  `round(100 * SequenceMatcher(None, a, b).ratio())` with python-Levenshtein's SequenceMatcher if that
+  package is installed, else difflib's. These differ: difflib's ratio counts the matches of its greedy
+  longest-block alignment (Ratcliff/Obershelp, with its "autojunk" rule for strings of 200+
+  characters), python-Levenshtein's (and rapidfuzz's `fuzz.ratio`) is the normalised Indel similarity
+  1 - indel_distance / (len a + len b), i.e. it counts a longest common subsequence. Example: "abca" vs
+  "ba" is 33 with difflib and 67 with Indel. TreeLoRA's requirements install `fuzzywuzzy` without
+  python-Levenshtein, so `matcher="difflib"` (the default) reproduces its numbers;
+  `matcher="levenshtein"` gives fuzzywuzzy[speedup]'s, computed with rapidfuzz (which equals
+  python-Levenshtein's ratio; fuzzywuzzy rounds it to an integer and so do we).
+- sari (20Minuten): SARI (Xu et al., TACL 2016) as HF `datasets.load_metric("sari")` computes it,
+  which is what TRACE's `caculate_sari` calls (with one reference per example and the prompt as the
+  source): text lower-cased and tokenised with sacrebleu's 13a rules, then split on single spaces
+  (so an empty text is one empty token); n-gram orders 1-4; per order the keep F1, the deletion
+  *precision* only and the addition F1; 0/0 counts as 1; the keep recall divides by the total count of
+  source n-grams found in the references (tensor2tensor's fix of the original code's recall); SARI is
+  the mean of the three averaged over orders, averaged over sentences.
 """
 from __future__ import annotations
 
+import difflib
+import re
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 METRICS = ("accuracy", "first_char", "exact_match", "rouge_l", "fuzzy", "sari")
+FUZZY_MATCHERS = ("difflib", "levenshtein")
+
+
+def _check_pairs(predictions: Sequence[str], targets: Sequence, name: str) -> None:
+    if len(predictions) != len(targets):
+        raise ValueError(f"{name}: one prediction per target is needed, got {len(predictions)} predictions "
+                         f"for {len(targets)} targets")
+    if len(targets) == 0:
+        raise ValueError(f"{name}: nothing to score (no predictions): the task's test split is empty")
 
 
 def accuracy(predictions: Sequence[str], targets: Sequence[str]) -> float:
+    """Percent of examples whose stripped prediction, cut to len(target), equals the target."""
+    _check_pairs(predictions, targets, "accuracy")
     hits = 0
     for prediction, target in zip(predictions, targets):
-        target = target.strip()
-        hits += prediction.strip()[: len(target)] == target
-    return 100.0 * hits / max(len(targets), 1)
+        cut = str(prediction).strip()[: len(target)]
+        hits += bool(cut) and bool(target) and cut == target
+    return 100.0 * hits / len(targets)
 
 
-def first_char(predictions, targets) -> float:
+def first_char(predictions: Sequence[str], targets: Sequence[str]) -> float:
+    """Percent of examples whose stripped prediction starts with the stripped target's first character."""
+    _check_pairs(predictions, targets, "first_char")
     hits = 0
     for prediction, target in zip(predictions, targets):
-        p, t = prediction.strip(), target.strip()
+        p, t = str(prediction).strip(), str(target).strip()
         hits += bool(p) and bool(t) and p[0] == t[0]
-    return 100.0 * hits / max(len(targets), 1)
+    return 100.0 * hits / len(targets)
 
 
-def exact_match(predictions, targets, normalize: bool = True) -> float:
-    def norm(text):
-        return " ".join(text.lower().split()) if normalize else text.strip()
-
-    return 100.0 * sum(norm(p) == norm(t) for p, t in zip(predictions, targets)) / max(len(targets), 1)
+def _normalize_text(text: str) -> str:
+    return " ".join(str(text).lower().split())
 
 
-def rouge_l(predictions, targets) -> float:
+def exact_match(predictions: Sequence[str], targets: Sequence[str], normalize: bool = True) -> float:
+    """Percent of whole-string matches; `normalize` lower-cases and collapses whitespace, else strips only."""
+    _check_pairs(predictions, targets, "exact_match")
+    norm = _normalize_text if normalize else (lambda text: str(text).strip())
+    return 100.0 * sum(norm(p) == norm(t) for p, t in zip(predictions, targets)) / len(targets)
+
+
+def rouge_l(predictions: Sequence[str], targets: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure (x100) of each prediction against its target (`rouge-score`)."""
     from rouge_score import rouge_scorer
 
+    _check_pairs(predictions, targets, "rouge_l")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score(t, p)["rougeL"].fmeasure for p, t in zip(predictions, targets)]
-    return 100.0 * sum(scores) / max(len(scores), 1)
+    total = 0.0
+    for prediction, target in zip(predictions, targets):
+        if prediction and target:
+            total += scorer.score(target, prediction)["rougeL"].fmeasure
+    return 100.0 * total / len(targets)
 
 
-def fuzzy(predictions, targets) -> float:
-    from rapidfuzz import fuzz
-
-    return sum(fuzz.ratio(p, t) for p, t in zip(predictions, targets)) / max(len(targets), 1)
+_LITERAL = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)
 
 
-def _ngrams(tokens, n):
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+def py150_postprocess(code: str) -> str:
+    """TRACE's Py150 clean-up: bare literal placeholders become 0 / "" and `<KIND_LIT:x>` becomes x."""
+    code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    return _LITERAL.sub(lambda match: match.group(2), code)
 
 
-def _sari_ngram(source, prediction, references, n):
-    """Add-F1, keep-F1 and deletion precision for one n-gram order (Xu et al. 2016, Eqs. 3-5)."""
-    num_refs = len(references)
-    s = _ngrams(source, n)
-    c = _ngrams(prediction, n)
-    r_all = Counter()
+def fuzzy_ratio(prediction: str, target: str, matcher: str = "difflib") -> int:
+    """fuzzywuzzy's `fuzz.ratio` of one pair: an integer 0..100 (100 for equal strings, 0 if one is empty)."""
+    if matcher not in FUZZY_MATCHERS:
+        raise ValueError(f"unknown fuzzy matcher {matcher!r}: choose one of {', '.join(FUZZY_MATCHERS)}")
+    if prediction == target:
+        return 100
+    if not prediction or not target:
+        return 0
+    if matcher == "difflib":
+        value = 100.0 * difflib.SequenceMatcher(None, prediction, target).ratio()
+    else:
+        from rapidfuzz import fuzz
+
+        value = fuzz.ratio(prediction, target)
+    return int(round(value))
+
+
+def fuzzy(predictions: Sequence[str], targets: Sequence[str], matcher: str = "difflib",
+          postprocess: bool = True) -> float:
+    """Mean fuzzywuzzy ratio over examples (TRACE's Py150 "similarity"); an empty side scores 0."""
+    _check_pairs(predictions, targets, "fuzzy")
+    total = 0
+    for prediction, target in zip(predictions, targets):
+        if postprocess:
+            prediction, target = py150_postprocess(prediction), py150_postprocess(target)
+        if prediction and target:
+            total += fuzzy_ratio(prediction, target, matcher)
+    return total / len(targets)
+
+
+# sacrebleu's 13a ("mteval-v13a") tokenizer, the regular-expression part.
+_13A_RULES = (
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # symbols and punctuation apart
+    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # period / comma unless after a digit
+    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # period / comma unless before a digit
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # dash after a digit
+)
+
+
+def tokenize_13a(text: str) -> str:
+    """`text` as sacrebleu's 13a tokenizer returns it: tokens joined by single spaces."""
+    line = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in line:
+        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    line = f" {line} "
+    for pattern, replacement in _13A_RULES:
+        line = pattern.sub(replacement, line)
+    return " ".join(line.split())
+
+
+def _sari_tokens(text: str) -> list[str]:
+    # Split on single spaces, not str.split(): an empty text is one empty token, as in HF's metric.
+    return tokenize_13a(text.lower()).split(" ")
+
+
+def _ngrams(tokens: Sequence[str], order: int) -> Counter:
+    return Counter(tuple(tokens[i:i + order]) for i in range(len(tokens) - order + 1))
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def sari_ngram(source: Sequence[str], prediction: Sequence[str], references: Sequence[Sequence[str]],
+               order: int) -> tuple[float, float, float]:
+    """(keep F1, deletion precision, addition F1) of one n-gram order, each in 0..1.
+
+    Counts of source and prediction n-grams are multiplied by the number of references, so that they
+    compare with the summed reference counts (Xu et al. 2016, Sec. 4.1).
+    """
+    num_references = len(references)
+    source_counts = _ngrams(source, order)
+    prediction_counts = _ngrams(prediction, order)
+    reference_counts = Counter()
     for reference in references:
-        r_all.update(_ngrams(reference, n))
-    s_rep = Counter({g: count * num_refs for g, count in s.items()})
-    c_rep = Counter({g: count * num_refs for g, count in c.items()})
-    # keep
-    keep_c = s_rep & c_rep
-    keep_good = keep_c & r_all
-    keep_all = s_rep & r_all
-    keep_p = sum((keep_good[g] / keep_c[g]) for g in keep_c) / len(keep_c) if keep_c else 1.0
-    # Keep recall with the fix EASSE and HF's `sari` apply to Xu et al.'s code: kept good n-gram
-    # counts over all counts of source n-grams found in the references.
-    keep_r = sum(keep_good.values()) / sum(keep_all.values()) if keep_all else 1.0
-    keep_f = 2 * keep_p * keep_r / (keep_p + keep_r) if keep_p + keep_r > 0 else 0.0
-    # delete (precision only)
-    del_c = s_rep - c_rep
-    del_good = del_c - r_all
-    del_p = sum((del_good[g] / del_c[g]) for g in del_c) / len(del_c) if del_c else 1.0
-    # add
-    add_c = set(c) - set(s)
-    add_good = add_c & set(r_all)
-    add_all = set(r_all) - set(s)
-    add_p = len(add_good) / len(add_c) if add_c else 1.0
-    add_r = len(add_good) / len(add_all) if add_all else 1.0
-    add_f = 2 * add_p * add_r / (add_p + add_r) if add_p + add_r > 0 else 0.0
-    return keep_f, del_p, add_f
+        reference_counts.update(_ngrams(reference, order))
+    source_scaled = Counter({g: c * num_references for g, c in source_counts.items()})
+    prediction_scaled = Counter({g: c * num_references for g, c in prediction_counts.items()})
 
+    kept = source_scaled & prediction_scaled
+    kept_good = kept & reference_counts
+    keepable = source_scaled & reference_counts
+    keep_precision = sum(kept_good[g] / kept[g] for g in kept) / len(kept) if kept else 1.0
+    keep_recall = sum(kept_good.values()) / sum(keepable.values()) if keepable else 1.0
 
-def tokenize_13a(text: str) -> list[str]:
-    """Lower-cased tokens split as sacrebleu's 13a tokenizer splits them (punctuation apart)."""
-    import re
+    deleted = source_scaled - prediction_scaled
+    deleted_good = deleted - reference_counts
+    delete_precision = sum(deleted_good[g] / deleted[g] for g in deleted) / len(deleted) if deleted else 1.0
 
-    line = f" {text.lower()} "
-    line = re.sub(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 ", line)
-    line = re.sub(r"([^0-9])([\.,])", r"\1 \2 ", line)
-    line = re.sub(r"([\.,])([^0-9])", r" \1 \2", line)
-    line = re.sub(r"([0-9])(-)", r"\1 \2 ", line)
-    return line.split()
+    added = set(prediction_counts) - set(source_counts)
+    added_good = added & set(reference_counts)
+    addable = set(reference_counts) - set(source_counts)
+    add_precision = len(added_good) / len(added) if added else 1.0
+    add_recall = len(added_good) / len(addable) if addable else 1.0
+    return _f1(keep_precision, keep_recall), delete_precision, _f1(add_precision, add_recall)
 
 
 def sari_sentence(source: str, prediction: str, references: Sequence[str]) -> float:
-    source_tokens, prediction_tokens = tokenize_13a(source), tokenize_13a(prediction)
-    reference_tokens = [tokenize_13a(r) for r in references]
-    keeps, deletes, adds = [], [], []
-    for n in range(1, 5):
-        k, d, a = _sari_ngram(source_tokens, prediction_tokens, reference_tokens, n)
-        keeps.append(k)
-        deletes.append(d)
-        adds.append(a)
-    return 100.0 * (sum(keeps) / 4 + sum(deletes) / 4 + sum(adds) / 4) / 3
+    """SARI (0..100) of one prediction given its source and references (n-gram orders 1-4)."""
+    if not references:
+        raise ValueError("sari needs at least one reference per example")
+    source_tokens, prediction_tokens = _sari_tokens(source), _sari_tokens(prediction)
+    reference_tokens = [_sari_tokens(reference) for reference in references]
+    keep, delete, add = 0.0, 0.0, 0.0
+    for order in range(1, 5):
+        k, d, a = sari_ngram(source_tokens, prediction_tokens, reference_tokens, order)
+        keep, delete, add = keep + k, delete + d, add + a
+    return 100.0 * (keep / 4 + delete / 4 + add / 4) / 3
 
 
-def sari(predictions, targets, sources) -> float:
+def sari(predictions: Sequence[str], targets: Sequence[Union[str, Sequence[str]]],
+         sources: Optional[Sequence[str]]) -> float:
+    """Mean SARI over examples. A target is one reference string or a list of references."""
     if sources is None:
-        raise ValueError("sari needs the source texts")
+        raise ValueError("sari needs the source texts: pass sources= (TRACE uses the prompts)")
+    _check_pairs(predictions, targets, "sari")
+    if len(sources) != len(predictions):
+        raise ValueError(f"sari: one source per prediction is needed, got {len(sources)} sources for "
+                         f"{len(predictions)} predictions")
     values = [sari_sentence(s, p, [t] if isinstance(t, str) else list(t))
               for s, p, t in zip(sources, predictions, targets)]
-    return sum(values) / max(len(values), 1)
+    return sum(values) / len(values)
 
 
-def score(metric: str, predictions: Sequence[str], targets: Sequence[str],
+def score(metric_name: str, predictions: Sequence[str], targets: Sequence,
           sources: Optional[Sequence[str]] = None) -> float:
-    if metric == "accuracy":
+    """Dispatches to the metric named `metric_name` (one of METRICS); a score in 0..100."""
+    if metric_name == "accuracy":
         return accuracy(predictions, targets)
-    if metric == "first_char":
+    if metric_name == "first_char":
         return first_char(predictions, targets)
-    if metric == "exact_match":
+    if metric_name == "exact_match":
         return exact_match(predictions, targets)
-    if metric == "rouge_l":
+    if metric_name == "rouge_l":
         return rouge_l(predictions, targets)
-    if metric == "fuzzy":
+    if metric_name == "fuzzy":
         return fuzzy(predictions, targets)
-    if metric == "sari":
+    if metric_name == "sari":
         return sari(predictions, targets, sources)
-    raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
+    raise ValueError(f"unknown metric {metric_name!r}: choose one of {', '.join(METRICS)}")

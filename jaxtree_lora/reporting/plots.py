@@ -1,31 +1,66 @@
-"""Pictures: the accuracy matrix as an annotated heat map."""
+"""The accuracy matrix as an annotated heat map (PNG).
+
+Drawn on a bare `matplotlib.figure.Figure` with the Agg canvas: no pyplot state, no display, and the
+global backend of a caller (a notebook, say) is left alone.
+"""
 from __future__ import annotations
+
+import os
+import tempfile
+from typing import Sequence
 
 import numpy as np
 
+from jaxtree_lora.evaluation import continual
 
-def plot_accuracy_matrix(matrix, task_names, path: str, title: str = "") -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def accuracy_matrix_figure(matrix, task_names: Sequence[str], title: str = ""):
+    """A Figure of R[i, j] (row: evaluated task i, column: after training task j), colour scale 0..100.
 
-    matrix = np.asarray(matrix, float)
-    n = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(1.2 * n + 3, 0.8 * n + 2))
-    masked = np.ma.masked_invalid(matrix)
-    image = ax.imshow(masked, vmin=0, vmax=100, cmap="viridis")
-    for i in range(n):
-        for j in range(n):
-            if np.isfinite(matrix[i, j]):
-                ax.text(j, i, f"{matrix[i, j]:.1f}", ha="center", va="center",
-                        color="white" if matrix[i, j] < 60 else "black", fontsize=9)
-    ax.set_xticks(range(n), [f"after {j + 1}" for j in range(n)], rotation=30, ha="right")
-    ax.set_yticks(range(n), list(task_names))
-    ax.set_xlabel("trained up to task")
-    ax.set_ylabel("evaluated task")
-    ax.set_title(title or "accuracy matrix")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    Evaluated cells carry their score as text; NaN cells (not evaluated) are left blank.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    array = continual.as_matrix(matrix)
+    num_tasks = array.shape[0]
+    if len(task_names) != num_tasks:
+        raise ValueError(f"{len(task_names)} task names for a {num_tasks}-task accuracy matrix")
+    figure = Figure(figsize=(1.1 * num_tasks + 3.0, 0.7 * num_tasks + 2.0))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    colormap = "viridis"
+    image = axes.imshow(np.ma.masked_invalid(array), vmin=0.0, vmax=100.0, cmap=colormap)
+    rgba = image.cmap(image.norm(np.nan_to_num(array)))
+    for i in range(num_tasks):
+        for j in range(num_tasks):
+            if np.isfinite(array[i, j]):
+                # Dark text on light cells and light text on dark ones (relative luminance).
+                red, green, blue = rgba[i, j, :3]
+                luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
+                axes.text(j, i, f"{array[i, j]:.1f}", ha="center", va="center", fontsize=9,
+                          color="black" if luminance > 0.5 else "white")
+    axes.set_xticks(range(num_tasks), [f"after {j + 1}" for j in range(num_tasks)], rotation=30, ha="right")
+    axes.set_yticks(range(num_tasks), [f"{i + 1}. {name}" for i, name in enumerate(task_names)])
+    axes.set_xlabel("trained up to task")
+    axes.set_ylabel("evaluated task")
+    axes.set_title(title or "accuracy matrix (%)")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    return figure
+
+
+def plot_accuracy_matrix(matrix, task_names: Sequence[str], path: str, title: str = "", dpi: int = 110) -> str:
+    """Writes the heat map of `accuracy_matrix_figure` as a PNG at `path` (atomically); returns `path`."""
+    figure = accuracy_matrix_figure(matrix, task_names, title)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, dpi=dpi, format="png")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path

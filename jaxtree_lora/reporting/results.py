@@ -1,4 +1,13 @@
-"""results.json and metrics.jsonl: what a run leaves behind, written atomically."""
+"""What a run leaves behind: `results.json` (written atomically) and the append-only `metrics.jsonl`.
+
+`results.json` holds the accuracy matrix (nested lists, `null` where not evaluated), every metric of
+`evaluation.continual.summary`, per-task times, throughput, the trainable-parameter share, the
+method's hyper-parameters, the config, the seed, library versions and the device. JSON has no NaN:
+every non-finite float is written as `null`.
+
+`metrics.jsonl` holds one JSON record per line, flushed as written, so a crash loses at most the line
+being written; `read_metrics` skips such a torn line.
+"""
 from __future__ import annotations
 
 import json
@@ -6,83 +15,210 @@ import math
 import os
 import platform
 import tempfile
-from typing import Optional
+import warnings
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from jaxtree_lora.evaluation import continual
 
+RESULTS_FORMAT = 1
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+
+def to_jsonable(value: Any) -> Any:
+    """`value` with numpy / JAX scalars and arrays turned into Python ones and non-finite floats into None."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, (np.integer,)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
         return int(value)
-    return value
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, (str, type(None))):
+        return value
+    if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
+        return to_jsonable(np.asarray(value).tolist())
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        return to_jsonable(value.to_dict())
+    return str(value)
 
 
-def build_results(*, matrix, task_names, method, method_config, config, timings, wall_seconds,
-                  trainable_parameters, backbone_parameters, peak_memory_mb, stream, reference=None) -> dict:
+def _library_versions() -> dict:
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _device() -> dict:
     import jax
-    import flax
 
-    matrix = np.asarray(matrix, float)
-    train_seconds = float(np.sum(timings.get("train_seconds", [])))
-    tokens = float(np.sum(timings.get("tokens", [])))
-    return _jsonable({
+    devices = jax.devices()
+    return {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": len(devices),
+            "process_count": jax.process_count()}
+
+
+def build_results(*, matrix, task_names: Sequence[str], method: str, method_config: Mapping, config: Mapping,
+                  timings: Mapping[str, Sequence[float]], wall_seconds: float, trainable_parameters: int,
+                  backbone_parameters: int, peak_memory_mb: Optional[float], stream: str,
+                  reference: Optional[Sequence[float]] = None, seed: Optional[int] = None) -> dict:
+    """The results dict (JSON-ready) of one continual run.
+
+    Args:
+      matrix: accuracy matrix [num_tasks, num_tasks], R[i, j] = score on task i after task j (NaN: not
+        evaluated).
+      timings: per-task lists `train_seconds`, `eval_seconds` and `tokens` (trained tokens), as the
+        loop records them.
+      trainable_parameters / backbone_parameters: counts; the share is 100 * trainable / backbone.
+      reference: zero-shot scores of the untrained model per task, for forward transfer.
+      seed: defaults to `config["seed"]`.
+    """
+    matrix = continual.as_matrix(matrix)
+    if len(task_names) != matrix.shape[0]:
+        raise ValueError(f"{len(task_names)} task names for a {matrix.shape[0]}-task accuracy matrix")
+    train_seconds = [float(v) for v in timings.get("train_seconds", [])]
+    eval_seconds = [float(v) for v in timings.get("eval_seconds", [])]
+    tokens = [float(v) for v in timings.get("tokens", [])]
+    total_train = float(sum(train_seconds))
+    total_tokens = float(sum(tokens))
+    per_task_throughput = [t / s if s > 0 else None for t, s in zip(tokens, train_seconds)]
+    if seed is None and isinstance(config, Mapping):
+        seed = config.get("seed")
+    return to_jsonable({
+        "format": RESULTS_FORMAT,
         "method": method,
         "stream": stream,
         "tasks": list(task_names),
         "accuracy_matrix": matrix,
         "metrics": continual.summary(matrix, reference),
-        "time": {"wall_seconds": wall_seconds, "train_seconds": train_seconds,
-                 "eval_seconds": float(np.sum(timings.get("eval_seconds", []))),
-                 "per_task_train_seconds": timings.get("train_seconds", []),
-                 "per_task_eval_seconds": timings.get("eval_seconds", [])},
-        "throughput": {"tokens": tokens, "tokens_per_second": tokens / train_seconds if train_seconds else None},
+        "reference_scores": reference,
+        "time": {"wall_seconds": wall_seconds, "train_seconds": total_train,
+                 "eval_seconds": float(sum(eval_seconds)),
+                 "per_task_train_seconds": train_seconds, "per_task_eval_seconds": eval_seconds},
+        "throughput": {"tokens": total_tokens,
+                       "tokens_per_second": total_tokens / total_train if total_train > 0 else None,
+                       "per_task_tokens_per_second": per_task_throughput},
         "parameters": {"trainable": int(trainable_parameters), "backbone": int(backbone_parameters),
-                       "trainable_share_percent": 100.0 * trainable_parameters / max(backbone_parameters, 1)},
+                       "trainable_share_percent": 100.0 * trainable_parameters / max(int(backbone_parameters), 1)},
         "peak_memory_mb": peak_memory_mb,
         "method_config": method_config,
-        "seed": config.get("seed") if isinstance(config, dict) else None,
+        "seed": seed,
         "config": config,
-        "versions": {"jax": jax.__version__, "flax": flax.__version__, "python": platform.python_version()},
-        "device": jax.devices()[0].device_kind,
+        "versions": _library_versions(),
+        "device": _device(),
     })
 
 
 def atomic_write(path: str, text: str) -> None:
+    """Writes `text` to `path` through a temporary file in the same folder and `os.replace`.
+
+    A crash leaves either the old file or the new one, never a half-written file.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
-def write_results(path: str, results: dict) -> None:
-    atomic_write(path, json.dumps(results, indent=2) + "\n")
+def write_results(path: str, results: Mapping) -> None:
+    """Writes a results dict as `results.json` (strict JSON: NaN becomes null), atomically."""
+    atomic_write(path, json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl; a truncated last line (a crash mid-write) is skipped."""
+def read_results(path: str) -> dict:
+    """A results.json back as a dict; `accuracy_matrix` becomes a float array with NaN for null."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            results = json.load(file)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path} does not exist: point at the results.json of a finished run") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): re-run the evaluation to write it again") from error
+    if "accuracy_matrix" not in results:
+        raise ValueError(f"{path} has no accuracy_matrix: it is not a jaxtree-lora results.json")
+    results["accuracy_matrix"] = np.array(
+        [[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]], dtype=np.float64)
+    return results
+
+
+class MetricsWriter:
+    """Append-only `metrics.jsonl`: one JSON object per line, flushed after each record.
+
+    Opening a file whose last line was cut off by a crash first ends that line, so the torn bytes stay
+    on a line of their own and the next record is whole.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        needs_newline = False
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path, "rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                needs_newline = existing.read(1) != b"\n"
+        self._file = open(path, "a", encoding="utf-8")
+        if needs_newline:
+            self._file.write("\n")
+            self._file.flush()
+
+    def write(self, record: Mapping) -> None:
+        """Appends one record (non-finite floats become null) and flushes it to the OS."""
+        line = json.dumps(to_jsonable(record), allow_nan=False, separators=(",", ":"))
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_metrics(path: str, strict: bool = False) -> list[dict]:
+    """The records of a `metrics.jsonl`, in order.
+
+    A line that does not parse is a write cut off by a crash: skipped when it is the last line. One in
+    the middle (a crash followed by a resumed run) is skipped with a warning, or raises when `strict`.
+    """
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+    with open(path, encoding="utf-8", errors="replace") as file:
+        lines = file.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:  # json.JSONDecodeError is a ValueError
+            if number == last:
                 continue
+            if strict:
+                raise ValueError(f"{path}:{number + 1} is not a JSON record: the file is damaged beyond a torn "
+                                 f"last line")
+            warnings.warn(f"{path}:{number + 1}: skipped a torn record (a crash mid-write)")
+            continue
+        records.append(record)
     return records

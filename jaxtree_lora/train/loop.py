@@ -26,7 +26,8 @@ from jaxtree_lora import checkpoint as checkpoint_lib
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora import methods as methods_lib
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.methods.base import EndTaskContext, StreamInfo
+from jaxtree_lora.methods.base import StreamInfo, TaskContext
+from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import mesh as mesh_lib
 from jaxtree_lora.train.step import TrainState, head_logits, init_head, make_optimizer, make_task_loss, make_train_step
 
@@ -248,6 +249,45 @@ class Run:
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total)
 
+    def site_moments(self, trainable, method_state, arrays: dict, task_index: int):
+        """Input statistics of every adapted site over the task's training data, with the current adapters.
+
+        Returns ({site: [num_layers, d_in, d_in] float32 mean of x x^T over real tokens}, token count).
+        """
+        if getattr(self, "_moments_batch", None) is None:
+            from jaxtree_lora.models.common import SiteInputMoments
+
+            method, backbone = self.method, self.backbone
+
+            def moments(trainable, method_state, batch):
+                if "images" in batch:
+                    weight = batch["weight"]
+                else:
+                    weight = batch["attention_mask"] * batch["weight"][:, None]
+                collector = SiteInputMoments(
+                    lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key), weight)
+                backbone.features(self.frozen, batch, adapters=trainable["adapters"], delta=collector)
+                return collector.moments, jnp.sum(weight.astype(jnp.float32))
+
+            self._moments_batch = jax.jit(moments)
+        total, count = None, 0.0
+        for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
+            sums, tokens = self._moments_batch(trainable, method_state, batch)
+            count += float(tokens)
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total), count
+
+    def task_context(self, task_index: int, arrays: dict, steps_per_epoch: int) -> TaskContext:
+        """Host-side access to a task's data for `Method.prepare_task` and `Method.end_task`."""
+        seed = int(self.config.seed)
+        return TaskContext(
+            task=task_index, steps_per_epoch=steps_per_epoch,
+            batches=lambda: self.batching.batches(arrays, self.micro_batch, seed=seed, task=task_index, epoch=0,
+                                                  shuffle=False),
+            fisher=lambda trainable, method_state: self.fisher(trainable, method_state, arrays, task_index),
+            site_moments=lambda trainable, method_state: self.site_moments(trainable, method_state, arrays,
+                                                                           task_index))
+
     def class_prototypes(self, state: TrainState, task_index: int) -> TrainState:
         """Mean feature of each class of the task (training data, current adapters) into the state."""
         task = self.stream.tasks[task_index]
@@ -382,11 +422,10 @@ class Run:
         log_every = max(int(config.train.get("log_every", 10)), 1)
         checkpoint_every = int(config.train.get("checkpoint_every", 0) or 0)
         steps_done = 0
-        metrics_log = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+        metrics_log = MetricsWriter(os.path.join(self.workdir, "metrics.jsonl"))
 
         def emit(record):
-            metrics_log.write(json.dumps(record) + "\n")
-            metrics_log.flush()
+            metrics_log.write(record)
             if self.logger:
                 self.logger(record)
 
@@ -414,6 +453,10 @@ class Run:
                 epochs = epochs_for(config, task_index)
                 resumed_here = task_index == position["task"] and (position["epoch"] or position["batch"])
                 if not resumed_here:
+                    # Host work first (subspaces from the new task's inputs, ...), then the jitted begin_task.
+                    trainable, method_state = self.method.prepare_task(
+                        state.trainable, state.method_state, self.task_context(task_index, arrays, steps_per_epoch))
+                    state = state.replace(trainable=trainable, method_state=method_state)
                     state = self.begin_task(state, jnp.asarray(task_index, jnp.int32))
                 start_epoch = position["epoch"] if task_index == position["task"] else 0
                 bar = None
@@ -487,12 +530,7 @@ class Run:
                 if bar is not None:
                     bar.close()
                 # End of task: host work, then evaluation of every task seen so far.
-                context = EndTaskContext(
-                    task=task_index, steps_per_epoch=steps_per_epoch,
-                    batches=lambda arrays=arrays, task_index=task_index: self.batching.batches(
-                        arrays, self.micro_batch, seed=int(config.seed), task=task_index, epoch=0, shuffle=False),
-                    fisher=lambda trainable, method_state, arrays=arrays, task_index=task_index: self.fisher(
-                        trainable, method_state, arrays, task_index))
+                context = self.task_context(task_index, arrays, steps_per_epoch)
                 trainable, method_state = self.method.end_task(state.trainable, state.method_state, context)
                 state = state.replace(trainable=trainable, method_state=method_state)
                 if self.kind == "classification":
