@@ -1,12 +1,26 @@
 """A BERT-style encoder in Flax NNX (post-LayerNorm blocks), e.g. all-MiniLM-L6-v2.
 
 Per-layer weights are stacked with a leading `num_layers` axis and the blocks run under
-`jax.lax.scan` (common.scan_layers). Kernels are stored [d_in, d_out]. LoRA sites:
-"attn.query", "attn.key", "attn.value", "attn.output", "mlp.intermediate", "mlp.output".
+`jax.lax.scan` (common.scan_layers), so a deep encoder compiles one block. Kernels are stored
+[d_in, d_out] (a PyTorch nn.Linear weight transposed). LoRA sites, called through the delta hook after
+each frozen projection:
 
-    model = BertEncoder(BertConfig(...), rngs=nnx.Rngs(0))
-    hidden = model(input_ids [B,T], attention_mask [B,T])          # [B, T, hidden]
-    pooled = model.features(input_ids, attention_mask)             # [B, hidden], mean pooling
+    "attn.query", "attn.key", "attn.value"   [hidden -> hidden]
+    "attn.output"                             [hidden -> hidden]   (attention.output.dense)
+    "mlp.intermediate"                        [hidden -> intermediate]
+    "mlp.output"                              [intermediate -> hidden]
+
+    model, tokenizer = load_hf(directory)                           # config.json + safetensors
+    hidden = model(input_ids, attention_mask)                       # [batch, seq, hidden]
+    pooled = model.features(input_ids, attention_mask)              # [batch, hidden], mean pooling
+
+As a pure function (frozen weights as an argument, never baked into the compiled program):
+
+    graphdef, params = nnx.split(model)
+    pooled = jax.jit(lambda p, ids, mask: nnx.merge(graphdef, p).features(ids, mask))(params, ids, mask)
+
+Only absolute-position BERT checkpoints are read. RoBERTa-family checkpoints are refused rather than
+run wrongly: their position ids start after the padding index and skip padding tokens.
 """
 from __future__ import annotations
 
@@ -19,14 +33,31 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import Site, layer_norm, scan_layers
+from jaxtree_lora.models.common import DeltaFn, Site, layer_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
 
 SITES = ("attn.query", "attn.key", "attn.value", "attn.output", "mlp.intermediate", "mlp.output")
+POOLINGS = ("mean", "cls")
+ACTIVATIONS = ("gelu", "gelu_new")
+
+# Our site -> the Hugging Face / PEFT module name inside "encoder.layer.{i}.".
+HF_MODULES = {"attn.query": "attention.self.query", "attn.key": "attention.self.key",
+              "attn.value": "attention.self.value", "attn.output": "attention.output.dense",
+              "mlp.intermediate": "intermediate.dense", "mlp.output": "output.dense"}
+# Stacked parameter name of each site's kernel (its bias is the same name + "_bias").
+SITE_KERNELS = {"attn.query": "query", "attn.key": "key", "attn.value": "value", "attn.output": "attn_out",
+                "mlp.intermediate": "intermediate", "mlp.output": "output"}
 
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
+    """Shape and behaviour of a BERT-style encoder (defaults: all-MiniLM-L6-v2).
+
+    hidden_act: "gelu" is the exact erf GELU of HF BERT; "gelu_new" the tanh approximation.
+    pooling: what `features` returns: "mean" over real tokens (sentence-transformers) or "cls".
+    remat: rematerialise each scanned block in the backward pass (memory for compute).
+    """
+
     vocab_size: int = 30522
     hidden_size: int = 384
     intermediate_size: int = 1536
@@ -35,31 +66,48 @@ class BertConfig:
     max_position: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
-    hidden_act: str = "gelu"  # exact (erf) GELU as in HF BERT; "gelu_new" is the tanh form
-    pooling: str = "mean"  # "mean" (sentence-transformers) or "cls"
+    hidden_act: str = "gelu"
+    pooling: str = "mean"
     remat: bool = False
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: "
+                             "choose num_heads that divides hidden_size")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported: use one of {', '.join(ACTIVATIONS)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is not supported: use one of {', '.join(POOLINGS)}")
 
     @classmethod
     def from_hf(cls, config) -> "BertConfig":
-        if getattr(config, "model_type", "bert") not in ("bert", "roberta", "xlm-roberta"):
-            raise hf.CheckpointError(f"model_type {config.model_type!r} is not a BERT-style encoder")
-        if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        """From a transformers BertConfig (as `hf.read_config` returns it)."""
+        model_type = getattr(config, "model_type", None)
+        if model_type != "bert":
             raise hf.CheckpointError(
-                f"position_embedding_type {config.position_embedding_type!r} is not supported (absolute only)")
-        if config.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-            raise hf.CheckpointError(f"hidden_act {config.hidden_act!r} is not supported (gelu, gelu_new)")
+                f"model_type {model_type!r} is not a BERT-style encoder this loader reads (model_type 'bert'): "
+                "point model.path to a BERT checkpoint or choose the matching model.kind")
+        if getattr(config, "position_embedding_type", "absolute") != "absolute":
+            raise hf.CheckpointError(f"position_embedding_type {config.position_embedding_type!r} is not supported: "
+                                     "only absolute position embeddings are implemented")
+        activations = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new"}
+        if config.hidden_act not in activations:
+            raise hf.CheckpointError(f"hidden_act {config.hidden_act!r} is not supported: "
+                                     f"supported are {', '.join(activations)}")
         return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                    intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
                    num_heads=config.num_attention_heads, max_position=config.max_position_embeddings,
                    type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
-                   hidden_act="gelu" if config.hidden_act == "gelu" else "gelu_new")
+                   hidden_act=activations[config.hidden_act])
 
 
 def gelu(x, kind: str):
+    """Exact (erf) GELU for "gelu", the tanh approximation for "gelu_new"."""
     return jax.nn.gelu(x, approximate=kind != "gelu")
 
 
 def layer_shapes(config: BertConfig) -> dict:
+    """Stacked per-layer parameter shapes, each with the leading num_layers axis."""
     h, f, n = config.hidden_size, config.intermediate_size, config.num_layers
     return {
         "query": (n, h, h), "query_bias": (n, h), "key": (n, h, h), "key_bias": (n, h),
@@ -71,29 +119,37 @@ def layer_shapes(config: BertConfig) -> dict:
 
 
 def encoder_block(x, p, hook, mask_bias, num_heads: int, eps: float, act: str):
-    """One post-LN BERT block. x [B,T,H]; mask_bias [B,1,1,T] additive; p: this layer's weights."""
+    """One post-LN BERT block.
+
+    x: [batch, seq, hidden]; mask_bias: [batch, 1, 1, seq], 0 for real keys and -1e9 for padding;
+    p: this layer's weights (kernels [d_in, d_out]); hook: the layer's SiteHook.
+    """
     batch, seq, hidden = x.shape
     head_dim = hidden // num_heads
     dtype = x.dtype
 
-    def project(site, name, inputs):
+    def project(site, inputs):
+        name = SITE_KERNELS[site]
         y = inputs @ p[name].astype(dtype) + p[name + "_bias"].astype(dtype)
         return hook(site, inputs, y)
 
-    q = project("attn.query", "query", x).reshape(batch, seq, num_heads, head_dim)
-    k = project("attn.key", "key", x).reshape(batch, seq, num_heads, head_dim)
-    v = project("attn.value", "value", x).reshape(batch, seq, num_heads, head_dim)
+    q = project("attn.query", x).reshape(batch, seq, num_heads, head_dim)
+    k = project("attn.key", x).reshape(batch, seq, num_heads, head_dim)
+    v = project("attn.value", x).reshape(batch, seq, num_heads, head_dim)
+    # Scores and softmax in float32 so that bfloat16 activations do not saturate the mask.
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(head_dim) + mask_bias
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, hidden)
-    attended = project("attn.output", "attn_out", context)
+    attended = project("attn.output", context)
     x = layer_norm(attended + x, p["attn_norm"], p["attn_norm_bias"], eps)
-    inner = gelu(project("mlp.intermediate", "intermediate", x), act)
-    out = project("mlp.output", "output", inner)
+    inner = gelu(project("mlp.intermediate", x), act)
+    out = project("mlp.output", inner)
     return layer_norm(out + x, p["out_norm"], p["out_norm_bias"], eps)
 
 
 class BertEncoder(nnx.Module):
+    """Embeddings (word + position + token type, LayerNorm) and `num_layers` stacked post-LN blocks."""
+
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.config = config
         h = config.hidden_size
@@ -109,6 +165,7 @@ class BertEncoder(nnx.Module):
 
     @property
     def feature_dim(self) -> int:
+        """Width of `features`: hidden_size."""
         return self.config.hidden_size
 
     def lora_sites(self) -> dict[str, Site]:
@@ -118,22 +175,32 @@ class BertEncoder(nnx.Module):
 
     @staticmethod
     def hf_module_path(site: str, layer: int) -> str:
-        names = {"attn.query": "attention.self.query", "attn.key": "attention.self.key",
-                 "attn.value": "attention.self.value", "attn.output": "attention.output.dense",
-                 "mlp.intermediate": "intermediate.dense", "mlp.output": "output.dense"}
-        return f"encoder.layer.{layer}.{names[site]}"
+        """PEFT/HF module name of a site in one layer, e.g. "encoder.layer.3.attention.self.query"."""
+        if site not in HF_MODULES:
+            raise ValueError(f"unknown BERT site {site!r}: choose one of {', '.join(HF_MODULES)}")
+        return f"encoder.layer.{layer}.{HF_MODULES[site]}"
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, adapters=None, delta=None,
-                 rng=None, compute_dtype=None):
-        """Hidden states [batch, seq, hidden] for input_ids [batch, seq] (attention_mask 1 = real token)."""
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, adapters=None,
+                 delta: Optional[DeltaFn] = None, rng=None, compute_dtype=None):
+        """Hidden states [batch, seq, hidden] after the last block.
+
+        input_ids: [batch, seq] int; attention_mask: [batch, seq], 1 for real tokens, 0 for padding
+        (default all ones); token_type_ids: [batch, seq] (default zeros).
+        adapters: {site: pytree with leading num_layers axis}; delta: the method's delta function;
+        rng: key for adapter dropout (None: deterministic); compute_dtype: activation dtype
+        (default: the parameters' dtype; LayerNorm and softmax stay float32 inside).
+        """
         config = self.config
         dtype = compute_dtype or self.word_embeddings[...].dtype
         batch, seq = input_ids.shape
+        if seq > config.max_position:
+            raise ValueError(f"sequence length {seq} exceeds the encoder's {config.max_position} positions: "
+                             f"truncate inputs to at most {config.max_position} tokens")
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, seq), jnp.int32)
-        x = (self.word_embeddings[...][input_ids] + self.position_embeddings[...][jnp.arange(seq)][None]
+        x = (self.word_embeddings[...][input_ids] + self.position_embeddings[...][:seq][None]
              + self.type_embeddings[...][token_type_ids])
         x = layer_norm(x, self.embed_norm[...], self.embed_norm_bias[...], config.layer_norm_eps).astype(dtype)
         mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
@@ -147,7 +214,12 @@ class BertEncoder(nnx.Module):
         return x
 
     def features(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
-        """Sentence features [batch, hidden]: mean over real tokens (sentence-transformers) or [CLS]."""
+        """Sentence features [batch, hidden] in float32.
+
+        "mean" pooling averages the hidden states of real tokens (attention_mask 1), as
+        sentence-transformers does for all-MiniLM-L6-v2 (without its final L2 normalisation);
+        "cls" returns the first token's hidden state. kwargs go to `__call__`.
+        """
         hidden = self(input_ids, attention_mask, token_type_ids, **kwargs).astype(jnp.float32)
         if self.config.pooling == "cls":
             return hidden[:, 0]
@@ -157,26 +229,34 @@ class BertEncoder(nnx.Module):
         return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
 
 
-def _linear(w):
-    return np.asarray(w).T  # torch nn.Linear [out, in] -> kernel [in, out]
+def _linear(weight):
+    return np.asarray(weight).T  # torch nn.Linear [out, in] -> kernel [in, out]
 
 
-RULES = [
-    hf.KeyRule(r"embeddings\.word_embeddings\.weight", ("word_embeddings",)),
-    hf.KeyRule(r"embeddings\.position_embeddings\.weight", ("position_embeddings",)),
-    hf.KeyRule(r"embeddings\.token_type_embeddings\.weight", ("type_embeddings",)),
-    hf.KeyRule(r"embeddings\.LayerNorm\.(weight|gamma)", ("embed_norm",)),
-    hf.KeyRule(r"embeddings\.LayerNorm\.(bias|beta)", ("embed_norm_bias",)),
-]
-_LAYER = r"encoder\.layer\.(?P<layer>\d+)\."
-for _hf, _ours in [("attention.self.query", "query"), ("attention.self.key", "key"),
-                   ("attention.self.value", "value"), ("attention.output.dense", "attn_out"),
-                   ("intermediate.dense", "intermediate"), ("output.dense", "output")]:
-    RULES.append(hf.KeyRule(_LAYER + _hf.replace(".", r"\.") + r"\.weight", ("layers", _ours), _linear))
-    RULES.append(hf.KeyRule(_LAYER + _hf.replace(".", r"\.") + r"\.bias", ("layers", _ours + "_bias")))
-for _hf, _ours in [("attention.output.LayerNorm", "attn_norm"), ("output.LayerNorm", "out_norm")]:
-    RULES.append(hf.KeyRule(_LAYER + _hf.replace(".", r"\.") + r"\.(weight|gamma)", ("layers", _ours)))
-    RULES.append(hf.KeyRule(_LAYER + _hf.replace(".", r"\.") + r"\.(bias|beta)", ("layers", _ours + "_bias")))
+def _rules() -> list:
+    rules = [
+        hf.KeyRule(r"embeddings\.word_embeddings\.weight", ("word_embeddings",)),
+        hf.KeyRule(r"embeddings\.position_embeddings\.weight", ("position_embeddings",)),
+        hf.KeyRule(r"embeddings\.token_type_embeddings\.weight", ("type_embeddings",)),
+        # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+        hf.KeyRule(r"embeddings\.LayerNorm\.(weight|gamma)", ("embed_norm",)),
+        hf.KeyRule(r"embeddings\.LayerNorm\.(bias|beta)", ("embed_norm_bias",)),
+    ]
+    layer = r"encoder\.layer\.(?P<layer>\d+)\."
+    for site, module in HF_MODULES.items():
+        escaped = module.replace(".", r"\.")
+        rules.append(hf.KeyRule(layer + escaped + r"\.weight", ("layers", SITE_KERNELS[site]), _linear))
+        rules.append(hf.KeyRule(layer + escaped + r"\.bias", ("layers", SITE_KERNELS[site] + "_bias")))
+    for module, ours in (("attention.output.LayerNorm", "attn_norm"), ("output.LayerNorm", "out_norm")):
+        escaped = module.replace(".", r"\.")
+        rules.append(hf.KeyRule(layer + escaped + r"\.(weight|gamma)", ("layers", ours)))
+        rules.append(hf.KeyRule(layer + escaped + r"\.(bias|beta)", ("layers", ours + "_bias")))
+    return rules
+
+
+RULES = _rules()
+# Known tensors this encoder does not use: buffers, the pooler, pre-training heads.
+IGNORED = (r"embeddings\.position_ids", r"embeddings\.token_type_ids", r"pooler\..*", r"cls\..*")
 
 
 def expected_shapes(config: BertConfig) -> dict:
@@ -188,35 +268,38 @@ def expected_shapes(config: BertConfig) -> dict:
 
 
 def strip_prefix(tensors: dict) -> dict:
-    """Accepts BertModel names and BertFor*/sentence-transformers names with a 'bert.' prefix."""
-    out = {}
-    for name, value in tensors.items():
-        for prefix in ("bert.", "model.", "roberta."):
-            if name.startswith(prefix) and not name.startswith(prefix + "pooler"):
-                name = name[len(prefix):]
-                break
-        out[name] = value
-    return out
-
-
-def load_hf(directory: str, dtype=jnp.float32, pooling: str = "mean"):
-    """(BertEncoder, tokenizer) from a Hugging Face checkpoint directory (config.json + safetensors)."""
-    from transformers import AutoTokenizer
-
-    config = dataclasses.replace(BertConfig.from_hf(hf.read_config(directory)), pooling=pooling)
-    tensors = strip_prefix(hf.read_tensors(directory))
-    mapped = hf.map_checkpoint(tensors, RULES, expected_shapes(config), config.num_layers,
-                               ignore=[r"embeddings\.position_ids", r".*pooler\..*", r"cls\..*", r"lm_head\..*"])
-    model = nnx.eval_shape(lambda: BertEncoder(config, rngs=nnx.Rngs(0), param_dtype=dtype))
-    assign(model, mapped, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return model, tokenizer
+    """BertModel names as they are, and BertFor* names with their "bert." prefix removed."""
+    return {(name[len("bert."):] if name.startswith("bert.") else name): value for name, value in tensors.items()}
 
 
 def assign(model: nnx.Module, mapped: dict, dtype) -> None:
-    """Writes mapped arrays into the (abstract) module's Params."""
+    """Writes mapped numpy arrays into the (abstract) module's Params, cast to `dtype`."""
     for path, value in mapped.items():
         node = model
         for key in path[:-1]:
             node = getattr(node, key)
         getattr(node, path[-1]).set_value(jnp.asarray(hf.to_dtype(value, dtype)))
+
+
+def load_hf(directory: str, dtype=jnp.float32, pooling: str = "mean"):
+    """(BertEncoder, tokenizer) from a Hugging Face BERT checkpoint directory.
+
+    Reads config.json (hf.read_config), model.safetensors or sharded safetensors with
+    model.safetensors.index.json (hf.read_tensors); tensor names with or without a "bert." prefix;
+    the pooler and pre-training heads are ignored. Every shape is checked: a tensor that does not fit
+    raises CheckpointError naming it. The tokenizer is transformers' AutoTokenizer from the same
+    directory (local files only).
+    """
+    from transformers import AutoTokenizer
+
+    config = dataclasses.replace(BertConfig.from_hf(hf.read_config(directory)), pooling=pooling)
+    tensors = strip_prefix(hf.read_tensors(directory))
+    mapped = hf.map_checkpoint(tensors, RULES, expected_shapes(config), config.num_layers, ignore=IGNORED)
+    model = nnx.eval_shape(lambda: BertEncoder(config, rngs=nnx.Rngs(0), param_dtype=dtype))
+    assign(model, mapped, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as error:  # transformers raises several types for missing tokenizer files
+        raise hf.CheckpointError(f"cannot load a tokenizer from {directory}: {error}; "
+                                 "add its tokenizer files (tokenizer.json or vocab.txt)") from error
+    return model, tokenizer

@@ -48,7 +48,8 @@ class SiteHook:
 
     Built inside the layer scan from the adapter slice of that layer; a backbone calls
     `hook(site_name, x, y)` after each frozen projection and gets `y + delta` back (or `y` when the
-    site carries no adapter).
+    site carries no adapter). When the delta has a `record(site, x)` method (see `SiteInputMoments`),
+    what it returns for each adapted site is kept in `records` and comes out of the scan per layer.
     """
 
     def __init__(self, adapters: Optional[Mapping[str, PyTree]], delta: Optional[DeltaFn],
@@ -56,6 +57,7 @@ class SiteHook:
         self.adapters = adapters or {}
         self.delta = delta
         self.key = key
+        self.records: dict[str, Array] = {}
 
     def __call__(self, site: str, x: Array, y: Array) -> Array:
         if self.delta is None or site not in self.adapters:
@@ -65,7 +67,41 @@ class SiteHook:
             # A stable per-site key: the site's position in the sorted site list.
             key = jax.random.fold_in(self.key, sorted(self.adapters).index(site))
         dy = self.delta(site, self.adapters[site], x, key)
+        record = getattr(self.delta, "record", None)
+        if record is not None:
+            self.records[site] = record(site, x)
         return y + dy.astype(y.dtype)
+
+
+class SiteInputMoments:
+    """A delta hook that also measures what each adapted projection sees.
+
+    Wraps the method's delta (the model's output is unchanged) and records, for every adapted site of
+    every layer, the weighted second moment of the site's input, sum_tokens w * x x^T, in float32
+    ([d_in, d_in] per layer), and the total weight. `weight` is [batch, seq] (text: attention mask
+    times the example weight) or [batch] (images: every token of an example counts).
+
+    After a forward pass under `jax.jit`, `moments` is `{site: [num_layers, d_in, d_in]}`: the input
+    covariance statistics that InfLoRA's and LoDA's subspaces are built from.
+    """
+
+    def __init__(self, delta: DeltaFn, weight: Array):
+        self.delta = delta
+        self.weight = weight
+        self.moments: dict[str, Array] = {}
+
+    def __call__(self, site: str, adapter: PyTree, x: Array, key: Optional[Array]) -> Array:
+        return self.delta(site, adapter, x, key)
+
+    def record(self, site: str, x: Array) -> Array:
+        w = self.weight.astype(jnp.float32)
+        w = w.reshape(w.shape + (1,) * (x.ndim - 1 - w.ndim))
+        w = jnp.broadcast_to(w, x.shape[:-1])
+        x32 = x.astype(jnp.float32)
+        return jnp.einsum("...i,...j,...->ij", x32, x32, w)
+
+    def collect(self, records: Mapping[str, Array]) -> None:
+        self.moments = dict(records)
 
 
 def layer_keys(key: Optional[Array], num_layers: int) -> Optional[Array]:
@@ -87,11 +123,16 @@ def scan_layers(body, carry, layer_params: PyTree, adapters: Optional[Mapping[st
 
     def step(c, x):
         params_l, adapters_l, key_l = x
-        return body(c, params_l, SiteHook(adapters_l, delta, key_l))
+        hook = SiteHook(adapters_l, delta, key_l)
+        c, out = body(c, params_l, hook)
+        return c, (out, hook.records)
 
     if remat:
         step = jax.checkpoint(step, prevent_cse=False)
-    return jax.lax.scan(step, carry, xs, length=num_layers)
+    carry, (outs, records) = jax.lax.scan(step, carry, xs, length=num_layers)
+    if records and hasattr(delta, "collect"):
+        delta.collect(records)  # per-site statistics stacked over layers, e.g. SiteInputMoments
+    return carry, outs
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:

@@ -1,23 +1,43 @@
-"""Loading Llama-family GGUF files (llama.cpp's format): dequantised weights and the tokenizer.
+"""Llama-family GGUF files (llama.cpp's format): dequantised weights, config and tokenizer.
 
 Weights: `gguf.GGUFReader` + `gguf.quants.dequantize` give float32 arrays in PyTorch's [out, in]
-layout (any quantisation gguf supports: Q4_0/Q4_1/Q8_0/K-quants/F16/F32). llama.cpp's converter
-permutes the rows of q and k for its rotary layout; `unpermute` undoes it so the weights match the
-Hugging Face rotate-half convention. The tokenizer is rebuilt from the file's metadata with the
-`tokenizers` library (byte-level BPE for "gpt2"-type vocabularies) and wrapped as a transformers
-PreTrainedTokenizerFast, with the chat template from the file.
+layout for every type the gguf package implements (F32, F16, BF16, Q4_0, Q4_1, Q5_*, Q8_0, K-quants).
+llama.cpp's converter permutes the rows of q and k to pair rotary dimensions (i, i+1) instead of
+Hugging Face's (i, i + head_dim/2); `unpermute` restores the Hugging Face order, which is what
+`llama.decoder_block`'s rotate-half rotary embedding expects.
+
+Config: the `llama.*` metadata keys. Llama 3.x rope scaling arrives as the `rope_freqs` tensor
+(per-frequency divisors) and is kept as `LlamaConfig.rope_frequency_factors`.
+
+Tokenizer: rebuilt from `tokenizer.ggml.*` metadata with the `tokenizers` library (byte-level BPE
+vocabulary + merges, the pre-tokenizer named by `tokenizer.ggml.pre`, control tokens special) and
+wrapped as a transformers `PreTrainedTokenizerFast`, with the file's chat template.
 """
 from __future__ import annotations
 
 import os
+import re
+from typing import Any, Optional
 
 import numpy as np
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.llama import LlamaConfig, expected_shapes, from_arrays
+from jaxtree_lora.models.llama import LlamaConfig, LlamaDecoder, expected_shapes, from_arrays
+
+# llama.cpp's per-layer tensor names -> the decoder's stacked parameter names.
+LAYER_NAMES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+               "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
+               "attn_norm": "input_norm", "ffn_norm": "post_norm"}
+LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+# tokenizer.ggml.pre -> whether digits are split one by one before byte-level BPE.
+PRE_TOKENIZERS = {"smollm": True, "gpt-2": False}
 
 
-def _field(reader, key, default=None):
+def metadata(reader, key: str, default: Any = None) -> Any:
+    """One metadata value (scalars, strings and arrays decoded), or `default` when absent."""
     field = reader.fields.get(key)
     if field is None:
         return default
@@ -25,126 +45,172 @@ def _field(reader, key, default=None):
 
 
 def config_from_metadata(reader) -> LlamaConfig:
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise hf.CheckpointError(f"GGUF architecture {arch!r} is not supported (llama only: Llama, Mistral, SmolLM2)")
-    get = lambda name, default=None: _field(reader, f"llama.{name}", default)
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    names = {t.name for t in reader.tensors}
-    vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    """LlamaConfig from the `llama.*` keys (and whether `output.weight` exists, for tied embeddings)."""
+    architecture = metadata(reader, "general.architecture")
+    if architecture != "llama":
+        raise hf.CheckpointError(
+            f"GGUF architecture {architecture!r} is not supported: use a 'llama'-architecture GGUF "
+            f"(Llama 2/3, Mistral, SmolLM2) or the Hugging Face checkpoint with model.name=hf")
+
+    def get(name, default=None):
+        value = metadata(reader, f"llama.{name}", default)
+        if value is None:
+            raise hf.CheckpointError(f"GGUF metadata lacks llama.{name}: the file is incomplete")
+        return value
+
+    heads, hidden = int(get("attention.head_count")), int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    rotary = int(get("rope.dimension_count", head_dim))
+    if rotary != head_dim:
+        raise hf.CheckpointError(f"GGUF rope.dimension_count={rotary} differs from head_dim={head_dim}: partial "
+                                 f"rotary embeddings are not supported")
+    scaling = metadata(reader, "llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise hf.CheckpointError(f"GGUF rope scaling {scaling!r} is not supported (none, or llama3 via rope_freqs)")
+    names = {tensor.name for tensor in reader.tensors}
+    factors = None
+    if "rope_freqs.weight" in names:
+        tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        factors = tuple(float(v) for v in np.asarray(dequantize(tensor)).reshape(-1))
+    vocab = metadata(reader, "llama.vocab_size") or len(metadata(reader, "tokenizer.ggml.tokens", []))
     return LlamaConfig(vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
                        num_layers=int(get("block_count")), num_heads=heads,
-                       num_kv_heads=int(get("attention.head_count_kv", heads)),
-                       head_dim=int(get("rope.dimension_count", hidden // heads)),
+                       num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
                        rope_theta=float(get("rope.freq_base", 10000.0)),
                        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-                       max_position=int(get("context_length", 4096)), tie_embeddings="output.weight" not in names)
+                       max_position=int(get("context_length", 4096)),
+                       tie_embeddings="output.weight" not in names, rope_frequency_factors=factors)
+
+
+def dequantize(tensor) -> np.ndarray:
+    """One GGUF tensor as float32 in numpy order (GGUF lists dimensions innermost first)."""
+    from gguf import quants
+
+    try:
+        array = quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as error:
+        raise hf.CheckpointError(f"GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf "
+                                 f"package cannot dequantise: re-quantise the file (e.g. Q8_0, Q4_1 or F16)") from error
+    return np.asarray(array, np.float32).reshape([int(d) for d in reversed(tensor.shape)])
 
 
 def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (rows [out] of an [out, in] weight)."""
-    return (weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:])
+    """Undoes llama.cpp's q/k row permutation. weight: [heads * head_dim, ...] (PyTorch [out, in])."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def tensors(reader, config: LlamaConfig) -> dict:
-    from gguf import quants
-
-    out = {}
+def map_tensors(reader, config: LlamaConfig) -> dict[tuple[str, ...], np.ndarray]:
+    """GGUF tensors -> `{parameter path: array}` in the decoder's layout, shapes checked."""
+    mapped: dict[tuple[str, ...], np.ndarray] = {}
+    per_layer: dict[str, dict[int, np.ndarray]] = {}
+    unknown = []
     for tensor in reader.tensors:
-        try:
-            array = quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as error:
-            raise hf.CheckpointError(f"GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf "
-                                     f"package cannot dequantise") from error
-        array = np.asarray(array, np.float32).reshape([int(d) for d in reversed(tensor.shape)])
-        out[tensor.name] = array
-    return out
-
-
-NAMES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj", "ffn_gate": "gate_proj",
-         "ffn_up": "up_proj", "ffn_down": "down_proj", "attn_norm": "input_norm", "ffn_norm": "post_norm"}
-
-
-def map_tensors(raw: dict, config: LlamaConfig) -> dict:
-    """GGUF names -> the decoder's stacked params, with shape checks."""
-    mapped, per_layer, unknown = {}, {}, []
-    for name, array in raw.items():
-        if name == "token_embd.weight":
-            mapped[("embed",)] = array
-        elif name == "output_norm.weight":
-            mapped[("final_norm",)] = array
-        elif name == "output.weight":
-            mapped[("lm_head",)] = array.T
-        elif name.startswith("blk."):
-            _, layer, kind, _ = name.split(".", 3)
-            if kind not in NAMES:
-                unknown.append(name)
-                continue
+        name = tensor.name
+        if name == "rope_freqs.weight":
+            continue  # already in the config
+        match = LAYER_PATTERN.fullmatch(name)
+        if match is not None and match.group(2) in LAYER_NAMES:
+            array = dequantize(tensor)
+            kind = match.group(2)
             if kind == "attn_q":
                 array = unpermute(array, config.num_heads)
             elif kind == "attn_k":
                 array = unpermute(array, config.num_kv_heads)
-            per_layer.setdefault(NAMES[kind], {})[int(layer)] = array if array.ndim == 1 else array.T
-        elif name != "rope_freqs.weight":
+            # Linear weights [out, in] become kernels [in, out]; norms are 1-D.
+            per_layer.setdefault(LAYER_NAMES[kind], {})[int(match.group(1))] = (
+                np.ascontiguousarray(array.T) if array.ndim == 2 else array)
+        elif name == "token_embd.weight":
+            mapped[("embed",)] = dequantize(tensor)
+        elif name == "output_norm.weight":
+            mapped[("final_norm",)] = dequantize(tensor)
+        elif name == "output.weight":
+            mapped[("lm_head",)] = np.ascontiguousarray(dequantize(tensor).T)
+        else:
             unknown.append(name)
+    problems = []
     if unknown:
-        raise hf.CheckpointError("GGUF file has tensors this loader does not understand: " + ", ".join(unknown[:8]))
+        problems.append("tensors this loader does not know: " + ", ".join(unknown[:8]))
     for target, layers in per_layer.items():
         if sorted(layers) != list(range(config.num_layers)):
-            raise hf.CheckpointError(f"GGUF {target}: layers {sorted(layers)} do not match block_count")
+            problems.append(f"{target} has layers {sorted(layers)}, expected 0..{config.num_layers - 1}")
+            continue
         mapped[("layers", target)] = np.stack([layers[i] for i in range(config.num_layers)])
     for target, shape in expected_shapes(config).items():
         if target not in mapped:
-            raise hf.CheckpointError(f"GGUF file lacks {'.'.join(target)}")
-        if tuple(mapped[target].shape) != tuple(shape):
-            raise hf.CheckpointError(f"GGUF {'.'.join(target)} has shape {mapped[target].shape}, expected {shape}")
+            if target[0] != "layers" or target[1] not in per_layer:
+                problems.append(f"missing {'.'.join(target)}")
+        elif tuple(mapped[target].shape) != tuple(shape):
+            problems.append(f"{'.'.join(target)} has shape {tuple(mapped[target].shape)}, expected {tuple(shape)}")
+    if problems:
+        raise hf.CheckpointError("GGUF file does not fit a Llama decoder: " + "; ".join(problems))
     return mapped
 
 
 def tokenizer_from_metadata(reader):
-    """A PreTrainedTokenizerFast rebuilt from tokenizer.ggml.* metadata (byte-level BPE)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A transformers PreTrainedTokenizerFast rebuilt from the `tokenizer.ggml.*` metadata.
+
+    Supports byte-level BPE ("gpt2" model) with the "smollm" (digits split one by one) or "gpt-2"
+    pre-tokenizer; control tokens (token_type 3) become special tokens, user-defined ones (4)
+    added tokens; bos/eos/unk/pad come from the metadata ids.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    kind = _field(reader, "tokenizer.ggml.model")
+    kind = metadata(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise hf.CheckpointError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' only)")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    vocab = {token: index for index, token in enumerate(tokens)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                              use_regex=True)])
+        raise hf.CheckpointError(f"GGUF tokenizer model {kind!r} is not supported: only byte-level BPE ('gpt2') is; "
+                                 f"use the Hugging Face checkpoint (tokenizer.json) instead")
+    pre = metadata(reader, "tokenizer.ggml.pre", "gpt-2")
+    if pre not in PRE_TOKENIZERS:
+        raise hf.CheckpointError(f"GGUF pre-tokenizer {pre!r} is not supported ({', '.join(PRE_TOKENIZERS)}): use "
+                                 f"the Hugging Face checkpoint (tokenizer.json) instead")
+    tokens = [str(token) for token in metadata(reader, "tokenizer.ggml.tokens")]
+    merges = [tuple(str(merge).split(" ", 1)) for merge in metadata(reader, "tokenizer.ggml.merges", [])]
+    types = [int(t) for t in metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens))]
+    backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)}, merges=merges,
+                                   fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if PRE_TOKENIZERS[pre] else byte_level)
     backend.decoder = decoders.ByteLevel()
-    special = [tokens[i] for i, t in enumerate(types) if int(t) == 3]
-    backend.add_special_tokens(special)
-    name = lambda key: tokens[int(_field(reader, key))] if _field(reader, key) is not None else None
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=name("tokenizer.ggml.bos_token_id"),
-                                        eos_token=name("tokenizer.ggml.eos_token_id"),
-                                        unk_token=name("tokenizer.ggml.unknown_token_id"),
-                                        pad_token=name("tokenizer.ggml.padding_token_id")
-                                        or name("tokenizer.ggml.eos_token_id"))
-    template = _field(reader, "tokenizer.chat_template")
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                for i, t in enumerate(types) if t == TOKEN_CONTROL])
+    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                        for i, t in enumerate(types) if t == TOKEN_USER_DEFINED])
+
+    def token(key: str) -> Optional[str]:
+        index = metadata(reader, key)
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+    if metadata(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+        bos_id = tokens.index(bos)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, bos_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos,
+                                        unk_token=token("tokenizer.ggml.unknown_token_id"),
+                                        pad_token=token("tokenizer.ggml.padding_token_id") or eos)
+    template = metadata(reader, "tokenizer.chat_template")
     if template:
-        tokenizer.chat_template = template
+        tokenizer.chat_template = str(template)
     return tokenizer
 
 
-def load_gguf(path: str, dtype=None):
-    """(LlamaDecoder, tokenizer) from a GGUF file."""
+def load_gguf(path: str, dtype=None) -> tuple[LlamaDecoder, Any]:
+    """(LlamaDecoder, tokenizer) from a Llama-architecture GGUF file; weights dequantised to `dtype`
+    (float32 by default)."""
     import gguf
     import jax.numpy as jnp
 
+    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise hf.CheckpointError(f"GGUF file {path} does not exist")
+        raise hf.CheckpointError(f"GGUF file {path} does not exist: run `jaxtree-lora assets` or fix model.path")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as error:
+    except Exception as error:  # the reader raises ValueError, struct errors, ... for a bad file
         raise hf.CheckpointError(f"{path} is not a readable GGUF file ({error})") from error
     config = config_from_metadata(reader)
-    model = from_arrays(config, map_tensors(tensors(reader, config), config), dtype or jnp.float32)
+    model = from_arrays(config, map_tensors(reader, config), dtype or jnp.float32)
     return model, tokenizer_from_metadata(reader)

@@ -1,18 +1,39 @@
 """A Llama-family decoder in Flax NNX: Llama 2/3.x, Mistral, SmolLM2, Qwen2 (q/k/v biases).
 
-Per-layer weights are stacked [num_layers, ...] and the blocks run under `jax.lax.scan`. Kernels are
-stored [d_in, d_out]. Grouped-query attention with rotary embeddings in Hugging Face's rotate-half
-convention, RMSNorm, SwiGLU MLP, causal and padding masks (left padding: positions come from the
-attention mask). An optional KV cache makes generation incremental (see `generate.py`).
+Layout
+------
+Per-layer weights are stacked with a leading `num_layers` axis and the blocks run under
+`common.scan_layers`, so a deep model compiles one block. Kernels are stored [d_in, d_out]
+(Hugging Face's nn.Linear [out, in] is transposed on load). Grouped-query attention with rotary
+embeddings in Hugging Face's rotate-half convention, RMSNorm, SwiGLU MLP.
 
-LoRA sites: "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj",
-"mlp.up_proj", "mlp.down_proj".
+Masks and positions
+-------------------
+`attention_mask` [batch, seq] marks real tokens with 1. Padding may be on the left (generation) or
+on the right (training): rotary positions are `cumsum(mask) - 1`, so a left-padded sequence sees
+exactly the positions of the unpadded one, and padded keys are never attended to.
+
+LoRA sites
+----------
+"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+"mlp.down_proj". After each frozen projection (bias included) the block calls `hook(site, x, y)`.
+
+Pure use
+--------
+    graphdef, params = nnx.split(model)
+    logits = jax.jit(lambda p, ids, mask: apply(graphdef, p, ids, mask))(params, ids, mask)
+
+KV cache
+--------
+`init_cache(batch, length)` preallocates [num_layers, batch, length, kv_heads, head_dim] keys and
+values plus the slot mask; a call with `cache=` writes its tokens at the cache's next slot and
+attends to every filled slot (see `generate.py`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +44,32 @@ from jaxtree_lora.models import hf
 from jaxtree_lora.models.common import Site, rms_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
 
-NEG = -1e30
+# Large but finite: a query whose keys are all masked (a padding query) gets a uniform softmax
+# instead of NaN, and its output is never used.
+MASKED = -1e30
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """Shapes and constants of a Llama-family decoder.
+
+    Attributes:
+      attention_bias: biases on q/k/v (Qwen2; Llama configs with `attention_bias=True`).
+      attention_output_bias: bias on o_proj (Llama's `attention_bias=True` biases o_proj too; Qwen2 does not).
+      mlp_bias: biases on gate/up/down (Llama's `mlp_bias`).
+      rope_scaling: Llama 3.x "llama3" scaling as (factor, low_freq_factor, high_freq_factor,
+        original_max_position), or None.
+      rope_frequency_factors: per-frequency divisors of the inverse frequencies [head_dim // 2]
+        (llama.cpp's `rope_freqs` tensor, the GGUF form of llama3 scaling), or None.
+      sliding_window: Mistral's attention window: a query attends to the `sliding_window` most
+        recent keys (itself included). None attends to everything before it.
+      dtype: default compute dtype (None: the parameters' dtype); `__call__(compute_dtype=)` overrides it.
+      param_dtype: dtype of the parameters a fresh module creates.
+      remat: rematerialise each scanned block in the backward pass.
+    """
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -40,123 +82,192 @@ class LlamaConfig:
     max_position: int = 4096
     tie_embeddings: bool = False
     attention_bias: bool = False
-    # Llama 3.x "llama3" rope scaling: (factor, low_freq_factor, high_freq_factor, original_max_position).
+    attention_output_bias: bool = False
+    mlp_bias: bool = False
     rope_scaling: Optional[tuple] = None
+    rope_frequency_factors: Optional[tuple] = None
+    sliding_window: Optional[int] = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
     remat: bool = False
 
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}: "
+                             f"grouped-query attention needs whole groups")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None and len(self.rope_scaling) != 4:
+            raise ValueError("rope_scaling is (factor, low_freq_factor, high_freq_factor, original_max_position)")
+        if self.rope_frequency_factors is not None and len(self.rope_frequency_factors) != self.head_dim // 2:
+            raise ValueError(f"rope_frequency_factors has {len(self.rope_frequency_factors)} entries, "
+                             f"expected head_dim // 2 = {self.head_dim // 2}")
+
     @classmethod
-    def from_hf(cls, config) -> "LlamaConfig":
+    def from_hf(cls, config, **overrides) -> "LlamaConfig":
+        """From a transformers LlamaConfig / MistralConfig / Qwen2Config (or one read by AutoConfig)."""
         model_type = getattr(config, "model_type", "")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise hf.CheckpointError(f"model_type {model_type!r} is not a Llama-family decoder "
-                                     f"(llama, mistral, qwen2 are supported)")
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise hf.CheckpointError(f"hidden_act {config.hidden_act!r} is not supported (silu only)")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise hf.CheckpointError(
+                f"model_type {model_type!r} is not a supported Llama-family decoder: use a checkpoint whose "
+                f"config.json has model_type {', '.join(SUPPORTED_MODEL_TYPES)}")
+        activation = getattr(config, "hidden_act", "silu")
+        if activation != "silu":
+            raise hf.CheckpointError(f"hidden_act {activation!r} is not supported: this decoder's MLP is SwiGLU (silu)")
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
         scaling = None
-        rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-        theta = getattr(config, "rope_theta", None) or (rope.get("rope_theta") if isinstance(rope, dict) else None) \
-            or 10000.0
         if rope_type == "llama3":
             scaling = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
                        int(rope["original_max_position_embeddings"]))
         elif rope_type not in (None, "default"):
-            raise hf.CheckpointError(f"rope scaling {rope_type!r} is not supported (default or llama3)")
-        return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                   intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
-                   num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                   head_dim=head_dim, rope_theta=float(theta), rms_norm_eps=config.rms_norm_eps,
-                   max_position=config.max_position_embeddings,
-                   tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-                   attention_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
-                   rope_scaling=scaling)
+            raise hf.CheckpointError(f"rope_type {rope_type!r} is not supported: only 'default' and 'llama3' are")
+        window = None
+        if model_type == "mistral":
+            window = getattr(config, "sliding_window", None)
+        elif model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+            # Qwen2 windows only some layers (max_window_layers); the scanned block is one program
+            # for every layer, so a per-layer window is not represented.
+            raise hf.CheckpointError("Qwen2 with use_sliding_window=true is not supported: set use_sliding_window "
+                                     "to false in config.json (exact for sequences shorter than sliding_window)")
+        biased = bool(getattr(config, "attention_bias", False))
+        values = dict(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers, num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+            rope_theta=float(theta), rms_norm_eps=float(config.rms_norm_eps),
+            max_position=int(config.max_position_embeddings),
+            tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or biased,
+            attention_output_bias=model_type == "llama" and biased,
+            mlp_bias=model_type == "llama" and bool(getattr(config, "mlp_bias", False)),
+            rope_scaling=scaling, sliding_window=int(window) if window else None)
+        values.update(overrides)
+        return cls(**values)
 
 
-def layer_shapes(c: LlamaConfig) -> dict:
-    n, d, f = c.num_layers, c.hidden_size, c.intermediate_size
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+def layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Stacked per-layer parameter shapes, [num_layers, ...] each."""
+    n, d, f = config.num_layers, config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     shapes = {"q_proj": (n, d, q), "k_proj": (n, d, kv), "v_proj": (n, d, kv), "o_proj": (n, q, d),
               "gate_proj": (n, d, f), "up_proj": (n, d, f), "down_proj": (n, f, d),
               "input_norm": (n, d), "post_norm": (n, d)}
-    if c.attention_bias:
+    if config.attention_bias:
         shapes.update({"q_bias": (n, q), "k_bias": (n, kv), "v_bias": (n, kv)})
+    if config.attention_output_bias:
+        shapes["o_bias"] = (n, d)
+    if config.mlp_bias:
+        shapes.update({"gate_bias": (n, f), "up_bias": (n, f), "down_bias": (n, d)})
     return shapes
 
 
-def inverse_frequencies(c: LlamaConfig) -> np.ndarray:
-    inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
-    if c.rope_scaling:
-        factor, low, high, original = c.rope_scaling
-        low_wavelen, high_wavelen = original / low, original / high
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (original / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv = np.where(medium, smoothed, scaled)
-    return inv.astype(np.float32)
+def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Rotary inverse frequencies [head_dim // 2], with llama3 scaling or GGUF factors applied."""
+    dim = config.head_dim
+    inverse = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if config.rope_scaling is not None:
+        factor, low_factor, high_factor, original = config.rope_scaling
+        wavelength = 2 * math.pi / inverse
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        scaled = np.where(wavelength > original / low_factor, inverse / factor, inverse)
+        smooth = (original / wavelength - low_factor) / (high_factor - low_factor)
+        interpolated = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelength >= original / high_factor) & (wavelength <= original / low_factor)
+        inverse = np.where(medium, interpolated, scaled)
+    if config.rope_frequency_factors is not None:
+        inverse = inverse / np.asarray(config.rope_frequency_factors, np.float64)
+    return inverse.astype(np.float32)
 
 
-def rotate_half(x):
+def rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def rope_tables(positions, inverse):
-    """cos, sin [B, T, 1, head_dim] for integer positions [B, T]."""
-    freqs = positions[..., None].astype(jnp.float32) * inverse[None, None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+def rope_tables(positions: jax.Array, inverse: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [batch, seq, 1, head_dim] (float32) for integer positions [batch, seq]."""
+    angles = positions[..., None].astype(jnp.float32) * inverse
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
 
-def decoder_block(x, p, hook, bias, cos, sin, c: LlamaConfig, cache_k=None, cache_v=None, index=None):
-    """One pre-norm Llama block. x [B,T,d]; bias [B,1,T,S] additive; returns (x, (k_cache, v_cache))."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [batch, seq, heads, head_dim]; the rotation is computed in float32."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def decoder_block(x, params, hook, attention_bias, cos, sin, config: LlamaConfig, cache_keys=None,
+                  cache_values=None, cache_index=None):
+    """One pre-norm block.
+
+    Args:
+      x: [batch, seq, hidden] in the compute dtype.
+      params: this layer's slice of the stacked parameters.
+      attention_bias: [batch, 1, seq, keys] additive float32 mask (0 or MASKED).
+      cos, sin: [batch, seq, 1, head_dim] rotary tables.
+      cache_keys, cache_values: this layer's cache [batch, slots, kv_heads, head_dim], or None.
+      cache_index: the slot the first of these `seq` tokens is written to.
+    Returns (x, (cache_keys, cache_values)) with the cache updated (None without a cache).
+    """
     batch, seq, _ = x.shape
     dtype = x.dtype
+    c = config
 
-    def project(site, name, inputs, bias_name=None):
-        y = inputs @ p[name].astype(dtype)
-        if bias_name is not None and bias_name in p:
-            y = y + p[bias_name].astype(dtype)
+    def project(site, name, inputs):
+        y = jnp.einsum("...i,io->...o", inputs, params[name].astype(dtype))
+        bias = params.get(name.replace("_proj", "_bias"))
+        if bias is not None:
+            y = y + bias.astype(dtype)
         return hook(site, inputs, y)
 
-    h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-    q = project("attn.q_proj", "q_proj", h, "q_bias").reshape(batch, seq, c.num_heads, c.head_dim)
-    k = project("attn.k_proj", "k_proj", h, "k_bias").reshape(batch, seq, c.num_kv_heads, c.head_dim)
-    v = project("attn.v_proj", "v_proj", h, "v_bias").reshape(batch, seq, c.num_kv_heads, c.head_dim)
-    q = (q.astype(jnp.float32) * cos + rotate_half(q.astype(jnp.float32)) * sin).astype(dtype)
-    k = (k.astype(jnp.float32) * cos + rotate_half(k.astype(jnp.float32)) * sin).astype(dtype)
-    if cache_k is not None:
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-        k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+    h = rms_norm(x, params["input_norm"], c.rms_norm_eps)
+    q = project("attn.q_proj", "q_proj", h).reshape(batch, seq, c.num_heads, c.head_dim)
+    k = project("attn.k_proj", "k_proj", h).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+    v = project("attn.v_proj", "v_proj", h).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache_keys is not None:
+        start = (0, cache_index, 0, 0)
+        cache_keys = jax.lax.dynamic_update_slice(cache_keys, k.astype(cache_keys.dtype), start)
+        cache_values = jax.lax.dynamic_update_slice(cache_values, v.astype(cache_values.dtype), start)
+        k, v = cache_keys.astype(dtype), cache_values.astype(dtype)
     groups = c.num_heads // c.num_kv_heads
+    # Query heads are grouped per kv head ([.., kv_heads, groups, ..]) so keys are never repeated.
     q = q.reshape(batch, seq, c.num_kv_heads, groups, c.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(c.head_dim)
-    scores = scores + bias[:, :, None]  # bias [B,1,T,S] -> [B,1,1,T,S]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(c.head_dim) + attention_bias[:, :, None]
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     context = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, c.num_heads * c.head_dim)
     x = x + project("attn.o_proj", "o_proj", context)
-    h = rms_norm(x, p["post_norm"], c.rms_norm_eps)
+    h = rms_norm(x, params["post_norm"], c.rms_norm_eps)
     gate = project("mlp.gate_proj", "gate_proj", h)
     up = project("mlp.up_proj", "up_proj", h)
     x = x + project("mlp.down_proj", "down_proj", jax.nn.silu(gate) * up)
-    return x, (cache_k, cache_v)
+    return x, (cache_keys, cache_values)
 
 
 class LlamaDecoder(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    """Llama-family causal LM. Parameters:
+
+    embed [vocab, hidden]; final_norm [hidden]; lm_head [hidden, vocab] (absent when tied);
+    layers.<name> [num_layers, ...] (see `layer_shapes`).
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=None):
+        param_dtype = param_dtype or config.param_dtype
         self.config = config
         key = rngs.params()
-        d = config.hidden_size
-        self.embed = nnx.Param((0.02 * jax.random.normal(jax.random.fold_in(key, 0), (config.vocab_size, d)))
-                               .astype(param_dtype))
+        d, vocab = config.hidden_size, config.vocab_size
+        normal = lambda index, shape: (0.02 * jax.random.normal(jax.random.fold_in(key, index), shape)).astype(
+            param_dtype)
+        self.embed = nnx.Param(normal(0, (vocab, d)))
         self.final_norm = nnx.Param(jnp.ones((d,), param_dtype))
         if not config.tie_embeddings:
-            self.lm_head = nnx.Param((0.02 * jax.random.normal(jax.random.fold_in(key, 1), (d, config.vocab_size)))
-                                     .astype(param_dtype))
+            self.lm_head = nnx.Param(normal(1, (d, vocab)))
         self.layers = Stacked(layer_shapes(config), jax.random.fold_in(key, 2), param_dtype,
                               ones=("input_norm", "post_norm"))
 
@@ -166,111 +277,175 @@ class LlamaDecoder(nnx.Module):
 
     def lora_sites(self) -> dict[str, Site]:
         c = self.config
-        d, f, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        d, f = c.hidden_size, c.intermediate_size
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         return {"attn.q_proj": Site(d, q), "attn.k_proj": Site(d, kv), "attn.v_proj": Site(d, kv),
                 "attn.o_proj": Site(q, d), "mlp.gate_proj": Site(d, f), "mlp.up_proj": Site(d, f),
                 "mlp.down_proj": Site(f, d)}
 
     @staticmethod
     def hf_module_path(site: str, layer: int) -> str:
+        """"attn.q_proj", 3 -> "model.layers.3.self_attn.q_proj" (PEFT target names)."""
         group, name = site.split(".")
+        if group not in ("attn", "mlp"):
+            raise ValueError(f"unknown site {site!r}: sites are attn.* or mlp.*")
         return f"model.layers.{layer}.{'self_attn' if group == 'attn' else 'mlp'}.{name}"
 
-    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
+    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+        """An empty KV cache with `length` slots.
+
+        k, v: [num_layers, batch, length, kv_heads, head_dim]; mask: [batch, length] (1 = filled with a
+        real token); index: next slot to write; positions: [batch] next rotary position per row.
+        """
         c = self.config
+        dtype = dtype or c.dtype or self.embed[...].dtype
         shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                 "mask": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32),
                 "positions": jnp.zeros((batch,), jnp.int32)}
 
-    def __call__(self, tokens, attention_mask=None, *, adapters=None, delta=None, rng=None, cache=None,
-                 compute_dtype=None):
-        """Logits [B, T, vocab] (float32) for tokens [B, T]; with a cache also returns the new cache."""
+    def hidden_states(self, tokens, attention_mask=None, *, adapters=None, delta=None, rng=None, cache=None,
+                      compute_dtype=None):
+        """Final-normed hidden states [batch, seq, hidden] (and the new cache when `cache` is given)."""
         c = self.config
-        dtype = compute_dtype or self.embed[...].dtype
+        dtype = compute_dtype or c.dtype or self.embed[...].dtype
         batch, seq = tokens.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), jnp.int32)
         attention_mask = attention_mask.astype(jnp.int32)
+        # Position of each token among its row's real tokens (padding gets a harmless 0 or repeat).
         offsets = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         if cache is None:
-            positions = offsets
-            key_mask = attention_mask
-            query_slots = jnp.arange(seq)
+            positions, key_mask, start = offsets, attention_mask, 0
             key_slots = jnp.arange(seq)
-            index = None
         else:
-            index = cache["index"]
+            start = cache["index"]
             positions = cache["positions"][:, None] + offsets
-            key_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, index))
-            query_slots = index + jnp.arange(seq)
+            key_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, start))
             key_slots = jnp.arange(cache["mask"].shape[1])
-        causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
-        allowed = causal[None] & (key_mask[:, None, :] > 0)
-        bias = jnp.where(allowed, 0.0, NEG)[:, None].astype(jnp.float32)  # [B,1,T,S]
+        query_slots = start + jnp.arange(seq)
+        allowed = key_slots[None, :] <= query_slots[:, None]  # [seq, keys]
+        if c.sliding_window is not None:
+            # Slots of a row's real tokens are contiguous (padding only on the left), so slot
+            # distance equals position distance.
+            allowed &= query_slots[:, None] - key_slots[None, :] < c.sliding_window
+        allowed = allowed[None] & (key_mask[:, None, :] > 0)
+        attention_bias = jnp.where(allowed, 0.0, MASKED).astype(jnp.float32)[:, None]  # [batch, 1, seq, keys]
         cos, sin = rope_tables(positions, jnp.asarray(inverse_frequencies(c)))
-        x = self.embed[...][tokens].astype(dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         layer_params = self.layers.as_dict()
         if cache is not None:
-            layer_params = {**layer_params, "_cache_k": cache["k"], "_cache_v": cache["v"]}
+            layer_params = {**layer_params, "cache_keys": cache["k"], "cache_values": cache["v"]}
 
-        def body(carry, p, hook):
-            cache_k, cache_v = p.get("_cache_k"), p.get("_cache_v")
-            out, caches = decoder_block(carry, p, hook, bias, cos, sin, c, cache_k, cache_v, index)
-            return out, (caches if cache is not None else None)
+        def body(carry, params, hook):
+            out, layer_cache = decoder_block(carry, params, hook, attention_bias, cos, sin, c,
+                                             params.get("cache_keys"), params.get("cache_values"),
+                                             start if cache is not None else None)
+            return out, (layer_cache if cache is not None else None)
 
-        x, new_caches = scan_layers(body, x, layer_params, adapters, delta, rng, c.num_layers, remat=c.remat)
+        x, layer_caches = scan_layers(body, x, layer_params, adapters, delta, rng, c.num_layers, remat=c.remat)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
-        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-        logits = (x @ head.astype(dtype)).astype(jnp.float32)
         if cache is None:
-            return logits
-        new_cache = {"k": new_caches[0], "v": new_caches[1], "mask": key_mask, "index": index + seq,
+            return x
+        new_cache = {"k": layer_caches[0], "v": layer_caches[1], "mask": key_mask, "index": start + seq,
                      "positions": cache["positions"] + jnp.sum(attention_mask, axis=1)}
-        return logits, new_cache
+        return x, new_cache
+
+    def logits_from_hidden(self, x):
+        """[batch, seq, hidden] -> float32 logits [batch, seq, vocab]."""
+        head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, attention_mask=None, *, adapters=None, delta=None, rng=None, cache=None,
+                 compute_dtype=None):
+        """Next-token logits.
+
+        Args:
+          tokens: [batch, seq] int32.
+          attention_mask: [batch, seq], 1 for real tokens; None means all real.
+          adapters, delta: the adapter pytree and delta function (see common.py); rng: dropout key.
+          cache: from `init_cache`; the tokens are written at its next slot.
+          compute_dtype: e.g. jnp.bfloat16 for bf16 matmuls (norms, softmax and logits stay float32).
+        Returns logits [batch, seq, vocab] float32, or (logits, new_cache) when a cache is given.
+        """
+        out = self.hidden_states(tokens, attention_mask, adapters=adapters, delta=delta, rng=rng, cache=cache,
+                                 compute_dtype=compute_dtype)
+        if cache is None:
+            return self.logits_from_hidden(out)
+        hidden, new_cache = out
+        return self.logits_from_hidden(hidden), new_cache
+
+    def features(self, tokens, attention_mask=None, *, adapters=None, delta=None, rng=None, compute_dtype=None):
+        """The last real token's final hidden state [batch, hidden] (left or right padding)."""
+        hidden = self.hidden_states(tokens, attention_mask, adapters=adapters, delta=delta, rng=rng,
+                                    compute_dtype=compute_dtype)
+        if attention_mask is None:
+            return hidden[:, -1]
+        slots = jnp.arange(tokens.shape[1])
+        last = jnp.max(jnp.where(attention_mask > 0, slots[None, :], 0), axis=1)
+        return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
-def _linear(w):
-    return np.asarray(w).T
+def apply(graphdef, params, tokens, attention_mask=None, **kwargs):
+    """The decoder as a pure function of its parameter pytree: `nnx.merge(graphdef, params)(...)`."""
+    return nnx.merge(graphdef, params)(tokens, attention_mask, **kwargs)
 
 
-def rules(config: LlamaConfig) -> list:
+# ------------------------------------------------------------------------------------------ loading
+def _linear(weight: np.ndarray) -> np.ndarray:
+    """nn.Linear [out, in] -> kernel [in, out]."""
+    return np.ascontiguousarray(np.asarray(weight).T)
+
+
+def rules(config: LlamaConfig) -> list[hf.KeyRule]:
+    """Hugging Face tensor names -> this decoder's parameters."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
     out = [hf.KeyRule(r"model\.embed_tokens\.weight", ("embed",)),
            hf.KeyRule(r"model\.norm\.weight", ("final_norm",)),
-           hf.KeyRule(r"lm_head\.weight", ("lm_head",), _linear)]
-    for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                         ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+           hf.KeyRule(r"lm_head\.weight", ("lm_head",), _linear),
+           hf.KeyRule(layer + r"input_layernorm\.weight", ("layers", "input_norm")),
+           hf.KeyRule(layer + r"post_attention_layernorm\.weight", ("layers", "post_norm"))]
+    for group, names in (("self_attn", ("q", "k", "v", "o")), ("mlp", ("gate", "up", "down"))):
         for name in names:
-            out.append(hf.KeyRule(layer + rf"{group}\.{name}\.weight", ("layers", name), _linear))
-    for name in ("q", "k", "v"):
-        out.append(hf.KeyRule(layer + rf"self_attn\.{name}_proj\.bias", ("layers", f"{name}_bias")))
-    out.append(hf.KeyRule(layer + r"input_layernorm\.weight", ("layers", "input_norm")))
-    out.append(hf.KeyRule(layer + r"post_attention_layernorm\.weight", ("layers", "post_norm")))
+            out.append(hf.KeyRule(layer + rf"{group}\.{name}_proj\.weight", ("layers", f"{name}_proj"), _linear))
+            out.append(hf.KeyRule(layer + rf"{group}\.{name}_proj\.bias", ("layers", f"{name}_bias")))
     return out
 
 
-def expected_shapes(c: LlamaConfig) -> dict:
-    shapes = {("embed",): (c.vocab_size, c.hidden_size), ("final_norm",): (c.hidden_size,)}
-    if not c.tie_embeddings:
-        shapes[("lm_head",)] = (c.hidden_size, c.vocab_size)
-    shapes.update({("layers", name): shape for name, shape in layer_shapes(c).items()})
+def expected_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    shapes = {("embed",): (config.vocab_size, config.hidden_size), ("final_norm",): (config.hidden_size,)}
+    if not config.tie_embeddings:
+        shapes[("lm_head",)] = (config.hidden_size, config.vocab_size)
+    shapes.update({("layers", name): shape for name, shape in layer_shapes(config).items()})
     return shapes
 
 
 def from_arrays(config: LlamaConfig, mapped: dict, dtype=jnp.float32) -> LlamaDecoder:
-    """A decoder whose Params are the given {target path: array} (shapes already checked)."""
-    model = nnx.eval_shape(lambda: LlamaDecoder(config, rngs=nnx.Rngs(0), param_dtype=dtype))
+    """A decoder whose parameters are `{target path: array}` (shapes already checked).
+
+    Built abstractly first (nnx.eval_shape), so no random weights are materialised and thrown away.
+    """
+    config = dataclasses.replace(config, param_dtype=dtype)
+    model = nnx.eval_shape(lambda: LlamaDecoder(config, rngs=nnx.Rngs(0)))
+    expected = expected_shapes(config)
+    missing = [".".join(path) for path in expected if path not in mapped]
+    if missing:
+        raise hf.CheckpointError(f"no weights for {', '.join(missing)}")
     for path, value in mapped.items():
+        if path not in expected:
+            raise hf.CheckpointError(f"{'.'.join(path)} is not a parameter of this decoder")
         node = model
-        for key in path[:-1]:
-            node = getattr(node, key)
-        getattr(node, path[-1]).set_value(jnp.asarray(hf.to_dtype(value, dtype)))
+        for name in path[:-1]:
+            node = getattr(node, name)
+        getattr(node, path[-1]).set_value(jnp.asarray(hf.to_dtype(np.asarray(value), dtype)))
     return model
 
 
 def load_hf(directory: str, dtype=jnp.float32):
-    """(LlamaDecoder, tokenizer) from a Hugging Face checkpoint directory."""
+    """(LlamaDecoder, tokenizer) from a Hugging Face checkpoint directory (single or sharded safetensors).
+
+    Tied embeddings: when the config ties them, an `lm_head.weight` in the file is dropped (it is a copy).
+    """
     from transformers import AutoTokenizer
 
     config = LlamaConfig.from_hf(hf.read_config(directory))
@@ -280,5 +455,9 @@ def load_hf(directory: str, dtype=jnp.float32):
     mapped = hf.map_checkpoint(tensors, rules(config), expected_shapes(config), config.num_layers,
                                ignore=[r".*rotary_emb\.inv_freq"])
     model = from_arrays(config, mapped, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as error:  # transformers raises many types for missing or broken tokenizer files
+        raise hf.CheckpointError(f"cannot load the tokenizer in {directory} ({error}): add tokenizer.json "
+                                 f"(and tokenizer_config.json) from the model's repository") from error
     return model, tokenizer

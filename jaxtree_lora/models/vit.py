@@ -1,15 +1,42 @@
 """A Vision Transformer in Flax NNX (pre-LayerNorm blocks), loadable from the layout of
 `google/vit-base-patch16-224-in21k` (Hugging Face ViTModel).
 
-Images come in as uint8 or float [B, H, W, C]; `features` scales uint8 to [0, 1], resizes to the
-model's image size, normalises with mean = std = 0.5 (the in21k checkpoints' preprocessing), embeds
-16x16 patches, prepends [CLS], adds learned position embeddings, runs the stacked blocks under scan
-and returns the final-LayerNorm [CLS] feature. LoRA sites: "attn.query", "attn.key", "attn.value",
-"attn.output", "mlp.fc1", "mlp.fc2".
+Stacked blocks under `jax.lax.scan` (common.scan_layers); kernels [d_in, d_out]. LoRA sites, called
+through the delta hook after each frozen projection:
+
+    "attn.query", "attn.key", "attn.value", "attn.output"    [hidden -> hidden]
+    "mlp.fc1"                                                  [hidden -> intermediate]
+    "mlp.fc2"                                                  [intermediate -> hidden]
+
+Input normalisation
+-------------------
+`ViT.__call__` takes images [batch, height, width, channels], channels last:
+
+- uint8 pixels are scaled to [0, 1]; float images are taken to be in [0, 1] already;
+- images whose size differs from `config.image_size` are resized bilinearly (antialiased when
+  shrinking), as the Hugging Face ViTImageProcessor does;
+- pixels are normalised with `(x - mean) / std`, mean = std = 0.5 per channel for the in21k
+  checkpoints (their preprocessor_config.json), which maps [0, 1] to [-1, 1].
+
+Pass `preprocessed=True` to feed already-normalised images at exactly `config.image_size`.
+
+Then: non-overlapping `patch_size` patches are flattened (row, column, channel) and embedded by one
+matmul (the checkpoint's stride-`patch_size` convolution, rewritten as a [P*P*C, hidden] kernel),
+[CLS] is prepended, learned position embeddings are added, the blocks run, and a final LayerNorm
+follows. `features` returns the [CLS] row.
+
+Another image size
+------------------
+`load_hf(directory, image_size=S)` builds the model for S-pixel images: the checkpoint's
+[grid, grid] patch-position embeddings are resized to [S/P, S/P] bicubically (jax.image.resize with
+PyTorch's bicubic kernel, A = -0.75, half-pixel centres, no antialiasing), the [CLS] position is kept.
+This is what transformers' ViTModel computes with `interpolate_pos_encoding=True`, done once at load
+time instead of at every call.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +44,23 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import Site, layer_norm, scan_layers
+from jaxtree_lora.models.common import DeltaFn, Site, layer_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
+
+SITES = ("attn.query", "attn.key", "attn.value", "attn.output", "mlp.fc1", "mlp.fc2")
+
+# Our site -> the Hugging Face / PEFT module name inside "vit.encoder.layer.{i}.".
+HF_MODULES = {"attn.query": "attention.attention.query", "attn.key": "attention.attention.key",
+              "attn.value": "attention.attention.value", "attn.output": "attention.output.dense",
+              "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+SITE_KERNELS = {"attn.query": "query", "attn.key": "key", "attn.value": "value", "attn.output": "attn_out",
+                "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
+    """Shape of a ViT (defaults: ViT-B/16 at 224 px) and its input normalisation (mean, std)."""
+
     image_size: int = 224
     patch_size: int = 16
     num_channels: int = 3
@@ -35,21 +73,48 @@ class ViTConfig:
     std: float = 0.5
     remat: bool = False
 
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}: "
+                             "choose an image size divisible by the patch size")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: "
+                             "choose num_heads that divides hidden_size")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
     @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid ** 2
 
     @classmethod
     def from_hf(cls, config) -> "ViTConfig":
-        if getattr(config, "model_type", "") != "vit":
-            raise hf.CheckpointError(f"model_type {getattr(config, 'model_type', None)!r} is not a ViT")
-        return cls(image_size=config.image_size, patch_size=config.patch_size, num_channels=config.num_channels,
+        """From a transformers ViTConfig (as `hf.read_config` returns it)."""
+        model_type = getattr(config, "model_type", None)
+        if model_type != "vit":
+            raise hf.CheckpointError(f"model_type {model_type!r} is not a ViT: point model.path to a ViTModel "
+                                     "checkpoint (google/vit-base-patch16-224-in21k layout) or choose another model.kind")
+        if config.hidden_act != "gelu":
+            raise hf.CheckpointError(f"hidden_act {config.hidden_act!r} is not supported: this ViT uses exact GELU")
+        if not getattr(config, "qkv_bias", True):
+            raise hf.CheckpointError("qkv_bias=False checkpoints are not supported: query/key/value need biases")
+        sizes = {"image_size": config.image_size, "patch_size": config.patch_size}
+        for name, value in sizes.items():
+            if isinstance(value, (list, tuple)):
+                if len(set(value)) != 1:
+                    raise hf.CheckpointError(f"{name} {value} is not square: only square images and patches are supported")
+                sizes[name] = value[0]
+        return cls(image_size=sizes["image_size"], patch_size=sizes["patch_size"], num_channels=config.num_channels,
                    hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                    num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
                    layer_norm_eps=config.layer_norm_eps)
 
 
 def layer_shapes(c: ViTConfig) -> dict:
+    """Stacked per-layer parameter shapes, each with the leading num_layers axis."""
     n, d, f = c.num_layers, c.hidden_size, c.intermediate_size
     return {"norm1": (n, d), "norm1_bias": (n, d), "query": (n, d, d), "query_bias": (n, d), "key": (n, d, d),
             "key_bias": (n, d), "value": (n, d, d), "value_bias": (n, d), "attn_out": (n, d, d),
@@ -58,43 +123,50 @@ def layer_shapes(c: ViTConfig) -> dict:
 
 
 def vit_block(x, p, hook, c: ViTConfig):
+    """One pre-LN block. x: [batch, tokens, hidden]; p: this layer's weights; hook: its SiteHook."""
     batch, seq, d = x.shape
-    hd = d // c.num_heads
+    head_dim = d // c.num_heads
     dtype = x.dtype
 
-    def project(site, name, inputs):
+    def project(site, inputs):
+        name = SITE_KERNELS[site]
         return hook(site, inputs, inputs @ p[name].astype(dtype) + p[name + "_bias"].astype(dtype))
 
     h = layer_norm(x, p["norm1"], p["norm1_bias"], c.layer_norm_eps)
-    q = project("attn.query", "query", h).reshape(batch, seq, c.num_heads, hd)
-    k = project("attn.key", "key", h).reshape(batch, seq, c.num_heads, hd)
-    v = project("attn.value", "value", h).reshape(batch, seq, c.num_heads, hd)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd)
+    q = project("attn.query", h).reshape(batch, seq, c.num_heads, head_dim)
+    k = project("attn.key", h).reshape(batch, seq, c.num_heads, head_dim)
+    v = project("attn.value", h).reshape(batch, seq, c.num_heads, head_dim)
+    # Softmax in float32 whatever the activation dtype.
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(head_dim)
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, d)
-    x = x + project("attn.output", "attn_out", context)
+    x = x + project("attn.output", context)
     h = layer_norm(x, p["norm2"], p["norm2_bias"], c.layer_norm_eps)
-    return x + project("mlp.fc2", "fc2", jax.nn.gelu(project("mlp.fc1", "fc1", h), approximate=False))
+    return x + project("mlp.fc2", jax.nn.gelu(project("mlp.fc1", h), approximate=False))
 
 
 class ViT(nnx.Module):
+    """Patch embedding, [CLS], learned positions, `num_layers` stacked pre-LN blocks, final LayerNorm."""
+
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.config = config
         key = rngs.params()
         c = config
         patch_dim = c.patch_size * c.patch_size * c.num_channels
-        self.patch_kernel = nnx.Param((0.02 * jax.random.normal(jax.random.fold_in(key, 0), (patch_dim, c.hidden_size)))
-                                      .astype(param_dtype))
+        self.patch_kernel = nnx.Param(
+            (0.02 * jax.random.normal(jax.random.fold_in(key, 0), (patch_dim, c.hidden_size))).astype(param_dtype))
         self.patch_bias = nnx.Param(jnp.zeros((c.hidden_size,), param_dtype))
         self.cls_token = nnx.Param(jnp.zeros((c.hidden_size,), param_dtype))
         self.position_embeddings = nnx.Param(
-            (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (c.num_patches + 1, c.hidden_size))).astype(param_dtype))
+            (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (c.num_patches + 1, c.hidden_size)))
+            .astype(param_dtype))
         self.final_norm = nnx.Param(jnp.ones((c.hidden_size,), param_dtype))
         self.final_norm_bias = nnx.Param(jnp.zeros((c.hidden_size,), param_dtype))
         self.layers = Stacked(layer_shapes(c), jax.random.fold_in(key, 2), param_dtype, ones=("norm1", "norm2"))
 
     @property
     def feature_dim(self) -> int:
+        """Width of `features`: hidden_size."""
         return self.config.hidden_size
 
     def lora_sites(self) -> dict[str, Site]:
@@ -104,30 +176,43 @@ class ViT(nnx.Module):
 
     @staticmethod
     def hf_module_path(site: str, layer: int) -> str:
-        names = {"attn.query": "attention.attention.query", "attn.key": "attention.attention.key",
-                 "attn.value": "attention.attention.value", "attn.output": "attention.output.dense",
-                 "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
-        return f"vit.encoder.layer.{layer}.{names[site]}"
+        """PEFT/HF module name, e.g. "vit.encoder.layer.3.attention.attention.query"."""
+        if site not in HF_MODULES:
+            raise ValueError(f"unknown ViT site {site!r}: choose one of {', '.join(HF_MODULES)}")
+        return f"vit.encoder.layer.{layer}.{HF_MODULES[site]}"
 
     def preprocess(self, images):
-        """uint8 or float images [B, H, W, C] -> normalised float32 at the model's size."""
+        """uint8 [0, 255] or float [0, 1] images [B, H, W, C] -> normalised float32 [B, S, S, C], S = image_size."""
         c = self.config
-        if images.shape[-1] != c.num_channels:
-            raise ValueError(f"images have {images.shape[-1]} channels, the model expects {c.num_channels}")
-        # uint8 pixels are scaled to [0, 1]; float images are taken to be in [0, 1] already.
+        if images.ndim != 4 or images.shape[-1] != c.num_channels:
+            raise ValueError(f"images have shape {tuple(images.shape)}; the model expects "
+                             f"[batch, height, width, {c.num_channels}] (channels last)")
         scale = 255.0 if jnp.issubdtype(images.dtype, jnp.integer) else 1.0
         images = images.astype(jnp.float32) / scale
         if images.shape[1:3] != (c.image_size, c.image_size):
             images = jax.image.resize(images, (images.shape[0], c.image_size, c.image_size, c.num_channels), "bilinear")
         return (images - c.mean) / c.std
 
-    def __call__(self, images, *, adapters=None, delta=None, rng=None, compute_dtype=None, preprocessed=False):
-        """Hidden states [B, patches + 1, hidden]. `images` are uint8-range pixels unless `preprocessed`."""
+    def __call__(self, images, *, adapters=None, delta: Optional[DeltaFn] = None, rng=None, compute_dtype=None,
+                 preprocessed: bool = False):
+        """Hidden states [batch, num_patches + 1, hidden] after the final LayerNorm ([CLS] first).
+
+        images: [batch, height, width, channels], uint8 pixels or float in [0, 1] (see the module
+        docstring), or normalised [batch, image_size, image_size, channels] when `preprocessed`.
+        adapters / delta / rng / compute_dtype: as in every backbone (common.py).
+        """
         c = self.config
         dtype = compute_dtype or self.patch_kernel[...].dtype
-        x = images if preprocessed else self.preprocess(images)
+        if preprocessed:
+            if images.shape[1:] != (c.image_size, c.image_size, c.num_channels):
+                raise ValueError(f"preprocessed images have shape {tuple(images.shape)}, expected "
+                                 f"[batch, {c.image_size}, {c.image_size}, {c.num_channels}]: resize them first "
+                                 "or pass raw images")
+            x = images
+        else:
+            x = self.preprocess(images)
         batch = x.shape[0]
-        grid = c.image_size // c.patch_size
+        grid = c.grid
         patches = x.reshape(batch, grid, c.patch_size, grid, c.patch_size, c.num_channels)
         patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * grid, -1)
         tokens = patches.astype(dtype) @ self.patch_kernel[...].astype(dtype) + self.patch_bias[...].astype(dtype)
@@ -138,35 +223,62 @@ class ViT(nnx.Module):
         return layer_norm(x, self.final_norm[...], self.final_norm_bias[...], c.layer_norm_eps)
 
     def features(self, images, **kwargs):
-        """The [CLS] feature after the final LayerNorm: [B, hidden]."""
+        """The [CLS] hidden state after the final LayerNorm: [batch, hidden], float32."""
         return self(images, **kwargs)[:, 0].astype(jnp.float32)
 
 
-def _linear(w):
-    return np.asarray(w).T
+def interpolate_position_embeddings(position_embeddings, grid: int):
+    """Resizes learned position embeddings to a new patch grid.
+
+    position_embeddings: [1 + old_grid**2, hidden] ([CLS] row first) -> [1 + grid**2, hidden].
+    The [CLS] row is kept; the patch rows, seen as an [old_grid, old_grid, hidden] image, are resized
+    bicubically with PyTorch's kernel (A = -0.75, half-pixel centres, no antialiasing), matching
+    transformers' ViTEmbeddings.interpolate_pos_encoding.
+    """
+    position_embeddings = jnp.asarray(position_embeddings)
+    count, hidden = position_embeddings.shape
+    old_grid = int(round(np.sqrt(count - 1)))
+    if old_grid * old_grid != count - 1:
+        raise ValueError(f"{count - 1} patch positions do not form a square grid")
+    if old_grid == grid:
+        return position_embeddings
+    patch = position_embeddings[1:].reshape(old_grid, old_grid, hidden).astype(jnp.float32)
+    resized = jax.image.resize(patch, (grid, grid, hidden), method="bicubic-pytorch", antialias=False)
+    return jnp.concatenate([position_embeddings[:1].astype(jnp.float32),
+                            resized.reshape(grid * grid, hidden)]).astype(position_embeddings.dtype)
+
+
+def _linear(weight):
+    return np.asarray(weight).T  # torch nn.Linear [out, in] -> kernel [in, out]
+
+
+def _patch_kernel(weight):
+    # Conv [hidden, C, P, P] -> [(P, P, C), hidden], the row-major order in which patches are flattened.
+    weight = np.asarray(weight)
+    return weight.transpose(2, 3, 1, 0).reshape(-1, weight.shape[0])
 
 
 def rules(c: ViTConfig) -> list:
+    """Key rules for HF ViTModel tensor names (without the "vit." prefix)."""
     layer = r"encoder\.layer\.(?P<layer>\d+)\."
-
-    def patch(w):  # conv [D, C, P, P] -> [(P, P, C), D] matching the row-major patch flattening above
-        return np.asarray(w).transpose(2, 3, 1, 0).reshape(-1, w.shape[0])
-
-    out = [hf.KeyRule(r"embeddings\.patch_embeddings\.projection\.weight", ("patch_kernel",), patch),
+    out = [hf.KeyRule(r"embeddings\.patch_embeddings\.projection\.weight", ("patch_kernel",), _patch_kernel),
            hf.KeyRule(r"embeddings\.patch_embeddings\.projection\.bias", ("patch_bias",)),
            hf.KeyRule(r"embeddings\.cls_token", ("cls_token",), lambda w: np.asarray(w).reshape(-1)),
-           hf.KeyRule(r"embeddings\.position_embeddings", ("position_embeddings",), lambda w: np.asarray(w)[0]),
+           hf.KeyRule(r"embeddings\.position_embeddings", ("position_embeddings",),
+                      lambda w: np.asarray(w)[0] if np.ndim(w) == 3 else np.asarray(w)),
            hf.KeyRule(r"layernorm\.weight", ("final_norm",)), hf.KeyRule(r"layernorm\.bias", ("final_norm_bias",))]
-    for hf_name, ours in (("attention.attention.query", "query"), ("attention.attention.key", "key"),
-                          ("attention.attention.value", "value"), ("attention.output.dense", "attn_out"),
-                          ("intermediate.dense", "fc1"), ("output.dense", "fc2")):
-        escaped = hf_name.replace(".", r"\.")
-        out.append(hf.KeyRule(layer + escaped + r"\.weight", ("layers", ours), _linear))
-        out.append(hf.KeyRule(layer + escaped + r"\.bias", ("layers", ours + "_bias")))
-    for hf_name, ours in (("layernorm_before", "norm1"), ("layernorm_after", "norm2")):
-        out.append(hf.KeyRule(layer + hf_name + r"\.weight", ("layers", ours)))
-        out.append(hf.KeyRule(layer + hf_name + r"\.bias", ("layers", ours + "_bias")))
+    for site, module in HF_MODULES.items():
+        escaped = module.replace(".", r"\.")
+        out.append(hf.KeyRule(layer + escaped + r"\.weight", ("layers", SITE_KERNELS[site]), _linear))
+        out.append(hf.KeyRule(layer + escaped + r"\.bias", ("layers", SITE_KERNELS[site] + "_bias")))
+    for module, ours in (("layernorm_before", "norm1"), ("layernorm_after", "norm2")):
+        out.append(hf.KeyRule(layer + module + r"\.weight", ("layers", ours)))
+        out.append(hf.KeyRule(layer + module + r"\.bias", ("layers", ours + "_bias")))
     return out
+
+
+# Known tensors this backbone does not use: the pooler, classification heads, the masked-image token.
+IGNORED = (r"pooler\..*", r"classifier\..*", r"embeddings\.mask_token")
 
 
 def expected_shapes(c: ViTConfig) -> dict:
@@ -178,12 +290,26 @@ def expected_shapes(c: ViTConfig) -> dict:
     return shapes
 
 
-def load_hf(directory: str, dtype=jnp.float32) -> ViT:
-    """A ViT from a `google/vit-base-patch16-224-in21k`-layout directory (names with or without 'vit.')."""
+def load_hf(directory: str, dtype=jnp.float32, image_size: Optional[int] = None) -> ViT:
+    """A ViT from a `google/vit-base-patch16-224-in21k`-layout directory.
+
+    Tensor names as HF ViTModel writes them, with or without the "vit." prefix (ViTForImageClassification);
+    the pooler and classifier are ignored; every shape is checked and a tensor that does not fit raises
+    CheckpointError naming it. `image_size` (a multiple of the patch size) builds the model for another
+    input size by interpolating the position embeddings (module docstring); None keeps the checkpoint's.
+    """
     config = ViTConfig.from_hf(hf.read_config(directory))
-    tensors = {(k[4:] if k.startswith("vit.") else k): v for k, v in hf.read_tensors(directory).items()}
-    mapped = hf.map_checkpoint(tensors, rules(config), expected_shapes(config), config.num_layers,
-                               ignore=[r"pooler\..*", r"classifier\..*"])
+    tensors = {(name[len("vit."):] if name.startswith("vit.") else name): value
+               for name, value in hf.read_tensors(directory).items()}
+    mapped = hf.map_checkpoint(tensors, rules(config), expected_shapes(config), config.num_layers, ignore=IGNORED)
+    if image_size is not None and image_size != config.image_size:
+        if image_size <= 0 or image_size % config.patch_size:
+            raise hf.CheckpointError(f"image_size {image_size} is not a positive multiple of the checkpoint's "
+                                     f"patch size {config.patch_size}: choose e.g. "
+                                     f"{max(1, round(image_size / config.patch_size)) * config.patch_size}")
+        config = dataclasses.replace(config, image_size=image_size)
+        mapped[("position_embeddings",)] = np.asarray(
+            interpolate_position_embeddings(mapped[("position_embeddings",)].astype(np.float32), config.grid))
     model = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0), param_dtype=dtype))
     for path, value in mapped.items():
         node = model

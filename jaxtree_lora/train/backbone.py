@@ -127,7 +127,8 @@ def build(config) -> Backbone:
         elif kind == "vit":
             from jaxtree_lora.models import vit
 
-            module = vit.load_hf(path)
+            image_size = config.get("data", {}).get("image_size", None)
+            module = vit.load_hf(path, image_size=int(image_size) if image_size else None)
             tokenizer = None
         else:
             raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)}")

@@ -1,0 +1,268 @@
+"""GGUF loading: tiny files written with gguf.GGUFWriter in llama.cpp's conventions, and the real
+SmolLM2-135M-Instruct Q4_1 file against reference outputs of PyTorch + transformers reading the same
+file (tests/fixtures/make_smollm2_reference.py)."""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from jaxtree_lora.models import hf  # noqa: E402
+from jaxtree_lora.models import gguf as gguf_loader  # noqa: E402
+from jaxtree_lora.models.generate import generate  # noqa: E402
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "smollm2_reference.json")
+HIDDEN, INNER, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 32, 64, 2, 4, 2, 8
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Byte-level symbols: "Ġ" is the space byte.
+PIECES = ["a", "b", "c", "Ġ", "1", "2", "3", "ab", "Ġa", "Ġab"]
+MERGES = ["Ġ a", "a b", "Ġa b"]  # rank order matters: " ab" is Ġa + b, not Ġ + ab
+USER_DEFINED = ["<tool>"]
+TOKENS = SPECIAL + PIECES + USER_DEFINED + [f"x{i}" for i in range(50 - len(SPECIAL) - len(PIECES) - 1)]
+VOCAB = len(TOKENS)
+
+
+def llama_cpp_permute(weight, heads):
+    """The row order llama.cpp's convert_hf_to_gguf.py writes for q and k: within each head, rows
+    (i, i + head_dim/2) become neighbours (2i, 2i+1)."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def hf_tensors(seed=0, tied=False):
+    """Hugging Face-layout weights [out, in] of a tiny Llama."""
+    rng = np.random.default_rng(seed)
+    t = {"embed": rng.normal(size=(VOCAB, HIDDEN)), "norm": 1 + 0.1 * rng.normal(size=HIDDEN)}
+    if not tied:
+        t["lm_head"] = 0.3 * rng.normal(size=(VOCAB, HIDDEN))
+    for layer in range(LAYERS):
+        shapes = {"q": (HEADS * HEAD_DIM, HIDDEN), "k": (KV_HEADS * HEAD_DIM, HIDDEN), "v": (KV_HEADS * HEAD_DIM, HIDDEN),
+                  "o": (HIDDEN, HEADS * HEAD_DIM), "gate": (INNER, HIDDEN), "up": (INNER, HIDDEN),
+                  "down": (HIDDEN, INNER)}
+        for name, shape in shapes.items():
+            t[f"{layer}.{name}"] = 0.3 * rng.normal(size=shape)
+        t[f"{layer}.input_norm"] = 1 + 0.1 * rng.normal(size=HIDDEN)
+        t[f"{layer}.post_norm"] = 1 + 0.1 * rng.normal(size=HIDDEN)
+    return {name: np.asarray(value, np.float32) for name, value in t.items()}
+
+
+def write_gguf(path, tensors, architecture="llama", tokenizer_model="gpt2", pre="smollm", extra=None, add_bos=False,
+               gate_type=Q.F32):
+    """A llama.cpp-style GGUF: metadata, permuted q/k, a Q8_0 embedding, Q4_1 up and F16 down projections.
+
+    Returns the weights as the loader should see them (quantised ones after the round trip)."""
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(128)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(INNER)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_freq_base(5000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(HEAD_DIM)
+    writer.add_vocab_size(VOCAB)
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(TOKENS)
+    writer.add_token_merges(MERGES)
+    writer.add_token_types([3 if t in SPECIAL else 4 if t in USER_DEFINED else 1 for t in TOKENS])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(add_bos)
+    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    seen = {}
+
+    def add(name, array, kind=Q.F32):
+        if kind == Q.F32:
+            writer.add_tensor(name, array)
+            seen[name] = array
+        elif kind == Q.Q8_1:  # the gguf package has no Q8_1 codec: write zero blocks of 40 bytes per 32 values
+            writer.add_tensor(name, np.zeros((array.shape[0], array.shape[1] // 32 * 40), np.uint8), raw_dtype=kind)
+        elif kind == Q.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+            seen[name] = array.astype(np.float16).astype(np.float32)
+        else:
+            data = gguf.quants.quantize(array, kind)
+            writer.add_tensor(name, data, raw_dtype=kind)
+            seen[name] = gguf.quants.dequantize(data, kind).reshape(array.shape)
+
+    add("token_embd.weight", tensors["embed"], Q.Q8_0)
+    add("output_norm.weight", tensors["norm"])
+    if "lm_head" in tensors:
+        add("output.weight", tensors["lm_head"])
+    for layer in range(LAYERS):
+        add(f"blk.{layer}.attn_q.weight", llama_cpp_permute(tensors[f"{layer}.q"], HEADS))
+        add(f"blk.{layer}.attn_k.weight", llama_cpp_permute(tensors[f"{layer}.k"], KV_HEADS))
+        add(f"blk.{layer}.attn_v.weight", tensors[f"{layer}.v"])
+        add(f"blk.{layer}.attn_output.weight", tensors[f"{layer}.o"])
+        add(f"blk.{layer}.ffn_gate.weight", tensors[f"{layer}.gate"], gate_type)
+        add(f"blk.{layer}.ffn_up.weight", tensors[f"{layer}.up"], Q.Q4_1)
+        add(f"blk.{layer}.ffn_down.weight", tensors[f"{layer}.down"], Q.F16)
+        add(f"blk.{layer}.attn_norm.weight", tensors[f"{layer}.input_norm"])
+        add(f"blk.{layer}.ffn_norm.weight", tensors[f"{layer}.post_norm"])
+    for name, (array, kind) in (extra or {}).items():
+        writer.add_tensor(name, array, raw_dtype=None if kind == Q.F32 else kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return seen
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_gguf_weights_land_in_hugging_face_layout(tmp_path, tied):
+    """After loading, every kernel equals the Hugging Face weight transposed (q/k un-permuted,
+    quantised tensors dequantised), so the decoder checked in test_llama.py runs them."""
+    tensors = hf_tensors(tied=tied)
+    seen = write_gguf(tmp_path / "tiny.gguf", tensors)
+    model, _ = gguf_loader.load_gguf(tmp_path / "tiny.gguf")
+    c = model.config
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.intermediate_size) == (
+        LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB, INNER)
+    assert c.rope_theta == 5000.0 and c.tie_embeddings == tied and c.max_position == 128
+    np.testing.assert_array_equal(model.embed[...], seen["token_embd.weight"])
+    assert not np.array_equal(seen["token_embd.weight"], tensors["embed"]), "the embedding should be Q8_0"
+    if not tied:
+        np.testing.assert_array_equal(model.lm_head[...], tensors["lm_head"].T)
+    for layer in range(LAYERS):
+        for name, hf_name in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"),
+                              ("gate_proj", "gate")):
+            np.testing.assert_array_equal(getattr(model.layers, name)[...][layer], tensors[f"{layer}.{hf_name}"].T,
+                                          err_msg=f"layer {layer} {name} is not the HF weight transposed")
+        np.testing.assert_array_equal(model.layers.up_proj[...][layer], seen[f"blk.{layer}.ffn_up.weight"].T)
+        np.testing.assert_array_equal(model.layers.down_proj[...][layer], seen[f"blk.{layer}.ffn_down.weight"].T)
+        np.testing.assert_array_equal(model.layers.input_norm[...][layer], tensors[f"{layer}.input_norm"])
+    q4 = np.abs(seen["blk.0.ffn_up.weight"] - tensors["0.up"]).max()
+    assert 0 < q4 < 0.2, f"Q4_1 round trip error {q4} is not that of a 4-bit quantisation"
+
+
+def test_tiny_gguf_tokenizer_from_metadata(tmp_path):
+    write_gguf(tmp_path / "tiny.gguf", hf_tensors())
+    tokenizer = gguf_loader.tokenizer_from_metadata(gguf.GGUFReader(str(tmp_path / "tiny.gguf")))
+    index = {token: i for i, token in enumerate(TOKENS)}
+    # Digits are split one by one before byte-level BPE; "Ġ" marks a leading space.
+    expected = [index[t] for t in ["ab", "Ġab", "c", "Ġ", "1", "2", "3"]]
+    assert tokenizer("ab abc 123", add_special_tokens=False)["input_ids"] == expected
+    ids = tokenizer("<|im_start|>ab<tool>a<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ids == [1, index["ab"], index["<tool>"], index["a"], 2], "control/user tokens were split"
+    assert tokenizer.decode(expected) == "ab abc 123"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "ab<tool>a", "only control tokens are special"
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+    assert tokenizer("ab")["input_ids"] == [index["ab"]], "add_bos_token=false must not add BOS"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "ab"}], tokenize=False)
+    assert rendered == "<|im_start|>ab<|im_end|>", "chat template not taken from the metadata"
+
+
+def test_tiny_gguf_add_bos_token(tmp_path):
+    write_gguf(tmp_path / "tiny.gguf", hf_tensors(), add_bos=True)
+    tokenizer = gguf_loader.tokenizer_from_metadata(gguf.GGUFReader(str(tmp_path / "tiny.gguf")))
+    assert tokenizer("ab")["input_ids"] == [1, TOKENS.index("ab")], "add_bos_token=true must prepend BOS"
+
+
+def test_unsupported_files_give_checkpoint_errors(tmp_path):
+    tensors = hf_tensors()
+    write_gguf(tmp_path / "qwen.gguf", tensors, architecture="qwen2")
+    with pytest.raises(hf.CheckpointError, match="architecture 'qwen2'"):
+        gguf_loader.load_gguf(tmp_path / "qwen.gguf")
+    write_gguf(tmp_path / "spm.gguf", tensors, tokenizer_model="llama")
+    with pytest.raises(hf.CheckpointError, match="tokenizer model 'llama'"):
+        gguf_loader.load_gguf(tmp_path / "spm.gguf")
+    write_gguf(tmp_path / "pre.gguf", tensors, pre="qwen2")
+    with pytest.raises(hf.CheckpointError, match="pre-tokenizer 'qwen2'"):
+        gguf_loader.load_gguf(tmp_path / "pre.gguf")
+    write_gguf(tmp_path / "q81.gguf", tensors, gate_type=Q.Q8_1)
+    with pytest.raises(hf.CheckpointError, match="blk.0.ffn_gate.weight has type Q8_1"):
+        gguf_loader.load_gguf(tmp_path / "q81.gguf")
+    write_gguf(tmp_path / "unknown.gguf", tensors, extra={"blk.0.attn_sinks.weight": (np.ones(4, np.float32), Q.F32)})
+    with pytest.raises(hf.CheckpointError, match="blk.0.attn_sinks.weight"):
+        gguf_loader.load_gguf(tmp_path / "unknown.gguf")
+    with pytest.raises(hf.CheckpointError, match="does not exist"):
+        gguf_loader.load_gguf(tmp_path / "absent.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(hf.CheckpointError, match="not a readable GGUF"):
+        gguf_loader.load_gguf(tmp_path / "junk.gguf")
+
+
+def test_rope_freqs_tensor_divides_the_frequencies(tmp_path):
+    """llama.cpp stores Llama 3.x rope scaling as per-frequency divisors (`rope_freqs`)."""
+    factors = np.linspace(1.0, 8.0, HEAD_DIM // 2).astype(np.float32)
+    write_gguf(tmp_path / "l3.gguf", hf_tensors(), extra={"rope_freqs.weight": (factors, Q.F32)})
+    model, _ = gguf_loader.load_gguf(tmp_path / "l3.gguf")
+    from jaxtree_lora.models.llama import inverse_frequencies
+
+    base = 1.0 / 5000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
+    np.testing.assert_allclose(inverse_frequencies(model.config), base / factors, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------- real asset
+@pytest.fixture(scope="module")
+def smollm2():
+    assets = pytest.importorskip("jaxtree_lora.assets")
+    try:
+        path = assets.path("smollm2")
+    except assets.AssetMissing:
+        pytest.skip("SmolLM2 GGUF not installed (run `jaxtree-lora assets`)")
+    with open(FIXTURE) as f:
+        reference = json.load(f)
+    start = time.perf_counter()
+    model, tokenizer = gguf_loader.load_gguf(path)
+    print(f"load_gguf: {time.perf_counter() - start:.1f} s")
+    return model, tokenizer, reference
+
+
+@pytest.mark.assets
+def test_smollm2_tokenizer_matches_transformers(smollm2):
+    _, tokenizer, reference = smollm2
+    for prompt, ids in zip(reference["prompts"], reference["token_ids"]):
+        assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == ids, f"token ids differ for {prompt!r}"
+        assert tokenizer.decode(ids) == prompt
+    chat_text = tokenizer.apply_chat_template(reference["chat_messages"], add_generation_prompt=True, tokenize=False)
+    assert chat_text == reference["chat_prompt_text"], "chat template from the GGUF metadata renders differently"
+    assert tokenizer(chat_text, add_special_tokens=False)["input_ids"] == reference["chat_prompt_ids"]
+    special = reference["special_ids"]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        special["bos"], special["eos"], special["pad"])
+
+
+@pytest.mark.assets
+def test_smollm2_logits_and_greedy_continuation_match_transformers(smollm2):
+    model, tokenizer, reference = smollm2
+    graphdef, params = nnx.split(model)
+    # One padded batch: a single compilation for the three prompts, and left padding exercised on real weights.
+    width = max(len(ids) for ids in reference["token_ids"])
+    tokens = np.zeros((len(reference["token_ids"]), width), np.int32)
+    mask = np.zeros_like(tokens)
+    for row, ids in enumerate(reference["token_ids"]):
+        tokens[row, width - len(ids):], mask[row, width - len(ids):] = ids, 1
+    logits = np.asarray(jax.jit(lambda p, t, m: nnx.merge(graphdef, p)(t, m))(params, tokens, mask))
+    worst = 0.0
+    for row, ids in enumerate(reference["token_ids"]):
+        real = logits[row, width - len(ids):]
+        top = reference["last_logits_top"][row]
+        worst = max(worst, np.abs(real[-1][top["ids"]] - top["values"]).max())
+        for position, values in zip(reference["logits_rows"][row]["positions"], reference["logits_rows"][row]["values"]):
+            worst = max(worst, np.abs(real[position][:len(values)] - values).max())
+        assert real.argmax(-1).tolist() == reference["argmax_per_position"][row], f"argmax differs, prompt {row}"
+    print(f"max |logits - transformers| = {worst:.2e}")
+    assert worst < 2e-3, f"max |logits - transformers| = {worst}"
+
+    prompt = jnp.asarray([reference["chat_prompt_ids"]])
+    expected = reference["greedy_continuation_ids"]
+    steps = len(expected) + 4
+    run = jax.jit(lambda p, ids: generate(nnx.merge(graphdef, p), ids, jnp.ones_like(ids), max_new_tokens=steps,
+                                          temperature=0.0, eos_id=tokenizer.eos_token_id,
+                                          pad_id=tokenizer.pad_token_id))
+    continuation = np.asarray(run(params, prompt))[0].tolist()
+    assert continuation[:len(expected)] == expected, "greedy continuation differs from transformers'"
+    if expected[-1] == tokenizer.eos_token_id:  # transformers stops at EOS; this generator pads after it
+        assert continuation[len(expected):] == [tokenizer.pad_token_id] * 4, "tokens after EOS are not padding"
+    assert tokenizer.decode(continuation, skip_special_tokens=True) == reference["greedy_continuation_text"]
