@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtree_lora import lora as lora_lib
-from jaxtree_lora.methods.base import EndTaskContext, ModelInfo, StreamInfo
+from jaxtree_lora.methods.base import TaskContext, ModelInfo, StreamInfo
 from jaxtree_lora.methods.ewc import EWC
 from jaxtree_lora.methods.o_lora import OLoRA
 from jaxtree_lora.models.common import Site
@@ -43,7 +43,7 @@ def test_ewc_penalty_uses_fisher_and_anchor_of_the_previous_task():
     trainable = {"adapters": adapters, "head": {}}
     assert float(method.penalty(adapters, state)) == 0.0, "no penalty before the first task ends"
     fisher = jax.tree.map(lambda leaf: jnp.full(leaf.shape, 3.0), trainable)
-    context = EndTaskContext(task=0, steps_per_epoch=1, fisher=lambda tr, st: fisher)
+    context = TaskContext(task=0, steps_per_epoch=1, fisher=lambda tr, st: fisher)
     _, state = method.end_task(trainable, state, context)
     moved = jax.tree.map(lambda leaf: leaf + 0.5, adapters)
     count = lora_lib.count(adapters)

@@ -142,3 +142,66 @@ def test_similarities_match_numpy():
     np.testing.assert_allclose(similarity.cosine(q, bank), cos, rtol=1e-5)
     masked = similarity.pairwise(q, bank, "l1", valid=jnp.asarray([True, True, False, False, False]))
     assert np.isnan(np.asarray(masked)[2:]).all()
+
+
+def test_fixture_medians_equal_the_official_code():
+    """median_similarity of every internal node equals what the official KD_LoRA_Tree stored for the
+    same vectors (fixture "official_medians", from tests/fixtures/make_tree_partition.py under torch)."""
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "tree_partition.json")
+    with open(path) as f:
+        fixture = json.load(f)
+    nested = tree_lib.to_nested(tree_lib.build(jnp.asarray(fixture["bank"], jnp.float32), fixture["n"]))
+    ours = []
+
+    def walk(node):
+        if "left" in node:
+            ours.append((node["tasks"], node["median_similarity"]))
+            walk(node["left"])
+            walk(node["right"])
+
+    walk(nested)
+    assert [tasks for tasks, _ in ours] == [tasks for tasks, _ in fixture["official_medians"]]
+    np.testing.assert_allclose([m for _, m in ours], [m for _, m in fixture["official_medians"]], rtol=1e-5,
+                               err_msg="lower-median dot-product similarities differ from the official tree's")
+    assert min(m for _, m in ours) < 0, "the fixture includes a negative median"
+
+
+def test_parent_links_and_depths_are_consistent():
+    rng = np.random.default_rng(5)
+    bank = jnp.asarray(rng.normal(size=(6, 4, 3)), jnp.float32)
+    tree = jax.device_get(tree_lib.build(bank, 6))
+    assert tree.parent[0] == -1
+    for slot in np.flatnonzero(tree.valid):
+        for child in (tree.left[slot], tree.right[slot]):
+            if child >= 0:
+                assert tree.parent[child] == slot and tree.depth[child] == tree.depth[slot] + 1
+                assert child > slot, "children in higher slots (the one-pass build relies on it)"
+        if tree.left[slot] >= 0:
+            union = tree.members[tree.left[slot]] | tree.members[tree.right[slot]]
+            assert (union == tree.members[slot]).all() and not (
+                tree.members[tree.left[slot]] & tree.members[tree.right[slot]]).any(), "children partition the node"
+    assert int(np.sum(tree.valid & (tree.left < 0))) == 6, "one leaf per task with D >= depth"
+
+
+def test_depth_limit_makes_leaves_with_several_tasks():
+    rng = np.random.default_rng(6)
+    bank = jnp.asarray(rng.normal(size=(8, 4, 3)), jnp.float32)
+    nested = tree_lib.to_nested(tree_lib.build(bank, 8, depth_limit=1))
+    assert "left" in nested and "left" not in nested["left"] and "left" not in nested["right"]
+    # 8 distinct scores, lower median = the 4th smallest: 5 scores are >= it (left), 3 below (right);
+    # the averaged median (jnp.median) would give 4 / 4.
+    assert [len(nested["left"]["tasks"]), len(nested["right"]["tasks"])] == [5, 3]
+
+
+def test_format_and_draw(tmp_path):
+    bank = jnp.asarray(np.random.default_rng(7).normal(size=(4, 3, 2)), jnp.float32)
+    tree = tree_lib.build(bank, 3)
+    text = tree_lib.format_tree(tree)
+    assert text.splitlines()[0].startswith("root: tasks=[0, 1, 2] median_similarity="), text
+    assert len(text.splitlines()) == 5, "root, two children, two leaves under the 2-task child"
+    assert tree_lib.format_tree(tree_lib.empty(4)) == "(empty tree)"
+    from jaxtree_lora.tree.draw import draw
+
+    path = tmp_path / "tree.png"
+    draw(tree, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "draw must write a PNG"

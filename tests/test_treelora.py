@@ -1,64 +1,16 @@
-"""TreeLoRA's bandit and regulariser against the formulas of reference/treelora.md §2.5-2.6."""
+"""The TreeLoRA method on the Method contract: layout, running vector, regulariser (reference/treelora.md
+§2.2-2.6), end of task, options, and one compiled step for every task. The bandit itself is in
+tests/test_bandit.py, the tree in tests/test_tree.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxtree_lora import lora as lora_lib
-from jaxtree_lora.methods.base import EndTaskContext, ModelInfo, StreamInfo
+from jaxtree_lora.methods.base import TaskContext, ModelInfo, StreamInfo
 from jaxtree_lora.methods.treelora import TreeLoRA
 from jaxtree_lora.models.common import Site
-from jaxtree_lora.tree import bandit, tree as tree_lib
-
-
-def test_bonus_at_zero_count():
-    t, steps = 3, 10
-    expected = np.sqrt(np.log(2 * steps * (t + 1) * (t + 2))) / np.sqrt(1e-5)
-    assert float(bandit.bonus(jnp.zeros(()), t, steps)) == pytest.approx(expected, rel=1e-5)
-    assert float(bandit.bonus(jnp.asarray(2.0), t, steps)) == pytest.approx(
-        np.sqrt(np.log(2 * steps * 4 * 5)) / np.sqrt(4 + 1e-5), rel=1e-5)
-
-
-def test_official_scores_add_the_minimum_and_favour_larger_distances():
-    # Three explored arms, one module, mean distances 100 / 300 / 900 (sums are negative distances).
-    counts = jnp.asarray([[4.0], [4.0], [4.0]])
-    sums = -jnp.asarray([[400.0], [1200.0], [3600.0]])
-    valid = jnp.asarray([True, True, True])
-    scores = bandit.official_scores(sums, counts, valid, 5, 100)
-    beta = float(bandit.bonus(jnp.asarray(4.0), 5, 100))
-    raw = np.asarray([100.0, 300.0, 900.0]) + beta
-    np.testing.assert_allclose(np.asarray(scores)[:, 0], raw + raw.min(), rtol=1e-5)
-    normalised = np.asarray(bandit.normalise(scores, valid))[:, 0]
-    probabilities = np.exp(normalised) / np.exp(normalised).sum()
-    assert probabilities[0] < probabilities[1] < probabilities[2], "official code prefers the LARGER distance"
-    # reference/treelora.md §2.5 (a NumPy re-run of the official scoring): about 0.20 / 0.26 / 0.54
-    np.testing.assert_allclose(probabilities, [0.20, 0.26, 0.54], atol=0.015)
-
-
-def test_selection_frequencies_match_softmax_probabilities():
-    """Per-module draws follow softmax of the normalised scores (no tree reweight: a one-task tree)."""
-    k, d = 3, 2
-    counts = jnp.asarray([[3.0, 1.0], [2.0, 2.0], [1.0, 3.0]])
-    sums = -jnp.asarray([[30.0, 5.0], [40.0, 20.0], [5.0, 90.0]])
-    valid = jnp.asarray([True, True, True])
-    tree = tree_lib.empty(k)  # root without children: factor 1
-    draw = jax.jit(jax.vmap(lambda key: bandit.select_official(key, sums, counts, valid, tree, 4, 50)[0]))
-    choices = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 20000)))
-    _, probabilities = bandit.select_official(jax.random.PRNGKey(1), sums, counts, valid, tree, 4, 50)
-    for module in range(d):
-        frequencies = np.bincount(choices[:, module], minlength=k) / len(choices)
-        expected = np.asarray(probabilities)[:, module]
-        # 4 standard errors of a binomial proportion with n = 20000
-        assert np.all(np.abs(frequencies - expected) < 4 * np.sqrt(expected * (1 - expected) / 20000) + 1e-3)
-
-
-def test_bandit_update_uses_the_running_vector_including_the_step():
-    running = jnp.asarray([[1.0, 2.0], [0.0, 0.0]])
-    bank = jnp.asarray([[[0.0, 0.0], [1.0, 1.0]], [[3.0, 3.0], [0.0, 0.0]]])  # [K=2, D=2, F=2]
-    sums, counts = bandit.update(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.asarray([1, 0]), running, bank)
-    # module 0 chose task 1: |1-3| + |2-3| = 3; module 1 chose task 0: |0-1| + |0-1| = 2
-    np.testing.assert_allclose(np.asarray(sums), [[0.0, -2.0], [-3.0, 0.0]])
-    np.testing.assert_allclose(np.asarray(counts), [[0.0, 1.0], [1.0, 0.0]])
+from jaxtree_lora.tree import tree as tree_lib
 
 
 INFO = ModelInfo(sites={"attn.q_proj": Site(4, 3), "attn.v_proj": Site(4, 2)}, num_layers=2, feature_dim=3)
@@ -117,8 +69,8 @@ def test_regulariser_gradient_matches_the_closed_form_and_spares_b():
 
     trainable = {"adapters": adapters, "head": {}}
     key = jax.random.PRNGKey(9)
-    (total, aux), grads = jax.value_and_grad(lambda tr: method.loss(tr, state, {}, key, task_loss), has_aux=True)(
-        trainable)
+    (total, aux), grads = jax.jit(jax.value_and_grad(lambda tr: method.loss(tr, state, {}, key, task_loss),
+                                                     has_aux=True))(trainable)
     (plain, _), plain_grads = jax.value_and_grad(task_loss, has_aux=True)(trainable, None)
     a = method.modules(adapters)
     chosen = bank[aux["treelora_choice"], jnp.arange(4)]
@@ -128,11 +80,13 @@ def test_regulariser_gradient_matches_the_closed_form_and_spares_b():
     r = -alignment
     assert float(total) == pytest.approx(float(plain) - lam_t * float(plain) * r / (r + 1e-5), rel=1e-5)
     # d/dA: dL/dA - lam_t * L * (-G_p) / (R + 1e-5)  (spec §2.6)
-    expected = np.asarray(method.modules(plain_grads["adapters"])) + lam_t * float(plain) * np.asarray(chosen) / (r + 1e-5)
+    plain_a = np.asarray(method.modules(plain_grads["adapters"]))
+    expected = plain_a + lam_t * float(plain) * np.asarray(chosen) / (r + 1e-5)
     np.testing.assert_allclose(np.asarray(method.modules(grads["adapters"])), expected, rtol=2e-4, atol=1e-6)
     for site in adapters:
-        np.testing.assert_allclose(np.asarray(grads["adapters"][site]["b"]), np.asarray(plain_grads["adapters"][site]["b"]),
-                                   rtol=1e-6, err_msg="B must get the task loss's gradient only")
+        np.testing.assert_allclose(np.asarray(grads["adapters"][site]["b"]),
+                                   np.asarray(plain_grads["adapters"][site]["b"]), rtol=1e-6,
+                                   err_msg="B must get the task loss's gradient only")
 
 
 def test_no_regulariser_and_no_statistics_during_the_first_task():
@@ -157,7 +111,7 @@ def test_end_task_stores_the_running_vector_and_rebuilds_the_tree():
         moved = jax.tree.map(lambda x: x * (task + 2.0), adapters)
         aux = {"treelora_a": method.modules(moved), "treelora_choice": jnp.zeros((4,), jnp.int32)}
         state = method.after_step(method.after_step(state, aux), aux)
-        _, state = method.end_task({"adapters": moved, "head": {}}, state, EndTaskContext(task=task, steps_per_epoch=2))
+        _, state = method.end_task({"adapters": moved, "head": {}}, state, TaskContext(task=task, steps_per_epoch=2))
         np.testing.assert_allclose(np.asarray(state["bank"][task]), np.asarray(state["running"]), rtol=1e-6)
     nested = tree_lib.to_nested(state["tree"])
     assert sorted(nested["tasks"]) == [0, 1, 2] and "left" in nested
@@ -180,3 +134,111 @@ def test_selection_options_pick_only_past_tasks(selection):
     if selection == "paper_lcb":
         # unexplored arms first: after 2 steps every module has tried both past tasks once
         assert np.all(np.asarray(state["counts"])[:2] >= 1)
+
+
+def test_gradient_task_vector_accumulates_the_task_loss_gradient_only():
+    """task_vector 'gradient': c += D * dL/dA / T, with the regulariser's share of the step's gradient
+    removed (the paper's expected task gradient, not the gradient of the total loss)."""
+    method, adapters, state = make(lam=0.5, task_vector="gradient")
+    bank = jax.random.normal(jax.random.PRNGKey(3), state["bank"].shape)
+    state = {**state, "bank": bank, "tree": tree_lib.build(bank, 1)}
+    _, state = method.begin_task(adapters, state, 1)
+    state = method.begin_epoch(state, 0, 4)
+    state = {**state, "t": jnp.asarray(3, jnp.int32)}  # lam_t = 0.375: the regulariser is on
+    x = jax.random.normal(jax.random.PRNGKey(4), (5, 4))
+    trainable = {"adapters": jax.tree.map(lambda v: v + 0.1, adapters), "head": {}}
+
+    def task_loss(trainable, key):
+        return sum(jnp.sum(lora_lib.apply(jax.tree.map(lambda l: l[1], trainable["adapters"][s]), x, 1.0) ** 2)
+                   for s in trainable["adapters"]), {}
+
+    (_, aux), grads = jax.value_and_grad(lambda tr: method.loss(tr, state, {}, jax.random.PRNGKey(0), task_loss),
+                                         has_aux=True)(trainable)
+    plain_grads = jax.grad(lambda tr: task_loss(tr, None)[0])(trainable)
+    change = jnp.abs(method.modules(grads["adapters"]) - method.modules(plain_grads["adapters"]))
+    assert float(jnp.max(change)) > 1e-4, \
+        "the regulariser should change the step's gradient here, or the test proves nothing"
+    new = method.after_step(state, aux, grads)
+    np.testing.assert_allclose(np.asarray(new["running"]), 4 * np.asarray(method.modules(plain_grads["adapters"])) / 4,
+                               rtol=1e-4, atol=1e-6, err_msg="c must accumulate D * dL/dA / T")
+    with pytest.raises(TypeError, match="needs the step's gradients"):
+        method.after_step(state, aux)
+
+
+def test_bad_options_and_shapes_are_refused_with_the_fix():
+    from jaxtree_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="selection must be one of"):
+        TreeLoRA(selection="greedy")
+    with pytest.raises(ConfigError, match="task_vector 'lora_a_average'"):
+        TreeLoRA(regulariser="paper_l1", task_vector="gradient")
+    spec = lora_lib.LoraSpec(targets=("attn.q_proj", "mlp.down_proj"), rank=2, alpha=2.0)
+    sites = {"attn.q_proj": Site(4, 4), "mlp.down_proj": Site(8, 4)}
+    with pytest.raises(ConfigError, match="same d_in"):
+        TreeLoRA(lora=spec).init(jax.random.PRNGKey(0), ModelInfo(sites=sites, num_layers=1, feature_dim=4),
+                                 StreamInfo(num_tasks=2, max_tasks=2, kind="classification"))
+    with pytest.raises(ConfigError, match="max_tasks"):
+        make_with = TreeLoRA(lora=lora_lib.LoraSpec(rank=2), max_tasks=2)
+        make_with.init(jax.random.PRNGKey(0), INFO, StreamInfo(num_tasks=3, max_tasks=3, kind="classification"))
+
+
+def test_max_tasks_and_max_modules_fix_the_state_shapes():
+    spec = lora_lib.LoraSpec(targets=("attn.q_proj", "attn.v_proj"), rank=2, alpha=2.0, max_modules=3)
+    method = TreeLoRA(lora=spec, max_tasks=6)
+    adapters, state = method.init(jax.random.PRNGKey(0), INFO, StreamInfo(num_tasks=3, max_tasks=3,
+                                                                            kind="classification"))
+    assert state["bank"].shape == (6, 3, 8), "bank [max_tasks, D, F]: D = first 3 modules, F = r * d_in"
+    assert method.modules(adapters).shape == (3, 8)
+    assert state["tree"].members.shape == (11, 6), "tree nodes 2 * max_tasks - 1"
+
+
+def test_one_compiled_step_for_every_task_end_to_end():
+    """A tiny linear model through three tasks: the jitted micro-step (loss, gradient, after_step)
+    compiles once, end_task compiles once, the bank and the tree grow, and the bandit counts the
+    selections of tasks 1 and 2 only (D per micro-step)."""
+    from jaxtree_lora.methods import treelora as treelora_module
+
+    import optax
+
+    method, adapters, state = make(lam=0.5)
+    trainable = {"adapters": adapters, "head": {}}
+    traces = []
+    # The official optimiser: clipping at 1.0, then Adam. (Plain SGD can blow up: the regulariser's
+    # gradient lam_t L G / R is unbounded as the alignment R passes through 0.)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2, b1=0.9, b2=0.95))
+    opt_state = optimizer.init(trainable)
+
+    def step(trainable, opt_state, state, x, key):
+        traces.append(1)
+
+        def task_loss(trainable, key):
+            out = sum(lora_lib.apply(jax.tree.map(lambda l: l[0], trainable["adapters"][s]), x, 4.0).sum(-1)
+                      for s in sorted(trainable["adapters"]))
+            return jnp.mean((out - 1.0) ** 2), {}
+
+        (loss, aux), grads = jax.value_and_grad(lambda tr: method.loss(tr, state, {}, key, task_loss),
+                                                has_aux=True)(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, method.after_step(state, aux, grads), loss
+
+    step = jax.jit(step)
+    steps_per_epoch, counted, cache_sizes = 3, [], []
+    for task in range(3):
+        trainable["adapters"], state = method.begin_task(trainable["adapters"], state, task)
+        for epoch in range(2):
+            state = method.begin_epoch(state, epoch, steps_per_epoch)
+            for index in range(steps_per_epoch):
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(task), epoch), index)
+                x = jax.random.normal(key, (6, 4)) + task
+                trainable, opt_state, state, loss = step(trainable, opt_state, state, x, key)
+                assert np.isfinite(float(loss))
+        counted.append(float(jnp.sum(state["counts"])))
+        trainable, state = method.end_task(trainable, state, TaskContext(task=task, steps_per_epoch=steps_per_epoch))
+        cache_sizes.append(treelora_module._store_task._cache_size())
+        assert sorted(tree_lib.to_nested(state["tree"])["tasks"]) == list(range(task + 1))
+    assert len(traces) == 1, "a new task must not compile the step again"
+    assert cache_sizes[0] == cache_sizes[-1], "end_task must not compile again for a new task"
+    assert counted == [0.0, 4.0 * steps_per_epoch, 4.0 * steps_per_epoch], \
+        "statistics: none in task 0, D selections per micro-step in the last epoch of tasks 1, 2"
+    assert float(jnp.sum(jnp.abs(state["bank"][2]))) > 0 and float(jnp.sum(jnp.abs(state["bank"][2:]))) == \
+        float(jnp.sum(jnp.abs(state["bank"][2])))

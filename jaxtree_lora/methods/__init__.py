@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from jaxtree_lora.methods.base import EndTaskContext, Method, ModelInfo, StreamInfo
+from jaxtree_lora.methods.base import TaskContext, Method, ModelInfo, StreamInfo
 
 # name -> "module:Class"; modules are imported on demand so a missing optional piece never breaks the rest.
 REGISTRY = {
@@ -34,4 +34,4 @@ def get(name: str, **options) -> Method:
     return get_class(name)(**options)
 
 
-__all__ = ["EndTaskContext", "Method", "ModelInfo", "StreamInfo", "get", "get_class", "names", "REGISTRY"]
+__all__ = ["TaskContext", "Method", "ModelInfo", "StreamInfo", "get", "get_class", "names", "REGISTRY"]

@@ -15,6 +15,7 @@ Life cycle, driven by `jaxtree_lora/train/loop.py`:
 
     trainable, state = method.init(key, model_info, stream_info)
     for task t:
+        trainable, state = method.prepare_task(trainable, state, context)    # host work allowed
         trainable, state = method.begin_task(trainable, state, t)            # pure
         for epoch e:
             state = method.begin_epoch(state, e, steps_per_epoch)            # pure
@@ -64,8 +65,12 @@ class StreamInfo:
 
 
 @dataclasses.dataclass(frozen=True)
-class EndTaskContext:
-    """Host-side helpers for `end_task` (methods that need passes over the task's data)."""
+class TaskContext:
+    """Host-side helpers for `prepare_task` and `end_task` (methods that need passes over a task's data).
+
+    Each helper runs jitted passes over the task's training data with the trainable and method state
+    it is given; none of them changes anything.
+    """
 
     task: int
     steps_per_epoch: int
@@ -74,6 +79,10 @@ class EndTaskContext:
     # fisher(trainable, method_state) -> pytree like trainable: mean over the task's training examples
     # of the squared per-example gradient of the task loss (the diagonal empirical Fisher).
     fisher: Optional[Callable[[Any, Any], Any]] = None
+    # site_moments(trainable, method_state) -> ({site: [num_layers, d_in, d_in]}, tokens): the mean of
+    # x x^T over the task's real tokens of each adapted site's input x (models.common.SiteInputMoments).
+    site_moments: Optional[Callable[[Any, Any], Any]] = None
+
 
 
 class Method:
@@ -90,6 +99,11 @@ class Method:
         """Returns (adapters, method_state). Shapes are fixed for the whole stream."""
         adapters = lora_lib.init(key, self.lora, model.sites, model.num_layers)
         return adapters, {"task": jnp.zeros((), jnp.int32)}
+
+    def prepare_task(self, trainable: PyTree, state: PyTree, context: TaskContext) -> tuple[PyTree, PyTree]:
+        """Host-side work before a task's first step (not repeated when a run resumes mid-task):
+        e.g. subspaces from the new task's input statistics. Must keep every shape."""
+        return trainable, state
 
     def begin_task(self, adapters: PyTree, state: PyTree, task: Array) -> tuple[PyTree, PyTree]:
         return adapters, {**state, "task": jnp.asarray(task, jnp.int32)}
@@ -118,7 +132,7 @@ class Method:
         return None
 
     # -- between tasks --------------------------------------------------------------------------
-    def end_task(self, trainable: PyTree, state: PyTree, context: EndTaskContext) -> tuple[PyTree, PyTree]:
+    def end_task(self, trainable: PyTree, state: PyTree, context: TaskContext) -> tuple[PyTree, PyTree]:
         return trainable, state
 
     # -- reporting ------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class EWC(Method):
 
     def end_task(self, trainable, state, context):
         if context.fisher is None:
-            raise ValueError("EWC needs the trainer's Fisher estimate (EndTaskContext.fisher)")
+            raise ValueError("EWC needs the trainer's Fisher estimate (TaskContext.fisher)")
         fisher_new = context.fisher(trainable, state)["adapters"]
         fisher = jax.tree.map(lambda old, new: self.gamma * old + new, state["fisher"], fisher_new)
         anchor = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), trainable["adapters"])

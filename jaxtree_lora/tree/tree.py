@@ -1,6 +1,7 @@
 """TreeLoRA's gradient-similarity tree, held as fixed-shape arrays and built under jit.
 
-The official rule (ZinYY/TreeLoRA `utils/kd_lora_tree.py`, reference/treelora.md §2.4), over the n
+The official rule (ZinYY/TreeLoRA `utils/kd_lora_tree.py` L10-57, L146-163; reference/treelora.md §2.4;
+checked against the official code itself in tests/fixtures/tree_partition.json), over the n
 stored task vectors G[0..n-1] ([K, D, F] bank, K = max_tasks):
 
 1. differences of consecutive task vectors: Delta_0 = G_0, Delta_i = G_i - G_{i-1};
@@ -13,7 +14,8 @@ stored task vectors G[0..n-1] ([K, D, F] bank, K = max_tasks):
 
 Nodes live in slots of a breadth-first array of size 2K-1 (a binary tree with at most K leaves);
 children always get higher slots than their parent, so one `fori_loop` over slots builds the tree
-and the shapes never depend on n: building for 2 tasks and for 50 compiles once.
+and the shapes never depend on n: building for 2 tasks and for 50 compiles once. Per node the arrays
+hold its member mask [nodes, K], parent, left and right slot (-1: none), depth and median similarity.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 @flax.struct.dataclass
 class Tree:
     members: jax.Array   # [nodes, K] bool: the tasks under each node
+    parent: jax.Array    # [nodes] int32, -1 at the root and in unused slots
     depth: jax.Array     # [nodes] int32
     median: jax.Array    # [nodes] float32: the split's lower median (NaN at leaves)
     left: jax.Array      # [nodes] int32, -1 at leaves
@@ -42,7 +45,8 @@ class Tree:
 
 def empty(max_tasks: int) -> Tree:
     nodes = 2 * max_tasks - 1
-    return Tree(members=jnp.zeros((nodes, max_tasks), bool), depth=jnp.zeros((nodes,), jnp.int32),
+    return Tree(members=jnp.zeros((nodes, max_tasks), bool), parent=jnp.full((nodes,), -1, jnp.int32),
+                depth=jnp.zeros((nodes,), jnp.int32),
                 median=jnp.full((nodes,), jnp.nan, jnp.float32), left=jnp.full((nodes,), -1, jnp.int32),
                 right=jnp.full((nodes,), -1, jnp.int32), valid=jnp.zeros((nodes,), bool),
                 num_tasks=jnp.zeros((), jnp.int32))
@@ -80,7 +84,8 @@ def split(delta_module, members):
 
 
 def build(bank, num_tasks, depth_limit: int = -1) -> Tree:
-    """The tree over tasks 0..num_tasks-1 of `bank` [K, D, F] (jit-friendly; num_tasks may be traced).
+    """The tree over tasks 0..num_tasks-1 of `bank` [K, D, F] (jit-friendly; num_tasks may be traced;
+    depth_limit is static).
 
     depth_limit: leaves at this depth (the paper's "tree depth"; -1: D, the official rule)."""
     max_tasks, modules = bank.shape[0], bank.shape[1]
@@ -105,6 +110,7 @@ def build(bank, num_tasks, depth_limit: int = -1) -> Tree:
         def grow(tree):
             return tree.replace(
                 members=tree.members.at[safe_a].set(left).at[safe_b].set(right),
+                parent=tree.parent.at[safe_a].set(slot).at[safe_b].set(slot),
                 depth=tree.depth.at[safe_a].set(depth + 1).at[safe_b].set(depth + 1),
                 valid=tree.valid.at[safe_a].set(True).at[safe_b].set(True),
                 left=tree.left.at[slot].set(a), right=tree.right.at[slot].set(b),
