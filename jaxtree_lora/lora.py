@@ -50,7 +50,7 @@ class LoraSpec:
       alpha: scale numerator; the delta is multiplied by `alpha / rank`.
       dropout: dropout rate on the adapter's input (PEFT's `lora_dropout`).
       init: initialisation of A: `kaiming_uniform` (PEFT/official TreeLoRA default, U(+-1/sqrt(d_in))),
-        `gaussian` (N(0, 1/r)), `orthogonal` (rows orthonormal), or `zeros`. B always starts at 0.
+        `gaussian` (normal with std 1/r), `orthogonal` (rows orthonormal), or `zeros`. B always starts at 0.
       max_modules: keep only the first `max_modules` (layer, site) modules in layer-major order
         (layer0.q, layer0.v, layer1.q, ...), as the official TreeLoRA's `--lora_depth`; -1 keeps all.
     """
@@ -63,6 +63,11 @@ class LoraSpec:
     max_modules: int = -1
 
     def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
+            raise LoraSpecError(f"lora rank must be an integer, got {self.rank!r}: set --config.lora.rank=8")
+        if isinstance(self.max_modules, bool) or not isinstance(self.max_modules, (int, np.integer)) \
+                or self.max_modules < -1:
+            raise LoraSpecError(f"lora max_modules must be an integer >= -1 (-1 keeps all), got {self.max_modules!r}")
         if self.rank < 1:
             raise LoraSpecError(f"lora rank must be >= 1, got {self.rank}: set --config.lora.rank to a positive integer")
         if not 0.0 <= self.dropout < 1.0:
@@ -111,9 +116,12 @@ def init_a(key: Array, shape: Sequence[int], init: str, dtype=jnp.float32) -> Ar
     if init == "gaussian":
         return (jax.random.normal(key, shape, jnp.float32) / r).astype(dtype)
     if init == "orthogonal":
-        flat = jax.random.normal(key, (*shape[:-2], d_in, r), jnp.float32)
-        q, _ = jnp.linalg.qr(flat)
-        return jnp.swapaxes(q, -1, -2).astype(dtype)
+        if r <= d_in:  # rows orthonormal: A A^T = I_r
+            q, _ = jnp.linalg.qr(jax.random.normal(key, (*shape[:-2], d_in, r), jnp.float32))
+            return jnp.swapaxes(q, -1, -2).astype(dtype)
+        # r > d_in: r orthonormal rows cannot exist; the columns are orthonormal instead (A^T A = I).
+        q, _ = jnp.linalg.qr(jax.random.normal(key, (*shape[:-2], r, d_in), jnp.float32))
+        return q.astype(dtype)
     if init == "zeros":
         return jnp.zeros(shape, dtype)
     raise LoraSpecError(f"unknown lora init {init!r}")
