@@ -119,7 +119,15 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
     started = time.perf_counter()
     backbone = backbone_lib.build(config)
     stream = data_lib.get_stream(config.data, backbone.tokenizer)
-    run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=progress)
+    from jaxtree_lora.methods import MethodNotApplicable
+
+    try:
+        run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=progress)
+    except MethodNotApplicable as reason:
+        results = {"method": config.method.name, "stream": stream.name, "not_applicable": str(reason)}
+        results_lib.write_results(os.path.join(workdir, "results.json"), results)
+        print(f"jaxtree-lora: {config.method.name} does not apply to {stream.name}: {reason}")
+        return results
     outcome = run.fit(resume=resume)
     wall = time.perf_counter() - started
     state = outcome["state"]
@@ -161,6 +169,10 @@ def cmd_run(args, overrides) -> int:
 
 
 def cmd_compare(args, overrides) -> int:
+    """Each method runs in its own process (`jaxtree-lora run`), so its time, peak memory and compiled
+    code are its own; the table is built from the results.json each one writes."""
+    import subprocess
+
     from jaxtree_lora import methods as methods_lib
     from jaxtree_lora.reporting import tables
 
@@ -171,12 +183,21 @@ def cmd_compare(args, overrides) -> int:
     workdir = args.workdir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")
     rows = []
     for name in names:
-        config = _load_config(args.config, overrides, args.tpu_config)
-        config.method.name = name
         print(f"== {name}", flush=True)
-        results = run_one(config, os.path.join(workdir, name), resume=args.resume, progress=not args.no_progress,
-                          quiet=True)
-        rows.append(results)
+        child = [sys.executable, "-m", "jaxtree_lora.cli", "run", "--workdir", os.path.join(workdir, name)]
+        child += ["--config", args.config] if args.config else []
+        child += ["--tpu_config", args.tpu_config] if args.tpu_config else []
+        child += ["--resume"] if args.resume else []
+        child += ["--no-progress"] if args.no_progress else []
+        child += [f"--config.{item}" for item in overrides] + [f"--config.method.name={name}"]
+        status = subprocess.call(child)
+        if status != 0:
+            if status in (USAGE_ERROR, 143):
+                return status  # the child printed its one line
+            raise RuntimeError(f"the {name} run failed with exit status {status}; its work directory is "
+                               f"{os.path.join(workdir, name)}")
+        with open(os.path.join(workdir, name, "results.json")) as f:
+            rows.append(json.load(f))
     table = tables.format_comparison(rows)
     print(table)
     markdown = tables.format_comparison(rows, markdown=True)

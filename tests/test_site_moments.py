@@ -38,8 +38,8 @@ def test_moments_of_every_layer_and_site_exclude_padding():
 
     # Layer 0's q input is RMSNorm(embedding) of each real token: compute it by hand.
     config = backbone.module().config
-    embed = np.asarray(backbone.params["embed"].value, np.float64)
-    norm_w = np.asarray(backbone.params["layers"]["input_norm"].value[0], np.float64)
+    embed = np.asarray(backbone.params["embed"][...], np.float64)
+    norm_w = np.asarray(backbone.params["layers"]["input_norm"][...][0], np.float64)
     x = embed[np.asarray(tokens)]
     x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config.rms_norm_eps) * norm_w
     expected = np.einsum("bti,btj,bt->ij", x, x, np.asarray(weight, np.float64))

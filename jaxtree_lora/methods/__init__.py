@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from jaxtree_lora.methods.base import TaskContext, Method, ModelInfo, StreamInfo
+from jaxtree_lora.methods.base import Method, MethodNotApplicable, ModelInfo, StreamInfo, TaskContext
 
 # name -> "module:Class"; modules are imported on demand so a missing optional piece never breaks the rest.
 REGISTRY = {
@@ -34,4 +34,4 @@ def get(name: str, **options) -> Method:
     return get_class(name)(**options)
 
 
-__all__ = ["TaskContext", "Method", "ModelInfo", "StreamInfo", "get", "get_class", "names", "REGISTRY"]
+__all__ = ["TaskContext", "Method", "MethodNotApplicable", "ModelInfo", "StreamInfo", "get", "get_class", "names", "REGISTRY"]

@@ -85,13 +85,21 @@ class TaskContext:
 
 
 
+class MethodNotApplicable(ValueError):
+    """The method cannot run on this kind of stream (e.g. a classifier-only method on instructions)."""
+
+
 class Method:
     """Base class: sequential-LoRA behaviour; subclasses override what differs.
 
     Subclasses are frozen dataclasses with a `lora: LoraSpec` field and a class attribute `name`.
+    `stream_kinds` lists the kinds of stream the method can learn; a run on another kind stops before
+    training and `jaxtree-lora compare` reports the method as not applicable, with `not_applicable_reason`.
     """
 
     name: str = "base"
+    stream_kinds: tuple = ("classification", "instruction")
+    not_applicable_reason: str = ""
     lora: lora_lib.LoraSpec
 
     # -- set-up -------------------------------------------------------------------------------

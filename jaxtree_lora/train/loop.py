@@ -26,7 +26,7 @@ from jaxtree_lora import checkpoint as checkpoint_lib
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora import methods as methods_lib
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.methods.base import StreamInfo, TaskContext
+from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskContext
 from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import mesh as mesh_lib
 from jaxtree_lora.train.step import TrainState, head_logits, init_head, make_optimizer, make_task_loss, make_train_step
@@ -161,6 +161,10 @@ class Run:
         self.num_tasks = len(self.stream.tasks)
         self.max_tasks = max(int(config.train.get("max_tasks", 0) or 0), self.num_tasks)
         self.method = build_method(config, self.max_tasks)
+        if self.kind not in self.method.stream_kinds:
+            raise MethodNotApplicable(
+                self.method.not_applicable_reason
+                or f"{self.method.name} learns {' or '.join(self.method.stream_kinds)} streams, this one is {self.kind}")
         if hasattr(self.method, "lora"):
             self.method.lora.select(self.backbone.info.sites)  # fails now, naming the sites, if nothing matches
         self.stream_info = StreamInfo(num_tasks=self.num_tasks, max_tasks=self.max_tasks, kind=self.kind,

@@ -1,0 +1,65 @@
+"""`jaxtree-lora compare`: every method in its own process, one table from their results.json, and a
+method that cannot learn the stream's kind reported as n/a instead of failing the comparison."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxtree_lora.methods.base import MethodNotApplicable
+from jaxtree_lora.methods.seqlora import SeqLoRA
+
+from test_loop import make_run, tiny_config
+from test_paper_configs import write_tiny_llama_and_trace
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = '''
+from experiments.configs import default
+
+
+def get_config(arg=""):
+    config = default.get_config()
+    config.model.name, config.model.kind, config.model.path = "hf", "decoder", {llama!r}
+    config.data = dict(name="trace", root={trace!r}, tasks=["FOMC", "Py150"], max_train=0, max_test=0,
+                       max_prompt_len=8, max_answer_len=2, chat_template=False)
+    config.lora.targets, config.lora.rank = ["attn.q_proj", "attn.v_proj"], 2
+    config.train.batch_size, config.train.epochs, config.eval.batch_size = 4, 1, 4
+    return config
+'''
+
+
+def test_compare_runs_each_method_in_its_own_process_and_tabulates(tmp_path):
+    llama, trace = write_tiny_llama_and_trace(tmp_path, tasks=("FOMC", "Py150"), train_rows=8)
+    config = tmp_path / "tiny_trace.py"
+    config.write_text(CONFIG.format(llama=llama, trace=trace))
+    out = subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", "compare", "--config", str(config),
+                          "--methods", "seqlora,treelora", "--workdir", str(tmp_path / "cmp"), "--no-progress",
+                          "--markdown", str(tmp_path / "table.md")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("seqlora", "treelora"):
+        results = json.load(open(tmp_path / "cmp" / name / "results.json"))
+        assert results["method"] == name, "each method wrote its own results.json"
+        assert np.isfinite(results["metrics"]["average_accuracy"])
+    table = (tmp_path / "table.md").read_text()
+    assert "| seqlora |" in table and "| treelora |" in table, "both methods are rows of the Markdown table"
+    assert "--methods seqlora,treelora" in table, "the table records the command"
+
+
+def test_a_method_for_another_kind_of_stream_is_not_applicable(tmp_path):
+    class InstructionOnly(SeqLoRA):
+        name = "instruction_only"
+        stream_kinds = ("instruction",)
+
+    import jaxtree_lora.train.loop as loop
+
+    original = loop.build_method
+    loop.build_method = lambda config, max_tasks: InstructionOnly(lora=original(config, max_tasks).lora)
+    try:
+        with pytest.raises(MethodNotApplicable, match="instruction"):
+            make_run(tiny_config("seqlora"), tmp_path / "run")
+    finally:
+        loop.build_method = original
