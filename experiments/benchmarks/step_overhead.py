@@ -60,7 +60,7 @@ def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: floa
         "schedule": "constant"}}))
     trainable = {"adapters": adapters, "head": {}}
     # Fill the bank: run begin/end of `past_tasks` tasks so that the current task has past tasks to select.
-    from jaxtree_lora.methods.base import EndTaskContext
+    from jaxtree_lora.methods.base import TaskContext
 
     for task in range(past_tasks):
         adapters, method_state = method.begin_task(trainable["adapters"], method_state, task)
@@ -70,7 +70,7 @@ def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: floa
         trainable = {"adapters": noisy, "head": {}}
         # one statistics update so the running average is non-zero
         aux_state = method_state
-        trainable, method_state = method.end_task(trainable, aux_state, EndTaskContext(task=task, steps_per_epoch=10))
+        trainable, method_state = method.end_task(trainable, aux_state, TaskContext(task=task, steps_per_epoch=10))
     adapters, method_state = method.begin_task(trainable["adapters"], method_state, past_tasks)
     method_state = method.begin_epoch(method_state, 0, 1000)
     trainable = {"adapters": adapters, "head": {}}
