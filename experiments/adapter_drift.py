@@ -1,0 +1,84 @@
+"""How far a run's adapters moved, and how far two runs' adapters are apart.
+
+Evidence for questions such as "does TreeLoRA's regulariser change what SeqLoRA learns?": for each
+work directory, the final adapters (newest checkpoint) against the initial ones the same config and
+seed produce, split into the LoRA A and B factors; for the first directory against each other one,
+the distance between their final A and B relative to the first run's own drift.
+
+    python -m experiments.adapter_drift /tmp/exp/cil/seqlora /tmp/exp/cil/treelora
+
+Last line: a JSON object {"runs": {workdir: {...}}, "versus_first": {workdir: {...}}}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+
+def final_and_initial(workdir: str):
+    from jaxtree_lora import checkpoint as checkpoint_lib
+    from jaxtree_lora import data as data_lib
+    from jaxtree_lora.train import backbone as backbone_lib
+    from jaxtree_lora.train.loop import Run
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    backbone = backbone_lib.build(config)
+    stream = data_lib.get_stream(config.data, backbone.tokenizer)
+    run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=False)
+    initial = run.initial_state()
+    checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    state, _, step = checkpoints.restore(checkpoint_lib.abstract(initial))
+    checkpoints.close()
+    return (jax.device_get(state.trainable["adapters"]), jax.device_get(initial.trainable["adapters"]), step)
+
+
+def factor(adapters, name: str) -> np.ndarray:
+    """All leaves called `name` ("a" or "b"), flattened and concatenated in sorted site order."""
+    leaves = []
+    for site in sorted(adapters):
+        value = adapters[site]
+        if isinstance(value, dict) and name in value:
+            leaves.append(np.asarray(value[name], np.float64).ravel())
+    return np.concatenate(leaves) if leaves else np.zeros(0)
+
+
+def norm(x: np.ndarray) -> float:
+    return float(np.linalg.norm(x))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdirs", nargs="+")
+    args = parser.parse_args(argv)
+    finals, runs = {}, {}
+    for workdir in args.workdirs:
+        final, initial, step = final_and_initial(workdir)
+        finals[workdir] = final
+        a0, a1, b1 = factor(initial, "a"), factor(final, "a"), factor(final, "b")
+        runs[workdir] = {"step": step, "a_norm_initial": norm(a0), "a_drift": norm(a1 - a0),
+                         "a_relative_drift": norm(a1 - a0) / max(norm(a0), 1e-12), "b_norm": norm(b1)}
+        print(workdir, json.dumps(runs[workdir]))
+    first = args.workdirs[0]
+    versus = {}
+    for workdir in args.workdirs[1:]:
+        if factor(finals[workdir], "a").shape != factor(finals[first], "a").shape:
+            versus[workdir] = None  # another adapter layout (e.g. per-task slots): no distance to report
+            continue
+        da = norm(factor(finals[workdir], "a") - factor(finals[first], "a"))
+        db = norm(factor(finals[workdir], "b") - factor(finals[first], "b"))
+        versus[workdir] = {"a_distance": da, "a_distance_over_first_drift": da / max(runs[first]["a_drift"], 1e-12),
+                           "b_distance": db, "b_distance_over_first_b": db / max(runs[first]["b_norm"], 1e-12)}
+        print(workdir, "vs", first, json.dumps(versus[workdir]))
+    out = {"runs": runs, "versus_first": versus}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
