@@ -11,12 +11,19 @@ import ml_collections
 
 
 def method_options() -> ml_collections.ConfigDict:
-    """Per-method options; `method.name` picks which one is used."""
-    return ml_collections.ConfigDict({
-        "seqlora": {},
-        "inclora": {},
-        "treelora": {"lam": 0.5},
-    })
+    """Every registered method's options with their defaults (the method's own dataclass fields), so
+    each one can be set from the command line: `--config.method.treelora.regulariser=paper_l1`.
+    `method.name` picks which method runs; `config.lora` is its LoRA spec."""
+    import dataclasses
+
+    from jaxtree_lora import methods
+
+    options = {}
+    for name in methods.names():
+        fields = dataclasses.fields(methods.get_class(name))
+        options[name] = {field.name: field.default for field in fields
+                         if field.name not in ("lora", "max_tasks") and field.default is not dataclasses.MISSING}
+    return ml_collections.ConfigDict(options)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
