@@ -12,6 +12,8 @@ REGISTRY = {
     "treelora": "jaxtree_lora.methods.treelora:TreeLoRA",
     "o_lora": "jaxtree_lora.methods.o_lora:OLoRA",
     "ewc": "jaxtree_lora.methods.ewc:EWC",
+    "inflora": "jaxtree_lora.methods.inflora:InfLoRA",
+    "sd_lora": "jaxtree_lora.methods.sd_lora:SDLoRA",
 }
 
 

@@ -120,6 +120,15 @@ class Method:
         return state
 
     # -- inside the step ----------------------------------------------------------------------
+    def forward_adapters(self, adapters: PyTree, state: PyTree) -> PyTree:
+        """The adapter pytree the backbone sees, built from the trainable one (identity by default).
+
+        Lets a method keep parameters that are not per-site, per-layer leaves (e.g. SD-LoRA's one
+        magnitude per task shared by every layer and site) and hand them to `delta` through the
+        per-site pytrees; gradients flow back through this function to the tied parameters. Every
+        forward pass (training, evaluation, statistics, generation) goes through it."""
+        return adapters
+
     def delta(self, state: PyTree, site: str, adapter: PyTree, x: Array, key: Optional[Array]) -> Array:
         """What the adapter adds at one site of one layer: x [..., d_in] -> [..., d_out]."""
         x = lora_lib.dropout(x, self.lora.dropout, key)

@@ -270,7 +270,8 @@ class Run:
                     weight = batch["attention_mask"] * batch["weight"][:, None]
                 collector = SiteInputMoments(
                     lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key), weight)
-                backbone.features(self.frozen, batch, adapters=trainable["adapters"], delta=collector)
+                adapters = method.forward_adapters(trainable["adapters"], method_state)
+                backbone.features(self.frozen, batch, adapters=adapters, delta=collector)
                 return collector.moments, jnp.sum(weight.astype(jnp.float32))
 
             self._moments_batch = jax.jit(moments)
@@ -314,7 +315,8 @@ class Run:
     # -- evaluation -------------------------------------------------------------------------------
     def _features_fn(self, trainable, frozen, method_state, batch):
         delta = lambda site, adapter, x, key: self.method.delta(method_state, site, adapter, x, key)
-        return self.backbone.features(frozen, batch, adapters=trainable["adapters"], delta=delta).astype(jnp.float32)
+        adapters = self.method.forward_adapters(trainable["adapters"], method_state)
+        return self.backbone.features(frozen, batch, adapters=adapters, delta=delta).astype(jnp.float32)
 
     def _predict_fn(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto):
         features = self._features_fn(trainable, frozen, method_state, batch)
@@ -339,7 +341,7 @@ class Run:
                         eos_id=int(tokenizer.eos_token_id),
                         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                    else tokenizer.eos_token_id),
-                        adapters=trainable["adapters"], delta=delta)
+                        adapters=self.method.forward_adapters(trainable["adapters"], method_state), delta=delta)
 
     def evaluate_task(self, state: TrainState, task_index: int, trained_upto: int) -> float:
         """Score (0-100) on task `task_index`'s test split with the state after task `trained_upto`."""

@@ -108,8 +108,8 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
     if kind == "classification":
 
         def task_loss(trainable, frozen, consts, method_state, batch, key):
-            features = backbone.features(frozen, batch, adapters=trainable["adapters"],
-                                         delta=delta_for(method_state), rng=key)
+            adapters = method.forward_adapters(trainable["adapters"], method_state)
+            features = backbone.features(frozen, batch, adapters=adapters, delta=delta_for(method_state), rng=key)
             logits = head_logits(trainable["head"], features, head, head_scale)
             task = method_state["task"]
             mask = consts["task_classes"][task] if train_mask == "task" else consts["seen_classes"][task]
@@ -122,7 +122,8 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
 
         def task_loss(trainable, frozen, consts, method_state, batch, key):
             tokens, attention = batch["input_ids"], batch["attention_mask"]
-            logits = backbone.logits(frozen, tokens, attention, adapters=trainable["adapters"],
+            logits = backbone.logits(frozen, tokens, attention,
+                                     adapters=method.forward_adapters(trainable["adapters"], method_state),
                                      delta=delta_for(method_state), rng=key)
             # Predict token t+1 from position t; loss only on answer tokens (TRACE: labels -100 on the prompt).
             logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
