@@ -14,6 +14,7 @@ REGISTRY = {
     "ewc": "jaxtree_lora.methods.ewc:EWC",
     "inflora": "jaxtree_lora.methods.inflora:InfLoRA",
     "sd_lora": "jaxtree_lora.methods.sd_lora:SDLoRA",
+    "c_lora": "jaxtree_lora.methods.c_lora:CLoRA",
 }
 
 
