@@ -15,6 +15,7 @@ REGISTRY = {
     "inflora": "jaxtree_lora.methods.inflora:InfLoRA",
     "sd_lora": "jaxtree_lora.methods.sd_lora:SDLoRA",
     "c_lora": "jaxtree_lora.methods.c_lora:CLoRA",
+    "lilora": "jaxtree_lora.methods.lilora:LiLoRA",
 }
 
 

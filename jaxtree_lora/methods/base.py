@@ -98,6 +98,13 @@ class Method:
     """
 
     name: str = "base"
+    # record(state, site, adapter, x, weight) -> array: a method that needs a per-site, per-layer
+    # measurement inside the forward pass (e.g. LiLoRA's stability term) defines it; its loss then
+    # finds `aux["site_records"] = {site: [num_layers, ...]}` in what `task_loss` returns.
+    record = None
+    # True when the method's own protocol is told the task at test time (the evaluation then sets
+    # state["task"] to the evaluated task); results say so.
+    task_identity_at_inference: bool = False
     stream_kinds: tuple = ("classification", "instruction")
     not_applicable_reason: str = ""
     lora: lora_lib.LoraSpec
@@ -163,4 +170,5 @@ class Method:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             out[field.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        out["task_identity_at_inference"] = bool(self.task_identity_at_inference)
         return out

@@ -48,8 +48,9 @@ class SiteHook:
 
     Built inside the layer scan from the adapter slice of that layer; a backbone calls
     `hook(site_name, x, y)` after each frozen projection and gets `y + delta` back (or `y` when the
-    site carries no adapter). When the delta has a `record(site, x)` method (see `SiteInputMoments`),
-    what it returns for each adapted site is kept in `records` and comes out of the scan per layer.
+    site carries no adapter). When the delta has a `record(site, adapter, x)` method (see
+    `SiteInputMoments`, `SiteRecorder`), what it returns for each adapted site is kept in `records`
+    and comes out of the scan per layer.
     """
 
     def __init__(self, adapters: Optional[Mapping[str, PyTree]], delta: Optional[DeltaFn],
@@ -69,7 +70,7 @@ class SiteHook:
         dy = self.delta(site, self.adapters[site], x, key)
         record = getattr(self.delta, "record", None)
         if record is not None:
-            self.records[site] = record(site, x)
+            self.records[site] = record(site, self.adapters[site], x)
         return y + dy.astype(y.dtype)
 
 
@@ -93,7 +94,7 @@ class SiteInputMoments:
     def __call__(self, site: str, adapter: PyTree, x: Array, key: Optional[Array]) -> Array:
         return self.delta(site, adapter, x, key)
 
-    def record(self, site: str, x: Array) -> Array:
+    def record(self, site: str, adapter: PyTree, x: Array) -> Array:
         w = self.weight.astype(jnp.float32)
         w = w.reshape(w.shape + (1,) * (x.ndim - 1 - w.ndim))
         w = jnp.broadcast_to(w, x.shape[:-1])
@@ -102,6 +103,30 @@ class SiteInputMoments:
 
     def collect(self, records: Mapping[str, Array]) -> None:
         self.moments = dict(records)
+
+
+class SiteRecorder:
+    """A delta hook that also lets a method measure something at every adapted site and layer.
+
+    `record(site, adapter, x, weight) -> array` is the method's function (e.g. LiLoRA's stability term
+    needs the shared projection of each site's input); `weight` is the token weight ([batch, seq] or
+    [batch]). After the forward pass, `records` is `{site: [num_layers, ...]}`.
+    """
+
+    def __init__(self, delta: DeltaFn, record: Callable, weight: Array):
+        self.delta = delta
+        self._record = record
+        self.weight = weight
+        self.records: dict[str, Array] = {}
+
+    def __call__(self, site: str, adapter: PyTree, x: Array, key: Optional[Array]) -> Array:
+        return self.delta(site, adapter, x, key)
+
+    def record(self, site: str, adapter: PyTree, x: Array) -> Array:
+        return self._record(site, adapter, x, self.weight)
+
+    def collect(self, records: Mapping[str, Array]) -> None:
+        self.records = dict(records)
 
 
 def layer_keys(key: Optional[Array], num_layers: int) -> Optional[Array]:

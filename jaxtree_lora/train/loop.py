@@ -347,6 +347,10 @@ class Run:
         """Score (0-100) on task `task_index`'s test split with the state after task `trained_upto`."""
         task = self.stream.tasks[task_index]
         eval_batch = int(self.config.eval.get("batch_size", 64))
+        if self.method.task_identity_at_inference:
+            # The method's protocol gives the task identity at test time (e.g. LiLoRA's set_task).
+            state = state.replace(method_state={**state.method_state,
+                                                "task": jnp.asarray(task_index, jnp.int32)})
         if self.kind == "classification":
             arrays = split_arrays(task.test, self.kind)
             correct, total = 0.0, 0.0

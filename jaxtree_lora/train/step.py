@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtree_lora.errors import ConfigError
+from jaxtree_lora.models.common import SiteRecorder
 
 PyTree = Any
 
@@ -102,19 +103,29 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
                    head_scale: float = 20.0) -> Callable:
     """Returns task_loss(trainable, frozen, consts, method_state, batch, key) -> (loss, aux)."""
 
-    def delta_for(method_state):
-        return lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key)
+    def delta_for(method_state, weight):
+        delta = lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key)
+        if getattr(method, "record", None) is None:
+            return delta
+        # The method measures something per site (returned to its loss as aux["site_records"]).
+        record = lambda site, adapter, x, w: method.record(method_state, site, adapter, x, w)
+        return SiteRecorder(delta, record, weight)
+
+    def records_of(delta) -> dict:
+        return {"site_records": delta.records} if isinstance(delta, SiteRecorder) else {}
 
     if kind == "classification":
 
         def task_loss(trainable, frozen, consts, method_state, batch, key):
             adapters = method.forward_adapters(trainable["adapters"], method_state)
-            features = backbone.features(frozen, batch, adapters=adapters, delta=delta_for(method_state), rng=key)
+            weight = batch["attention_mask"] * batch["weight"][:, None] if "attention_mask" in batch else batch["weight"]
+            delta = delta_for(method_state, weight)
+            features = backbone.features(frozen, batch, adapters=adapters, delta=delta, rng=key)
             logits = head_logits(trainable["head"], features, head, head_scale)
             task = method_state["task"]
             mask = consts["task_classes"][task] if train_mask == "task" else consts["seen_classes"][task]
             loss, aux = masked_cross_entropy(logits, batch["labels"], mask, batch["weight"])
-            return loss, {**aux, "tokens": jnp.sum(batch.get("attention_mask", batch["weight"]))}
+            return loss, {**aux, "tokens": jnp.sum(batch.get("attention_mask", batch["weight"])), **records_of(delta)}
 
         return task_loss
 
@@ -122,9 +133,10 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
 
         def task_loss(trainable, frozen, consts, method_state, batch, key):
             tokens, attention = batch["input_ids"], batch["attention_mask"]
+            delta = delta_for(method_state, attention * batch["weight"][:, None])
             logits = backbone.logits(frozen, tokens, attention,
                                      adapters=method.forward_adapters(trainable["adapters"], method_state),
-                                     delta=delta_for(method_state), rng=key)
+                                     delta=delta, rng=key)
             # Predict token t+1 from position t; loss only on answer tokens (TRACE: labels -100 on the prompt).
             logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
             target = tokens[:, 1:]
@@ -132,7 +144,8 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
             mask = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["weight"][:, None]
             count = jnp.maximum(jnp.sum(mask), 1.0)
             loss = jnp.sum(nll * mask) / count
-            return loss, {"answer_tokens": jnp.sum(mask), "tokens": jnp.sum(attention * batch["weight"][:, None])}
+            return loss, {"answer_tokens": jnp.sum(mask), "tokens": jnp.sum(attention * batch["weight"][:, None]),
+                          **records_of(delta)}
 
         return task_loss
 
