@@ -16,6 +16,7 @@ REGISTRY = {
     "sd_lora": "jaxtree_lora.methods.sd_lora:SDLoRA",
     "c_lora": "jaxtree_lora.methods.c_lora:CLoRA",
     "lilora": "jaxtree_lora.methods.lilora:LiLoRA",
+    "loda": "jaxtree_lora.methods.loda:LoDA",
 }
 
 

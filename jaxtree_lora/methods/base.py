@@ -41,7 +41,8 @@ from jaxtree_lora.models.common import Site
 
 Array = jax.Array
 PyTree = Any
-# task_loss(trainable, key) -> (loss, aux): the stream's loss on the current batch (closure over it).
+# task_loss(trainable, key, batch=None) -> (loss, aux): the stream's loss on the current batch (closure over
+# it), or on `batch` when given (same shapes, e.g. the current batch with other example weights).
 TaskLoss = Callable[[PyTree, Optional[Array]], tuple[Array, dict]]
 
 

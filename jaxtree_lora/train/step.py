@@ -170,7 +170,9 @@ def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransf
             micro_key = jax.random.fold_in(key, index)
 
             def loss_fn(trainable):
-                closure = lambda tr, k: task_loss(tr, frozen, consts, method_state, micro_batch, k)
+                # A method may evaluate the task loss on a re-weighted batch (e.g. LoDA's class halves).
+                closure = lambda tr, k, b=None: task_loss(tr, frozen, consts, method_state,
+                                                          micro_batch if b is None else b, k)
                 return method.loss(trainable, method_state, micro_batch, micro_key, closure)
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
