@@ -17,6 +17,7 @@ REGISTRY = {
     "c_lora": "jaxtree_lora.methods.c_lora:CLoRA",
     "lilora": "jaxtree_lora.methods.lilora:LiLoRA",
     "loda": "jaxtree_lora.methods.loda:LoDA",
+    "cl_lora": "jaxtree_lora.methods.cl_lora:CLLoRA",
 }
 
 

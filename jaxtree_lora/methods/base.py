@@ -106,6 +106,9 @@ class Method:
     # True when the method's own protocol is told the task at test time (the evaluation then sets
     # state["task"] to the evaluated task); results say so.
     task_identity_at_inference: bool = False
+    # True when inference scores each task's classes with that task's own adapters (one forward per
+    # task, no task identity needed; CL-LoRA).
+    per_task_inference: bool = False
     stream_kinds: tuple = ("classification", "instruction")
     not_applicable_reason: str = ""
     lora: lora_lib.LoraSpec

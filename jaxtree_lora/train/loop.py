@@ -319,12 +319,22 @@ class Run:
         return self.backbone.features(frozen, batch, adapters=adapters, delta=delta).astype(jnp.float32)
 
     def _predict_fn(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto):
-        features = self._features_fn(trainable, frozen, method_state, batch)
-        if self.classifier == "prototype":
-            # Nearest class mean by cosine: forgetting then comes only from feature drift.
-            logits = head_logits({"w": prototypes.T}, features, "cosine", 1.0)
+        def class_logits(method_state):
+            features = self._features_fn(trainable, frozen, method_state, batch)
+            if self.classifier == "prototype":
+                # Nearest class mean by cosine: forgetting then comes only from feature drift.
+                return head_logits({"w": prototypes.T}, features, "cosine", 1.0)
+            return head_logits(trainable["head"], features, self.head, self.head_scale)
+
+        if self.method.per_task_inference:
+            # Each task's classes are scored with that task's features (CL-LoRA's forward_test): one
+            # forward per task slot, every class taking the logit of its own task. Task-identity free.
+            per_task = jax.lax.map(lambda k: class_logits({**method_state, "task": k}),
+                                   jnp.arange(consts["task_classes"].shape[0]))  # [K, B, C]
+            own = consts["task_classes"][:, None, :]
+            logits = jnp.sum(jnp.where(own, per_task, 0.0), axis=0)
         else:
-            logits = head_logits(trainable["head"], features, self.head, self.head_scale)
+            logits = class_logits(method_state)
         logits = jnp.where(consts["seen_classes"][seen_upto][None, :], logits, -jnp.inf)
         return jnp.argmax(logits, axis=-1)
 

@@ -125,7 +125,10 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
             task = method_state["task"]
             mask = consts["task_classes"][task] if train_mask == "task" else consts["seen_classes"][task]
             loss, aux = masked_cross_entropy(logits, batch["labels"], mask, batch["weight"])
-            return loss, {**aux, "tokens": jnp.sum(batch.get("attention_mask", batch["weight"])), **records_of(delta)}
+            # The logits over the trained classes (others at -1e9) for methods that distil (CL-LoRA).
+            class_logits = jnp.where(mask[None, :], logits.astype(jnp.float32), -1e9)
+            return loss, {**aux, "tokens": jnp.sum(batch.get("attention_mask", batch["weight"])),
+                          "class_logits": class_logits, **records_of(delta)}
 
         return task_loss
 
