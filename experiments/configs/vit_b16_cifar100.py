@@ -25,6 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     config.method.name = "treelora"
     config.method.treelora.lam = 0.1
+    config.method.treelora.tree_depth = 5  # the paper's tree depth for ViTs (Table 6)
     config.lora = ml_collections.ConfigDict({
         "targets": ["attn.query", "attn.value"], "rank": 8, "alpha": 32.0, "dropout": 0.0,
         "init": "kaiming_uniform", "max_modules": -1,

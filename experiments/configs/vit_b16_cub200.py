@@ -1,0 +1,24 @@
+"""Split CUB-200-2011 with ViT-B/16: 200 bird classes in 10 tasks of 20.
+
+    jaxtree-lora run --config experiments/configs/vit_b16_cub200.py \
+        --config.model.path=/path/to/vit-base-patch16-224-in21k --config.data.data_dir=/path/to/tfds
+
+The benchmark of LoDA (`exps/dlora/cub10.json`: 20 classes per task, 10 tasks, SGD 0.005, r 32) and
+of the PILOT-family papers (reference/methods.md §0.4, §4.7): tfds `caltech_birds2011` train/test
+splits read through `data_source` from `data.data_dir`; 224x224 inputs; seeded class order;
+task-identity-free evaluation over every class seen so far. Method settings as in
+`vit_b16_cifar100.py` (TreeLoRA's ViT setting); other methods keep their options under
+config.method.<name>.
+"""
+import ml_collections
+
+from experiments.configs import vit_b16_cifar100
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = vit_b16_cifar100.get_config()
+    config.data = ml_collections.ConfigDict({
+        "name": "tfds", "dataset": "caltech_birds2011", "data_dir": "", "num_tasks": 10, "image_size": 224,
+        "seed": 0, "train_split": "train", "test_split": "test",
+    })
+    return config
