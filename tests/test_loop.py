@@ -55,7 +55,7 @@ def make_run(config, workdir, **kwargs):
                **kwargs)
 
 
-@pytest.mark.parametrize("method", ["treelora", "inclora"])
+@pytest.mark.parametrize("method", ["treelora", "inclora", "o_lora", "ewc"])
 def test_one_compiled_step_for_all_tasks(method, tmp_path):
     run = make_run(tiny_config(method), tmp_path / "run")
     outcome = run.fit()

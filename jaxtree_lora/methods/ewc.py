@@ -35,8 +35,9 @@ class EWC(Method):
 
     def init(self, key, model, stream):
         adapters, state = super().init(key, model, stream)
-        zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, jnp.float32), adapters)
-        return adapters, {**state, "fisher": zeros, "anchor": zeros}
+        zeros = lambda: jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, jnp.float32), adapters)
+        # Separate buffers: the train step donates its state, and one buffer cannot be donated twice.
+        return adapters, {**state, "fisher": zeros(), "anchor": zeros()}
 
     def penalty(self, adapters, state) -> jax.Array:
         return sum(jnp.sum(f * jnp.square(p.astype(jnp.float32) - a))
@@ -53,5 +54,5 @@ class EWC(Method):
             raise ValueError("EWC needs the trainer's Fisher estimate (TaskContext.fisher)")
         fisher_new = context.fisher(trainable, state)["adapters"]
         fisher = jax.tree.map(lambda old, new: self.gamma * old + new, state["fisher"], fisher_new)
-        anchor = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), trainable["adapters"])
+        anchor = jax.tree.map(lambda leaf: jnp.array(leaf, jnp.float32), trainable["adapters"])  # a copy
         return trainable, {**state, "fisher": fisher, "anchor": anchor}
