@@ -215,7 +215,9 @@ class Run:
         step = make_train_step(self.method, self.task_loss, self.optimizer,
                                freeze_other_classes=self.config.train.get("train_mask", "task") == "task")
         self.train_step = jax.jit(step, donate_argnums=(0,))
-        self.frozen = jax.device_put(self.backbone.params, mesh_lib.fsdp_sharding(self.mesh, self.backbone.params))
+        min_size = int(self.config.train.get("fsdp_min_size", 2 ** 18))
+        self.frozen = jax.device_put(self.backbone.params,
+                                     mesh_lib.backbone_sharding(self.mesh, self.backbone.params, min_size))
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         method = self.method
 

@@ -2,8 +2,11 @@
 
 One device is a 1x1x1 mesh: the same jitted step with the same shardings runs everywhere. Batches are
 split over `data` x `fsdp`; adapters, optimiser state and method state are replicated (they are
-small, and replication keeps the bandit and the tree free of collectives); the frozen backbone is
-replicated by default, or FSDP-sharded on the largest divisible axis of big kernels.
+small, and replication keeps the bandit and the tree free of collectives). The frozen backbone is
+sharded by name (`backbone_sharding`): Megatron-style over `tensor` (attention q/k/v and MLP up/gate
+kernels on their output axis, attention-output and MLP-down kernels on their input axis, the LM
+head on the vocabulary), then FSDP over `fsdp` on the largest remaining divisible axis of big leaves
+(never the stacked layer axis, which the layer scan walks). XLA SPMD inserts the collectives.
 """
 from __future__ import annotations
 
@@ -42,6 +45,47 @@ def batch_sharding(mesh: Mesh, leading_accum_axis: bool = True) -> NamedSharding
     """Micro-batches [accum, batch, ...] split on the batch axis over data x fsdp."""
     spec = P(None, ("data", "fsdp")) if leading_accum_axis else P(("data", "fsdp"))
     return NamedSharding(mesh, spec)
+
+
+# Kernels stored [..., d_in, d_out]: column-parallel ones split d_out, row-parallel ones split d_in.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query", "key", "value",
+                   "intermediate", "fc1", "lm_head")
+ROW_PARALLEL = ("o_proj", "down_proj", "attn_out", "output", "fc2")
+
+
+def backbone_sharding(mesh: Mesh, tree: Any, min_size: int = 2 ** 18) -> Any:
+    """NamedShardings for the frozen backbone: tensor rules by parameter name, then FSDP.
+
+    A name's tensor axis is used only when the tensor size divides it; FSDP applies to leaves with at
+    least `min_size` elements, on the largest remaining axis divisible by the fsdp size, skipping the
+    leading layer axis of stacked per-layer weights.
+    """
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+
+    def rule(path, leaf):
+        names = [str(getattr(entry, "key", getattr(entry, "name", ""))) for entry in path]
+        name = next((n for n in reversed(names) if n not in ("value", "")), "") if names and names[-1] == "value" \
+            else (names[-1] if names else "")
+        stacked = "layers" in names
+        shape = np.shape(leaf)
+        spec = [None] * len(shape)
+        base = name[:-len("_bias")] if name.endswith("_bias") else name
+        if tensor > 1 and len(shape) >= 1:
+            axis = None
+            if base in COLUMN_PARALLEL:
+                axis = len(shape) - 1
+            elif base in ROW_PARALLEL and not name.endswith("_bias") and len(shape) >= 2:
+                axis = len(shape) - 2
+            if axis is not None and (axis > 0 or not stacked) and shape[axis] % tensor == 0:
+                spec[axis] = "tensor"
+        if fsdp > 1 and int(np.prod(shape)) >= min_size:
+            for axis in np.argsort(shape)[::-1]:
+                if spec[axis] is None and not (stacked and axis == 0) and shape[axis] % fsdp == 0:
+                    spec[axis] = "fsdp"
+                    break
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree_util.tree_map_with_path(rule, tree)
 
 
 def fsdp_sharding(mesh: Mesh, tree: Any, min_size: int = 2 ** 18) -> Any:
