@@ -24,6 +24,18 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that belongs to another run (different model, method or stream)."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only directory, ...). Orbax writes into a
+    temporary directory and renames it only when complete, so earlier checkpoints are untouched."""
+
+
+def _write_failed(step: int, error: BaseException, directory: str, previous) -> CheckpointWriteError:
+    kept = f"the previous checkpoint (step {previous}) is intact" if previous is not None else "no earlier checkpoint exists"
+    return CheckpointWriteError(
+        f"writing the checkpoint of step {step} to {directory} failed ({type(error).__name__}: {error}); "
+        f"{kept}: free disk space or make the directory writable, then continue with --resume")
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, keep_task_ends: bool = True):
         self.directory = os.path.abspath(directory)
@@ -35,15 +47,23 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "loop"))
+        self._last_good = self.manager.latest_step()  # the newest checkpoint known to be complete
+        self._pending: Optional[int] = None
 
     def save(self, step: int, state: Any, loop: dict, force: bool = True) -> None:
         """Saves (asynchronously). A later save at the same step (the end-of-task save right after a
         periodic one) replaces the earlier checkpoint."""
-        if step in self.manager.all_steps():
-            self.manager.wait_until_finished()
-            self.manager.delete(step)
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         loop=ocp.args.JsonSave(loop)), force=force)
+        self.wait()  # the previous asynchronous save: its failure surfaces here, its success is recorded
+        previous = self._last_good
+        try:
+            if step in self.manager.all_steps():
+                self.manager.wait_until_finished()
+                self.manager.delete(step)
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             loop=ocp.args.JsonSave(loop)), force=force)
+        except Exception as error:  # an async write failing earlier surfaces here too
+            raise _write_failed(step, error, self.directory, previous) from error
+        self._pending = step
 
     def latest(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -66,11 +86,18 @@ class Checkpointer:
         return restored["loop"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise _write_failed(self._pending, error, self.directory, self._last_good) from error
+        if self._pending is not None:
+            self._last_good = self._pending
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def abstract(tree: Any) -> Any:

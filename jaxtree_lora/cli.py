@@ -34,7 +34,7 @@ def _user_errors() -> tuple:
 
     errors = [UsageError, config_lib.ConfigFileError, lora.LoraSpecError, CheckpointError, UnknownMethod,
               backbone.BackboneError, loop.ConfigError, loop.NonFiniteLoss, mesh.MeshError,
-              checkpoint.CheckpointMismatch, FileNotFoundError, NotADirectoryError, PermissionError]
+              checkpoint.CheckpointMismatch, checkpoint.CheckpointWriteError, FileNotFoundError, NotADirectoryError, PermissionError]
     from jaxtree_lora.export import ExportError
 
     errors.append(ExportError)
