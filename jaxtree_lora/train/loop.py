@@ -93,6 +93,16 @@ def validate(config) -> None:
         raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {config.eval.temperature}")
     if int(config.eval.get("batch_size", 1)) < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
+    mesh = list(train.get("mesh", None) or [])
+    if mesh and (len(mesh) != 3 or any(not isinstance(v, int) or v < 1 for v in mesh)):
+        raise ConfigError(f"train.mesh must be [] (all devices on data) or three positive integers "
+                          f"[data, fsdp, tensor], got {mesh}")
+    dtype = config.model.get("compute_dtype", None)
+    if dtype not in (None, "", "float32", "bfloat16"):
+        raise ConfigError(f"model.compute_dtype must be float32 or bfloat16, got {dtype!r}")
+    tasks = config.get("data", {}).get("num_tasks", None)
+    if tasks is not None and int(tasks) < 1:
+        raise ConfigError(f"data.num_tasks must be >= 1, got {tasks}")
 
 
 def epochs_for(config, task: int) -> int:
