@@ -248,20 +248,23 @@ class Run:
     def fisher(self, trainable, method_state, arrays: dict, task_index: int):
         """Diagonal empirical Fisher of the task loss: mean over examples of squared per-example grads."""
         if getattr(self, "_fisher_batch", None) is None:
-            def one(trainable, method_state, example, key):
+            # The frozen weights are an argument, not a closure: a closed-over array becomes a
+            # compile-time constant (slow constant folding, and a copy inside the executable).
+            def one(trainable, frozen, method_state, example, key):
                 batch = jax.tree.map(lambda leaf: leaf[None], example)
-                loss, _ = self.task_loss(trainable, self.frozen, self.consts, method_state, batch, key)
+                loss, _ = self.task_loss(trainable, frozen, self.consts, method_state, batch, key)
                 return loss
 
-            def squared_sum(trainable, method_state, batch, key):
-                grads = jax.vmap(jax.grad(one), in_axes=(None, None, 0, None))(trainable, method_state, batch, key)
+            def squared_sum(trainable, frozen, method_state, batch, key):
+                grads = jax.vmap(jax.grad(one), in_axes=(None, None, None, 0, None))(trainable, frozen, method_state,
+                                                                                   batch, key)
                 return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0), grads)
 
             self._fisher_batch = jax.jit(squared_sum)
         total, count = None, 0.0
         for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
             count += float(np.sum(batch["weight"]))
-            sums = self._fisher_batch(trainable, method_state, batch, None)
+            sums = self._fisher_batch(trainable, self.frozen, method_state, batch, None)
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total)
 
@@ -275,7 +278,7 @@ class Run:
 
             method, backbone = self.method, self.backbone
 
-            def moments(trainable, method_state, batch):
+            def moments(trainable, frozen, method_state, batch):
                 if "images" in batch:
                     weight = batch["weight"]
                 else:
@@ -283,13 +286,13 @@ class Run:
                 collector = SiteInputMoments(
                     lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key), weight)
                 adapters = method.forward_adapters(trainable["adapters"], method_state)
-                backbone.features(self.frozen, batch, adapters=adapters, delta=collector)
+                backbone.features(frozen, batch, adapters=adapters, delta=collector)
                 return collector.moments, jnp.sum(weight.astype(jnp.float32))
 
             self._moments_batch = jax.jit(moments)
         total, count = None, 0.0
         for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
-            sums, tokens = self._moments_batch(trainable, method_state, batch)
+            sums, tokens = self._moments_batch(trainable, self.frozen, method_state, batch)
             count += float(tokens)
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total), count
