@@ -147,6 +147,17 @@ def split_arrays(split, kind: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+def state_digest(state) -> str:
+    """sha256 over every array of the state (tree order, dtype, shape and bytes): saved beside each
+    checkpoint and checked on restore, so changed bytes are never loaded silently."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(state)):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 # the run
 # ----------------------------------------------------------------------------------------------
 
@@ -432,6 +443,11 @@ class Run:
                 print(f"jaxtree-lora: checkpoint {step} is damaged ({type(error).__name__}: "
                       f"{str(error).splitlines()[0][:120]}); trying an older one", file=sys.stderr)
                 continue
+            if loop.get("state_digest") not in (None, state_digest(restored)):
+                # The arrays read back but are not the ones written (bytes changed on disk).
+                print(f"jaxtree-lora: checkpoint {step} is damaged (its arrays do not match the digest "
+                      f"saved with them); trying an older one", file=sys.stderr)
+                continue
             return restored, loop
         raise checkpoint_lib.CheckpointMismatch(
             f"no readable checkpoint in {checkpoints.directory}: every one is damaged; start again with a new --workdir")
@@ -466,7 +482,8 @@ class Run:
 
         def save(state, position, wait=False):
             loop = {"position": position, "fingerprint": fp, "timings": timings,
-                    "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in matrix]}
+                    "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in matrix],
+                    "state_digest": state_digest(state)}
             checkpoints.save(host_step, state, loop)
             if wait:
                 checkpoints.wait()
