@@ -41,10 +41,10 @@ SHAPES = {
 }
 
 
-def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: float = 0.5):
+def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: float = 0.5, rank: int = 8):
     from jaxtree_lora.methods import get_class
 
-    spec = lora_lib.LoraSpec(targets=("attn.q_proj", "attn.v_proj"), rank=8, alpha=32.0, dropout=0.1)
+    spec = lora_lib.LoraSpec(targets=("attn.q_proj", "attn.v_proj"), rank=rank, alpha=32.0, dropout=0.1)
     cls = get_class(method_name)
     fields = {f.name for f in __import__("dataclasses").fields(cls)}
     options = {"lora": spec}
