@@ -19,6 +19,9 @@ import time
 from typing import Optional, Sequence
 
 USAGE_ERROR = 2
+# transformers (used for configs and tokenizers only) announces on import that PyTorch is absent; that
+# line on stderr would bury the one-line answer a user gets for bad input.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 class UsageError(ValueError):

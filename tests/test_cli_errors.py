@@ -19,6 +19,10 @@ BAD = [
     (["--config.method.treelora.nosuch=1"], "unknown config key"),
     (["--config.lora.init=weird"], "unknown lora init"),
     (["--config.eval.temperature=-1"], "temperature must be >= 0"),
+    (["--config.data.num_tasks=20"], "20 tasks need at least as many classes, but there are 10"),
+    (["--config.model.name=hf", "--config.model.path=/nonexistent"], "does not exist"),
+    (["--config.train.mesh=[0,0,0]"], "train.mesh must be"),
+    (["--config.model.compute_dtype=int8"], "compute_dtype must be float32 or bfloat16"),
 ]
 
 
@@ -59,3 +63,21 @@ def test_config_files_load():
         if name.endswith(".py") and not name.startswith("_"):
             config = config_lib.load(os.path.join(here, name))
             assert "method" in config and "lora" in config, name
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    from test_cli_compare import CONFIG
+    from test_paper_configs import write_tiny_llama_and_trace
+
+    llama, trace = write_tiny_llama_and_trace(tmp_path, tasks=("FOMC", "Py150"), train_rows=8)
+    config = tmp_path / "exploding.py"
+    config.write_text(CONFIG.format(llama=llama, trace=trace))
+    workdir = tmp_path / "run"
+    status = cli.main(["run", "--config", str(config), "--workdir", str(workdir), "--no-progress",
+                       "--config.optimizer.learning_rate=1e38", "--config.optimizer.clip_norm=0.0",
+                       "--config.method.name=seqlora", "--config.train.log_every=1"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.count("\n") == 1 and "loss became" in err and "global step" in err, err
+    assert "last good checkpoint is kept" in err
+    assert not (workdir / "results.json").exists(), "no results from a diverged run"

@@ -47,8 +47,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
     """
     opt = config.optimizer
     lr = float(opt.learning_rate)
-    if lr <= 0:
-        raise ConfigError(f"optimizer.learning_rate must be > 0, got {lr}")
+    if not lr > 0 or lr == float("inf"):
+        raise ConfigError(f"optimizer.learning_rate must be a finite number > 0, got {lr}")
     schedule = lr
     if opt.get("schedule", "constant") == "cosine":
         schedule = optax.cosine_decay_schedule(lr, max(int(opt.get("decay_steps", 1000)), 1))
