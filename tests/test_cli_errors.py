@@ -10,7 +10,7 @@ from jaxtree_lora import cli, config as config_lib
 BAD = [
     (["--config.nope=1"], "unknown config key 'nope'"),
     (["--config.lora.rank=0"], "rank must be >= 1"),
-    (["--config.optimizer.learning_rate=-0.1"], "learning_rate must be > 0"),
+    (["--config.optimizer.learning_rate=-0.1"], "learning_rate must be a finite number > 0"),
     (["--config.method.name=nosuch"], "unknown method 'nosuch'"),
     (["--config.train.epochs=0"], "train.epochs must be >= 1"),
     (["--config.lora.targets=attn.nothing"], None),  # caught when the backbone is known (see test_loop)
