@@ -9,12 +9,18 @@ import pytest
 from jaxtree_lora import methods
 from jaxtree_lora.train.loop import StopRequested
 
-from test_loop import make_run, tiny_config
+from test_loop import make_run, tiny_config as tiny_test_config
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", methods.names())
 def test_resumed_run_equals_an_uninterrupted_one(method, tmp_path):
+    def tiny_config(method, **train):
+        config = tiny_test_config(method, **train)
+        if method == "lilora":
+            config.method.lilora.sub_rank = 1  # <= the tiny LoRA rank 2
+        return config
+
     whole_run = make_run(tiny_config(method), tmp_path / "whole")
     whole = whole_run.fit()
     assert whole_run.train_step._cache_size() == 1, "a new task compiled the train step again"
