@@ -11,9 +11,8 @@ from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import ModelInfo, StreamInfo, TaskContext
 from jaxtree_lora.methods.c_lora import CLoRA, orthonormal_basis
 from jaxtree_lora.models.common import Site
-from jaxtree_lora.train.loop import StopRequested
 
-from test_loop import make_run, tiny_config
+from test_loop import interrupted_and_resumed, tiny_config
 
 INFO = ModelInfo(sites={"q": Site(3, 2)}, num_layers=1, feature_dim=3)
 STREAM = StreamInfo(num_tasks=3, max_tasks=3, kind="classification")
@@ -88,15 +87,7 @@ def test_basis_keeps_the_energy_share():
 
 
 def test_run_compiles_once_learns_and_resumes_equal(tmp_path):
-    whole_run = make_run(tiny_config("c_lora"), tmp_path / "whole")
-    whole = whole_run.fit()
+    whole_run, whole = interrupted_and_resumed(lambda **train: tiny_config("c_lora", **train), tmp_path)
     assert whole_run.train_step._cache_size() == 1, "a new task compiled the train step again"
     assert np.all(np.diag(whole["matrix"]) > 50.0), "each task is learned (2 classes: chance is 50)"
     assert np.any(np.asarray(whole["state"].method_state["r_old"]["attn.query"])), "R_old carried between tasks"
-    cut = make_run(tiny_config("c_lora", checkpoint_every=1), tmp_path / "cut", stop_after_steps=7)
-    with pytest.raises(StopRequested):
-        cut.fit()
-    resumed = make_run(tiny_config("c_lora", checkpoint_every=1), tmp_path / "cut").fit(resume=True)
-    np.testing.assert_array_equal(resumed["matrix"], whole["matrix"])
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].method_state),
-                 jax.device_get(whole["state"].method_state))

@@ -66,17 +66,25 @@ def test_one_compiled_step_for_all_tasks(method, tmp_path):
     assert [r["task"] for r in records if r["type"] == "task"] == [0, 1, 2]
 
 
-def test_resume_after_interruption_ends_like_an_uninterrupted_run(tmp_path):
-    whole = make_run(tiny_config("treelora"), tmp_path / "whole").fit()
-    interrupted = make_run(tiny_config("treelora", checkpoint_every=1), tmp_path / "cut", stop_after_steps=7)
+def interrupted_and_resumed(config_for, tmp_path, stop_after_steps=7):
+    """Runs `config_for(**train)` whole, then interrupted after `stop_after_steps` steps (a checkpoint
+    every step) and resumed; asserts the two end bitwise equal (matrix, trainable, method state).
+    Returns (the whole Run, its outcome)."""
+    whole_run = make_run(config_for(), tmp_path / "whole")
+    whole = whole_run.fit()
+    cut = make_run(config_for(checkpoint_every=1), tmp_path / "cut", stop_after_steps=stop_after_steps)
     with pytest.raises(StopRequested):
-        interrupted.fit()
-    resumed = make_run(tiny_config("treelora", checkpoint_every=1), tmp_path / "cut").fit(resume=True)
+        cut.fit()
+    resumed = make_run(config_for(checkpoint_every=1), tmp_path / "cut").fit(resume=True)
     np.testing.assert_array_equal(resumed["matrix"], whole["matrix"])
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].trainable),
-                 jax.device_get(whole["state"].trainable))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].method_state),
-                 jax.device_get(whole["state"].method_state))
+    for part in ("trainable", "method_state"):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(resumed["state"], part)),
+                     jax.device_get(getattr(whole["state"], part)))
+    return whole_run, whole
+
+
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(tmp_path):
+    interrupted_and_resumed(lambda **train: tiny_config("treelora", **train), tmp_path)
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):
