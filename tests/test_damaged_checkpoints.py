@@ -51,7 +51,8 @@ def whole(tmp_path_factory):
     return make_run(tiny_config("treelora"), tmp_path_factory.mktemp("whole")).fit()
 
 
-@pytest.mark.parametrize("damage", [change_bytes, garbage_metadata,
+@pytest.mark.parametrize("damage", [change_bytes,
+                                    pytest.param(garbage_metadata, marks=pytest.mark.slow),
                                     pytest.param(truncate, marks=pytest.mark.slow),
                                     pytest.param(missing_part, marks=pytest.mark.slow)],
                          ids=lambda f: f.__name__)

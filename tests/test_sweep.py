@@ -2,9 +2,12 @@
 import json
 import os
 
+import pytest
+
 from experiments import sweep
 
 
+@pytest.mark.slow
 def test_a_two_point_grid_writes_measured_rows_and_plots(tmp_path):
     out = str(tmp_path / "sweep")
     summary = sweep.main(["--widths", "64,128", "--ranks", "4", "--tasks", "2", "--repeats", "2", "--seq", "16",
