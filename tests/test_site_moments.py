@@ -1,4 +1,4 @@
-"""SiteInputMoments and Run.site_moments: the input statistics InfLoRA and LoDA build subspaces from.
+"""input_moment recorded through a SiteRecorder (what Run.site_moments runs): the input statistics InfLoRA and LoDA build subspaces from.
 
 Checked against a direct numpy computation of the inputs of the first layer's q projection (which is
 the layer-normed embedding, computable by hand), and on padding: padded tokens must not count."""
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtree_lora import lora as lora_lib
-from jaxtree_lora.models.common import SiteInputMoments
+from jaxtree_lora.models.common import SiteRecorder, input_moment
 from jaxtree_lora.train import backbone as backbone_lib
 
 
@@ -21,10 +21,10 @@ def test_moments_of_every_layer_and_site_exclude_padding():
     weight = mask * jnp.asarray([1, 1])[:, None]
 
     def run(weight):
-        collector = SiteInputMoments(lambda site, a, x, k: lora_lib.apply(a, x, spec.scale), weight)
+        collector = SiteRecorder(lambda site, a, x, k: lora_lib.apply(a, x, spec.scale), input_moment, weight)
         out = backbone.features(backbone.params, {"input_ids": tokens, "attention_mask": mask},
                                 adapters=adapters, delta=collector)
-        return out, collector.moments
+        return out, collector.records
 
     (features, moments) = jax.jit(run)(weight)
     plain = backbone.features(backbone.params, {"input_ids": tokens, "attention_mask": mask}, adapters=adapters,

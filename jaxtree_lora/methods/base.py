@@ -81,7 +81,7 @@ class TaskContext:
     # of the squared per-example gradient of the task loss (the diagonal empirical Fisher).
     fisher: Optional[Callable[[Any, Any], Any]] = None
     # site_moments(trainable, method_state) -> ({site: [num_layers, d_in, d_in]}, tokens): the mean of
-    # x x^T over the task's real tokens of each adapted site's input x (models.common.SiteInputMoments).
+    # x x^T over the task's real tokens of each adapted site's input x (models.common.input_moment through a SiteRecorder).
     site_moments: Optional[Callable[[Any, Any], Any]] = None
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import Method
+from jaxtree_lora.models.common import token_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +98,7 @@ class LiLoRA(Method):
         now = jnp.einsum("...i,ri->...r", x32, adapter["a_sh"].astype(jnp.float32))
         before = jnp.einsum("...i,ri->...r", x32, adapter["a_sh_prev"].astype(jnp.float32))
         cosine = jnp.sum(now * before, -1) / (jnp.linalg.norm(now, axis=-1) * jnp.linalg.norm(before, axis=-1) + 1e-8)
-        w = weight.astype(jnp.float32)
-        w = jnp.broadcast_to(w.reshape(w.shape + (1,) * (cosine.ndim - w.ndim)), cosine.shape)
+        w = token_weight(weight, cosine.shape)
         return jnp.stack([jnp.sum((1.0 - cosine) * w), jnp.sum(w)])
 
     def loss(self, trainable, state, batch, key, task_loss):

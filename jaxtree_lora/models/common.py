@@ -49,7 +49,7 @@ class SiteHook:
     Built inside the layer scan from the adapter slice of that layer; a backbone calls
     `hook(site_name, x, y)` after each frozen projection and gets `y + delta` back (or `y` when the
     site carries no adapter). When the delta has a `record(site, adapter, x)` method (see
-    `SiteInputMoments`, `SiteRecorder`), what it returns for each adapted site is kept in `records`
+    `SiteRecorder`), what it returns for each adapted site is kept in `records`
     and comes out of the scan per layer.
     """
 
@@ -74,43 +74,26 @@ class SiteHook:
         return y + dy.astype(y.dtype)
 
 
-class SiteInputMoments:
-    """A delta hook that also measures what each adapted projection sees.
+def token_weight(weight: Array, shape) -> Array:
+    """A float32 weight per token of x's leading `shape` ([batch, seq] or [batch, tokens]) from a
+    [batch, seq] weight, or from a [batch] weight that every token of an example shares."""
+    w = weight.astype(jnp.float32)
+    return jnp.broadcast_to(w.reshape(w.shape + (1,) * (len(shape) - w.ndim)), shape)
 
-    Wraps the method's delta (the model's output is unchanged) and records, for every adapted site of
-    every layer, the weighted second moment of the site's input, sum_tokens w * x x^T, in float32
-    ([d_in, d_in] per layer), and the total weight. `weight` is [batch, seq] (text: attention mask
-    times the example weight) or [batch] (images: every token of an example counts).
 
-    After a forward pass under `jax.jit`, `moments` is `{site: [num_layers, d_in, d_in]}`: the input
-    covariance statistics that InfLoRA's and LoDA's subspaces are built from.
-    """
-
-    def __init__(self, delta: DeltaFn, weight: Array):
-        self.delta = delta
-        self.weight = weight
-        self.moments: dict[str, Array] = {}
-
-    def __call__(self, site: str, adapter: PyTree, x: Array, key: Optional[Array]) -> Array:
-        return self.delta(site, adapter, x, key)
-
-    def record(self, site: str, adapter: PyTree, x: Array) -> Array:
-        w = self.weight.astype(jnp.float32)
-        w = w.reshape(w.shape + (1,) * (x.ndim - 1 - w.ndim))
-        w = jnp.broadcast_to(w, x.shape[:-1])
-        x32 = x.astype(jnp.float32)
-        return jnp.einsum("...i,...j,...->ij", x32, x32, w)
-
-    def collect(self, records: Mapping[str, Array]) -> None:
-        self.moments = dict(records)
+def input_moment(site: str, adapter: PyTree, x: Array, weight: Array) -> Array:
+    """sum over tokens of w * x x^T of a site's input x [..., d_in], in float32: [d_in, d_in]. As the
+    `record` of a `SiteRecorder` it gives the input statistics InfLoRA's and LoDA's subspaces use."""
+    x32 = x.astype(jnp.float32)
+    return jnp.einsum("...i,...j,...->ij", x32, x32, token_weight(weight, x.shape[:-1]))
 
 
 class SiteRecorder:
     """A delta hook that also lets a method measure something at every adapted site and layer.
 
-    `record(site, adapter, x, weight) -> array` is the method's function (e.g. LiLoRA's stability term
-    needs the shared projection of each site's input); `weight` is the token weight ([batch, seq] or
-    [batch]). After the forward pass, `records` is `{site: [num_layers, ...]}`.
+    The delta itself is unchanged. `record(site, adapter, x, weight) -> array` is the measurement
+    (`input_moment`; LiLoRA's stability term); `weight` is the token weight ([batch, seq] or [batch],
+    see `token_weight`). After a forward pass under jit, `records` is `{site: [num_layers, ...]}`.
     """
 
     def __init__(self, delta: DeltaFn, record: Callable, weight: Array):
@@ -156,7 +139,7 @@ def scan_layers(body, carry, layer_params: PyTree, adapters: Optional[Mapping[st
         step = jax.checkpoint(step, prevent_cse=False)
     carry, (outs, records) = jax.lax.scan(step, carry, xs, length=num_layers)
     if records and hasattr(delta, "collect"):
-        delta.collect(records)  # per-site statistics stacked over layers, e.g. SiteInputMoments
+        delta.collect(records)  # per-site measurements stacked over layers (SiteRecorder)
     return carry, outs
 
 

@@ -285,20 +285,19 @@ class Run:
         Returns ({site: [num_layers, d_in, d_in] float32 mean of x x^T over real tokens}, token count).
         """
         if getattr(self, "_moments_batch", None) is None:
-            from jaxtree_lora.models.common import SiteInputMoments
+            from jaxtree_lora.models.common import SiteRecorder, input_moment
+            from jaxtree_lora.train.step import token_weights
 
             method, backbone = self.method, self.backbone
 
             def moments(trainable, frozen, method_state, batch):
-                if "images" in batch:
-                    weight = batch["weight"]
-                else:
-                    weight = batch["attention_mask"] * batch["weight"][:, None]
-                collector = SiteInputMoments(
-                    lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key), weight)
+                weight = token_weights(batch)
+                collector = SiteRecorder(
+                    lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key), input_moment,
+                    weight)
                 adapters = method.forward_adapters(trainable["adapters"], method_state)
                 backbone.features(frozen, batch, adapters=adapters, delta=collector)
-                return collector.moments, jnp.sum(weight.astype(jnp.float32))
+                return collector.records, jnp.sum(weight.astype(jnp.float32))
 
             self._moments_batch = jax.jit(moments)
         total, count = None, 0.0

@@ -99,6 +99,14 @@ def masked_cross_entropy(logits, labels, class_mask, weight):
     return jnp.sum(nll * weight) / total, {"accuracy": jnp.sum(correct * weight) / total}
 
 
+def token_weights(batch) -> jax.Array:
+    """Which tokens of a batch count: attention mask x example weight [batch, seq] for text, the
+    example weight [batch] for images (every patch of a real example counts)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"] * batch["weight"][:, None]
+    return batch["weight"]
+
+
 def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: str = "cosine",
                    head_scale: float = 20.0) -> Callable:
     """Returns task_loss(trainable, frozen, consts, method_state, batch, key) -> (loss, aux)."""
@@ -118,8 +126,7 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
 
         def task_loss(trainable, frozen, consts, method_state, batch, key):
             adapters = method.forward_adapters(trainable["adapters"], method_state)
-            weight = batch["attention_mask"] * batch["weight"][:, None] if "attention_mask" in batch else batch["weight"]
-            delta = delta_for(method_state, weight)
+            delta = delta_for(method_state, token_weights(batch))
             features = backbone.features(frozen, batch, adapters=adapters, delta=delta, rng=key)
             logits = head_logits(trainable["head"], features, head, head_scale)
             task = method_state["task"]
@@ -136,7 +143,7 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
 
         def task_loss(trainable, frozen, consts, method_state, batch, key):
             tokens, attention = batch["input_ids"], batch["attention_mask"]
-            delta = delta_for(method_state, attention * batch["weight"][:, None])
+            delta = delta_for(method_state, token_weights(batch))
             logits = backbone.logits(frozen, tokens, attention,
                                      adapters=method.forward_adapters(trainable["adapters"], method_state),
                                      delta=delta, rng=key)
