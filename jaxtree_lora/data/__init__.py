@@ -21,7 +21,7 @@
 """
 from __future__ import annotations
 
-from jaxtree_lora.data.stream import DataError, Split, Stream, Task, class_incremental  # noqa: F401
+from jaxtree_lora.data.stream import DataError, Split, Stream, Task, check_stream, class_incremental  # noqa: F401
 
 NAMES = ("offline-text-cil", "offline-trace", "trace", "tfds")
 

@@ -84,6 +84,41 @@ class Stream:
         return mask
 
 
+def check_stream(stream: Stream, vocab_size: int = 0) -> None:
+    """Refuses, with the fix, a stream the trainer would learn from silently wrong: no tasks, a task with
+    an empty split, labels outside a task's classes (a gather would clamp them to another class), or
+    token ids beyond the model's embedding (the gather clamps those too: a tokenizer of another model)."""
+    if not stream.tasks:
+        raise DataError("the stream has no tasks: set data.tasks (or data.num_tasks) to at least one")
+    for task in stream.tasks:
+        for split, which in ((task.train, "training"), (task.test, "test")):
+            if len(split) == 0:
+                raise DataError(f"task {task.index} ({task.name}) has no {which} examples: add data for it or "
+                                f"leave it out of the stream (data.tasks / data.num_tasks)")
+            if stream.kind == "classification":
+                classes = np.asarray(sorted(task.classes), np.int64)
+                if classes.size and (classes.min() < 0 or classes.max() >= stream.num_classes):
+                    raise DataError(f"task {task.index} ({task.name}) names classes outside [0, "
+                                    f"{stream.num_classes}): fix the class list of the stream")
+                labels = np.asarray(split.labels)
+                outside = labels[~np.isin(labels, classes)]
+                if outside.size:
+                    raise DataError(f"task {task.index} ({task.name}) has {which} label {int(outside[0])}, outside "
+                                    f"its classes {classes.tolist()} ({stream.num_classes} classes in all): fix the "
+                                    f"label column (data.label_key) or the class names")
+            if vocab_size:
+                arrays = split.inputs if stream.kind == "classification" else split.arrays
+                for key in ("input_ids", "prompt_ids"):
+                    ids = arrays.get(key)
+                    if ids is None or not np.size(ids):
+                        continue
+                    low, high = int(np.min(ids)), int(np.max(ids))
+                    if low < 0 or high >= vocab_size:
+                        raise DataError(f"task {task.index} ({task.name}) holds token id {high if high >= vocab_size else low} "
+                                        f"but the model's embedding has {vocab_size} rows: the tokenizer does not "
+                                        f"belong to the model; use the tokenizer saved with the checkpoint")
+
+
 def split_classes(class_order: Sequence[int], num_tasks: int = 0, classes_per_task: int = 0) -> list[list[int]]:
     """Cuts a class order into consecutive tasks.
 

@@ -37,6 +37,7 @@ class Backbone:
     compute_dtype: Any = None
     remat: bool = False
     hf_config: Any = None
+    vocab_size: int = 0  # rows of the token embedding (0: not a text model)
 
     def module(self, params=None):
         return nnx.merge(self.graphdef, self.params if params is None else params)
@@ -65,9 +66,13 @@ def _finish(name, kind, module, tokenizer, compute_dtype, remat, hf_config=None)
     num_layers = module.config.num_layers
     feature_dim = getattr(module, "feature_dim", None) or module.config.hidden_size
     info = ModelInfo(sites=sites, num_layers=num_layers, feature_dim=feature_dim)
+    vocab_size = int(getattr(module.config, "vocab_size", 0) or 0) if kind != "vit" else 0
+    if tokenizer is not None and vocab_size and len(tokenizer) > vocab_size:
+        raise BackboneError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab_size} "
+                            f"rows: it belongs to another model; put the checkpoint's own tokenizer files beside it")
     return Backbone(name=name, kind=kind, graphdef=graphdef, params=params, tokenizer=tokenizer, info=info,
                     hf_module_path=module.hf_module_path, compute_dtype=compute_dtype, remat=remat,
-                    hf_config=hf_config)
+                    hf_config=hf_config, vocab_size=vocab_size)
 
 
 def _dtype(name: Optional[str]):
