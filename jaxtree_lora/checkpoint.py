@@ -19,6 +19,8 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from jaxtree_lora.faults import kill_point
+
 
 class CheckpointMismatch(ValueError):
     """A checkpoint that belongs to another run (different model, method or stream)."""
@@ -64,6 +66,7 @@ class Checkpointer:
         except Exception as error:  # an async write failing earlier surfaces here too
             raise _write_failed(step, error, self.directory, previous) from error
         self._pending = step
+        kill_point("checkpoint")
 
     def latest(self) -> Optional[int]:
         return self.manager.latest_step()

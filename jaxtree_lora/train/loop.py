@@ -25,7 +25,9 @@ import numpy as np
 from jaxtree_lora import checkpoint as checkpoint_lib
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora import methods as methods_lib
+from jaxtree_lora.data.stream import check_stream
 from jaxtree_lora.errors import ConfigError
+from jaxtree_lora.faults import kill_point
 from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskContext
 from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import mesh as mesh_lib
@@ -179,6 +181,7 @@ class Run:
         self.batching = batching
         config = self.config
         self.kind = self.stream.kind
+        check_stream(self.stream, int(getattr(self.backbone, "vocab_size", 0) or 0))
         self.num_tasks = len(self.stream.tasks)
         self.max_tasks = max(int(config.train.get("max_tasks", 0) or 0), self.num_tasks)
         self.method = build_method(config, self.max_tasks)
@@ -397,6 +400,7 @@ class Run:
                 predictions = np.asarray(predictions)
                 correct += float(np.sum((predictions == labels) * weight))
                 total += float(np.sum(weight))
+                kill_point("evaluation")
             return 100.0 * correct / max(total, 1.0)
         from jaxtree_lora.evaluation import task_metrics
 
@@ -417,6 +421,7 @@ class Run:
             for row, real in zip(tokens, weight):
                 if real > 0 and len(predictions) < count:
                     predictions.append(self.backbone.tokenizer.decode(row.tolist(), skip_special_tokens=True))
+            kill_point("evaluation")
         return float(task_metrics.score(task.metric, predictions, list(task.test.answers),
                                         sources=list(task.test.prompts)))
 
@@ -537,6 +542,7 @@ class Run:
                         key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
                             base_key, task_index), epoch), batch_index)
                         state, metrics = self.train_step(state, self.frozen, self.consts, batch, key)
+                        kill_point("step")
                         pending.append(metrics)
                         steps_done += 1
                         host_step += 1
