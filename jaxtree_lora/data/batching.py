@@ -11,7 +11,7 @@ epoch), a run resumed at batch `start` sees exactly the batches an uninterrupted
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -34,11 +34,13 @@ def order(rows: int, *, seed: int, task: int, epoch: int, shuffle: bool = True) 
 
 
 def batches(arrays: dict, batch_size: int, *, seed: int, task: int, epoch: int, shuffle: bool = True,
-            start: int = 0) -> Iterator[dict]:
+            start: int = 0, take: Optional[np.ndarray] = None) -> Iterator[dict]:
     """Yields {name: [batch_size, ...] array} plus "weight" [batch_size] float32, from batch `start` on.
 
     `arrays` maps names to arrays with the same leading dimension (examples). With shuffle=False the
-    rows come in their stored order (evaluation).
+    rows come in their stored order (evaluation). `take` (positions within each batch) reads only those
+    rows: one process's shard of a global batch (train.mesh.local_batch_rows); the order of every
+    batch is the same on every process, so the shards are disjoint and together make the batch.
     """
     if not arrays:
         raise DataError("no arrays to batch: the split is empty")
@@ -57,8 +59,10 @@ def batches(arrays: dict, batch_size: int, *, seed: int, task: int, epoch: int, 
         if real < batch_size:
             # Repeating rows of this epoch keeps padding a pure function of (seed, task, epoch).
             chosen = np.concatenate([chosen, np.resize(index, batch_size - real)])
-        batch = {key: value[chosen] for key, value in stored.items()}
         weight = np.zeros((batch_size,), np.float32)
         weight[:real] = 1.0
+        if take is not None:
+            chosen, weight = chosen[take], weight[take]
+        batch = {key: value[chosen] for key, value in stored.items()}
         batch["weight"] = weight
         yield batch

@@ -232,17 +232,21 @@ class Run:
         prototypes = jnp.zeros((classes, self.backbone.info.feature_dim) if classes else (1, 1), jnp.float32)
         state = TrainState(trainable=trainable, opt_state=self.optimizer.init(trainable),
                            method_state=method_state, step=jnp.zeros((), jnp.int32), prototypes=prototypes)
-        return jax.device_put(state, mesh_lib.replicated(self.mesh))
+        return mesh_lib.to_global(state, mesh_lib.replicated(self.mesh))
 
     def _compile(self):
         replicated = mesh_lib.replicated(self.mesh)
         step = make_train_step(self.method, self.task_loss, self.optimizer,
                                freeze_other_classes=self.config.train.get("train_mask", "task") == "task")
-        self.train_step = jax.jit(step, donate_argnums=(0,))
+        # Every output is replicated: with several processes each one can then read it whole.
+        self.train_step = jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
         min_size = int(self.config.train.get("fsdp_min_size", 2 ** 18))
-        self.frozen = jax.device_put(self.backbone.params,
-                                     mesh_lib.backbone_sharding(self.mesh, self.backbone.params, min_size))
+        self.frozen = mesh_lib.to_global(self.backbone.params,
+                                         mesh_lib.backbone_sharding(self.mesh, self.backbone.params, min_size))
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        # This process's rows of each global batch (all of them with one process).
+        self.local_rows = (None if jax.process_count() == 1 else
+                           mesh_lib.local_batch_rows(self.batch_sharding, self.accumulation, self.micro_batch))
         method = self.method
 
         def begin_task(state, task):
@@ -253,10 +257,10 @@ class Run:
         def begin_epoch(state, epoch, steps_per_epoch):
             return state.replace(method_state=method.begin_epoch(state.method_state, epoch, steps_per_epoch))
 
-        self.begin_task = jax.jit(begin_task, donate_argnums=(0,))
-        self.begin_epoch = jax.jit(begin_epoch, donate_argnums=(0,))
-        self._predict = jax.jit(self._predict_fn)
-        self._features = jax.jit(self._features_fn)
+        self.begin_task = jax.jit(begin_task, donate_argnums=(0,), out_shardings=replicated)
+        self.begin_epoch = jax.jit(begin_epoch, donate_argnums=(0,), out_shardings=replicated)
+        self._predict = jax.jit(self._predict_fn, out_shardings=replicated)
+        self._features = jax.jit(self._features_fn, out_shardings=replicated)
         self._generate = None
 
     def fisher(self, trainable, method_state, arrays: dict, task_index: int):
@@ -274,11 +278,11 @@ class Run:
                                                                                    batch, key)
                 return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0), grads)
 
-            self._fisher_batch = jax.jit(squared_sum)
+            self._fisher_batch = jax.jit(squared_sum, out_shardings=mesh_lib.replicated(self.mesh))
         total, count = None, 0.0
         for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
             count += float(np.sum(batch["weight"]))
-            sums = self._fisher_batch(trainable, self.frozen, method_state, batch, None)
+            sums = self._fisher_batch(trainable, self.frozen, method_state, self._host_batch(batch), None)
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total)
 
@@ -302,10 +306,10 @@ class Run:
                 backbone.features(frozen, batch, adapters=adapters, delta=collector)
                 return collector.records, jnp.sum(weight.astype(jnp.float32))
 
-            self._moments_batch = jax.jit(moments)
+            self._moments_batch = jax.jit(moments, out_shardings=mesh_lib.replicated(self.mesh))
         total, count = None, 0.0
         for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
-            sums, tokens = self._moments_batch(trainable, self.frozen, method_state, batch)
+            sums, tokens = self._moments_batch(trainable, self.frozen, method_state, self._host_batch(batch))
             count += float(tokens)
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total), count
@@ -331,14 +335,23 @@ class Run:
         for batch in self.batching.batches(arrays, eval_batch, seed=0, task=task_index, epoch=0, shuffle=False):
             weight = batch.pop("weight")
             labels = batch.pop("labels")
-            features = np.array(self._features(state.trainable, self.frozen, state.method_state, batch))
+            features = np.array(self._features(state.trainable, self.frozen, state.method_state,
+                                               self._host_batch(batch)))
             features /= np.linalg.norm(features, axis=-1, keepdims=True) + 1e-6
             np.add.at(sums, labels, features * weight[:, None])
             np.add.at(counts, labels, weight)
         prototypes = np.asarray(state.prototypes).copy()
         rows = list(task.classes)
         prototypes[rows] = (sums[rows] / np.maximum(counts[rows], 1.0)[:, None]).astype(np.float32)
-        return state.replace(prototypes=jax.device_put(jnp.asarray(prototypes), mesh_lib.replicated(self.mesh)))
+        return state.replace(prototypes=mesh_lib.to_global(prototypes, mesh_lib.replicated(self.mesh)))
+
+    def _host_batch(self, batch: dict) -> dict:
+        """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""
+        return mesh_lib.to_global(batch, mesh_lib.replicated(self.mesh))
+
+    def _on_mesh(self, tree):
+        """Results of host-side method work back on the mesh. One process: left where they are."""
+        return tree if jax.process_count() == 1 else mesh_lib.to_global(tree, mesh_lib.replicated(self.mesh))
 
     # -- evaluation -------------------------------------------------------------------------------
     def _features_fn(self, trainable, frozen, method_state, batch):
@@ -396,7 +409,7 @@ class Run:
                 weight = batch.pop("weight")
                 labels = batch.pop("labels")
                 predictions = self._predict(state.trainable, self.frozen, self.consts, state.method_state,
-                                            state.prototypes, batch, trained_upto)
+                                            state.prototypes, self._host_batch(batch), trained_upto)
                 predictions = np.asarray(predictions)
                 correct += float(np.sum((predictions == labels) * weight))
                 total += float(np.sum(weight))
@@ -405,7 +418,7 @@ class Run:
         from jaxtree_lora.evaluation import task_metrics
 
         if self._generate is None:
-            self._generate = jax.jit(self._generate_fn, static_argnums=(6,))
+            self._generate = jax.jit(self._generate_fn, static_argnums=(6,), out_shardings=mesh_lib.replicated(self.mesh))
         max_new = max(int(t.max_new_tokens) for t in self.stream.tasks)
         arrays = {"prompt_ids": task.test.arrays["prompt_ids"], "prompt_mask": task.test.arrays["prompt_mask"]}
         base = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), 7)
@@ -415,6 +428,7 @@ class Run:
         for number, batch in enumerate(self.batching.batches(arrays, eval_batch, seed=0, task=task_index,
                                                              epoch=0, shuffle=False)):
             weight = batch.pop("weight")
+            batch = self._host_batch(batch)
             tokens = self._generate(state.trainable, self.frozen, state.method_state, batch["prompt_ids"],
                                     batch["prompt_mask"], jax.random.fold_in(key, number), max_new)
             tokens = np.asarray(tokens)
@@ -477,7 +491,8 @@ class Run:
         log_every = max(int(config.train.get("log_every", 10)), 1)
         checkpoint_every = int(config.train.get("checkpoint_every", 0) or 0)
         steps_done = 0
-        metrics_log = MetricsWriter(os.path.join(self.workdir, "metrics.jsonl"))
+        primary = jax.process_index() == 0  # with several processes, only the first writes logs and results
+        metrics_log = MetricsWriter(os.path.join(self.workdir, "metrics.jsonl") if primary else os.devnull)
 
         def emit(record):
             metrics_log.write(record)
@@ -510,13 +525,13 @@ class Run:
                 resumed_here = task_index == position["task"] and (position["epoch"] or position["batch"])
                 if not resumed_here:
                     # Host work first (subspaces from the new task's inputs, ...), then the jitted begin_task.
-                    trainable, method_state = self.method.prepare_task(
-                        state.trainable, state.method_state, self.task_context(task_index, arrays, steps_per_epoch))
+                    trainable, method_state = self._on_mesh(self.method.prepare_task(
+                        state.trainable, state.method_state, self.task_context(task_index, arrays, steps_per_epoch)))
                     state = state.replace(trainable=trainable, method_state=method_state)
                     state = self.begin_task(state, jnp.asarray(task_index, jnp.int32))
                 start_epoch = position["epoch"] if task_index == position["task"] else 0
                 bar = None
-                if self.progress:
+                if self.progress and primary:
                     from tqdm.auto import tqdm
 
                     bar = tqdm(total=epochs * steps_per_epoch, desc=f"task {task_index + 1}/{self.num_tasks}",
@@ -534,11 +549,10 @@ class Run:
                     pending = []
                     window_start = time.perf_counter()
                     batches = self.batching.batches(arrays, global_batch, seed=int(config.seed), task=task_index,
-                                                    epoch=epoch, shuffle=True, start=start_batch)
+                                                    epoch=epoch, shuffle=True, start=start_batch,
+                                                    take=self.local_rows)
                     for batch_index, batch in enumerate(batches, start=start_batch):
-                        batch = {k: v.reshape((self.accumulation, self.micro_batch) + v.shape[1:])
-                                 for k, v in batch.items()}
-                        batch = jax.device_put(batch, self.batch_sharding)
+                        batch = mesh_lib.global_batch(batch, self.batch_sharding, self.accumulation, self.micro_batch)
                         key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
                             base_key, task_index), epoch), batch_index)
                         state, metrics = self.train_step(state, self.frozen, self.consts, batch, key)
@@ -588,7 +602,8 @@ class Run:
                     bar.close()
                 # End of task: host work, then evaluation of every task seen so far.
                 context = self.task_context(task_index, arrays, steps_per_epoch)
-                trainable, method_state = self.method.end_task(state.trainable, state.method_state, context)
+                trainable, method_state = self._on_mesh(self.method.end_task(state.trainable, state.method_state,
+                                                                             context))
                 state = state.replace(trainable=trainable, method_state=method_state)
                 if self.kind == "classification":
                     state = self.class_prototypes(state, task_index)

@@ -104,3 +104,52 @@ def fsdp_sharding(mesh: Mesh, tree: Any, min_size: int = 2 ** 18) -> Any:
         return replicated(mesh)
 
     return jax.tree.map(rule, tree)
+
+
+# -- several processes (jax.distributed) ----------------------------------------------------------
+
+def local_batch_rows(sharding: NamedSharding, accumulation: int, micro_batch: int) -> np.ndarray:
+    """Positions, in a flat global batch of accumulation x micro_batch rows, that this process loads.
+
+    A global batch [accumulation, micro_batch, ...] is split on its micro-batch axis over the devices of
+    `data` x `fsdp`; each process reads only the rows its own devices hold (one contiguous slice of
+    every micro-batch, since jax.devices() lists each process's devices together), so the hosts of a
+    multi-host run each load their own shard. With one process this is every row, in order.
+    """
+    spans = {index[1].indices(micro_batch)[:2]
+             for index in sharding.addressable_devices_indices_map((accumulation, micro_batch)).values()}
+    low, high = min(s[0] for s in spans), max(s[1] for s in spans)
+    covered = sorted(spans)
+    if any(b[0] > a[1] for a, b in zip(covered, covered[1:])):
+        raise MeshError(f"this process's devices hold non-contiguous batch rows {covered}: order the mesh so that "
+                        f"each process's devices are neighbours on the data axes")
+    return (np.arange(accumulation)[:, None] * micro_batch + np.arange(low, high)[None, :]).reshape(-1)
+
+
+def global_batch(local: dict, sharding: NamedSharding, accumulation: int, micro_batch: int) -> dict:
+    """This process's rows (as local_batch_rows orders them) -> global arrays [accumulation, micro_batch, ...]."""
+    def one(value):
+        value = np.asarray(value)
+        shaped = value.reshape((accumulation, -1) + value.shape[1:])
+        if jax.process_count() == 1:
+            return jax.device_put(shaped, sharding)
+        return jax.make_array_from_process_local_data(sharding, shaped, (accumulation, micro_batch) + value.shape[1:])
+
+    return {key: one(value) for key, value in local.items()}
+
+
+def to_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Host values (the same on every process) or single-device results -> arrays on `sharding`. With
+    one process, arrays already on the mesh pass through untouched (no host round trip)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(value, where):
+        value = np.asarray(value)
+        # Each process fills only its own devices' pieces (no cross-process check of the value:
+        # device_put's would compare every array between processes, and fails on NaN placeholders).
+        return jax.make_array_from_callback(value.shape, where, lambda index: value[index])
+
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda value: one(value, sharding), tree)
+    return jax.tree.map(one, tree, sharding)
