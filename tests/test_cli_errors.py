@@ -23,6 +23,7 @@ BAD = [
     (["--config.model.name=hf", "--config.model.path=/nonexistent"], "does not exist"),
     (["--config.train.mesh=[0,0,0]"], "train.mesh must be"),
     (["--config.model.compute_dtype=int8"], "compute_dtype must be float32 or bfloat16"),
+    (["--config.train.device_memory_gib=0.05"], "per device but the device has 0.05 GiB"),
 ]
 
 
@@ -81,3 +82,17 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     assert err.count("\n") == 1 and "loss became" in err and "global step" in err, err
     assert "last good checkpoint is kept" in err
     assert not (workdir / "results.json").exists(), "no results from a diverged run"
+
+
+def test_a_fresh_process_prints_only_the_one_line():
+    """In a new interpreter transformers announces on import that PyTorch is absent; that notice must not
+    join the one-line answer (it did, after it, before TRANSFORMERS_NO_ADVISORY_WARNINGS was set)."""
+    import subprocess
+    import sys
+
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    for argv in (["run", "--config.lora.rank=0"], ["plan", "--device_memory_gib", "0.05"]):
+        done = subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", *argv], cwd=repo, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, f"{argv}: {done.stderr!r}"

@@ -39,3 +39,48 @@ def test_plan_that_does_not_fit_is_refused_with_the_numbers():
     fits = memory.plan(frozen, {}, {}, kind="decoder", hidden=64, heads=4, layers=2, seq=16, micro_batch=1,
                        data_parallel=1, fsdp=8, capacity_bytes=0.25 * 2 ** 30)
     assert fits.frozen_bytes == 2 ** 29 / 8, "FSDP over 8 devices makes the same model fit"
+
+
+LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                    max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)
+# Parameters by hand: tied embedding + 16 x (q, o: h*h; k, v: h*kv*hd; gate, up, down: h*i; 2 norms) + norm.
+LLAMA_3_2_1B_PARAMS = (128256 * 2048 + 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048)
+                       + 2048)
+
+
+def llama_1b_config_only(tmp_path):
+    """A Llama-3.2-1B checkpoint directory holding only config.json: the planner needs nothing more."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(**LLAMA_3_2_1B).save_pretrained(str(tmp_path / "llama1b"))
+    return str(tmp_path / "llama1b")
+
+
+def plan_cli(tmp_path, capsys, *argv):
+    from jaxtree_lora import cli
+
+    path = llama_1b_config_only(tmp_path)
+    status = cli.main(["plan", "--config", "experiments/configs/trace_llama3_2_1b.py",
+                       f"--config.model.path={path}", *argv])
+    return status, capsys.readouterr()
+
+
+def test_plan_reads_only_config_json_and_counts_llama_1b_by_hand(tmp_path, capsys):
+    status, out = plan_cli(tmp_path, capsys, "--tpu_config", "gpu1")
+    assert status == 0, out.err
+    gib = 2 ** 30
+    frozen = float(next(line.split()[2] for line in out.out.splitlines() if line.startswith("frozen weights")))
+    assert abs(frozen - 4 * LLAMA_3_2_1B_PARAMS / gib) < 1e-3, "float32 frozen weights: 4 bytes per parameter"
+    assert "device memory         79.600 GiB" in out.out and "fits:" in out.out
+
+
+def test_plan_that_does_not_fit_is_one_line_and_fsdp_divides_the_weights(tmp_path, capsys):
+    status, out = plan_cli(tmp_path, capsys, "--device_memory_gib", "4")
+    assert status == 2 and len(out.err.strip().splitlines()) == 1, out.err
+    assert "per device but the device has 4.00 GiB" in out.err and "raise fsdp" in out.err
+    status, out = plan_cli(tmp_path, capsys, "--device_memory_gib", "4", "--config.train.mesh=[1,8,1]",
+                           "--config.train.batch_size=8")
+    frozen = float(next(line.split()[2] for line in out.out.splitlines() if line.startswith("frozen weights")))
+    # Every big leaf splits over 8 (the norms, 2048 values each, stay whole): close to 1/8.
+    assert abs(frozen - 4 * LLAMA_3_2_1B_PARAMS / 8 / 2 ** 30) < 0.01, frozen

@@ -2,7 +2,7 @@
 
 `jaxtree-lora run --tpu_config NAME` applies a file's settings on top of the run config:
 `train.mesh`, `train.batch_size` (= per-device batch x data-parallel devices), `train.accumulation`,
-`model.compute_dtype` and `model.remat`.
+`model.compute_dtype`, `model.remat` and `train.device_memory_gib` (for the memory planner).
 """
 import importlib
 import os
@@ -29,4 +29,5 @@ def apply(config: ml_collections.ConfigDict, slice_config: ml_collections.Config
     config.train.accumulation = int(slice_config.accumulation)
     config.model.compute_dtype = slice_config.compute_dtype
     config.model.remat = bool(slice_config.remat)
+    config.train.device_memory_gib = float(slice_config.get("device_memory_gib", 0.0) or 0.0)
     return config

@@ -9,4 +9,5 @@ def get_config() -> ml_collections.ConfigDict:
         "accumulation": 1,
         "compute_dtype": "float32",        # activations and matmuls; statistics and accumulators stay float32
         "remat": False,                  # rematerialise each block's activations in the backward pass
+        "device_memory_gib": 0.0,          # 0: unknown (CPUs report none); the planner then only prints
     })

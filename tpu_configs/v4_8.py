@@ -9,4 +9,5 @@ def get_config() -> ml_collections.ConfigDict:
         "accumulation": 2,
         "compute_dtype": "bfloat16",        # activations and matmuls; statistics and accumulators stay float32
         "remat": True,                  # rematerialise each block's activations in the backward pass
+        "device_memory_gib": 32.0,         # 32 GiB HBM2 per v4 chip (the planner refuses plans over 92% of it)
     })

@@ -9,4 +9,5 @@ def get_config() -> ml_collections.ConfigDict:
         "accumulation": 2,
         "compute_dtype": "bfloat16",        # activations and matmuls; statistics and accumulators stay float32
         "remat": True,                  # rematerialise each block's activations in the backward pass
+        "device_memory_gib": 16.0,         # 16 GiB HBM2 per v5e chip (the planner refuses plans over 92% of it)
     })

@@ -9,4 +9,5 @@ def get_config() -> ml_collections.ConfigDict:
         "accumulation": 1,
         "compute_dtype": "bfloat16",        # activations and matmuls; statistics and accumulators stay float32
         "remat": True,                  # rematerialise each block's activations in the backward pass
+        "device_memory_gib": 95.0,         # 95 GiB HBM2e per v5p chip (the planner refuses plans over 92% of it)
     })

@@ -172,3 +172,50 @@ def build_tiny(name: str, shape: dict, seed: int = 0, compute_dtype=None, remat=
         module = vit.ViT(vit.ViTConfig(**cfg), rngs=rngs)
         return _finish(name, "vit", module, None, compute_dtype, remat)
     raise BackboneError(f"unknown tiny backbone {name!r}: tiny-bert, tiny-llama or tiny-vit")
+
+
+def abstract_module(config) -> tuple[Any, str]:
+    """(module with ShapeDtypeStruct parameters, kind) for `config.model`, reading configs only: an HF
+    directory needs just its config.json, a GGUF file just its header. For planning (train.memory)."""
+    model_config = config.model
+    name = model_config.name
+    if name.startswith("tiny-"):
+        built = nnx.eval_shape(lambda: build_tiny(name, dict(model_config.get("tiny", {}))).module())
+        return built, {"tiny-bert": "encoder", "tiny-llama": "decoder", "tiny-vit": "vit"}[name]
+    from jaxtree_lora.models import bert, hf, llama, vit
+
+    if name in ("minilm", "smollm2"):
+        from jaxtree_lora import assets
+
+        path = str(assets.ensure(name))
+        name, kind = ("hf", "encoder") if name == "minilm" else ("gguf", "decoder")
+    else:
+        path, kind = model_config.get("path", ""), model_config.get("kind", "decoder")
+        if name not in ("hf", "gguf"):
+            raise BackboneError(f"unknown model.name {name!r}: choose minilm, smollm2, hf, gguf or tiny-*")
+        if not path or not os.path.exists(path):
+            raise BackboneError(f"model.path {path!r} does not exist: set --config.model.path to a checkpoint "
+                                f"{'directory (its config.json is enough to plan)' if name == 'hf' else 'file'}")
+    rngs = lambda: nnx.Rngs(0)  # noqa: E731
+    if name == "gguf":
+        import gguf
+
+        from jaxtree_lora.models.gguf import config_from_metadata
+
+        cfg = config_from_metadata(gguf.GGUFReader(path))
+        return nnx.eval_shape(lambda: llama.LlamaDecoder(dataclasses.replace(cfg, param_dtype=jnp.float32),
+                                                         rngs=rngs())), "decoder"
+    hf_config = hf.read_config(path)
+    if kind == "decoder":
+        cfg = dataclasses.replace(llama.LlamaConfig.from_hf(hf_config), param_dtype=jnp.float32)
+        return nnx.eval_shape(lambda: llama.LlamaDecoder(cfg, rngs=rngs())), kind
+    if kind == "encoder":
+        return nnx.eval_shape(lambda: bert.BertEncoder(bert.BertConfig.from_hf(hf_config), rngs=rngs())), kind
+    if kind == "vit":
+        cfg = vit.ViTConfig.from_hf(hf_config)
+        image_size = config.get("data", {}).get("image_size", None)
+        if image_size:
+            cfg = dataclasses.replace(cfg, image_size=int(image_size))
+        return nnx.eval_shape(lambda: vit.ViT(cfg, rngs=rngs())), kind
+    raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)}")
+

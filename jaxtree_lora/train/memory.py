@@ -89,10 +89,101 @@ def plan(frozen_abstract, trainable_abstract, method_abstract, *, kind: str, hid
         devices=data_parallel * fsdp,
         capacity_bytes=capacity_bytes if capacity_bytes is not None else device_capacity(),
     )
-    if check and result.capacity_bytes and result.total > 0.92 * result.capacity_bytes:
+    if check:
+        refuse_if_too_big(result)
+    return result
+
+
+def refuse_if_too_big(result: MemoryPlan, headroom: float = 0.92) -> None:
+    """PlanDoesNotFit, with the numbers and the fix, when the plan needs more than `headroom` of the
+    device (XLA needs the rest for its own buffers)."""
+    if result.capacity_bytes and result.total > headroom * result.capacity_bytes:
         gib = 2 ** 30
         raise PlanDoesNotFit(
             f"the plan needs {result.total / gib:.2f} GiB per device but the device has "
             f"{result.capacity_bytes / gib:.2f} GiB (frozen {result.frozen_bytes / gib:.2f}, activations "
             f"{result.activation_bytes / gib:.2f}): raise fsdp, lower train.batch_size, or set model.remat=true")
+
+
+# -- a plan for a run config, without loading weights or data -----------------------------------
+
+TFDS_CLASSES = {"cifar100": 100, "imagenet_r": 200, "caltech_birds2011": 200, "cifar10": 10}
+
+
+def stream_shape(data) -> tuple[str, int, int, int]:
+    """(kind, tasks, classes, sequence length) a data config describes, read from the config alone."""
+    name = data.get("name", "")
+    if name == "offline-text-cil":
+        from jaxtree_lora.data.offline import TEXT_CLASSES
+
+        classes = len(data.get("classes", None) or TEXT_CLASSES)
+        per_task = int(data.get("classes_per_task", 0) or 0)
+        tasks = -(-classes // per_task) if per_task else int(data.get("num_tasks", 5))
+        return "classification", tasks, classes, int(data.get("max_len", 64))
+    if name == "offline-trace":
+        from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS
+
+        tasks = len(data.get("tasks", None) or DEFAULT_TRACE_TASKS)
+        return "instruction", tasks, 0, int(data.get("max_prompt_len", 96)) + int(data.get("max_answer_len", 8))
+    if name == "trace":
+        from jaxtree_lora.data.trace import TRACE_ORDER
+
+        tasks = len(data.get("tasks", None) or TRACE_ORDER)
+        return "instruction", tasks, 0, int(data.get("max_prompt_len", 1024)) + int(data.get("max_answer_len", 512))
+    if name == "tfds":
+        classes = int(data.get("num_classes", 0) or TFDS_CLASSES.get(data.get("dataset", "cifar100"), 100))
+        per_task = int(data.get("classes_per_task", 0) or 0)
+        tasks = -(-classes // per_task) if per_task else int(data.get("num_tasks", 10))
+        return "classification", tasks, classes, 0
+    from jaxtree_lora.data import DataError
+
+    raise DataError(f"unknown data.name {name!r}: the planner knows offline-text-cil, offline-trace, trace and tfds")
+
+
+def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True) -> MemoryPlan:
+    """The per-device plan of `config` (a run config, tpu_config applied): the backbone from its config
+    file only (backbone.abstract_module), adapters and method state from `jax.eval_shape` of the
+    method's init, frozen weights laid out by the mesh's sharding rules (train.mesh.backbone_specs),
+    activations by the formula above. Refuses (PlanDoesNotFit) when it needs more than 92% of
+    `capacity_bytes` (default: train.device_memory_gib, else what the local device reports)."""
+    from jaxtree_lora.methods.base import ModelInfo, StreamInfo
+    from jaxtree_lora.train import backbone as backbone_lib
+    from jaxtree_lora.train import mesh as mesh_lib
+    from jaxtree_lora.train.loop import build_method
+    from jaxtree_lora.train.step import init_head
+
+    module, kind = backbone_lib.abstract_module(config)
+    from flax import nnx
+
+    frozen = nnx.state(module)
+    model_config = module.config
+    feature_dim = getattr(module, "feature_dim", None) or model_config.hidden_size
+    info = ModelInfo(sites=module.lora_sites(), num_layers=model_config.num_layers, feature_dim=feature_dim)
+    stream_kind, tasks, classes, seq = stream_shape(config.data)
+    if kind == "vit":
+        seq = (model_config.image_size // model_config.patch_size) ** 2 + 1
+    max_tasks = max(int(config.train.get("max_tasks", 0) or 0), tasks)
+    method = build_method(config, max_tasks)
+    stream_info = StreamInfo(num_tasks=tasks, max_tasks=max_tasks, kind=stream_kind, num_classes=classes)
+    key = jax.random.PRNGKey(0)
+    adapters, method_state = jax.eval_shape(lambda k: method.init(k, info, stream_info), key)
+    head = jax.eval_shape(lambda k: init_head(k, feature_dim, classes), key) if stream_kind == "classification" else {}
+    mesh = list(config.train.get("mesh", ()) or ()) or [1, 1, 1]
+    mesh_shape = dict(zip(mesh_lib.AXES, (int(m) for m in mesh)))
+    specs = mesh_lib.backbone_specs(mesh_shape, frozen, int(config.train.get("fsdp_min_size", 2 ** 18)))
+    compute = str(config.model.get("compute_dtype", "float32") or "float32")
+    if capacity_bytes is None:
+        gib = float(config.train.get("device_memory_gib", 0.0) or 0.0)
+        capacity_bytes = gib * 2 ** 30 if gib > 0 else None
+    result = plan(frozen, {"adapters": adapters, "head": head}, method_state, kind=kind,
+                  hidden=model_config.hidden_size, heads=model_config.num_heads, layers=model_config.num_layers,
+                  seq=seq, micro_batch=int(config.train.batch_size), data_parallel=mesh_shape["data"],
+                  fsdp=mesh_shape["fsdp"], compute_bytes=2 if compute == "bfloat16" else 4,
+                  remat=bool(config.model.get("remat", False)),
+                  vocab=int(getattr(model_config, "vocab_size", 0) or 0) if kind == "decoder" else 0,
+                  capacity_bytes=capacity_bytes, check=False)
+    result.frozen_bytes = mesh_lib.bytes_per_device(frozen, specs, mesh_shape)
+    result.devices = int(np.prod(mesh))
+    if check:
+        refuse_if_too_big(result)
     return result

@@ -60,7 +60,14 @@ def backbone_sharding(mesh: Mesh, tree: Any, min_size: int = 2 ** 18) -> Any:
     least `min_size` elements, on the largest remaining axis divisible by the fsdp size, skipping the
     leading layer axis of stacked per-layer weights.
     """
-    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    specs = backbone_specs(dict(mesh.shape), tree, min_size)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def backbone_specs(mesh_shape: dict, tree: Any, min_size: int = 2 ** 18) -> Any:
+    """The PartitionSpecs of `backbone_sharding` for a mesh of `mesh_shape` ({axis: size}); needs no
+    devices, so the memory planner can ask what a slice it is not running on would hold."""
+    tensor, fsdp = mesh_shape["tensor"], mesh_shape["fsdp"]
 
     def rule(path, leaf):
         names = [str(getattr(entry, "key", getattr(entry, "name", ""))) for entry in path]
@@ -83,9 +90,21 @@ def backbone_sharding(mesh: Mesh, tree: Any, min_size: int = 2 ** 18) -> Any:
                 if spec[axis] is None and not (stacked and axis == 0) and shape[axis] % fsdp == 0:
                     spec[axis] = "fsdp"
                     break
-        return NamedSharding(mesh, P(*spec))
+        return P(*spec)
 
     return jax.tree_util.tree_map_with_path(rule, tree)
+
+
+def bytes_per_device(tree: Any, specs: Any, mesh_shape: dict) -> float:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `specs`."""
+    def one(leaf, spec):
+        split = 1
+        for entry in spec:
+            for axis in (entry if isinstance(entry, tuple) else (entry,)):
+                split *= mesh_shape[axis] if axis else 1
+        return float(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize / split
+
+    return float(sum(jax.tree.leaves(jax.tree.map(one, tree, specs, is_leaf=lambda x: isinstance(x, P)))))
 
 
 def fsdp_sharding(mesh: Mesh, tree: Any, min_size: int = 2 ** 18) -> Any:
