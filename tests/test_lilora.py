@@ -77,3 +77,62 @@ def test_run_learns_with_its_own_branch_per_task(stability, tmp_path):
     a_sh = np.asarray(state.trainable["adapters"]["attn.query"]["a_sh"])
     np.testing.assert_array_equal(np.asarray(state.method_state["a_sh_prev"]["attn.query"]), a_sh,
                                   err_msg="the previous shared A is stored at each task end")
+
+
+def lilora_config(**eval_options):
+    config = tiny_config("lilora")
+    config.method.lilora.sub_rank = 1
+    config.eval.update(eval_options)
+    return config
+
+
+def test_inferred_identity_scores_each_example_with_its_own_tasks_branch(tmp_path):
+    """The per-example selection in _predict_fn against the given-identity path, example by example."""
+    run = make_run(lilora_config(), tmp_path / "run")
+    state = run.fit()["state"]
+    arrays = {"input_ids": np.concatenate([t.test.inputs["input_ids"][:4] for t in run.stream.tasks]),
+              "attention_mask": np.concatenate([t.test.inputs["attention_mask"][:4] for t in run.stream.tasks])}
+    batch = run._host_batch(arrays)
+    tasks = np.asarray([0, 2, 1, 0, 1, 2, 2, 0, 1, 1, 0, 2], np.int32)
+    mixed = np.asarray(run._predict(state.trainable, run.frozen, run.consts, state.method_state, state.prototypes,
+                                    batch, 2, jnp.asarray(tasks)))
+    for k in range(3):
+        given = np.asarray(run._predict(state.trainable, run.frozen, run.consts,
+                                        {**state.method_state, "task": jnp.asarray(k, jnp.int32)},
+                                        state.prototypes, batch, 2))
+        np.testing.assert_array_equal(mixed[tasks == k], given[tasks == k],
+                                      err_msg=f"examples assigned to task {k} were not scored with its branch")
+
+
+def test_inferred_identity_matches_given_wherever_every_task_is_inferred_right(tmp_path):
+    """Same training, evaluation differing only in where the identity comes from: wherever every test
+    example of a task had its task inferred right, the score equals the given-identity run's exactly.
+    The synthetic classes draw tokens from disjoint vocabulary slices, so even the random tiny model's
+    pre-trained class means tell most examples' tasks apart."""
+    records = []
+    inferred = make_run(lilora_config(task_identity="inferred"), tmp_path / "inferred", logger=records.append).fit()
+    given = make_run(lilora_config(), tmp_path / "given").fit()
+    identity = [r["task_identity_accuracy"] for r in records if r["type"] == "task"]
+    assert [len(row) for row in identity] == [1, 2, 3], "one identity accuracy per seen task after each task"
+    assert np.mean([v for row in identity for v in row]) > 75.0, identity
+    exact = [(seen, upto) for upto, row in enumerate(identity) for seen, value in enumerate(row) if value == 100.0]
+    assert len(exact) >= 3, identity
+    for seen, upto in exact:
+        assert inferred["matrix"][seen, upto] == given["matrix"][seen, upto], (seen, upto)
+
+
+def test_inferred_identity_on_an_instruction_stream_names_the_fix(tmp_path):
+    from jaxtree_lora.data import get_stream
+    from jaxtree_lora.train import backbone as backbone_lib
+    from jaxtree_lora.train.loop import Run
+    from test_paper_configs import write_tiny_llama_and_trace
+
+    llama, trace = write_tiny_llama_and_trace(tmp_path, tasks=("FOMC",), train_rows=4)
+    config = lilora_config(task_identity="inferred")
+    config.model.name, config.model.kind, config.model.path = "hf", "decoder", llama
+    config.lora.targets = ["attn.q_proj"]
+    config.data = dict(name="trace", root=trace, tasks=["FOMC"], max_prompt_len=8, max_answer_len=2)
+    backbone = backbone_lib.build(config)
+    with pytest.raises(ConfigError, match="needs a classification stream"):
+        Run(config=config, backbone=backbone, stream=get_stream(config.data, backbone.tokenizer),
+            workdir=str(tmp_path / "run"), progress=False)

@@ -57,7 +57,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     # Task-identity-free evaluation over every class seen so far: nearest class mean (cosine) of the
     # features, as CL-LoRA's prototype classifier; "head" uses the trained cosine head instead.
-    config.eval = ml_collections.ConfigDict({"batch_size": 96, "temperature": 0.0, "classifier": "prototype"})
+    # task_identity: "given" follows each method's protocol (LiLoRA's gives the identity); "inferred"
+    # infers it per example as HiDe-LoRA does (pre-trained features, nearest class mean -> its task).
+    config.eval = ml_collections.ConfigDict({"batch_size": 96, "temperature": 0.0, "classifier": "prototype",
+                                             "task_identity": "given"})
     if arg == "tiny":  # shapes for tests: random tiny encoder, synthetic data never used in a main job
         config.model.name = "tiny-bert"
     return config

@@ -91,6 +91,8 @@ def validate(config) -> None:
         raise ConfigError(f"train.train_mask must be 'task' or 'seen', got {train.train_mask!r}")
     if config.eval.get("classifier", "prototype") not in ("prototype", "head"):
         raise ConfigError(f"eval.classifier must be 'prototype' or 'head', got {config.eval.classifier!r}")
+    if config.eval.get("task_identity", "given") not in ("given", "inferred"):
+        raise ConfigError(f"eval.task_identity must be 'given' or 'inferred', got {config.eval.task_identity!r}")
     if float(config.eval.get("temperature", 0.0)) < 0:
         raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {config.eval.temperature}")
     if int(config.eval.get("batch_size", 1)) < 1:
@@ -207,6 +209,15 @@ class Run:
         self.head = config.train.get("head", "cosine")
         self.classifier = config.eval.get("classifier", "prototype")
         self.head_scale = float(config.train.get("head_scale", 20.0))
+        # Methods whose protocol gives the task identity at test time can have it inferred instead
+        # (HiDe-LoRA's way: the pre-trained model's features, nearest class mean -> that class's task).
+        self.infer_identity = (self.method.task_identity_at_inference
+                               and config.eval.get("task_identity", "given") == "inferred")
+        if self.infer_identity and self.kind != "classification":
+            raise ConfigError("eval.task_identity=inferred needs a classification stream (the task is inferred from "
+                              "class means of pre-trained features): use eval.task_identity=given here")
+        self._pretrained_prototypes = {}
+        self.identity_hits = [0.0, 0.0]  # examples whose task was inferred right, examples (one evaluation)
         self.task_loss = make_task_loss(self.backbone, self.method, self.kind, config.train.get("train_mask", "task"),
                                         self.head, self.head_scale)
         self._compile()
@@ -260,6 +271,8 @@ class Run:
         self.begin_task = jax.jit(begin_task, donate_argnums=(0,), out_shardings=replicated)
         self.begin_epoch = jax.jit(begin_epoch, donate_argnums=(0,), out_shardings=replicated)
         self._predict = jax.jit(self._predict_fn, out_shardings=replicated)
+        self._pretrained_features = jax.jit(
+            lambda frozen, batch: self.backbone.features(frozen, batch).astype(jnp.float32), out_shardings=replicated)
         self._features = jax.jit(self._features_fn, out_shardings=replicated)
         self._generate = None
 
@@ -345,6 +358,36 @@ class Run:
         prototypes[rows] = (sums[rows] / np.maximum(counts[rows], 1.0)[:, None]).astype(np.float32)
         return state.replace(prototypes=mesh_lib.to_global(prototypes, mesh_lib.replicated(self.mesh)))
 
+    def pretrained_prototypes(self, task_index: int) -> np.ndarray:
+        """[classes of the task, feature_dim] unit class means of the pre-trained model's features (no
+        adapters) over the task's training data. A function of frozen weights and data only, so it is
+        recomputed after a resume rather than checkpointed."""
+        if task_index not in self._pretrained_prototypes:
+            task = self.stream.tasks[task_index]
+            arrays = split_arrays(task.train, self.kind)
+            sums = np.zeros((self.stream_info.num_classes, self.backbone.info.feature_dim), np.float64)
+            counts = np.zeros((self.stream_info.num_classes,), np.float64)
+            for batch in self.batching.batches(arrays, int(self.config.eval.get("batch_size", 64)), seed=0,
+                                               task=task_index, epoch=0, shuffle=False):
+                weight = batch.pop("weight")
+                labels = batch.pop("labels")
+                features = np.array(self._pretrained_features(self.frozen, self._host_batch(batch)))
+                features /= np.linalg.norm(features, axis=-1, keepdims=True) + 1e-6
+                np.add.at(sums, labels, features * weight[:, None])
+                np.add.at(counts, labels, weight)
+            rows = list(task.classes)
+            means = sums[rows] / np.maximum(counts[rows], 1.0)[:, None]
+            self._pretrained_prototypes[task_index] = means / (np.linalg.norm(means, axis=-1, keepdims=True) + 1e-12)
+        return self._pretrained_prototypes[task_index]
+
+    def infer_tasks(self, batch: dict, trained_upto: int) -> np.ndarray:
+        """[B] int32: the task of the nearest (cosine) pre-trained class mean among tasks 0..trained_upto."""
+        means = [self.pretrained_prototypes(t) for t in range(trained_upto + 1)]
+        owner = np.concatenate([np.full((len(m),), t, np.int32) for t, m in enumerate(means)])
+        features = np.array(self._pretrained_features(self.frozen, batch))
+        features /= np.linalg.norm(features, axis=-1, keepdims=True) + 1e-6
+        return owner[np.argmax(features @ np.concatenate(means).T, axis=-1)]
+
     def _host_batch(self, batch: dict) -> dict:
         """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""
         return mesh_lib.to_global(batch, mesh_lib.replicated(self.mesh))
@@ -359,7 +402,9 @@ class Run:
         adapters = self.method.forward_adapters(trainable["adapters"], method_state)
         return self.backbone.features(frozen, batch, adapters=adapters, delta=delta).astype(jnp.float32)
 
-    def _predict_fn(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto):
+    def _predict_fn(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto, example_tasks=None):
+        """Predicted global classes [B]. `example_tasks` [B] (inferred task identity): each example is
+        scored with the adapters of its own inferred task (one forward per task slot)."""
         def class_logits(method_state):
             features = self._features_fn(trainable, frozen, method_state, batch)
             if self.classifier == "prototype":
@@ -367,7 +412,11 @@ class Run:
                 return head_logits({"w": prototypes.T}, features, "cosine", 1.0)
             return head_logits(trainable["head"], features, self.head, self.head_scale)
 
-        if self.method.per_task_inference:
+        if example_tasks is not None:
+            per_task = jax.lax.map(lambda k: class_logits({**method_state, "task": k}),
+                                   jnp.arange(consts["task_classes"].shape[0]))  # [K, B, C]
+            logits = jnp.take_along_axis(per_task, example_tasks[None, :, None], axis=0)[0]
+        elif self.method.per_task_inference:
             # Each task's classes are scored with that task's features (CL-LoRA's forward_test): one
             # forward per task slot, every class taking the logit of its own task. Task-identity free.
             per_task = jax.lax.map(lambda k: class_logits({**method_state, "task": k}),
@@ -398,7 +447,7 @@ class Run:
         """Score (0-100) on task `task_index`'s test split with the state after task `trained_upto`."""
         task = self.stream.tasks[task_index]
         eval_batch = int(self.config.eval.get("batch_size", 64))
-        if self.method.task_identity_at_inference:
+        if self.method.task_identity_at_inference and not self.infer_identity:
             # The method's protocol gives the task identity at test time (e.g. LiLoRA's set_task).
             state = state.replace(method_state={**state.method_state,
                                                 "task": jnp.asarray(task_index, jnp.int32)})
@@ -408,8 +457,16 @@ class Run:
             for batch in self.batching.batches(arrays, eval_batch, seed=0, task=task_index, epoch=0, shuffle=False):
                 weight = batch.pop("weight")
                 labels = batch.pop("labels")
+                batch = self._host_batch(batch)
+                example_tasks = None
+                if self.infer_identity:
+                    example_tasks = self.infer_tasks(batch, trained_upto)
+                    hits = np.asarray(example_tasks) == task_index
+                    self.identity_hits[0] += float(np.sum(hits * weight))
+                    self.identity_hits[1] += float(np.sum(weight))
+                    example_tasks = mesh_lib.to_global(example_tasks, mesh_lib.replicated(self.mesh))
                 predictions = self._predict(state.trainable, self.frozen, self.consts, state.method_state,
-                                            state.prototypes, self._host_batch(batch), trained_upto)
+                                            state.prototypes, batch, trained_upto, example_tasks)
                 predictions = np.asarray(predictions)
                 correct += float(np.sum((predictions == labels) * weight))
                 total += float(np.sum(weight))
@@ -608,13 +665,17 @@ class Run:
                 if self.kind == "classification":
                     state = self.class_prototypes(state, task_index)
                 eval_start = time.perf_counter()
+                identity = []
                 for seen in range(task_index + 1):
+                    self.identity_hits = [0.0, 0.0]
                     matrix[seen, task_index] = self.evaluate_task(state, seen, task_index)
+                    identity.append(100.0 * self.identity_hits[0] / max(self.identity_hits[1], 1.0))
                 timings["eval_seconds"][task_index] = time.perf_counter() - eval_start
                 emit({"type": "task", "task": task_index, "name": task.name,
                       "scores": [float(matrix[i, task_index]) for i in range(task_index + 1)],
                       "train_seconds": timings["train_seconds"][task_index],
-                      "eval_seconds": timings["eval_seconds"][task_index]})
+                      "eval_seconds": timings["eval_seconds"][task_index],
+                      **({"task_identity_accuracy": identity} if self.infer_identity else {})})
                 position = {"task": task_index + 1, "epoch": 0, "batch": 0}
                 save(state, position, wait=True)
         finally:
