@@ -91,3 +91,36 @@ def test_run_compiles_once_learns_and_resumes_equal(tmp_path):
     assert whole_run.train_step._cache_size() == 1, "a new task compiled the train step again"
     assert np.all(np.diag(whole["matrix"]) > 50.0), "each task is learned (2 classes: chance is 50)"
     assert np.any(np.asarray(whole["state"].method_state["r_old"]["attn.query"])), "R_old carried between tasks"
+
+
+def test_frozen_factors_option_keeps_a_and_b_from_the_second_task_on(tmp_path):
+    """factors=frozen_after_first: the first task trains A and B (and the routing), later tasks move
+    only R_delta, so the old route B R_old A is unchanged; the default keeps training A and B."""
+    from test_loop import make_run
+
+    def factors_after(option):
+        config = tiny_config("c_lora")
+        config.method.c_lora.factors = option
+        run = make_run(config, tmp_path / option, stop_after_steps=None)
+        seen = {}
+        original_end = run.method.end_task
+
+        def end_task(trainable, state, context):
+            seen[context.task] = jax.tree.map(np.asarray, trainable["adapters"]["attn.query"])
+            return original_end(trainable, state, context)
+
+        object.__setattr__(run.method, "end_task", end_task)
+        run.fit()
+        return seen
+
+    frozen = factors_after("frozen_after_first")
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(frozen[2][name], frozen[0][name], err_msg=f"{name} moved after task 0")
+    assert not np.array_equal(frozen[2]["r_delta"], np.zeros_like(frozen[2]["r_delta"])), "R_delta learns"
+    trained = factors_after("trained")
+    assert not np.array_equal(trained[2]["b"], trained[0]["b"]), "the default keeps training B"
+
+
+def test_unknown_factors_reading_names_the_choices():
+    with pytest.raises(ConfigError, match="'trained' or 'frozen_after_first'"):
+        method(factors="both")

@@ -14,7 +14,16 @@ abstract, a formalisation of the paper's equations and third-party notes), and s
   gradient) is avoided by starting the first task at R_delta = I: plain LoRA on task 0;
 - inference: the one adapter, task-identity free.
 
-Defaults: lam 0.01 (the third-party notes), basis_energy 0.99 [mine], LoRA from `config.lora`.
+`factors` chooses between the two readings of "gradients only through the fresh route":
+- "trained" (default, the specification's reading): A and B stay trainable; the old route is only
+  stopped in the backward pass. Adam then moves A and B under the old route without seeing it, which
+  collapses on offline-trace (RESULTS.md);
+- "frozen_after_first": A and B train on the first task (as plain LoRA) and are frozen from the
+  second on, so the old route B R_old A is exactly what it was and only R_delta learns (r x r per
+  site and layer), kept away from col(R_old) by the orthogonality term.
+
+Defaults: lam 0.01 (the third-party notes), basis_energy 0.99 [mine], factors "trained", LoRA from
+`config.lora`.
 Shapes are fixed (R_old and U_old are [L, r, r] per site), so task 2 compiles nothing new.
 """
 from __future__ import annotations
@@ -51,8 +60,11 @@ class CLoRA(Method):
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec(dropout=0.0)
     lam: float = 0.01
     basis_energy: float = 0.99
+    factors: str = "trained"  # or "frozen_after_first"
 
     def __post_init__(self):
+        if self.factors not in ("trained", "frozen_after_first"):
+            raise ConfigError(f"c_lora factors must be 'trained' or 'frozen_after_first', got {self.factors!r}")
         if self.lam < 0:
             raise ConfigError(f"c_lora lam must be >= 0, got {self.lam}: set --config.method.c_lora.lam=0.01")
         if not 0.0 < self.basis_energy <= 1.0:
@@ -80,6 +92,21 @@ class CLoRA(Method):
         old = jnp.einsum("...r,sr,os->...o", h, adapter["r_old"].astype(x.dtype), adapter["b"].astype(x.dtype))
         new = jnp.einsum("...r,sr,os->...o", h, adapter["r_delta"].astype(x.dtype), adapter["b"].astype(x.dtype))
         return self.lora.scale * (jax.lax.stop_gradient(old) + new)
+
+    def update_mask(self, state, trainable):
+        if self.factors == "trained":
+            return None
+        # From the second task on only R_delta (and the head) moves.
+        open_ = (state["task"] == 0).astype(jnp.float32)
+        mask = jax.tree.map(lambda leaf: jnp.ones((), jnp.float32), trainable)
+        mask["adapters"] = {site: {**leaves, "a": open_, "b": open_} for site, leaves in mask["adapters"].items()}
+        return mask
+
+    def trainable_count(self, trainable, state):
+        if self.factors == "trained" or int(state["task"]) == 0:
+            return lora_lib.count(trainable)
+        return lora_lib.count(trainable) - sum(int(leaves["a"].size + leaves["b"].size)
+                                               for leaves in trainable["adapters"].values())
 
     def orthogonality(self, adapters, state) -> jax.Array:
         """sum over sites and layers of ||U_old^T R_delta||_F^2."""
