@@ -111,6 +111,7 @@ def test_frozen_factors_option_keeps_a_and_b_from_the_second_task_on(tmp_path):
 
         object.__setattr__(run.method, "end_task", end_task)
         run.fit()
+        assert run.train_step._cache_size() == 1, f"factors={option}: a new task compiled the train step again"
         return seen
 
     frozen = factors_after("frozen_after_first")
