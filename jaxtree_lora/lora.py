@@ -35,6 +35,16 @@ PyTree = Any
 
 INITS = ("kaiming_uniform", "gaussian", "orthogonal", "zeros")
 
+# Attention projections by role, so a method's default spec ("q and v", "k and v") names the same
+# projections in every backbone: Llama calls them q_proj/k_proj/v_proj/o_proj, BERT and ViT
+# query/key/value/output. A target that is a role selects whichever of its sites the backbone has.
+ROLES = {
+    "q": ("attn.q_proj", "attn.query"),
+    "k": ("attn.k_proj", "attn.key"),
+    "v": ("attn.v_proj", "attn.value"),
+    "o": ("attn.o_proj", "attn.output"),
+}
+
 
 class LoraSpecError(ValueError):
     """A LoRA spec that cannot be applied to a backbone (the message names the fix)."""
@@ -45,7 +55,8 @@ class LoraSpec:
     """Where and how LoRA is attached.
 
     Attributes:
-      targets: fnmatch patterns over site names (`"attn.q_proj"`, `"*.v_proj"`, `"mlp.*"`).
+      targets: fnmatch patterns over site names (`"attn.q_proj"`, `"*.v_proj"`, `"mlp.*"`), or attention
+        roles (`"q"`, `"k"`, `"v"`, `"o"`: the query/key/value/output projection under the backbone's name).
       rank: r, the inner dimension.
       alpha: scale numerator; the delta is multiplied by `alpha / rank`.
       dropout: dropout rate on the adapter's input (PEFT's `lora_dropout`).
@@ -55,7 +66,7 @@ class LoraSpec:
         (layer0.q, layer0.v, layer1.q, ...), as the official TreeLoRA's `--lora_depth`; -1 keeps all.
     """
 
-    targets: tuple[str, ...] = ("attn.q_proj", "attn.v_proj")
+    targets: tuple[str, ...] = ("q", "v")
     rank: int = 8
     alpha: float = 32.0
     dropout: float = 0.0
@@ -86,6 +97,8 @@ class LoraSpec:
         chosen = {}
         for pattern in self.targets:
             matches = [name for name in sites if fnmatch.fnmatchcase(name, pattern)]
+            if not matches and pattern in ROLES:
+                matches = [name for name in sites if name in ROLES[pattern]]
             if not matches:
                 raise LoraSpecError(
                     f"lora target {pattern!r} matches no site of this backbone; its sites are: "

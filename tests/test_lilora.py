@@ -87,20 +87,22 @@ def lilora_config(**eval_options):
 
 
 def test_inferred_identity_scores_each_example_with_its_own_tasks_branch(tmp_path):
-    """The per-example selection in _predict_fn against the given-identity path, example by example."""
+    """The per-example selection in the evaluator's _predict_fn against the given-identity path, example by
+    example, for both classifiers it returns (the method's protocol and the nearest class mean)."""
     run = make_run(lilora_config(), tmp_path / "run")
     state = run.fit()["state"]
     arrays = {"input_ids": np.concatenate([t.test.inputs["input_ids"][:4] for t in run.stream.tasks]),
               "attention_mask": np.concatenate([t.test.inputs["attention_mask"][:4] for t in run.stream.tasks])}
     batch = run._host_batch(arrays)
     tasks = np.asarray([0, 2, 1, 0, 1, 2, 2, 0, 1, 1, 0, 2], np.int32)
-    mixed = np.asarray(run._predict(state.trainable, run.frozen, run.consts, state.method_state, state.prototypes,
-                                    batch, 2, jnp.asarray(tasks)))
+    predict = run.evaluator._predict
+    mixed = np.asarray(predict(state.trainable, run.frozen, run.consts, state.method_state, state.prototypes,
+                               batch, 2, jnp.asarray(tasks)))
     for k in range(3):
-        given = np.asarray(run._predict(state.trainable, run.frozen, run.consts,
-                                        {**state.method_state, "task": jnp.asarray(k, jnp.int32)},
-                                        state.prototypes, batch, 2))
-        np.testing.assert_array_equal(mixed[tasks == k], given[tasks == k],
+        given = np.asarray(predict(state.trainable, run.frozen, run.consts,
+                                   {**state.method_state, "task": jnp.asarray(k, jnp.int32)},
+                                   state.prototypes, batch, 2))
+        np.testing.assert_array_equal(mixed[:, tasks == k], given[:, tasks == k],
                                       err_msg=f"examples assigned to task {k} were not scored with its branch")
 
 

@@ -10,7 +10,7 @@ from test_loop import interrupted_and_resumed, tiny_config as tiny_test_config
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", methods.names())
+@pytest.mark.parametrize("method", [name for name in methods.names() if name != "fix"])  # fix takes no step
 def test_resumed_run_equals_an_uninterrupted_one(method, tmp_path):
     def tiny_config(method, **train):
         config = tiny_test_config(method, **train)

@@ -139,16 +139,16 @@ def test_comparison_table_plain_and_markdown():
     rows = [make_results("seqlora", train_seconds=(5.0, 5.0, 5.0), peak=None), make_results("treelora"),
             {"method": "lora|x", "not_applicable": "needs task identity"}]
     markdown = tables.format_comparison(rows, markdown=True).splitlines()
-    assert markdown[0] == ("| method | avg acc | BWT (TRACE) | BWT (paper) | forgetting | trainable % | "
-                           "train time (s) | peak MiB |")
-    assert markdown[1] == "|:---|---:|---:|---:|---:|---:|---:|---:|"
-    assert markdown[2] == "| seqlora | 58.33 | -6.67 | 7.50 | 10.00 | 0.200 | 15 | - |"
-    assert markdown[3] == "| treelora | 58.33 | -6.67 | 7.50 | 10.00 | 0.200 | 60 | 512 |"
-    assert markdown[4] == "| lora\\|x | n/a | n/a | n/a | n/a | n/a | n/a | n/a |", "pipes in names are escaped"
+    assert markdown[0] == ("| method | avg acc | avg inc acc | NCM avg acc | BWT (TRACE) | BWT (paper) | forgetting | "
+                           "trainable % | train time (s) | peak MiB |")
+    assert markdown[1] == "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    assert markdown[2] == "| seqlora | 58.33 | 75.28 | - | -6.67 | 7.50 | 10.00 | 0.200 | 15 | - |"
+    assert markdown[3] == "| treelora | 58.33 | 75.28 | - | -6.67 | 7.50 | 10.00 | 0.200 | 60 | 512 |"
+    assert markdown[4] == "| lora\\|x | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |", "pipes in names are escaped"
     assert markdown[-1] == "- n/a lora\\|x: needs task identity", "the reason is given under the table"
     plain = tables.format_comparison(rows).splitlines()
     assert plain[0].split()[:3] == ["method", "avg", "acc"] and set(plain[1]) <= {"-", " "}
-    assert plain[3].split() == ["treelora", "58.33", "-6.67", "7.50", "10.00", "0.200", "60", "512"]
+    assert plain[3].split() == ["treelora", "58.33", "75.28", "-", "-6.67", "7.50", "10.00", "0.200", "60", "512"]
     assert plain[-1] == "n/a lora|x: needs task identity"
     # right-aligned numbers: every row ends its "avg acc" cell at the same column
     end = plain[0].index("avg acc") + len("avg acc")

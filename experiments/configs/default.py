@@ -39,9 +39,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     config.method = method_options()
     config.method.name = "treelora"
+    # Each method runs with its own LoRA spec (its dataclass default, e.g. InfLoRA k and v at rank 10);
+    # a key set here (or with --config.lora.KEY=VALUE) replaces that key for every method. Targets are
+    # site patterns or the roles q, k, v, o (the attention projections under any backbone's names).
+    placeholder = ml_collections.config_dict.placeholder
     config.lora = ml_collections.ConfigDict({
-        "targets": ["attn.query", "attn.value"], "rank": 8, "alpha": 32.0, "dropout": 0.1,
-        "init": "kaiming_uniform", "max_modules": -1,
+        "targets": placeholder(list), "rank": placeholder(int), "alpha": placeholder(float),
+        "dropout": placeholder(float), "init": placeholder(str), "max_modules": placeholder(int),
     })
     config.optimizer = ml_collections.ConfigDict({
         "learning_rate": 5e-4, "b1": 0.9, "b2": 0.95, "weight_decay": 0.0, "clip_norm": 1.0,
@@ -49,18 +53,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     config.train = ml_collections.ConfigDict({
         "batch_size": 16, "accumulation": 1, "epochs": 2, "max_tasks": 0, "train_mask": "task",
-        "head": "cosine", "head_scale": 20.0,
+        # "" = the method's own head ("linear" per-task heads, "cosine" for LoDA and CL-LoRA).
+        "head": "", "head_scale": 20.0,
         "log_every": 4, "checkpoint_every": 0, "keep_checkpoints": 2, "mesh": [],
         # Memory of one device for the planner (`jaxtree-lora plan`, and `run` before loading);
         # 0: ask the device (GPUs and TPUs report it, CPUs do not). tpu_configs set it.
         "device_memory_gib": 0.0,
     })
-    # Task-identity-free evaluation over every class seen so far: nearest class mean (cosine) of the
-    # features, as CL-LoRA's prototype classifier; "head" uses the trained cosine head instead.
+    # Evaluation over every class seen so far. classifier: "" = the method's own protocol ("head": the
+    # seen classes' head logits; "prototype": nearest class mean, CL-LoRA and fix); the rehearsal-free
+    # nearest class mean is reported beside it for every method, and after the last task the
+    # recomputed-prototype diagnostic (recomputed_prototypes; not rehearsal-free).
     # task_identity: "given" follows each method's protocol (LiLoRA's gives the identity); "inferred"
     # infers it per example as HiDe-LoRA does (pre-trained features, nearest class mean -> its task).
-    config.eval = ml_collections.ConfigDict({"batch_size": 96, "temperature": 0.0, "classifier": "prototype",
-                                             "task_identity": "given"})
+    config.eval = ml_collections.ConfigDict({"batch_size": 96, "temperature": 0.0, "classifier": "",
+                                             "task_identity": "given", "recomputed_prototypes": True})
     if arg == "tiny":  # shapes for tests: random tiny encoder, synthetic data never used in a main job
         config.model.name = "tiny-bert"
     return config

@@ -17,7 +17,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "name": "offline-trace", "per_task_train": 48, "per_task_test": 24, "max_prompt_len": 96,
         "max_answer_len": 8, "chat_template": True, "seed": 0,
     })
-    config.lora.targets = ["attn.q_proj", "attn.v_proj"]  # official TreeLoRA (PEFT's llama default)
+    # Each method keeps its own LoRA spec: q and v (q_proj, v_proj here) for the LLM baselines and
+    # TreeLoRA (the official scripts, PEFT's llama default), k and v for InfLoRA.
     config.optimizer.learning_rate = 5e-4
     config.train.batch_size = 8
     config.train.epochs = 2

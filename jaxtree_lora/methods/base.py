@@ -111,6 +111,17 @@ class Method:
     per_task_inference: bool = False
     stream_kinds: tuple = ("classification", "instruction")
     not_applicable_reason: str = ""
+    # The method's own classification protocol (its official code's), used unless the config names
+    # another (`train.head`, `eval.classifier`):
+    #   default_head: "linear" (per-task linear heads: each task trains its own classes' columns, the
+    #     logits of all seen classes are concatenated at inference; InfLoRA, SD-LoRA, the LoRA
+    #     baselines) or "cosine" (CosFace-style cosine heads with a fixed scale; LoDA, CL-LoRA's proxies);
+    #   default_classifier: "head" (argmax over the seen classes' head logits) or "prototype"
+    #     (nearest class mean of the features; CL-LoRA's prototype classifier, the `fix` baseline).
+    default_head: str = "linear"
+    default_classifier: str = "head"
+    # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
+    trains: bool = True
     lora: lora_lib.LoraSpec
 
     # -- set-up -------------------------------------------------------------------------------
@@ -175,4 +186,5 @@ class Method:
             value = getattr(self, field.name)
             out[field.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
         out["task_identity_at_inference"] = bool(self.task_identity_at_inference)
+        out["per_task_inference"] = bool(self.per_task_inference)
         return out

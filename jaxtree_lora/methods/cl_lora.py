@@ -59,6 +59,8 @@ class CLLoRA(Method):
     """Shared LoRA (first half, fixed A) + per-task LoRA with block weights (second half), KD, prototypes."""
 
     name = "cl_lora"
+    default_head = "cosine"  # per-task proxy (cosine) heads for training
+    default_classifier = "prototype"  # inference: cosine to each task's class prototypes, own-task features
     per_task_inference = True
     stream_kinds = ("classification",)
     not_applicable_reason = "CL-LoRA is a class-incremental method with a prototype classifier"

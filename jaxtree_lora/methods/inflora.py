@@ -120,7 +120,7 @@ class InfLoRA(IncLoRA):
     """IncLoRA with designed, fixed down-projections orthogonal to old tasks' inputs (DualGPM)."""
 
     name = "inflora"
-    lora: lora_lib.LoraSpec = lora_lib.LoraSpec(rank=10, dropout=0.0, targets=("attn.k_proj", "attn.v_proj"))
+    lora: lora_lib.LoraSpec = lora_lib.LoraSpec(rank=10, dropout=0.0, targets=("k", "v"))
     lamb: float = 0.95
     lame: float = 1.0
     scale: float = 1.0

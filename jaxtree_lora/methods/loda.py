@@ -87,6 +87,7 @@ class LoDA(Method):
     """Dual-branch LoRA on subspaces from input statistics, recalibrated and merged after each task."""
 
     name = "loda"
+    default_head = "cosine"  # per-task CosFace heads (s 20), logits concatenated at inference
     stream_kinds = ("classification",)
     not_applicable_reason = ("LoDA is a class-incremental classifier: its gradient-aligned optimisation "
                              "splits each batch by class")

@@ -69,7 +69,9 @@ def _device() -> dict:
 def build_results(*, matrix, task_names: Sequence[str], method: str, method_config: Mapping, config: Mapping,
                   timings: Mapping[str, Sequence[float]], wall_seconds: float, trainable_parameters: int,
                   backbone_parameters: int, peak_memory_mb: Optional[float], stream: str,
-                  reference: Optional[Sequence[float]] = None, seed: Optional[int] = None) -> dict:
+                  reference: Optional[Sequence[float]] = None, seed: Optional[int] = None,
+                  protocol: Optional[Mapping] = None, ncm_matrix=None,
+                  recomputed_prototype_scores: Optional[Sequence[float]] = None) -> dict:
     """The results dict (JSON-ready) of one continual run.
 
     Args:
@@ -80,6 +82,10 @@ def build_results(*, matrix, task_names: Sequence[str], method: str, method_conf
       trainable_parameters / backbone_parameters: counts; the share is 100 * trainable / backbone.
       reference: zero-shot scores of the untrained model per task, for forward transfer.
       seed: defaults to `config["seed"]`.
+      protocol: what the run actually used: LoRA spec, head, classifier, task identity.
+      ncm_matrix: the same matrix scored by the rehearsal-free nearest class mean (classification).
+      recomputed_prototype_scores: per task, after the last task, nearest class mean with every
+        prototype recomputed by the final model (a diagnostic that is not rehearsal-free).
     """
     matrix = continual.as_matrix(matrix)
     if len(task_names) != matrix.shape[0]:
@@ -99,6 +105,13 @@ def build_results(*, matrix, task_names: Sequence[str], method: str, method_conf
         "tasks": list(task_names),
         "accuracy_matrix": matrix,
         "metrics": continual.summary(matrix, reference),
+        "protocol": protocol,
+        "ncm": None if ncm_matrix is None else {"accuracy_matrix": continual.as_matrix(ncm_matrix),
+                                                "metrics": continual.summary(continual.as_matrix(ncm_matrix))},
+        "recomputed_prototypes": None if recomputed_prototype_scores is None else {
+            "scores": list(recomputed_prototype_scores),
+            "average_accuracy": float(np.mean(recomputed_prototype_scores)),
+            "rehearsal_free": False},
         "reference_scores": reference,
         "time": {"wall_seconds": wall_seconds, "train_seconds": total_train,
                  "eval_seconds": float(sum(eval_seconds)),

@@ -103,8 +103,8 @@ def format_summary(results: Mapping, markdown: bool = False) -> str:
     return render(["metric", "value"], rows, markdown=markdown)
 
 
-COMPARISON_HEADER = ("method", "avg acc", "BWT (TRACE)", "BWT (paper)", "forgetting", "trainable %",
-                     "train time (s)", "peak MiB")
+COMPARISON_HEADER = ("method", "avg acc", "avg inc acc", "NCM avg acc", "BWT (TRACE)", "BWT (paper)", "forgetting",
+                     "trainable %", "train time (s)", "peak MiB")
 
 
 def comparison_row(results: Mapping) -> list[str]:
@@ -115,6 +115,8 @@ def comparison_row(results: Mapping) -> list[str]:
         return [method] + ["n/a"] * (len(COMPARISON_HEADER) - 1)
     return [method,
             format_number(_lookup(results, ("metrics", "average_accuracy"))),
+            format_number(_lookup(results, ("metrics", "average_incremental_accuracy"))),
+            format_number(_lookup(results, ("ncm", "metrics", "average_accuracy"))),
             format_number(_lookup(results, ("metrics", "bwt_trace"))),
             format_number(_lookup(results, ("metrics", "bwt_paper"))),
             format_number(_lookup(results, ("metrics", "forgetting"))),
@@ -128,7 +130,8 @@ def comparison_rows(results_list: Sequence[Mapping]) -> list[list[str]]:
 
 
 def format_comparison(results_list: Sequence[Mapping], markdown: bool = False) -> str:
-    """Methods side by side: average accuracy, BWT in both forms, forgetting, trainable share, train
+    """Methods side by side: average accuracy (final, and average incremental), the rehearsal-free
+    nearest-class-mean average accuracy (classification), BWT in both forms, forgetting, trainable share, train
     time and peak memory. Plain text for the terminal, or Markdown for RESULTS.md. Methods that could
     not run on the stream (`not_applicable`) are listed with their reason below the table."""
     table = render(COMPARISON_HEADER, comparison_rows(results_list), markdown=markdown)

@@ -31,7 +31,7 @@ from jaxtree_lora.faults import kill_point
 from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskContext
 from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import mesh as mesh_lib
-from jaxtree_lora.train.step import TrainState, head_logits, init_head, make_optimizer, make_task_loss, make_train_step
+from jaxtree_lora.train.step import TrainState, init_head, make_optimizer, make_task_loss, make_train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,8 +50,29 @@ class StopRequested(Exception):
 # building pieces from the config
 # ----------------------------------------------------------------------------------------------
 
+LORA_KEYS = ("targets", "rank", "alpha", "dropout", "init", "max_modules")
+
+
+def lora_spec_for(config, cls) -> lora_lib.LoraSpec:
+    """The method's own LoRA spec (its dataclass default) with the keys the config sets on top.
+
+    `config.lora.KEY = None` (the default) keeps the method's value: InfLoRA trains k and v at rank
+    10, SD-LoRA q and v at rank 10, the LLM baselines q and v at rank 8 with dropout 0.1, and so on.
+    A key the user sets applies to every method of the run."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    own = fields["lora"].default if fields["lora"].default is not dataclasses.MISSING else lora_lib.LoraSpec()
+    given = {key: value for key, value in dict(config.get("lora", None) or {}).items() if value is not None}
+    unknown = sorted(set(given) - set(LORA_KEYS))
+    if unknown:
+        raise ConfigError(f"config.lora has no key(s) {', '.join(unknown)}: its keys are {', '.join(LORA_KEYS)}")
+    if "targets" in given:
+        targets = given["targets"]
+        given["targets"] = (targets,) if isinstance(targets, str) else tuple(targets)
+    return dataclasses.replace(own, **given)
+
+
 def build_method(config, max_tasks: int):
-    """The method named by config.method.name with its options and config.lora as its LoRA spec."""
+    """The method named by config.method.name with its options and its LoRA spec (`lora_spec_for`)."""
     name = config.method.name
     cls = methods_lib.get_class(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -65,12 +86,19 @@ def build_method(config, max_tasks: int):
         if isinstance(value, list):
             options[key] = tuple(value)
     if "lora" in fields:
-        spec = dict(config.lora)
-        spec["targets"] = tuple(spec.get("targets", ()))
-        options["lora"] = lora_lib.LoraSpec(**spec)
+        options["lora"] = lora_spec_for(config, cls)
     if "max_tasks" in fields:
         options["max_tasks"] = max_tasks
     return cls(**options)
+
+
+def protocol_of(config, method) -> dict:
+    """The head and classifier a run uses: the method's own unless the config names them."""
+    head = config.train.get("head", "") or method.default_head
+    classifier = config.eval.get("classifier", "") or method.default_classifier
+    return {"head": head, "classifier": classifier,
+            "head_scale": float(config.train.get("head_scale", 20.0)),
+            "train_mask": config.train.get("train_mask", "task")}
 
 
 def validate(config) -> None:
@@ -85,12 +113,13 @@ def validate(config) -> None:
     for value in (epochs if isinstance(epochs, (list, tuple)) else [epochs]):
         if int(value) < 1:
             raise ConfigError(f"train.epochs must be >= 1 (per task), got {epochs}")
-    if train.get("head", "cosine") not in ("cosine", "linear"):
-        raise ConfigError(f"train.head must be 'cosine' or 'linear', got {train.head!r}")
+    if train.get("head", "") not in ("", "cosine", "linear"):
+        raise ConfigError(f"train.head must be '' (the method's own), 'cosine' or 'linear', got {train.head!r}")
     if train.get("train_mask", "task") not in ("task", "seen"):
         raise ConfigError(f"train.train_mask must be 'task' or 'seen', got {train.train_mask!r}")
-    if config.eval.get("classifier", "prototype") not in ("prototype", "head"):
-        raise ConfigError(f"eval.classifier must be 'prototype' or 'head', got {config.eval.classifier!r}")
+    if config.eval.get("classifier", "") not in ("", "prototype", "head"):
+        raise ConfigError(f"eval.classifier must be '' (the method's own), 'prototype' or 'head', "
+                          f"got {config.eval.classifier!r}")
     if config.eval.get("task_identity", "given") not in ("given", "inferred"):
         raise ConfigError(f"eval.task_identity must be 'given' or 'inferred', got {config.eval.task_identity!r}")
     if float(config.eval.get("temperature", 0.0)) < 0:
@@ -206,20 +235,19 @@ class Run:
                               f"{devices} data-parallel devices of the mesh")
         self.optimizer = make_optimizer(config)
         self.consts = self._stream_consts()
-        self.head = config.train.get("head", "cosine")
-        self.classifier = config.eval.get("classifier", "prototype")
-        self.head_scale = float(config.train.get("head_scale", 20.0))
+        self.protocol = protocol_of(config, self.method)
+        if not self.method.trains and self.protocol["classifier"] != "prototype" and self.kind == "classification":
+            raise ConfigError(f"{self.method.name} trains nothing, so it has no trained head: its classifier is the "
+                              f"nearest class mean (leave eval.classifier unset or set it to 'prototype')")
         # Methods whose protocol gives the task identity at test time can have it inferred instead
         # (HiDe-LoRA's way: the pre-trained model's features, nearest class mean -> that class's task).
-        self.infer_identity = (self.method.task_identity_at_inference
-                               and config.eval.get("task_identity", "given") == "inferred")
+        self.identity = config.eval.get("task_identity", "given")
+        self.infer_identity = self.method.task_identity_at_inference and self.identity == "inferred"
         if self.infer_identity and self.kind != "classification":
             raise ConfigError("eval.task_identity=inferred needs a classification stream (the task is inferred from "
                               "class means of pre-trained features): use eval.task_identity=given here")
-        self._pretrained_prototypes = {}
-        self.identity_hits = [0.0, 0.0]  # examples whose task was inferred right, examples (one evaluation)
-        self.task_loss = make_task_loss(self.backbone, self.method, self.kind, config.train.get("train_mask", "task"),
-                                        self.head, self.head_scale)
+        self.task_loss = make_task_loss(self.backbone, self.method, self.kind, self.protocol["train_mask"],
+                                        self.protocol["head"], self.protocol["head_scale"])
         self._compile()
 
     # -- setup ------------------------------------------------------------------------------------
@@ -236,7 +264,7 @@ class Run:
         key = jax.random.PRNGKey(int(self.config.seed))
         init_key, head_key = jax.random.split(jax.random.fold_in(key, 1))
         adapters, method_state = self.method.init(init_key, self.backbone.info, self.stream_info)
-        head = init_head(head_key, self.backbone.info.feature_dim, self.stream_info.num_classes) \
+        head = init_head(head_key, self.backbone.info.feature_dim, self.stream_info.num_classes, self.protocol["head"]) \
             if self.kind == "classification" else {}
         trainable = {"adapters": adapters, "head": head}
         classes = self.stream_info.num_classes
@@ -270,11 +298,15 @@ class Run:
 
         self.begin_task = jax.jit(begin_task, donate_argnums=(0,), out_shardings=replicated)
         self.begin_epoch = jax.jit(begin_epoch, donate_argnums=(0,), out_shardings=replicated)
-        self._predict = jax.jit(self._predict_fn, out_shardings=replicated)
-        self._pretrained_features = jax.jit(
-            lambda frozen, batch: self.backbone.features(frozen, batch).astype(jnp.float32), out_shardings=replicated)
-        self._features = jax.jit(self._features_fn, out_shardings=replicated)
-        self._generate = None
+        from jaxtree_lora.evaluation.evaluator import Evaluator
+
+        eval_batch = int(self.config.eval.get("batch_size", 64))
+        self.evaluator = Evaluator(
+            backbone=self.backbone, method=method, stream=self.stream, protocol=self.protocol, consts=self.consts,
+            frozen=self.frozen, host_batch=self._host_batch, out_sharding=replicated, identity=self.identity,
+            temperature=float(self.config.eval.get("temperature", 0.0)),
+            batches=lambda arrays, task: self.batching.batches(arrays, eval_batch, seed=0, task=task, epoch=0,
+                                                               shuffle=False))
 
     def fisher(self, trainable, method_state, arrays: dict, task_index: int):
         """Diagonal empirical Fisher of the task loss: mean over examples of squared per-example grads."""
@@ -338,56 +370,6 @@ class Run:
             site_moments=lambda trainable, method_state: self.site_moments(trainable, method_state, arrays,
                                                                            task_index))
 
-    def class_prototypes(self, state: TrainState, task_index: int) -> TrainState:
-        """Mean feature of each class of the task (training data, current adapters) into the state."""
-        task = self.stream.tasks[task_index]
-        arrays = split_arrays(task.train, self.kind)
-        sums = np.zeros(state.prototypes.shape, np.float64)
-        counts = np.zeros((state.prototypes.shape[0],), np.float64)
-        eval_batch = int(self.config.eval.get("batch_size", 64))
-        for batch in self.batching.batches(arrays, eval_batch, seed=0, task=task_index, epoch=0, shuffle=False):
-            weight = batch.pop("weight")
-            labels = batch.pop("labels")
-            features = np.array(self._features(state.trainable, self.frozen, state.method_state,
-                                               self._host_batch(batch)))
-            features /= np.linalg.norm(features, axis=-1, keepdims=True) + 1e-6
-            np.add.at(sums, labels, features * weight[:, None])
-            np.add.at(counts, labels, weight)
-        prototypes = np.asarray(state.prototypes).copy()
-        rows = list(task.classes)
-        prototypes[rows] = (sums[rows] / np.maximum(counts[rows], 1.0)[:, None]).astype(np.float32)
-        return state.replace(prototypes=mesh_lib.to_global(prototypes, mesh_lib.replicated(self.mesh)))
-
-    def pretrained_prototypes(self, task_index: int) -> np.ndarray:
-        """[classes of the task, feature_dim] unit class means of the pre-trained model's features (no
-        adapters) over the task's training data. A function of frozen weights and data only, so it is
-        recomputed after a resume rather than checkpointed."""
-        if task_index not in self._pretrained_prototypes:
-            task = self.stream.tasks[task_index]
-            arrays = split_arrays(task.train, self.kind)
-            sums = np.zeros((self.stream_info.num_classes, self.backbone.info.feature_dim), np.float64)
-            counts = np.zeros((self.stream_info.num_classes,), np.float64)
-            for batch in self.batching.batches(arrays, int(self.config.eval.get("batch_size", 64)), seed=0,
-                                               task=task_index, epoch=0, shuffle=False):
-                weight = batch.pop("weight")
-                labels = batch.pop("labels")
-                features = np.array(self._pretrained_features(self.frozen, self._host_batch(batch)))
-                features /= np.linalg.norm(features, axis=-1, keepdims=True) + 1e-6
-                np.add.at(sums, labels, features * weight[:, None])
-                np.add.at(counts, labels, weight)
-            rows = list(task.classes)
-            means = sums[rows] / np.maximum(counts[rows], 1.0)[:, None]
-            self._pretrained_prototypes[task_index] = means / (np.linalg.norm(means, axis=-1, keepdims=True) + 1e-12)
-        return self._pretrained_prototypes[task_index]
-
-    def infer_tasks(self, batch: dict, trained_upto: int) -> np.ndarray:
-        """[B] int32: the task of the nearest (cosine) pre-trained class mean among tasks 0..trained_upto."""
-        means = [self.pretrained_prototypes(t) for t in range(trained_upto + 1)]
-        owner = np.concatenate([np.full((len(m),), t, np.int32) for t, m in enumerate(means)])
-        features = np.array(self._pretrained_features(self.frozen, batch))
-        features /= np.linalg.norm(features, axis=-1, keepdims=True) + 1e-6
-        return owner[np.argmax(features @ np.concatenate(means).T, axis=-1)]
-
     def _host_batch(self, batch: dict) -> dict:
         """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""
         return mesh_lib.to_global(batch, mesh_lib.replicated(self.mesh))
@@ -395,106 +377,6 @@ class Run:
     def _on_mesh(self, tree):
         """Results of host-side method work back on the mesh. One process: left where they are."""
         return tree if jax.process_count() == 1 else mesh_lib.to_global(tree, mesh_lib.replicated(self.mesh))
-
-    # -- evaluation -------------------------------------------------------------------------------
-    def _features_fn(self, trainable, frozen, method_state, batch):
-        delta = lambda site, adapter, x, key: self.method.delta(method_state, site, adapter, x, key)
-        adapters = self.method.forward_adapters(trainable["adapters"], method_state)
-        return self.backbone.features(frozen, batch, adapters=adapters, delta=delta).astype(jnp.float32)
-
-    def _predict_fn(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto, example_tasks=None):
-        """Predicted global classes [B]. `example_tasks` [B] (inferred task identity): each example is
-        scored with the adapters of its own inferred task (one forward per task slot)."""
-        def class_logits(method_state):
-            features = self._features_fn(trainable, frozen, method_state, batch)
-            if self.classifier == "prototype":
-                # Nearest class mean by cosine: forgetting then comes only from feature drift.
-                return head_logits({"w": prototypes.T}, features, "cosine", 1.0)
-            return head_logits(trainable["head"], features, self.head, self.head_scale)
-
-        if example_tasks is not None:
-            per_task = jax.lax.map(lambda k: class_logits({**method_state, "task": k}),
-                                   jnp.arange(consts["task_classes"].shape[0]))  # [K, B, C]
-            logits = jnp.take_along_axis(per_task, example_tasks[None, :, None], axis=0)[0]
-        elif self.method.per_task_inference:
-            # Each task's classes are scored with that task's features (CL-LoRA's forward_test): one
-            # forward per task slot, every class taking the logit of its own task. Task-identity free.
-            per_task = jax.lax.map(lambda k: class_logits({**method_state, "task": k}),
-                                   jnp.arange(consts["task_classes"].shape[0]))  # [K, B, C]
-            own = consts["task_classes"][:, None, :]
-            logits = jnp.sum(jnp.where(own, per_task, 0.0), axis=0)
-        else:
-            logits = class_logits(method_state)
-        logits = jnp.where(consts["seen_classes"][seen_upto][None, :], logits, -jnp.inf)
-        return jnp.argmax(logits, axis=-1)
-
-    def _generate_fn(self, trainable, frozen, method_state, prompt_ids, prompt_mask, key, max_new_tokens):
-        from flax import nnx
-
-        from jaxtree_lora.models.generate import generate
-
-        delta = lambda site, adapter, x, k: self.method.delta(method_state, site, adapter, x, k)
-        tokenizer = self.backbone.tokenizer
-        model = nnx.merge(self.backbone.graphdef, frozen)
-        return generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                        temperature=float(self.config.eval.get("temperature", 0.0)), key=key,
-                        eos_id=int(tokenizer.eos_token_id),
-                        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                   else tokenizer.eos_token_id),
-                        adapters=self.method.forward_adapters(trainable["adapters"], method_state), delta=delta)
-
-    def evaluate_task(self, state: TrainState, task_index: int, trained_upto: int) -> float:
-        """Score (0-100) on task `task_index`'s test split with the state after task `trained_upto`."""
-        task = self.stream.tasks[task_index]
-        eval_batch = int(self.config.eval.get("batch_size", 64))
-        if self.method.task_identity_at_inference and not self.infer_identity:
-            # The method's protocol gives the task identity at test time (e.g. LiLoRA's set_task).
-            state = state.replace(method_state={**state.method_state,
-                                                "task": jnp.asarray(task_index, jnp.int32)})
-        if self.kind == "classification":
-            arrays = split_arrays(task.test, self.kind)
-            correct, total = 0.0, 0.0
-            for batch in self.batching.batches(arrays, eval_batch, seed=0, task=task_index, epoch=0, shuffle=False):
-                weight = batch.pop("weight")
-                labels = batch.pop("labels")
-                batch = self._host_batch(batch)
-                example_tasks = None
-                if self.infer_identity:
-                    example_tasks = self.infer_tasks(batch, trained_upto)
-                    hits = np.asarray(example_tasks) == task_index
-                    self.identity_hits[0] += float(np.sum(hits * weight))
-                    self.identity_hits[1] += float(np.sum(weight))
-                    example_tasks = mesh_lib.to_global(example_tasks, mesh_lib.replicated(self.mesh))
-                predictions = self._predict(state.trainable, self.frozen, self.consts, state.method_state,
-                                            state.prototypes, batch, trained_upto, example_tasks)
-                predictions = np.asarray(predictions)
-                correct += float(np.sum((predictions == labels) * weight))
-                total += float(np.sum(weight))
-                kill_point("evaluation")
-            return 100.0 * correct / max(total, 1.0)
-        from jaxtree_lora.evaluation import task_metrics
-
-        if self._generate is None:
-            self._generate = jax.jit(self._generate_fn, static_argnums=(6,), out_shardings=mesh_lib.replicated(self.mesh))
-        max_new = max(int(t.max_new_tokens) for t in self.stream.tasks)
-        arrays = {"prompt_ids": task.test.arrays["prompt_ids"], "prompt_mask": task.test.arrays["prompt_mask"]}
-        base = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), 7)
-        key = jax.random.fold_in(jax.random.fold_in(base, trained_upto), task_index)
-        predictions = []
-        count = len(task.test.answers)
-        for number, batch in enumerate(self.batching.batches(arrays, eval_batch, seed=0, task=task_index,
-                                                             epoch=0, shuffle=False)):
-            weight = batch.pop("weight")
-            batch = self._host_batch(batch)
-            tokens = self._generate(state.trainable, self.frozen, state.method_state, batch["prompt_ids"],
-                                    batch["prompt_mask"], jax.random.fold_in(key, number), max_new)
-            tokens = np.asarray(tokens)
-            for row, real in zip(tokens, weight):
-                if real > 0 and len(predictions) < count:
-                    predictions.append(self.backbone.tokenizer.decode(row.tolist(), skip_special_tokens=True))
-            kill_point("evaluation")
-        return float(task_metrics.score(task.metric, predictions, list(task.test.answers),
-                                        sources=list(task.test.prompts)))
 
     # -- the loop ---------------------------------------------------------------------------------
     def _restore_newest_good(self, checkpoints, state, fp):
@@ -534,6 +416,7 @@ class Run:
                                                   keep=int(config.train.get("keep_checkpoints", 2)))
         state = self.initial_state()
         matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
+        ncm_matrix = np.full((self.num_tasks, self.num_tasks), np.nan)  # rehearsal-free NCM (classification)
         position = {"task": 0, "epoch": 0, "batch": 0}
         timings = {"train_seconds": [0.0] * self.num_tasks, "eval_seconds": [0.0] * self.num_tasks,
                    "tokens": [0.0] * self.num_tasks}
@@ -542,6 +425,7 @@ class Run:
             state, loop = self._restore_newest_good(checkpoints, state, fp)
             position = loop["position"]
             matrix = np.array([[np.nan if v is None else v for v in row] for row in loop["matrix"]], float)
+            ncm_matrix = np.array([[np.nan if v is None else v for v in row] for row in loop["ncm_matrix"]], float)
             timings = loop["timings"]
         base_key = jax.random.PRNGKey(int(config.seed))
         host_step = int(state.step)  # mirrors state.step on the host, so the loop never waits on the device
@@ -559,6 +443,7 @@ class Run:
         def save(state, position, wait=False):
             loop = {"position": position, "fingerprint": fp, "timings": timings,
                     "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in matrix],
+                    "ncm_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in ncm_matrix],
                     "state_digest": state_digest(state)}
             checkpoints.save(host_step, state, loop)
             if wait:
@@ -578,7 +463,8 @@ class Run:
                 num_rows = len(next(iter(arrays.values())))
                 global_batch = self.micro_batch * self.accumulation
                 steps_per_epoch = self.batching.num_batches(num_rows, global_batch)
-                epochs = epochs_for(config, task_index)
+                # `fix` (trains is False): no step at all, the pre-trained model is evaluated as loaded.
+                epochs = epochs_for(config, task_index) if self.method.trains else 0
                 resumed_here = task_index == position["task"] and (position["epoch"] or position["batch"])
                 if not resumed_here:
                     # Host work first (subspaces from the new task's inputs, ...), then the jitted begin_task.
@@ -663,16 +549,21 @@ class Run:
                                                                              context))
                 state = state.replace(trainable=trainable, method_state=method_state)
                 if self.kind == "classification":
-                    state = self.class_prototypes(state, task_index)
+                    state = self.evaluator.update_prototypes(state, task_index)
                 eval_start = time.perf_counter()
                 identity = []
+                generation_key = jax.random.fold_in(jax.random.fold_in(base_key, 7), task_index)
                 for seen in range(task_index + 1):
-                    self.identity_hits = [0.0, 0.0]
-                    matrix[seen, task_index] = self.evaluate_task(state, seen, task_index)
-                    identity.append(100.0 * self.identity_hits[0] / max(self.identity_hits[1], 1.0))
+                    scores = self.evaluator.evaluate(state, seen, task_index,
+                                                     jax.random.fold_in(generation_key, seen))
+                    matrix[seen, task_index] = scores["score"]
+                    ncm_matrix[seen, task_index] = scores.get("ncm", np.nan)
+                    identity.append(scores.get("identity"))
                 timings["eval_seconds"][task_index] = time.perf_counter() - eval_start
                 emit({"type": "task", "task": task_index, "name": task.name,
                       "scores": [float(matrix[i, task_index]) for i in range(task_index + 1)],
+                      **({"ncm_scores": [float(ncm_matrix[i, task_index]) for i in range(task_index + 1)]}
+                         if self.kind == "classification" else {}),
                       "train_seconds": timings["train_seconds"][task_index],
                       "eval_seconds": timings["eval_seconds"][task_index],
                       **({"task_identity_accuracy": identity} if self.infer_identity else {})})
@@ -684,4 +575,10 @@ class Run:
             metrics_log.close()
             checkpoints.close()
         self.final_state = state
-        return {"matrix": matrix, "timings": timings, "state": state}
+        outcome = {"matrix": matrix, "timings": timings, "state": state}
+        if self.kind == "classification":
+            outcome["ncm_matrix"] = ncm_matrix
+            if bool(config.eval.get("recomputed_prototypes", True)):
+                # Diagnostic, not rehearsal-free: every class's prototype from the final model.
+                outcome["recomputed_prototype_scores"] = self.evaluator.recomputed_prototype_scores(state)
+        return outcome

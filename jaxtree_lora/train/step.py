@@ -66,11 +66,20 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.chain(*chain)
 
 
-def init_head(key, feature_dim: int, num_classes: int) -> dict:
-    """Linear classification head over all classes of the stream: w [feature_dim, num_classes]."""
+def init_head(key, feature_dim: int, num_classes: int, kind: str = "cosine") -> dict:
+    """Classification head over all classes of the stream: w [feature_dim, num_classes], b [num_classes].
+
+    Each task trains only its own classes' columns (per-task heads, concatenated at inference).
+    "linear" heads start at zero: a task then says only what its own steps taught it, and the classes of
+    different tasks start level. A random start (torch's default) is noise the size of what a few dozen
+    Adam steps learn, and continual streams often give a task no more than that. "cosine" heads need a
+    direction to start from: w ~ N(0, 1/feature_dim)."""
     if num_classes == 0:
         return {}
-    w = jax.random.normal(key, (feature_dim, num_classes), jnp.float32) / jnp.sqrt(feature_dim)
+    if kind == "linear":
+        w = jnp.zeros((feature_dim, num_classes), jnp.float32)
+    else:
+        w = jax.random.normal(key, (feature_dim, num_classes), jnp.float32) / jnp.sqrt(feature_dim)
     return {"w": w, "b": jnp.zeros((num_classes,), jnp.float32)}
 
 

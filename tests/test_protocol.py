@@ -1,0 +1,128 @@
+"""Each method under its own protocol: its own LoRA spec (keys the user sets on top), its own head and
+inference rule, recorded in results.json; and the `fix` baseline (nothing trained, nearest class mean
+of the pre-trained features)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import default
+from jaxtree_lora import lora as lora_lib
+from jaxtree_lora.errors import ConfigError
+from jaxtree_lora.evaluation import prototypes as prototypes_lib
+from jaxtree_lora.models.common import Site
+from jaxtree_lora.train.loop import build_method, protocol_of
+
+from test_loop import make_run, tiny_config
+
+BERT_SITES = {"attn.query": Site(8, 8), "attn.key": Site(8, 8), "attn.value": Site(8, 8), "attn.output": Site(8, 8)}
+LLAMA_SITES = {"attn.q_proj": Site(8, 8), "attn.k_proj": Site(8, 4), "attn.v_proj": Site(8, 4),
+               "attn.o_proj": Site(8, 8)}
+
+
+def config_for(method, **lora):
+    config = default.get_config()
+    config.method.name = method
+    for key, value in lora.items():
+        config.lora[key] = value
+    return config
+
+
+def test_inflora_trains_k_and_v_at_rank_10_unless_told_otherwise():
+    method = build_method(config_for("inflora"), max_tasks=3)
+    assert method.lora.rank == 10 and method.lora.dropout == 0.0, "InfLoRA's own spec: rank 10, no dropout"
+    assert list(method.lora.select(BERT_SITES)) == ["attn.key", "attn.value"], "k and v under BERT's names"
+    assert list(method.lora.select(LLAMA_SITES)) == ["attn.k_proj", "attn.v_proj"], "k and v under Llama's names"
+    told = build_method(config_for("inflora", rank=4), max_tasks=3)
+    assert told.lora.rank == 4, "a key the user sets replaces the method's value"
+    assert list(told.lora.select(BERT_SITES)) == ["attn.key", "attn.value"], "and only that key"
+
+
+def test_each_method_keeps_its_own_spec_by_default():
+    sd = build_method(config_for("sd_lora"), max_tasks=3).lora
+    assert (sd.rank, sd.dropout, sd.targets) == (10, 0.0, ("q", "v"))
+    seq = build_method(config_for("seqlora"), max_tasks=3).lora
+    assert (seq.rank, seq.alpha, seq.dropout) == (8, 32.0, 0.1), "the official TreeLoRA scripts' baseline spec"
+    for name in ("cl_lora", "loda", "c_lora"):
+        assert build_method(config_for(name), max_tasks=3).lora.dropout == 0.0, f"{name} runs without dropout"
+    forced = build_method(config_for("sd_lora", targets="attn.query"), max_tasks=3).lora
+    assert forced.targets == ("attn.query",), "a single target from the command line becomes a tuple"
+
+
+def test_roles_name_the_same_projection_in_every_backbone():
+    spec = lora_lib.LoraSpec(targets=("q", "o"))
+    assert list(spec.select(BERT_SITES)) == ["attn.query", "attn.output"]
+    assert list(spec.select(LLAMA_SITES)) == ["attn.q_proj", "attn.o_proj"]
+    with pytest.raises(lora_lib.LoraSpecError, match="matches no site"):
+        lora_lib.LoraSpec(targets=("k",)).select({"attn.query": Site(8, 8)})
+
+
+def test_protocols_follow_the_official_code_unless_the_config_names_one():
+    expected = {"inflora": ("linear", "head"), "sd_lora": ("linear", "head"), "seqlora": ("linear", "head"),
+                "loda": ("cosine", "head"), "cl_lora": ("cosine", "prototype"), "fix": ("linear", "prototype")}
+    for name, (head, classifier) in expected.items():
+        config = config_for(name)
+        got = protocol_of(config, build_method(config, max_tasks=2))
+        assert (got["head"], got["classifier"]) == (head, classifier), name
+    config = config_for("inflora")
+    config.train.head, config.eval.classifier = "cosine", "prototype"
+    got = protocol_of(config, build_method(config, max_tasks=2))
+    assert (got["head"], got["classifier"]) == ("cosine", "prototype"), "the user's choice wins"
+
+
+def test_unknown_lora_key_is_refused():
+    config = config_for("seqlora")
+    config.lora.unknown_key = 3
+    with pytest.raises(ConfigError, match="no key"):
+        build_method(config, max_tasks=2)
+
+
+def test_fix_trains_nothing_and_scores_the_pretrained_nearest_class_mean(tmp_path):
+    config = tiny_config("fix")
+    run = make_run(config, tmp_path / "run")
+    before = jax.device_get(run.initial_state().trainable)
+    outcome = run.fit()
+    state = outcome["state"]
+    assert int(state.step) == 0, "fix runs no optimiser step"
+    assert state.trainable["adapters"] == {} and np.array_equal(jax.device_get(state.trainable)["head"]["w"],
+                                                                before["head"]["w"])
+    # Independent check: nearest class mean of the pre-trained features, computed here by hand.
+    features = jax.jit(lambda batch: run.backbone.features(run.frozen, batch))
+    stream = run.stream
+    means = np.zeros((stream.num_classes, run.backbone.info.feature_dim))
+    for task in stream.tasks:
+        f = np.asarray(features(dict(task.train.inputs)), np.float64)
+        f /= np.linalg.norm(f, axis=-1, keepdims=True) + 1e-6
+        for c in task.classes:
+            means[c] = f[task.train.labels == c].mean(0)
+    last = len(stream.tasks) - 1
+    for index, task in enumerate(stream.tasks):
+        f = np.asarray(features(dict(task.test.inputs)), np.float64)
+        seen = [c for t in stream.tasks[:last + 1] for c in t.classes]
+        scores = prototypes_lib.nearest(f, means[seen], seen)
+        expected = 100.0 * np.mean(scores == task.test.labels)
+        assert outcome["matrix"][index, last] == pytest.approx(expected, abs=1e-6)
+    assert np.allclose(outcome["matrix"], outcome["ncm_matrix"], equal_nan=True), "fix's protocol is the NCM"
+    assert np.allclose(outcome["recomputed_prototype_scores"], outcome["matrix"][:, last]), \
+        "features never change, so recomputing the prototypes changes nothing"
+
+
+def test_fix_has_no_head_to_score_with(tmp_path):
+    config = tiny_config("fix")
+    config.eval.classifier = "head"
+    with pytest.raises(ConfigError, match="trains nothing"):
+        make_run(config, tmp_path / "run")
+
+
+def test_results_record_the_protocol_used(tmp_path):
+    from jaxtree_lora import cli
+
+    config = tiny_config("inflora", epochs=1)
+    config.lora.targets, config.lora.rank = None, None  # InfLoRA's own spec
+    run = make_run(config, tmp_path / "run")
+    protocol = cli.run_protocol(run)
+    assert protocol["lora"]["rank"] == 10 and protocol["lora"]["targets"] == ("k", "v")
+    assert (protocol["head"], protocol["classifier"], protocol["task_identity"]) == ("linear", "head", "free")
+    line = cli.describe_protocol(protocol)
+    assert "LoRA r 10" in line and "on k, v" in line and "head linear" in line
