@@ -314,6 +314,10 @@ def files_stream(tokenizer, train: str, test: str = "", text_column: str = "text
     distinct value, in order of first appearance in the training file, each with its own classes
     (named "task/label"; the same label in two tasks is two classes). Inputs [N, max_len].
     """
+    for value, option in ((train, "train"), (test, "test")):
+        if not isinstance(value, str):
+            raise DataError(f"data.{option} must be one path for data.name=files, got {value!r}: several files are "
+                            f"data.name=sequence with one source per file")
     train_table = read_table(train, "train")
     test_table = None
     if test:
