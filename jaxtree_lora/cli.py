@@ -97,7 +97,7 @@ def _new_workdir(method: str) -> str:
     return os.path.join("runs", f"{stamp}-{method}")
 
 
-def _prepare_workdir(workdir: str, resume: bool) -> None:
+def _prepare_workdir(workdir: str, resume: bool, create: bool = True) -> None:
     if os.path.exists(os.path.join(workdir, "results.json")) and not resume:
         raise UsageError(f"{workdir} already holds a finished run (results.json): choose another --workdir "
                          f"or pass --resume")
@@ -105,7 +105,8 @@ def _prepare_workdir(workdir: str, resume: bool) -> None:
             and not resume:
         raise UsageError(f"{workdir} already holds checkpoints: pass --resume to continue that run, "
                          f"or choose another --workdir")
-    os.makedirs(workdir, exist_ok=True)
+    if create:
+        os.makedirs(workdir, exist_ok=True)
 
 
 def run_one(config, workdir: str, resume: bool = False, progress: bool = True, quiet: bool = False) -> dict:
@@ -117,7 +118,7 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
 
     if float(config.train.get("device_memory_gib", 0.0) or 0.0) > 0 or memory.device_capacity():
         memory.plan_run(config)  # a plan that cannot fit is refused before anything is loaded
-    _prepare_workdir(workdir, resume)
+    _prepare_workdir(workdir, resume, create=False)  # a finished run is refused before anything is loaded
     from jaxtree_lora import data as data_lib
     from jaxtree_lora.reporting import plots, results as results_lib, tables
     from jaxtree_lora.train import backbone as backbone_lib
@@ -125,12 +126,15 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
     import jax
 
     primary = jax.process_index() == 0  # with several processes, the first one writes the results
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     started = time.perf_counter()
     backbone = backbone_lib.build(config)
     stream = data_lib.get_stream(config.data, backbone.tokenizer)
+    # Bad data is refused before the work directory holds anything (not even config.json).
+    data_lib.check_stream(stream, int(getattr(backbone, "vocab_size", 0) or 0))
+    _prepare_workdir(workdir, resume)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     from jaxtree_lora.methods import MethodNotApplicable
 
     try:

@@ -35,7 +35,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     config.data = ml_collections.ConfigDict({
         "name": "offline-text-cil", "num_tasks": 5, "max_len": 64,
-        "per_class_train": 96, "per_class_test": 48, "seed": 0,
+        "per_class_train": 96, "per_class_test": 48, "seed": 0, "classes_per_task": 0,
+        # Your own files (data.name files / image_folder / sequence, see jaxtree_lora/data/__init__.py);
+        # None: any type may be given (a path, or a list of paths).
+        "train": None, "test": None, "text_column": "text", "label_column": "label", "task_column": "",
+        "test_fraction": 0.2, "sources": [],
     })
     config.method = method_options()
     config.method.name = "treelora"

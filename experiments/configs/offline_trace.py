@@ -16,6 +16,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict({
         "name": "offline-trace", "per_task_train": 48, "per_task_test": 24, "max_prompt_len": 96,
         "max_answer_len": 8, "chat_template": True, "seed": 0,
+        # Your own instruction files (data.name instruction_files / sequence, see jaxtree_lora/data/__init__.py).
+        "train": None, "test": None, "prompt_column": "prompt", "answer_column": "answer", "metrics": None,
+        "test_fraction": 0.2, "sources": [],
     })
     # Each method keeps its own LoRA spec: q and v (q_proj, v_proj here) for the LLM baselines and
     # TreeLoRA (the official scripts, PEFT's llama default), k and v for InfLoRA.

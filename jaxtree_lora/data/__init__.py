@@ -1,4 +1,5 @@
-"""Streams of tasks from real data: offline package data, TRACE directories, prepared tfds datasets.
+"""Streams of tasks from real data: offline package data, TRACE directories, prepared tfds datasets,
+and the user's own files (files.py).
 
     stream = get_stream(config.data, tokenizer)
 
@@ -18,12 +19,33 @@
                       train_split ["train"], test_split ["test"; "" holds out test_fraction [0.2]],
                       image_dtype ["uint8" | "float32"], image_key ["image"], label_key ["label"],
                       limit [0: all]
+  "files"             text classification from a file (files.files_stream): train (CSV, TSV, JSONL,
+                      Parquet by extension; a folder of Parquet shards; a save_to_disk folder), test [""]
+                      [none: hold out test_fraction [0.2] of every class, seeded], text_column ["text"],
+                      label_column ["label"] (strings or integers), num_tasks [5], classes_per_task [0],
+                      task_column ["": class-incremental; a column: one task per value], max_len [64],
+                      seed [0]
+  "instruction_files" one file per instruction task (files.instruction_files_stream): train (a list, or
+                      "a.jsonl,b.jsonl"), test [none: hold out test_fraction [0.2]], prompt_column
+                      ["prompt"], answer_column ["answer"], metrics [accuracy: one name, a list per
+                      task, or a mapping task -> name; see evaluation/task_metrics.py],
+                      max_prompt_len [512], max_answer_len [64], chat_template [False], seed [0]
+  "image_folder"      class-per-subfolder images (files.image_folder_stream): data_dir (or root) with
+                      train/<class>/ and test/<class>/, or only <class>/ and test_fraction [0.2];
+                      or train / test folders; image_size [224], image_dtype ["uint8"], num_tasks [5],
+                      classes_per_task [0], seed [0]
+  "sequence"          tasks chained from several sources (files.sequence_stream): sources, a list of
+                      data configs (dicts, or JSON text on the command line), each one task by default
+                      (num_tasks [1]); max_len, seed, max_prompt_len, max_answer_len, chat_template,
+                      image_size, test_fraction and the column names come from this level unless a
+                      source sets them. Classification sources get disjoint class ids (offset per
+                      source); instruction sources' tasks are concatenated; the two kinds cannot mix.
 """
 from __future__ import annotations
 
 from jaxtree_lora.data.stream import DataError, Split, Stream, Task, check_stream, class_incremental  # noqa: F401
 
-NAMES = ("offline-text-cil", "offline-trace", "trace", "tfds")
+NAMES = ("offline-text-cil", "offline-trace", "trace", "tfds", "files", "instruction_files", "image_folder", "sequence")
 
 
 def _need_tokenizer(tokenizer, name):
@@ -77,4 +99,38 @@ def get_stream(config, tokenizer=None) -> Stream:
                            image_key=str(get("image_key", "image")), label_key=str(get("label_key", "label")),
                            test_fraction=float(get("test_fraction", 0.2)),
                            classes_per_task=int(get("classes_per_task", 0) or 0))
+    if name == "files":
+        from jaxtree_lora.data.files import files_stream
+
+        _need_tokenizer(tokenizer, name)
+        return files_stream(tokenizer, get("train", "") or "", test=get("test", "") or "",
+                            text_column=str(get("text_column", "text")), label_column=str(get("label_column", "label")),
+                            task_column=str(get("task_column", "") or ""), num_tasks=int(get("num_tasks", 5)),
+                            classes_per_task=int(get("classes_per_task", 0) or 0),
+                            test_fraction=float(get("test_fraction", 0.2)), max_len=int(get("max_len", 64)),
+                            seed=int(get("seed", 0)))
+    if name == "instruction_files":
+        from jaxtree_lora.data.files import instruction_files_stream
+
+        _need_tokenizer(tokenizer, name)
+        return instruction_files_stream(tokenizer, get("train", None), get("test", None),
+                                        prompt_column=str(get("prompt_column", "prompt")),
+                                        answer_column=str(get("answer_column", "answer")), metrics=get("metrics", None),
+                                        test_fraction=float(get("test_fraction", 0.2)), seed=int(get("seed", 0)),
+                                        max_prompt_len=int(get("max_prompt_len", 512)),
+                                        max_answer_len=int(get("max_answer_len", 64)),
+                                        chat_template=bool(get("chat_template", False)))
+    if name == "image_folder":
+        from jaxtree_lora.data.files import image_folder_stream
+
+        return image_folder_stream(root=str(get("data_dir", "") or get("root", "") or ""), train=get("train", "") or "",
+                                   test=get("test", "") or "", image_size=int(get("image_size", 224)),
+                                   num_tasks=int(get("num_tasks", 5)),
+                                   classes_per_task=int(get("classes_per_task", 0) or 0), seed=int(get("seed", 0)),
+                                   test_fraction=float(get("test_fraction", 0.2)),
+                                   image_dtype=str(get("image_dtype", "uint8")))
+    if name == "sequence":
+        from jaxtree_lora.data.files import sequence_stream
+
+        return sequence_stream(config, tokenizer, get_stream)
     raise DataError(f"unknown data.name {name!r}: choose one of {', '.join(NAMES)}")

@@ -1,0 +1,148 @@
+"""`jaxtree-lora run` on the user's own files, end to end on tiny checkpoints written here (test data
+only): a CSV of 20 classes in 10 tasks (the issue's "done when"), task_column with a held-out split,
+instruction files, a sequence of two sources, an image folder; and every kind of bad file refused in
+one line with exit status 2 before the work directory holds anything."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxtree_lora import cli
+
+from test_bert import make_checkpoint
+from test_data_files import BAD, rows, write_bad_files, write_csv, write_images, write_jsonl
+
+FAST = ["--no-progress", "--config.train.epochs=1", "--config.train.batch_size=16", "--config.eval.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A 2-layer BERT checkpoint directory whose tokenizer knows w0..w24 (positions: 16)."""
+    directory = tmp_path_factory.mktemp("bert")
+    make_checkpoint(str(directory))
+    return ["--config.model.name=hf", "--config.model.kind=encoder", f"--config.model.path={directory}",
+            "--config.data.max_len=12"]
+
+
+def run(argv, workdir, capsys):
+    status = cli.main(["run", "--workdir", str(workdir), *argv])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+@pytest.mark.slow  # ~30 s on a shared 2-core CPU: ten tasks, each trained and evaluated
+def test_csv_of_twenty_classes_in_ten_tasks_trains_end_to_end(bert, tmp_path, capsys):
+    """The issue's "done when": a few thousand labelled sentences in 20 classes, test file apart."""
+    train = write_csv(tmp_path / "train.csv", rows(classes=20, per_class=100, seed=0))
+    test = write_csv(tmp_path / "test.csv", rows(classes=20, per_class=20, seed=1))
+    status, out, err = run([*bert, *FAST, "--config.data.name=files", f"--config.data.train={train}",
+                            f"--config.data.test={test}", "--config.data.num_tasks=10", "--config.train.batch_size=32"],
+                           tmp_path / "run", capsys)
+    assert status == 0, err[-2000:]
+    assert "accuracy matrix R[i, j]" in out and "10. " in out, "the accuracy matrix of ten tasks is printed"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    matrix = np.asarray(results["accuracy_matrix"], float)
+    assert results["stream"] == "files:train.csv"
+    assert np.isfinite(results["metrics"]["average_accuracy"])
+    # A random tiny backbone forgets old tasks, so the final average is no check of the data; that each
+    # task is learned when trained is: its classes are told apart far above chance among the classes
+    # seen so far (1 in 2, ..., 1 in 20), which mixed-up labels or texts would not allow.
+    learned = np.diag(matrix)
+    chance = 100.0 / (2 * np.arange(1, 11))
+    assert learned.mean() > 40 and (learned > 1.5 * chance).all(), f"tasks not learned: diagonal {learned}"
+    assert matrix.shape == (10, 10) and results["tasks"][0].count("+") == 1, "ten tasks of two classes each"
+
+
+def test_task_column_without_test_file_holds_out_and_trains(bert, tmp_path, capsys):
+    records = [dict(r, domain="films", label=["bad", "good"][i // 12]) for i, r in enumerate(rows(2, 12))]
+    records += [dict(r, domain="news", label=["sport", "politics", "weather"][i // 12])
+                for i, r in enumerate(rows(3, 12))]
+    data = write_jsonl(tmp_path / "all.jsonl", records)
+    status, out, err = run([*bert, *FAST, "--config.data.name=files", f"--config.data.train={data}",
+                            "--config.data.task_column=domain", "--config.data.test_fraction=0.25",
+                            "--config.method.name=seqlora"], tmp_path / "run", capsys)
+    assert status == 0, err[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["tasks"] == ["films", "news"], "one task per value of the task column, in order"
+    assert "2. news" in out
+
+
+def test_sequence_of_two_files_trains_each_source_as_its_own_tasks(bert, tmp_path, capsys):
+    sentiment = write_csv(tmp_path / "sentiment.csv", rows(classes=2, per_class=10, label=lambda c: ["neg", "pos"][c]))
+    topics = write_jsonl(tmp_path / "topics.jsonl", rows(classes=4, per_class=10, label=lambda c: f"topic{c}"))
+    sources = json.dumps([{"name": "files", "train": sentiment},
+                          {"name": "files", "train": topics, "num_tasks": 2}])
+    status, out, err = run([*bert, *FAST, "--config.data.name=sequence", f"--config.data.sources={sources}",
+                            "--config.method.name=seqlora"], tmp_path / "run", capsys)
+    assert status == 0, err[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["tasks"]) == 3, "three tasks: one from the first source, two from the second"
+    assert sorted(results["tasks"][0].split("+")) == ["neg", "pos"], "the sentiment file is the first task"
+    assert "3. " in out
+    assert results["stream"].startswith("sequence(files:sentiment.csv+files:topics.jsonl")
+
+
+@pytest.mark.slow  # ~30 s on a shared 2-core CPU: a decoder's train step and its generation loop compile
+def test_instruction_files_train_with_their_own_metrics(tmp_path, capsys):
+    from test_paper_configs import write_tiny_llama_and_trace
+
+    llama, _ = write_tiny_llama_and_trace(tmp_path, tasks=("FOMC",), train_rows=1, test_rows=1)
+    for name in ("stance", "notes"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": f"w{i} w{i + 1} w{i + 2}", "answer": f"w{i % 3}"}
+                                                 for i in range(12)])
+    status, out, err = run(["--config", "experiments/configs/offline_trace.py", "--config.model.name=hf",
+                            f"--config.model.path={llama}", "--config.data.name=instruction_files",
+                            f"--config.data.train={tmp_path}/stance.jsonl,{tmp_path}/notes.jsonl",
+                            "--config.data.metrics=[accuracy,rouge_l]", "--config.data.max_prompt_len=6",
+                            "--config.data.max_answer_len=2", "--config.data.chat_template=false",
+                            "--config.method.name=seqlora", "--no-progress", "--config.train.epochs=1",
+                            "--config.train.batch_size=4", "--config.eval.batch_size=8"], tmp_path / "run", capsys)
+    assert status == 0, err[-2000:]
+    assert "1. stance" in out and "2. notes" in out
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["tasks"] == ["stance", "notes"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["metrics"] == "[accuracy,rouge_l]"
+
+
+@pytest.mark.slow  # ~25 s on a shared 2-core CPU: the ViT's compile dominates
+def test_image_folder_trains_on_the_vit(tmp_path, capsys):
+    write_images(tmp_path / "photos" / "train", classes=4, per_class=4)
+    write_images(tmp_path / "photos" / "test", classes=4, per_class=2)
+    status, out, err = run(["--config", "experiments/configs/vit_b16_cifar100.py", "--config.model.name=tiny-vit",
+                            "--config.model.compute_dtype=float32", "--config.data.name=image_folder",
+                            f"--config.data.data_dir={tmp_path / 'photos'}", "--config.data.image_size=16",
+                            "--config.data.num_tasks=2", "--config.method.name=seqlora", *FAST],
+                           tmp_path / "run", capsys)
+    assert status == 0, err[-2000:]
+    assert "2. " in out and "image_folder:photos" in json.loads((tmp_path / "run" / "results.json").read_text())["stream"]
+
+
+@pytest.mark.parametrize("train,test,options,expected", BAD)
+def test_bad_file_is_one_line_exit_2_and_an_empty_workdir(train, test, options, expected, bert, tmp_path, capsys):
+    write_bad_files(tmp_path)
+    argv = [*bert, *FAST, "--config.data.name=files", f"--config.data.train={tmp_path / train}",
+            "--config.data.num_tasks=3"]
+    argv += [f"--config.data.test={tmp_path / test}"] if test else []
+    argv += [f"--config.data.{key}={value}" for key, value in options.items()]
+    workdir = tmp_path / "run"
+    status, _, err = run(argv, workdir, capsys)
+    assert status == 2, f"exit status {status}: {err[-1000:]}"
+    assert len(err.strip().splitlines()) == 1, f"expected one line, got {err!r}"
+    assert expected in err and "Traceback" not in err
+    assert not os.path.exists(workdir), "a refused run wrote to its work directory"
+
+
+def test_sources_mixing_kinds_is_one_line_naming_why(tmp_path, capsys):
+    from test_paper_configs import write_tiny_llama_and_trace
+
+    llama, trace = write_tiny_llama_and_trace(tmp_path, tasks=("FOMC",), train_rows=4, test_rows=2)
+    texts = write_csv(tmp_path / "a.csv", [dict(r, text=r["text"].replace("w2", "w3")) for r in rows(2, 4)])
+    sources = json.dumps([{"name": "files", "train": texts, "test_fraction": 0.5},
+                          {"name": "trace", "root": trace, "tasks": ["FOMC"]}])
+    status, _, err = run(["--config", "experiments/configs/offline_trace.py", "--config.model.name=hf",
+                          f"--config.model.path={llama}", "--config.data.name=sequence",
+                          f"--config.data.sources={sources}", "--no-progress"], tmp_path / "run", capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "mixes classification and instruction sources" in err and "one kind per stream" in err
+    assert not os.path.exists(tmp_path / "run")
