@@ -63,3 +63,25 @@ def test_a_method_for_another_kind_of_stream_is_not_applicable(tmp_path):
             make_run(tiny_config("seqlora"), tmp_path / "run")
     finally:
         loop.build_method = original
+
+
+def test_compare_over_seeds_gives_mean_and_spread_with_the_fix_row(tmp_path):
+    llama, trace = write_tiny_llama_and_trace(tmp_path, tasks=("FOMC", "Py150"), train_rows=8)
+    config = tmp_path / "tiny_trace.py"
+    config.write_text(CONFIG.format(llama=llama, trace=trace))
+    out = subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", "compare", "--config", str(config),
+                          "--methods", "fix,seqlora", "--seeds", "0,1", "--workdir", str(tmp_path / "cmp"),
+                          "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for seed in (0, 1):
+        for name in ("fix", "seqlora"):
+            results = json.load(open(tmp_path / "cmp" / f"seed_{seed}" / name / "results.json"))
+            assert results["seed"] == seed and results["config"]["data"].get("seed", seed) == seed, \
+                "each seed runs in its own work directory with its own seed"
+    fix = [json.load(open(tmp_path / "cmp" / f"seed_{s}" / "fix" / "results.json")) for s in (0, 1)]
+    assert all(r["time"]["train_seconds"] < 1.0 and r["protocol"]["lora"] is None for r in fix), "fix trains nothing"
+    summary = json.load(open(tmp_path / "cmp" / "comparison.json"))
+    per_seed = [r["metrics"]["average_accuracy"] for r in summary["per_seed"]["seqlora"]]
+    assert len(per_seed) == 2 and summary["methods"]["seqlora"]["avg acc"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert "vs fix" in out.stdout and "± " in out.stdout, "the printed table gives mean ± std and the fix marks"
+    assert (tmp_path / "cmp" / "comparison.png").exists() and (tmp_path / "cmp" / "comparison.md").exists()
