@@ -43,6 +43,7 @@ import numpy as np
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import Method
+from jaxtree_lora.train import keys
 
 LORA_KEYS = ("a_g", "b_g", "a_i", "b_i")
 
@@ -150,7 +151,7 @@ class LoDA(Method):
             return task_loss(trainable, key)
         if key is None:
             key = jax.random.PRNGKey(0)
-        split_key, rho_key = jax.random.split(jax.random.fold_in(key, 11))
+        split_key, rho_key = jax.random.split(keys.derive(key, "loda_lookahead"))
         first, second, usable = self._halves(batch["labels"], batch["weight"], split_key)
         rho = -self.rho * jax.random.uniform(rho_key)
 

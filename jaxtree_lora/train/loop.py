@@ -30,6 +30,7 @@ from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.faults import kill_point
 from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskContext
 from jaxtree_lora.reporting.results import MetricsWriter
+from jaxtree_lora.train import keys
 from jaxtree_lora.train import mesh as mesh_lib
 from jaxtree_lora.train.step import TrainState, head_logits, init_head, make_optimizer, make_task_loss, make_train_step
 
@@ -233,8 +234,7 @@ class Run:
         return {"task_classes": jnp.asarray(task_classes), "seen_classes": jnp.asarray(seen)}
 
     def initial_state(self) -> TrainState:
-        key = jax.random.PRNGKey(int(self.config.seed))
-        init_key, head_key = jax.random.split(jax.random.fold_in(key, 1))
+        init_key, head_key = jax.random.split(keys.for_purpose(self.config.seed, "init"))
         adapters, method_state = self.method.init(init_key, self.backbone.info, self.stream_info)
         head = init_head(head_key, self.backbone.info.feature_dim, self.stream_info.num_classes) \
             if self.kind == "classification" else {}
@@ -478,8 +478,7 @@ class Run:
             self._generate = jax.jit(self._generate_fn, static_argnums=(6,), out_shardings=mesh_lib.replicated(self.mesh))
         max_new = max(int(t.max_new_tokens) for t in self.stream.tasks)
         arrays = {"prompt_ids": task.test.arrays["prompt_ids"], "prompt_mask": task.test.arrays["prompt_mask"]}
-        base = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), 7)
-        key = jax.random.fold_in(jax.random.fold_in(base, trained_upto), task_index)
+        key = keys.generation_key(self.config.seed, trained_upto, task_index)
         predictions = []
         count = len(task.test.answers)
         for number, batch in enumerate(self.batching.batches(arrays, eval_batch, seed=0, task=task_index,
@@ -543,7 +542,7 @@ class Run:
             position = loop["position"]
             matrix = np.array([[np.nan if v is None else v for v in row] for row in loop["matrix"]], float)
             timings = loop["timings"]
-        base_key = jax.random.PRNGKey(int(config.seed))
+        base_key = keys.for_purpose(config.seed, "train")  # then task, epoch, batch: keys.train_step_key
         host_step = int(state.step)  # mirrors state.step on the host, so the loop never waits on the device
         log_every = max(int(config.train.get("log_every", 10)), 1)
         checkpoint_every = int(config.train.get("checkpoint_every", 0) or 0)

@@ -6,7 +6,7 @@ Everything here is a pure function of pytrees. The step takes
     frozen = backbone parameters                                       (never differentiated)
     consts = stream constants: per-task class masks [max_tasks, num_classes]
     batch  = micro-batches with a leading [accumulation] axis
-    key    = the step's PRNG key (fold_in(task) -> fold_in(epoch) -> fold_in(batch))
+    key    = the step's PRNG key (keys.train_step_key: purpose "train", then task, epoch, batch)
 
 and scans the micro-batches: for each one the method's loss (task loss plus the method's terms) is
 differentiated with respect to `trainable` only, `method.after_step` updates the method's statistics
@@ -25,6 +25,7 @@ import optax
 
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.models.common import SiteRecorder
+from jaxtree_lora.train import keys
 
 PyTree = Any
 
@@ -111,6 +112,11 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
                    head_scale: float = 20.0) -> Callable:
     """Returns task_loss(trainable, frozen, consts, method_state, batch, key) -> (loss, aux)."""
 
+    def dropout_key(key):
+        # Adapter dropout draws per layer and site (small integer fold-ins) under its own purpose,
+        # so a method's draws from the same step key (keys.derive(key, NAME)) never reuse a mask's key.
+        return None if key is None else keys.derive(key, "dropout")
+
     def delta_for(method_state, weight):
         delta = lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key)
         if getattr(method, "record", None) is None:
@@ -127,7 +133,7 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
         def task_loss(trainable, frozen, consts, method_state, batch, key):
             adapters = method.forward_adapters(trainable["adapters"], method_state)
             delta = delta_for(method_state, token_weights(batch))
-            features = backbone.features(frozen, batch, adapters=adapters, delta=delta, rng=key)
+            features = backbone.features(frozen, batch, adapters=adapters, delta=delta, rng=dropout_key(key))
             logits = head_logits(trainable["head"], features, head, head_scale)
             task = method_state["task"]
             mask = consts["task_classes"][task] if train_mask == "task" else consts["seen_classes"][task]
@@ -146,7 +152,7 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
             delta = delta_for(method_state, token_weights(batch))
             logits = backbone.logits(frozen, tokens, attention,
                                      adapters=method.forward_adapters(trainable["adapters"], method_state),
-                                     delta=delta, rng=key)
+                                     delta=delta, rng=dropout_key(key))
             # Predict token t+1 from position t; loss only on answer tokens (TRACE: labels -100 on the prompt).
             logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
             target = tokens[:, 1:]
