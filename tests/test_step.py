@@ -135,3 +135,73 @@ def test_clipping_bounds_the_update():
     assert float(optax.tree.norm(clipped)) == pytest.approx(0.1, rel=1e-5)
     with pytest.raises(ValueError, match="learning_rate"):
         make_optimizer(optimizer_config(lr=-1.0))
+
+
+class LeafMethod:
+    """A stand-in method over two plain leaves: `update_mask` freezes "frozen" (from `frozen_from`
+    on: the step's method_state["open"] says whether it is still trainable)."""
+
+    record = None
+
+    def loss(self, trainable, state, batch, key, task_loss):
+        return task_loss(trainable, key)
+
+    def after_step(self, state, aux, grads):
+        return state
+
+    def update_mask(self, state, trainable):
+        if "frozen" not in trainable:
+            return None
+        return {"live": jnp.ones((), jnp.float32), "frozen": state["open"]}
+
+
+def leaf_task_loss(huge):
+    """loss = 1/2 |live - target|^2 + huge * sum(frozen): the frozen leaf's gradient is `huge` per entry."""
+
+    def task_loss(trainable, frozen, consts, method_state, batch, key):
+        loss = 0.5 * jnp.sum(jnp.square(trainable["live"] - batch["target"][0]))
+        if "frozen" in trainable:
+            loss = loss + huge * jnp.sum(trainable["frozen"])
+        return loss, {}
+
+    return task_loss
+
+
+def test_frozen_leaves_do_not_enter_clipping_or_adam_moments():
+    """A frozen leaf with a huge gradient must change nothing: the trainable leaf's updates equal those
+    of a run without that leaf at all (the clip's global norm is over trainable entries only), and
+    Adam's moments of the frozen leaf stay as they were when it was frozen."""
+    optimizer = make_optimizer(ml_collections.ConfigDict(
+        {"optimizer": {"learning_rate": 0.1, "b1": 0.9, "b2": 0.95, "clip_norm": 0.5, "schedule": "constant"}}))
+    method = LeafMethod()
+    live = jnp.array([0.3, -1.2, 2.0])
+    targets = [jnp.array([2.0, 1.0, -1.0]), jnp.array([0.1, 0.0, 0.2]), jnp.array([-3.0, 4.0, 0.5])]
+
+    def run(trainable, open_steps, huge):
+        step = jax.jit(make_train_step(method, leaf_task_loss(huge), optimizer))
+        state = TrainState(trainable=trainable, opt_state=optimizer.init(trainable), method_state={"open": 1.0},
+                           step=jnp.zeros((), jnp.int32))
+        history = []
+        for index, target in enumerate(targets):
+            state = state.replace(method_state={"open": jnp.float32(index < open_steps)})
+            state, _ = step(state, None, {}, {"target": target[None]}, jax.random.PRNGKey(index))
+            history.append(state)
+        return history
+
+    alone = run({"live": live}, open_steps=0, huge=0.0)
+    with_frozen = run({"live": live, "frozen": jnp.zeros((4,))}, open_steps=0, huge=1e12)
+    for step_alone, step_with in zip(alone, with_frozen):
+        np.testing.assert_allclose(step_with.trainable["live"], step_alone.trainable["live"], rtol=1e-6,
+                                   err_msg="a frozen leaf's gradient changed the trainable leaf's update")
+        np.testing.assert_array_equal(step_with.trainable["frozen"], 0.0, "a frozen leaf moved")
+
+    # Trainable for the first step, frozen after: its Adam moments stay those of step 1.
+    history = run({"live": live, "frozen": jnp.zeros((4,))}, open_steps=1, huge=3.0)
+    adam = lambda opt_state: next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "mu"))
+                                  if hasattr(s, "mu"))
+    first = adam(history[0].opt_state)
+    assert float(jnp.abs(first.mu["frozen"]).sum()) > 0, "the open step did not reach Adam"
+    for later in history[1:]:
+        np.testing.assert_array_equal(adam(later.opt_state).mu["frozen"], first.mu["frozen"])
+        np.testing.assert_array_equal(adam(later.opt_state).nu["frozen"], first.nu["frozen"])
+        np.testing.assert_array_equal(later.trainable["frozen"], history[0].trainable["frozen"])

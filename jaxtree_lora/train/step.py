@@ -11,7 +11,8 @@ Everything here is a pure function of pytrees. The step takes
 and scans the micro-batches: for each one the method's loss (task loss plus the method's terms) is
 differentiated with respect to `trainable` only, `method.after_step` updates the method's statistics
 (bandit counts, running averages) and the gradients are summed. Then one optimiser update, masked by
-`method.update_mask` so frozen slots never move. The task index lives in the method state as a traced
+`method.update_mask` so frozen slots never move: their gradients are zeroed before clipping and Adam,
+and their Adam moments kept. The task index lives in the method state as a traced
 integer, so the compiled step serves every task.
 """
 from __future__ import annotations
@@ -168,6 +169,25 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
     raise ValueError(f"unknown stream kind {kind!r}")
 
 
+def keep_frozen_moments(new_opt_state, old_opt_state, mask, trainable):
+    """Optimiser state with the frozen entries' per-parameter statistics (Adam's mu and nu: every
+    sub-state shaped like `trainable`) taken from `old_opt_state`; scalars such as step counts are new.
+
+    mask: like `trainable`, leaves broadcastable to its leaves, > 0 where an entry is trainable.
+    """
+    params_def = jax.tree.structure(trainable)
+    if params_def.num_leaves < 2:  # a one-leaf trainable would match every scalar of the state too
+        return new_opt_state
+    like_params = lambda node: jax.tree.structure(node) == params_def
+
+    def select(new, old):
+        if not like_params(new):
+            return new
+        return jax.tree.map(lambda n, o, m: jnp.where(m > 0, n, o), new, old, mask)
+
+    return jax.tree.map(select, new_opt_state, old_opt_state, is_leaf=like_params)
+
+
 def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransformation,
                     freeze_other_classes: bool = False) -> Callable:
     """step(state, frozen, consts, batch, key) -> (state, metrics). batch leaves: [accum, micro, ...].
@@ -204,9 +224,16 @@ def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransf
         (grads, method_state, loss_sum, acc_sum, tokens), _ = jax.lax.scan(
             micro, init, (batch, jnp.arange(accum)))
         grads = jax.tree.map(lambda g: g / accum, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         mask = method.update_mask(method_state, state.trainable)
         if mask is not None:
+            # Frozen entries' gradients are zeroed before the optimiser: otherwise they enter the
+            # clip's global norm (a frozen leaf with a large gradient would shrink every trainable
+            # update) and Adam's moments. `where`, not a product, so a non-finite frozen gradient stays out.
+            grads = jax.tree.map(lambda g, m: jnp.where(m > 0, g, jnp.zeros_like(g)), grads, mask)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        if mask is not None:
+            # A zero gradient still decays Adam's moments: frozen entries keep theirs, and never move.
+            opt_state = keep_frozen_moments(opt_state, state.opt_state, mask, state.trainable)
             updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask)
         if freeze_other_classes and updates.get("head"):
             columns = consts["task_classes"][method_state["task"]].astype(jnp.float32)
