@@ -153,13 +153,14 @@ def test_runs_compile_once(method, tmp_path):
         assert np.any(a[:, 2]) and not np.any(a[:, 3:]), "A designed for the 3 tasks, later slots untouched"
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param("inflora", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue 13: InfLoRA does not learn the XOR stream in this budget (diag 43.8 / 43.8 / 56.3 vs untrained "
-        "40.6 / 43.8 / 59.4) while SeqLoRA, SD-LoRA, C-LoRA, LiLoRA learn it: to investigate"))),
-    "sd_lora"])
+@pytest.mark.parametrize("method", ["inflora", "sd_lora"])
 def test_runs_learn_a_stream_that_needs_training(method, tmp_path):
-    run = make_run(learning_config(method), tmp_path / "run", stream=xor_stream())
+    config = learning_config(method)
+    if method == "inflora":
+        # B alone trains on a fixed, designed A: at the shared lr 2e-2 it does not learn within the
+        # budget (diag 43.8 / 43.8 / 56.3 vs untrained 40.6 / 43.8 / 59.4); at 0.2 it does.
+        config.optimizer.learning_rate = 0.2
+    run = make_run(config, tmp_path / "run", stream=xor_stream())
     assert_learns(run, run.fit())
 
 
