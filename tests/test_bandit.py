@@ -234,3 +234,34 @@ def test_a_negative_root_child_median_flips_that_block():
     unchanged = np.asarray(bandit.module_logits(scores, valid, tree, 0))[:3]  # focus in the leaf child [0]
     np.testing.assert_allclose(unchanged, np.asarray(scores)[:3] / (6.0 - 1.0 + 1e-5), rtol=1e-6,
                                err_msg="a leaf child's factor is 1")
+
+
+def test_a_root_child_median_of_exactly_zero_zeroes_that_block():
+    """The official code takes `median_similarity if median_similarity is not None else 1.0`, so a
+    median of exactly 0 gives the factor min(0, 1.5) = 0 (only a leaf child, median None, gives 1):
+    the focus child's rows become 0 before the range normalisation."""
+    bank = np.zeros((4, 2, 2), np.float32)
+    bank[:3, 0] = [[1.0, 0.0], [-1.0, 0.0], [-4.0, 0.0]]  # root split: [1, 2] left, [0] right
+    bank[:3, 1] = [[1.0, 0.0], [1.0, 0.0], [3.0, 0.0]]    # left child on module 1: Delta 0 and 2, scores 0, 2
+    tree = tree_lib.build(jnp.asarray(bank), 3)
+    nested = tree_lib.to_nested(tree)
+    assert nested["left"]["tasks"] == [1, 2] and nested["left"]["median_similarity"] == 0.0
+    factor, rows = tree_lib.root_child_factor(tree, 2)
+    assert float(factor) == 0.0, "median 0 is a number, not a missing median: the factor is 0, not 1"
+    valid = jnp.asarray([True, True, True, False])
+    scores = jnp.asarray([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [0.0, 0.0]])
+    expected = np.asarray([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]]) / (2.0 - 0.0 + 1e-5)
+    got = np.asarray(bandit.module_logits(scores, valid, tree, 2))
+    np.testing.assert_allclose(got[:3], expected, rtol=1e-6, err_msg="rows of tasks 1, 2 times 0, then range")
+
+
+def test_mean_keeps_the_sum_where_an_arm_was_never_selected():
+    """Official: `sim[valid_mask] /= N[valid_mask]` divides only the arms with N > 0 and keeps S where
+    N = 0 (S there is 0 in training, as S only changes with a selection; here it is not)."""
+    sums = -jnp.asarray([[5.0], [8.0]])
+    counts = jnp.asarray([[0.0], [2.0]])
+    valid = jnp.asarray([True, True])
+    got = np.asarray(bandit.official_scores(sums, counts, valid, 1, 10))[:, 0]
+    beta = np.asarray([float(bandit.bonus(jnp.asarray(c), 1, 10)) for c in (0.0, 2.0)])
+    raw = -(np.asarray([-5.0, -4.0]) - beta)  # mu = S (N = 0) and S / N = -8 / 2
+    np.testing.assert_allclose(got, raw + raw.min(), rtol=1e-6)

@@ -13,7 +13,7 @@ from jaxtree_lora.methods.sd_lora import SDLoRA
 from jaxtree_lora.methods.base import ModelInfo, StreamInfo
 from jaxtree_lora.models.common import Site
 
-from test_loop import interrupted_and_resumed, make_run, tiny_config
+from test_loop import assert_learns, interrupted_and_resumed, learning_config, make_run, tiny_config, xor_stream
 
 DIAG = np.diag([4.0, 3.0, 2.0, 1.0])
 E = np.eye(4)
@@ -142,16 +142,26 @@ def test_sd_lora_magnitude_is_one_scalar_shared_by_layers_and_sites():
 
 # -- whole runs ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["inflora", "sd_lora"])
-def test_runs_compile_once_and_learn(method, tmp_path):
+def test_runs_compile_once(method, tmp_path):
     run = make_run(tiny_config(method), tmp_path / "run")
     outcome = run.fit()
     assert run.train_step._cache_size() == 1, "a new task compiled the train step again"
-    assert np.all(np.diag(outcome["matrix"]) > 50.0), "each task is learned (2 classes: chance is 50)"
     if method == "inflora":
         state = outcome["state"].method_state
         assert all(int(np.max(np.asarray(size))) > 0 for size in state["basis_size"].values()), "memory filled"
         a = np.asarray(outcome["state"].trainable["adapters"]["attn.query"]["a"])
         assert np.any(a[:, 2]) and not np.any(a[:, 3:]), "A designed for the 3 tasks, later slots untouched"
+
+
+@pytest.mark.parametrize("method", ["inflora", "sd_lora"])
+def test_runs_learn_a_stream_that_needs_training(method, tmp_path):
+    config = learning_config(method)
+    if method == "inflora":
+        # B alone trains on a fixed, designed A: at the shared lr 2e-2 it does not learn within the
+        # budget (diag 43.8 / 43.8 / 56.3 vs untrained 40.6 / 43.8 / 59.4); at 0.2 it does.
+        config.optimizer.learning_rate = 0.2
+    run = make_run(config, tmp_path / "run", stream=xor_stream())
+    assert_learns(run, run.fit())
 
 
 def test_inflora_resumed_mid_task_equals_an_uninterrupted_run(tmp_path):

@@ -48,8 +48,11 @@ def setup(method, max_tasks=3, lr=0.05):
     adapters, method_state = method.init(jax.random.PRNGKey(1), backbone.info,
                                          StreamInfo(num_tasks=max_tasks, max_tasks=max_tasks,
                                                     kind="classification", num_classes=CLASSES))
-    # Give B a non-zero start so A receives gradient from the first step.
-    adapters = jax.tree.map(lambda x: x, adapters)
+    # Give B a non-zero start so A receives gradient from the first step (B = 0 would leave A's
+    # gradient, and with it every check on A below, trivially zero).
+    adapters = {site: {**leaves, "b": 0.3 * jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(6), index),
+                                                              leaves["b"].shape)}
+                for index, (site, leaves) in enumerate(adapters.items())}
     trainable = {"adapters": adapters, "head": init_head(jax.random.PRNGKey(2), D_OUT, CLASSES)}
     optimizer = make_optimizer(optimizer_config(lr))
     state = TrainState(trainable=trainable, opt_state=optimizer.init(trainable), method_state=method_state,
@@ -81,6 +84,7 @@ def test_inclora_trains_only_the_current_slot_and_sums_all_learned_slots():
     method = IncLoRA(lora=lora_lib.LoraSpec(targets=("proj",), rank=2, alpha=2.0, dropout=0.0))
     backbone, frozen, state, consts, optimizer, task_loss = setup(method)
     step = jax.jit(make_train_step(method, task_loss, optimizer))
+    initial = jax.device_get(state.trainable["adapters"]["proj"])
     adapters, method_state = method.begin_task(state.trainable["adapters"], state.method_state, 0)
     state = state.replace(method_state=method_state)
     for index in range(3):
@@ -95,7 +99,9 @@ def test_inclora_trains_only_the_current_slot_and_sums_all_learned_slots():
     np.testing.assert_array_equal(after_task0["a"][:, 0], after_task1["a"][:, 0], "a frozen slot moved")
     np.testing.assert_array_equal(after_task0["b"][:, 0], after_task1["b"][:, 0], "a frozen slot moved")
     assert np.abs(after_task1["b"][:, 1]).sum() > 0, "the current slot was not trained"
-    np.testing.assert_array_equal(after_task1["b"][:, 2], 0.0, "a future slot was trained")
+    assert np.abs(after_task0["a"][:, 0] - initial["a"][:, 0]).sum() > 0, "A of the current slot was not trained"
+    np.testing.assert_array_equal(after_task1["a"][:, 2], initial["a"][:, 2], "a future slot was trained")
+    np.testing.assert_array_equal(after_task1["b"][:, 2], initial["b"][:, 2], "a future slot was trained")
     # The delta is the sum of the learned slots' deltas (slot 2 is masked out even if it were non-zero).
     x = jax.random.normal(jax.random.PRNGKey(5), (3, D_IN))
     layer0 = jax.tree.map(lambda leaf: leaf[0], state.trainable["adapters"]["proj"])
@@ -124,14 +130,97 @@ def test_train_step_compiles_once_across_tasks():
     assert len(traces) == 1, f"train step traced {len(traces)} times over 3 tasks"
 
 
-def test_clipping_bounds_the_update():
-    """With clip_norm the global gradient norm fed to Adam is at most the bound (Adam's first step is
-    +-lr per entry regardless, so check the clipped gradient directly)."""
-    import optax
+def test_make_optimizer_clips_the_global_norm_before_adam():
+    """make_optimizer with clip_norm c: each step's gradient is scaled to global norm <= c, then Adam.
+    The same optimiser without clipping, fed the gradients scaled by hand, must give the same
+    parameters; fed them unscaled it must not (or the case does not exercise the clip)."""
+    grads = [{"a": jnp.asarray([30.0, -40.0]), "b": jnp.asarray([0.0])},   # norm 50: clipped to 1
+             {"a": jnp.asarray([0.3, 0.1]), "b": jnp.asarray([-0.2])}]     # norm < 1: unchanged
+    scaled = [jax.tree.map(lambda g: g / 50.0, grads[0]), grads[1]]
 
-    clip = optax.clip_by_global_norm(0.1)
-    grads = {"a": jnp.full((3,), 10.0)}
-    clipped, _ = clip.update(grads, clip.init(grads))
-    assert float(optax.tree.norm(clipped)) == pytest.approx(0.1, rel=1e-5)
+    def run(optimizer, sequence):
+        params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
+        state = optimizer.init(params)
+        for g in sequence:
+            updates, state = optimizer.update(g, state, params)
+            params = jax.tree.map(jnp.add, params, updates)
+        return params
+
+    clipped = run(make_optimizer(optimizer_config(lr=0.1, clip=1.0)), grads)
+    by_hand = run(make_optimizer(optimizer_config(lr=0.1, clip=0.0)), scaled)
+    unclipped = run(make_optimizer(optimizer_config(lr=0.1, clip=0.0)), grads)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), clipped, by_hand)
+    assert not np.allclose(np.asarray(clipped["a"]), np.asarray(unclipped["a"]), rtol=1e-3), \
+        "clipping made no difference: the case does not test it"
     with pytest.raises(ValueError, match="learning_rate"):
         make_optimizer(optimizer_config(lr=-1.0))
+
+
+class LeafMethod:
+    """A stand-in method over two plain leaves: `update_mask` freezes "frozen" (from `frozen_from`
+    on: the step's method_state["open"] says whether it is still trainable)."""
+
+    record = None
+
+    def loss(self, trainable, state, batch, key, task_loss):
+        return task_loss(trainable, key)
+
+    def after_step(self, state, aux, grads):
+        return state
+
+    def update_mask(self, state, trainable):
+        if "frozen" not in trainable:
+            return None
+        return {"live": jnp.ones((), jnp.float32), "frozen": state["open"]}
+
+
+def leaf_task_loss(huge):
+    """loss = 1/2 |live - target|^2 + huge * sum(frozen): the frozen leaf's gradient is `huge` per entry."""
+
+    def task_loss(trainable, frozen, consts, method_state, batch, key):
+        loss = 0.5 * jnp.sum(jnp.square(trainable["live"] - batch["target"][0]))
+        if "frozen" in trainable:
+            loss = loss + huge * jnp.sum(trainable["frozen"])
+        return loss, {}
+
+    return task_loss
+
+
+def test_frozen_leaves_do_not_enter_clipping_or_adam_moments():
+    """A frozen leaf with a huge gradient must change nothing: the trainable leaf's updates equal those
+    of a run without that leaf at all (the clip's global norm is over trainable entries only), and
+    Adam's moments of the frozen leaf stay as they were when it was frozen."""
+    optimizer = make_optimizer(ml_collections.ConfigDict(
+        {"optimizer": {"learning_rate": 0.1, "b1": 0.9, "b2": 0.95, "clip_norm": 0.5, "schedule": "constant"}}))
+    method = LeafMethod()
+    live = jnp.array([0.3, -1.2, 2.0])
+    targets = [jnp.array([2.0, 1.0, -1.0]), jnp.array([0.1, 0.0, 0.2]), jnp.array([-3.0, 4.0, 0.5])]
+
+    def run(trainable, open_steps, huge):
+        step = jax.jit(make_train_step(method, leaf_task_loss(huge), optimizer))
+        state = TrainState(trainable=trainable, opt_state=optimizer.init(trainable), method_state={"open": 1.0},
+                           step=jnp.zeros((), jnp.int32))
+        history = []
+        for index, target in enumerate(targets):
+            state = state.replace(method_state={"open": jnp.float32(index < open_steps)})
+            state, _ = step(state, None, {}, {"target": target[None]}, jax.random.PRNGKey(index))
+            history.append(state)
+        return history
+
+    alone = run({"live": live}, open_steps=0, huge=0.0)
+    with_frozen = run({"live": live, "frozen": jnp.zeros((4,))}, open_steps=0, huge=1e12)
+    for step_alone, step_with in zip(alone, with_frozen):
+        np.testing.assert_allclose(step_with.trainable["live"], step_alone.trainable["live"], rtol=1e-6,
+                                   err_msg="a frozen leaf's gradient changed the trainable leaf's update")
+        np.testing.assert_array_equal(step_with.trainable["frozen"], 0.0, "a frozen leaf moved")
+
+    # Trainable for the first step, frozen after: its Adam moments stay those of step 1.
+    history = run({"live": live, "frozen": jnp.zeros((4,))}, open_steps=1, huge=3.0)
+    adam = lambda opt_state: next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "mu"))
+                                  if hasattr(s, "mu"))
+    first = adam(history[0].opt_state)
+    assert float(jnp.abs(first.mu["frozen"]).sum()) > 0, "the open step did not reach Adam"
+    for later in history[1:]:
+        np.testing.assert_array_equal(adam(later.opt_state).mu["frozen"], first.mu["frozen"])
+        np.testing.assert_array_equal(adam(later.opt_state).nu["frozen"], first.nu["frozen"])
+        np.testing.assert_array_equal(later.trainable["frozen"], history[0].trainable["frozen"])

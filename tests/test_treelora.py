@@ -104,7 +104,12 @@ def test_no_regulariser_and_no_statistics_during_the_first_task():
 
 
 def test_end_task_stores_the_running_vector_and_rebuilds_the_tree():
+    """G[task] = c = D * sum_t A_t / T (here two steps of the same A over T = 2: c = 4 A with D = 4), the
+    rows of later tasks stay 0, the tree is the one built from the expected bank, and the state keeps
+    the shapes init gave it."""
     method, adapters, state = make()
+    initial_shapes = jax.tree.map(jnp.shape, state)
+    expected_bank = np.zeros(state["bank"].shape, np.float32)
     for task in range(3):
         _, state = method.begin_task(adapters, state, task)
         state = method.begin_epoch(state, 0, 2)
@@ -112,11 +117,13 @@ def test_end_task_stores_the_running_vector_and_rebuilds_the_tree():
         aux = {"treelora_a": method.modules(moved), "treelora_choice": jnp.zeros((4,), jnp.int32)}
         state = method.after_step(method.after_step(state, aux), aux)
         _, state = method.end_task({"adapters": moved, "head": {}}, state, TaskContext(task=task, steps_per_epoch=2))
-        np.testing.assert_allclose(np.asarray(state["bank"][task]), np.asarray(state["running"]), rtol=1e-6)
-    nested = tree_lib.to_nested(state["tree"])
-    assert sorted(nested["tasks"]) == [0, 1, 2] and "left" in nested
-    shapes_before = jax.tree.map(jnp.shape, state)
-    assert jax.tree.map(jnp.shape, state) == shapes_before
+        expected_bank[task] = 4.0 * (task + 2.0) * np.asarray(method.modules(adapters))
+        np.testing.assert_allclose(np.asarray(state["bank"]), expected_bank, rtol=1e-6, atol=1e-7,
+                                   err_msg="G[task] = D * mean of A over the epoch; other rows unchanged")
+    expected_tree = tree_lib.to_nested(tree_lib.build(jnp.asarray(expected_bank), 3))
+    assert tree_lib.to_nested(state["tree"]) == expected_tree
+    assert sorted(expected_tree["tasks"]) == [0, 1, 2] and "left" in expected_tree
+    assert jax.tree.map(jnp.shape, state) == initial_shapes, "end_task must keep the state's shapes"
 
 
 @pytest.mark.parametrize("selection", ["official", "paper_lcb", "random"])
@@ -242,3 +249,32 @@ def test_one_compiled_step_for_every_task_end_to_end():
         "statistics: none in task 0, D selections per micro-step in the last epoch of tasks 1, 2"
     assert float(jnp.sum(jnp.abs(state["bank"][2]))) > 0 and float(jnp.sum(jnp.abs(state["bank"][2:]))) == \
         float(jnp.sum(jnp.abs(state["bank"][2])))
+
+
+def test_treelora_run_differs_from_seqlora_once_the_regulariser_is_on(tmp_path):
+    """The same stream, seed and LoRA: TreeLoRA trains task 0 exactly as sequential LoRA (no past task,
+    no regulariser), then its regulariser and bandit must change the training. If TreeLoRA's terms
+    were inert (lam_t stuck at 0, a zero penalty gradient) the two runs would end equal."""
+    import json
+
+    from test_loop import make_run, tiny_config
+
+    runs = {}
+    for name in ("seqlora", "treelora"):
+        config = tiny_config(name)
+        config.method.treelora.lam = 0.5
+        run = make_run(config, tmp_path / name)
+        outcome = run.fit()
+        records = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        losses = {task: [r["loss"] for r in records if r["type"] == "step" and r["task"] == task] for task in range(3)}
+        runs[name] = (outcome, losses)
+    (seq, seq_losses), (tree, tree_losses) = runs["seqlora"], runs["treelora"]
+    np.testing.assert_allclose(tree_losses[0], seq_losses[0], rtol=1e-5,
+                               err_msg="task 0 has no past task: TreeLoRA must train as sequential LoRA")
+    for task in (1, 2):
+        assert not np.allclose(tree_losses[task], seq_losses[task], rtol=1e-3), f"task {task}: the same losses"
+    a_seq = jax.tree.leaves(jax.device_get(seq["state"].trainable["adapters"]))
+    a_tree = jax.tree.leaves(jax.device_get(tree["state"].trainable["adapters"]))
+    assert max(float(np.max(np.abs(x - y))) for x, y in zip(a_seq, a_tree)) > 1e-3, \
+        "the final adapters are the same: the regulariser did not act"
+    assert float(np.sum(np.asarray(tree["state"].method_state["counts"]))) > 0, "the bandit never selected"

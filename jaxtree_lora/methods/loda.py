@@ -23,12 +23,13 @@ its slot, `merged_a [L, K, 2r, d_in]`, `merged_b [L, K, d_out, 2r]` (K = max_tas
 
 Gradient-aligned optimisation (GAO, `gao`, default True): the code splits the classes of each batch
 at random into two halves B1, B2, and for (src, tgt) in ((B1, B2), (B2, B1)) takes the gradient at a
-look-ahead theta' = theta - rho u g_src / ||g_src|| (per tensor, LoRA parameters only) of the loss
-on tgt, with an optimiser step after each: two steps per batch. Here both halves are computed in the
-same step and their gradients averaged into ONE optimiser step (the trainer takes one update per
-batch); the look-ahead and the class split are the code's. Batches with one class fall back to the
-plain loss. rho 0.3 (CIFAR-100; 0.7 ImageNet-R). The loss is the trainer's cosine head with scale
-(CosFace with margin 0, the CIFAR-100 config); the official optimiser is SGD 0.005, momentum 0.9.
+look-ahead theta' = theta - rho u g_src / ||g_src|| (per layer of each tensor, trainable LoRA entries
+only: `lookahead_step`) of the loss on tgt, with an optimiser step after each: two steps per batch.
+Here both halves are computed in the same step and their gradients averaged into ONE optimiser step
+(the trainer takes one update per batch); the look-ahead and the class split are the code's. Batches
+with one class fall back to the plain loss (computed only then). rho 0.3 (CIFAR-100; 0.7 ImageNet-R).
+The loss is the trainer's cosine head with scale (CosFace with margin 0, the CIFAR-100 config); the
+official optimiser is SGD 0.005, momentum 0.9.
 
 Classification only: GAO splits batches by class, and the method is a class-incremental classifier.
 """
@@ -43,6 +44,7 @@ import numpy as np
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import Method
+from jaxtree_lora.train import keys
 
 LORA_KEYS = ("a_g", "b_g", "a_i", "b_i")
 
@@ -80,6 +82,29 @@ def recalibration(a_general: np.ndarray, previous: np.ndarray, current: np.ndarr
     e_prev = np.clip(np.einsum("ri,ij,rj->r", a, previous, a), 0.0, None)
     e_cur = np.clip(np.einsum("ri,ij,rj->r", a, current, a), 0.0, None)
     return e_prev / (e_prev + kappa * e_cur + 1e-12)
+
+
+def lookahead_step(grads, mask, rho):
+    """GAO's look-ahead displacement rho g / ||g|| for an adapter pytree, normalised per layer.
+
+    grads: {site: {name: [L, ...]}} with the layer axis first (stacked sites); mask: the same tree,
+    leaves broadcastable, > 0 where the optimiser may change an entry (`update_mask`); rho: scalar.
+    The official code takes the norm per parameter tensor, and its tensors are per layer, so the
+    norm here is over each layer's slice; frozen entries (A_I, A_G after task 0) do not move and
+    do not count in the norm. A layer with no gradient stays put.
+    """
+
+    def one(g, m):
+        g = jnp.where(m > 0, g, jnp.zeros_like(g))
+        norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)), keepdims=True))
+        return rho * g / (norm + 1e-12)
+
+    return jax.tree.map(one, grads, mask)
+
+
+def batch_tokens(batch) -> jax.Array:
+    """Tokens (text) or examples (images) of the whole batch, as the task loss counts them."""
+    return jnp.sum(batch.get("attention_mask", batch["weight"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,25 +176,33 @@ class LoDA(Method):
             return task_loss(trainable, key)
         if key is None:
             key = jax.random.PRNGKey(0)
-        split_key, rho_key = jax.random.split(jax.random.fold_in(key, 11))
+        split_key, rho_key = jax.random.split(keys.derive(key, "loda_lookahead"))
         first, second, usable = self._halves(batch["labels"], batch["weight"], split_key)
         rho = -self.rho * jax.random.uniform(rho_key)
+        mask = self.update_mask(state, trainable)["adapters"]
 
-        def lookahead(weights_src):
+        def lookahead(trainable, weights_src):
             src = {**batch, "weight": weights_src}
             grads = jax.grad(lambda tr: task_loss(tr, key, src)[0])(trainable)
-            grads = jax.lax.stop_gradient(grads["adapters"])
-            moved = jax.tree.map(
-                lambda p, g: p + rho * g / (jnp.linalg.norm(g) + 1e-12), trainable["adapters"], grads)
+            step = lookahead_step(jax.lax.stop_gradient(grads["adapters"]), mask, rho)
             # theta' enters as theta + constant, so d L(theta') / d theta is the look-ahead gradient.
-            shift = jax.tree.map(lambda m, p: jax.lax.stop_gradient(m - p), moved, trainable["adapters"])
-            return {**trainable, "adapters": jax.tree.map(jnp.add, trainable["adapters"], shift)}
+            return {**trainable, "adapters": jax.tree.map(jnp.add, trainable["adapters"], step)}
 
-        loss_12, aux = task_loss(lookahead(first), key, {**batch, "weight": second})
-        loss_21, _ = task_loss(lookahead(second), key, {**batch, "weight": first})
-        plain, plain_aux = task_loss(trainable, key)
-        gao = 0.5 * (loss_12 + loss_21)
-        return jnp.where(usable, gao, plain), {**plain_aux, "gao_loss": gao}
+        def gao(trainable):
+            loss_12, aux_12 = task_loss(lookahead(trainable, first), key, {**batch, "weight": second})
+            loss_21, aux_21 = task_loss(lookahead(trainable, second), key, {**batch, "weight": first})
+            # Accuracy of the whole batch: each half's, measured at its look-ahead, by its share.
+            size_first, size_second = jnp.sum(first), jnp.sum(second)
+            accuracy = ((aux_12["accuracy"] * size_second + aux_21["accuracy"] * size_first)
+                        / jnp.maximum(size_first + size_second, 1.0))
+            return 0.5 * (loss_12 + loss_21), {"accuracy": accuracy, "tokens": batch_tokens(batch)}
+
+        def plain(trainable):
+            loss, aux = task_loss(trainable, key)
+            return loss, {"accuracy": aux["accuracy"], "tokens": batch_tokens(batch)}
+
+        # Only the branch in use runs: the plain loss is the fallback for one-class batches.
+        return jax.lax.cond(usable, gao, plain, trainable)
 
     def update_mask(self, state, trainable):
         first_task = (state["task"] == 0).astype(jnp.float32)

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import Method, ModelInfo, StreamInfo
+from jaxtree_lora.train import keys
 from jaxtree_lora.tree import bandit, tree as tree_lib
 
 SELECTIONS = ("official", "paper_lcb", "random")
@@ -218,7 +219,7 @@ class TreeLoRA(Method):
         a = self.modules(trainable["adapters"])  # [D, F], live
         if key is None:  # deterministic evaluation of the loss (e.g. a Fisher pass): a fixed draw
             key = jax.random.PRNGKey(0)
-        choice = self.select(state, jax.random.fold_in(key, 7))
+        choice = self.select(state, keys.derive(key, "treelora_selection"))
         modules = jnp.arange(a.shape[0])
         chosen = state["bank"][choice, modules]  # [D, F] constants
         lam_t = self.lam_at(state)

@@ -30,6 +30,7 @@ from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.faults import kill_point
 from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskContext
 from jaxtree_lora.reporting.results import MetricsWriter
+from jaxtree_lora.train import keys
 from jaxtree_lora.train import mesh as mesh_lib
 from jaxtree_lora.train.step import TrainState, init_head, make_optimizer, make_task_loss, make_train_step
 
@@ -261,8 +262,7 @@ class Run:
         return {"task_classes": jnp.asarray(task_classes), "seen_classes": jnp.asarray(seen)}
 
     def initial_state(self) -> TrainState:
-        key = jax.random.PRNGKey(int(self.config.seed))
-        init_key, head_key = jax.random.split(jax.random.fold_in(key, 1))
+        init_key, head_key = jax.random.split(keys.for_purpose(self.config.seed, "init"))
         adapters, method_state = self.method.init(init_key, self.backbone.info, self.stream_info)
         head = init_head(head_key, self.backbone.info.feature_dim, self.stream_info.num_classes, self.protocol["head"]) \
             if self.kind == "classification" else {}
@@ -427,7 +427,7 @@ class Run:
             matrix = np.array([[np.nan if v is None else v for v in row] for row in loop["matrix"]], float)
             ncm_matrix = np.array([[np.nan if v is None else v for v in row] for row in loop["ncm_matrix"]], float)
             timings = loop["timings"]
-        base_key = jax.random.PRNGKey(int(config.seed))
+        base_key = keys.for_purpose(config.seed, "train")  # then task, epoch, batch: keys.train_step_key
         host_step = int(state.step)  # mirrors state.step on the host, so the loop never waits on the device
         log_every = max(int(config.train.get("log_every", 10)), 1)
         checkpoint_every = int(config.train.get("checkpoint_every", 0) or 0)
@@ -552,10 +552,9 @@ class Run:
                     state = self.evaluator.update_prototypes(state, task_index)
                 eval_start = time.perf_counter()
                 identity = []
-                generation_key = jax.random.fold_in(jax.random.fold_in(base_key, 7), task_index)
                 for seen in range(task_index + 1):
                     scores = self.evaluator.evaluate(state, seen, task_index,
-                                                     jax.random.fold_in(generation_key, seen))
+                                                     keys.generation_key(config.seed, task_index, seen))
                     matrix[seen, task_index] = scores["score"]
                     ncm_matrix[seen, task_index] = scores.get("ncm", np.nan)
                     identity.append(scores.get("identity"))

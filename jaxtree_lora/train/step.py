@@ -6,12 +6,13 @@ Everything here is a pure function of pytrees. The step takes
     frozen = backbone parameters                                       (never differentiated)
     consts = stream constants: per-task class masks [max_tasks, num_classes]
     batch  = micro-batches with a leading [accumulation] axis
-    key    = the step's PRNG key (fold_in(task) -> fold_in(epoch) -> fold_in(batch))
+    key    = the step's PRNG key (keys.train_step_key: purpose "train", then task, epoch, batch)
 
 and scans the micro-batches: for each one the method's loss (task loss plus the method's terms) is
 differentiated with respect to `trainable` only, `method.after_step` updates the method's statistics
 (bandit counts, running averages) and the gradients are summed. Then one optimiser update, masked by
-`method.update_mask` so frozen slots never move. The task index lives in the method state as a traced
+`method.update_mask` so frozen slots never move: their gradients are zeroed before clipping and Adam,
+and their Adam moments kept. The task index lives in the method state as a traced
 integer, so the compiled step serves every task.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import optax
 
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.models.common import SiteRecorder
+from jaxtree_lora.train import keys
 
 PyTree = Any
 
@@ -120,6 +122,11 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
                    head_scale: float = 20.0) -> Callable:
     """Returns task_loss(trainable, frozen, consts, method_state, batch, key) -> (loss, aux)."""
 
+    def dropout_key(key):
+        # Adapter dropout draws per layer and site (small integer fold-ins) under its own purpose,
+        # so a method's draws from the same step key (keys.derive(key, NAME)) never reuse a mask's key.
+        return None if key is None else keys.derive(key, "dropout")
+
     def delta_for(method_state, weight):
         delta = lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key)
         if getattr(method, "record", None) is None:
@@ -136,7 +143,7 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
         def task_loss(trainable, frozen, consts, method_state, batch, key):
             adapters = method.forward_adapters(trainable["adapters"], method_state)
             delta = delta_for(method_state, token_weights(batch))
-            features = backbone.features(frozen, batch, adapters=adapters, delta=delta, rng=key)
+            features = backbone.features(frozen, batch, adapters=adapters, delta=delta, rng=dropout_key(key))
             logits = head_logits(trainable["head"], features, head, head_scale)
             task = method_state["task"]
             mask = consts["task_classes"][task] if train_mask == "task" else consts["seen_classes"][task]
@@ -155,7 +162,7 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
             delta = delta_for(method_state, token_weights(batch))
             logits = backbone.logits(frozen, tokens, attention,
                                      adapters=method.forward_adapters(trainable["adapters"], method_state),
-                                     delta=delta, rng=key)
+                                     delta=delta, rng=dropout_key(key))
             # Predict token t+1 from position t; loss only on answer tokens (TRACE: labels -100 on the prompt).
             logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
             target = tokens[:, 1:]
@@ -169,6 +176,25 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
         return task_loss
 
     raise ValueError(f"unknown stream kind {kind!r}")
+
+
+def keep_frozen_moments(new_opt_state, old_opt_state, mask, trainable):
+    """Optimiser state with the frozen entries' per-parameter statistics (Adam's mu and nu: every
+    sub-state shaped like `trainable`) taken from `old_opt_state`; scalars such as step counts are new.
+
+    mask: like `trainable`, leaves broadcastable to its leaves, > 0 where an entry is trainable.
+    """
+    params_def = jax.tree.structure(trainable)
+    if params_def.num_leaves < 2:  # a one-leaf trainable would match every scalar of the state too
+        return new_opt_state
+    like_params = lambda node: jax.tree.structure(node) == params_def
+
+    def select(new, old):
+        if not like_params(new):
+            return new
+        return jax.tree.map(lambda n, o, m: jnp.where(m > 0, n, o), new, old, mask)
+
+    return jax.tree.map(select, new_opt_state, old_opt_state, is_leaf=like_params)
 
 
 def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransformation,
@@ -207,9 +233,16 @@ def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransf
         (grads, method_state, loss_sum, acc_sum, tokens), _ = jax.lax.scan(
             micro, init, (batch, jnp.arange(accum)))
         grads = jax.tree.map(lambda g: g / accum, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         mask = method.update_mask(method_state, state.trainable)
         if mask is not None:
+            # Frozen entries' gradients are zeroed before the optimiser: otherwise they enter the
+            # clip's global norm (a frozen leaf with a large gradient would shrink every trainable
+            # update) and Adam's moments. `where`, not a product, so a non-finite frozen gradient stays out.
+            grads = jax.tree.map(lambda g, m: jnp.where(m > 0, g, jnp.zeros_like(g)), grads, mask)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        if mask is not None:
+            # A zero gradient still decays Adam's moments: frozen entries keep theirs, and never move.
+            opt_state = keep_frozen_moments(opt_state, state.opt_state, mask, state.trainable)
             updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask)
         if freeze_other_classes and updates.get("head"):
             columns = consts["task_classes"][method_state["task"]].astype(jnp.float32)

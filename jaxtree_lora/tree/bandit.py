@@ -6,7 +6,7 @@ the current task vector and each past task's, per module; N [K, D], selection co
 Official selection (ZinYY/TreeLoRA `utils/kd_lora_tree.py` L192-262, reference/treelora.md §2.5), at
 micro-step t of an epoch of T micro-steps, with n past tasks:
 
-  mu    = S / N where N > 0, else 0                       (minus the mean L1 distance)
+  mu    = S / N where N > 0, else S (0 in training)     (minus the mean L1 distance)
   beta  = sqrt(log(2 T (t+1)(t+2))) / sqrt(2 N + 1e-5)
   s     = -(mu - beta)                                    (mean distance + bonus: LARGER is likelier)
   s    += min(s)                                          (the code ADDS the minimum; option: subtract)
@@ -52,7 +52,8 @@ def official_scores(sums, counts, valid, t, steps_per_epoch, min_shift: str = "a
     the official `sim += torch.min(sim)`; "subtract" is what its comment ("make positive") meant."""
     if min_shift not in ("add", "subtract"):
         raise ValueError(f"min_shift must be 'add' or 'subtract', got {min_shift!r}")
-    mean = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0)
+    # The official `sim[valid_mask] /= N[valid_mask]`: only arms with N > 0 are divided, S stays elsewhere.
+    mean = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), sums)
     scores = -(mean - bonus(counts, t, steps_per_epoch))
     smallest = jnp.min(jnp.where(valid[:, None], scores, jnp.inf))
     scores = scores + smallest if min_shift == "add" else scores - smallest
