@@ -118,8 +118,8 @@ def test_generation_draws_from_the_generate_purpose(tmp_path):
         drawn.append(key)
         raise Drawn
 
-    run._generate = generate
+    run.evaluator._generate = generate
     with pytest.raises(Drawn):
-        run.evaluate_task(run.initial_state(), 0, 0)
+        run.fit()  # trains the one task, then evaluates it: the loop hands the evaluator its key
     # The first evaluation batch's key: fold_in(generation key, batch number 0).
     assert as_bytes(drawn[0]) == as_bytes(jax.random.fold_in(keys.generation_key(5, 0, 0), 0))

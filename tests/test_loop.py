@@ -72,8 +72,8 @@ def untrained_accuracy(run) -> list:
     state = run.initial_state()
     scores = []
     for task in range(run.num_tasks):
-        state = run.class_prototypes(state, task)
-        scores.append(run.evaluate_task(state, task, task))
+        state = run.evaluator.update_prototypes(state, task)
+        scores.append(run.evaluator.evaluate(state, task, task)["ncm"])
     return scores
 
 

@@ -46,7 +46,10 @@ def test_each_method_keeps_its_own_spec_by_default():
     assert (seq.rank, seq.alpha, seq.dropout) == (8, 32.0, 0.1), "the official TreeLoRA scripts' baseline spec"
     for name in ("cl_lora", "loda", "c_lora"):
         assert build_method(config_for(name), max_tasks=3).lora.dropout == 0.0, f"{name} runs without dropout"
-    forced = build_method(config_for("sd_lora", targets="attn.query"), max_tasks=3).lora
+    from jaxtree_lora import config as config_lib
+
+    forced = build_method(config_lib.apply_overrides(config_for("sd_lora"), ["lora.targets=attn.query"]),
+                          max_tasks=3).lora
     assert forced.targets == ("attn.query",), "a single target from the command line becomes a tuple"
 
 

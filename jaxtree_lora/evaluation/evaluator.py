@@ -84,8 +84,9 @@ class Evaluator:
                     given_task=None):
         """[2, B] predicted global classes: row 0 under the method's protocol, row 1 by the rehearsal-free
         nearest class mean, among the classes seen up to task `seen_upto`. `example_tasks` [B] (inferred
-        identity): each example scored with its task's slot. `given_task` (the identity is given): only
-        that task's classes compete, as a method told the task knows its label space."""
+        identity): each example scored with its task's slot, among that task's classes. `given_task` (the
+        identity is given): only that task's classes compete, as a method told the task knows its label
+        space."""
         protocol = self.protocol
 
         def both_logits(method_state):  # [2, B, C]
@@ -106,8 +107,13 @@ class Evaluator:
             logits = jnp.sum(jnp.where(consts["task_classes"][:, None, None, :], per_slot(), 0.0), axis=0)
         else:
             logits = both_logits(method_state)
-        allowed = consts["seen_classes"][seen_upto] if given_task is None else consts["task_classes"][given_task]
-        logits = jnp.where(allowed[None, None, :], logits, -jnp.inf)
+        if example_tasks is not None:  # a task inferred per example: its classes compete, as for a given one
+            allowed = consts["task_classes"][example_tasks][None, :, :]
+        elif given_task is not None:
+            allowed = consts["task_classes"][given_task][None, None, :]
+        else:
+            allowed = consts["seen_classes"][seen_upto][None, None, :]
+        logits = jnp.where(allowed, logits, -jnp.inf)
         return jnp.argmax(logits, axis=-1)
 
     # -- prototypes ---------------------------------------------------------------------------
