@@ -357,7 +357,7 @@ class LlamaDecoder(nnx.Module):
         return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, attention_mask=None, *, adapters=None, delta=None, rng=None, cache=None,
-                 compute_dtype=None):
+                 compute_dtype=None, logits_window: Optional[tuple[int, int]] = None):
         """Next-token logits.
 
         Args:
@@ -366,14 +366,20 @@ class LlamaDecoder(nnx.Module):
           adapters, delta: the adapter pytree and delta function (see common.py); rng: dropout key.
           cache: from `init_cache`; the tokens are written at its next slot.
           compute_dtype: e.g. jnp.bfloat16 for bf16 matmuls (norms, softmax and logits stay float32).
-        Returns logits [batch, seq, vocab] float32, or (logits, new_cache) when a cache is given.
+          logits_window: static (start, stop): logits only at positions start..stop-1. The LM head is
+            the largest matmul of a small decoder ([seq, hidden] x [hidden, vocab]); a loss that reads
+            only the answer positions, or a prefill that reads only the last one, skips the rest.
+        Returns logits [batch, seq, vocab] float32 ([batch, stop - start, vocab] with a window), or
+        (logits, new_cache) when a cache is given.
         """
         out = self.hidden_states(tokens, attention_mask, adapters=adapters, delta=delta, rng=rng, cache=cache,
                                  compute_dtype=compute_dtype)
-        if cache is None:
-            return self.logits_from_hidden(out)
-        hidden, new_cache = out
-        return self.logits_from_hidden(hidden), new_cache
+        hidden, new_cache = (out, None) if cache is None else out
+        if logits_window is not None:
+            start, stop = logits_window
+            hidden = hidden[:, start:stop]
+        logits = self.logits_from_hidden(hidden)
+        return logits if cache is None else (logits, new_cache)
 
     def features(self, tokens, attention_mask=None, *, adapters=None, delta=None, rng=None, compute_dtype=None):
         """The last real token's final hidden state [batch, hidden] (left or right padding)."""

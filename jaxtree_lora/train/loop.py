@@ -178,7 +178,7 @@ class Run:
     stop_after_steps: Optional[int] = None  # for tests: stop (as if killed) after this many steps
 
     def __post_init__(self):
-        from jaxtree_lora.data import batching
+        from jaxtree_lora.data import batching, tokenize
 
         self.batching = batching
         config = self.config
@@ -218,8 +218,12 @@ class Run:
                               "class means of pre-trained features): use eval.task_identity=given here")
         self._pretrained_prototypes = {}
         self.identity_hits = [0.0, 0.0]  # examples whose task was inferred right, examples (one evaluation)
+        # Instruction streams: the LM head runs only over the trailing columns that hold answers.
+        answer_window = (tokenize.answer_window([split.arrays["loss_mask"] for task in self.stream.tasks
+                                                 for split in (task.train, task.test)]) or None
+                         if self.kind == "instruction" else None)
         self.task_loss = make_task_loss(self.backbone, self.method, self.kind, config.train.get("train_mask", "task"),
-                                        self.head, self.head_scale)
+                                        self.head, self.head_scale, answer_window)
         self._compile()
 
     # -- setup ------------------------------------------------------------------------------------
