@@ -200,6 +200,14 @@ class Run:
         self.accumulation = int(config.train.get("accumulation", 1))
         if self.micro_batch < 1 or self.accumulation < 1:
             raise ConfigError("train.batch_size and train.accumulation must be >= 1")
+        if config.train.get("length_buckets", True) and self.kind in ("classification", "instruction"):
+            # Every batch (train, evaluation, statistics) cut to the smallest of a few widths that holds
+            # its longest row: no compute on padding columns, a bounded number of compiles.
+            splits = [split.inputs if self.kind == "classification" else split.arrays
+                      for task in self.stream.tasks for split in (task.train, task.test)]
+            self.batching = batching.LengthBuckets.for_splits(
+                splits, "right" if self.kind == "classification" else "left",
+                self.micro_batch * self.accumulation)
         devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if self.micro_batch % devices:
             raise ConfigError(f"train.batch_size={self.micro_batch} must be divisible by the "
