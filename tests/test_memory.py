@@ -2,6 +2,7 @@
 FSDP dividing the frozen weights, and a plan that does not fit refused with its numbers."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -111,3 +112,16 @@ def test_planned_weights_and_state_are_what_xla_compiles_the_step_with(method, t
     plan = memory.plan_run(config, check=False)
     exact = plan.frozen_bytes + plan.trainable_bytes + plan.optimizer_bytes + plan.method_bytes
     assert abs(arguments / exact - 1) < 0.005, f"XLA's arguments {arguments} B, the plan's {exact} B"
+
+
+def test_decoder_logits_are_planned_over_the_answer_window_only():
+    """The loss takes the LM head over the answer positions, so the logits term scales with the
+    answer length, not the sequence (4 bytes x 2 for logits and their gradient)."""
+    full = memory.activation_bytes("decoder", 64, 4, 2, 128, 2, vocab=1000)
+    window = memory.activation_bytes("decoder", 64, 4, 2, 128, 2, vocab=1000, answer_len=8)
+    assert full - window == 4.0 * (128 - 8) * 2 * 1000 * 2
+    config = ml_collections.ConfigDict({"name": "trace", "max_answer_len": 16})
+    assert memory.answer_length(config) == 16
+    assert memory.answer_length(ml_collections.ConfigDict({"name": "offline-trace", "max_answer_len": 2})) == 16, \
+        "offline-trace widens answers to the longest task budget (reply: 16 new tokens)"
+    assert memory.answer_length(ml_collections.ConfigDict({"name": "offline-text-cil"})) == 0

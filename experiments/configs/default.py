@@ -63,6 +63,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # "" = the method's own head ("linear" per-task heads, "cosine" for LoDA and CL-LoRA).
         "head": "", "head_scale": 20.0,
         "log_every": 4, "checkpoint_every": 0, "keep_checkpoints": 2, "mesh": [],
+        # Cut each text batch to the smallest of a few widths holding its longest row (data.batching).
+        "length_buckets": True,
         # Memory of one device for the planner (`jaxtree-lora plan`, and `run` before loading);
         # 0: ask the device (GPUs and TPUs report it, CPUs do not). tpu_configs set it.
         "device_memory_gib": 0.0,

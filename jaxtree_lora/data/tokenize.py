@@ -121,3 +121,26 @@ def pad_to_common_length(tasks, pad_id: int = 0) -> None:
                 fill = pad_id if key == "input_ids" else 0
                 filler = np.full((len(split.arrays[key]), longest - width), fill, np.int32)
                 split.arrays[key] = np.concatenate([filler, split.arrays[key]], axis=1)
+
+
+def answer_window(loss_masks: Sequence[np.ndarray]) -> int:
+    """How many trailing columns hold every loss token: max over rows of (width - first loss column).
+
+    Answers are right-aligned (`tokenize_instruction` left-pads), so this is the longest answer plus
+    EOS, and the instruction loss needs logits over the last `answer_window` tokens only
+    (`step.make_task_loss`). Computed from the masks themselves, it stays exact for any layout: a
+    stream whose loss tokens are not right-aligned just gets a wider window (at most the width).
+    Trimming padding columns from the left (length buckets) keeps it valid. 0 when no row has loss tokens.
+    loss_masks: [N, T] arrays (one per split), widths may differ.
+    """
+    window = 0
+    for mask in loss_masks:
+        mask = np.asarray(mask)
+        if mask.size == 0:
+            continue
+        rows = mask.any(axis=1)
+        if not rows.any():
+            continue
+        first = np.argmax(mask[rows] > 0, axis=1)
+        window = max(window, int(mask.shape[1] - first.min()))
+    return window

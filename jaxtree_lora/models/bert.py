@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import DeltaFn, Site, layer_norm, scan_layers
+from jaxtree_lora.models.common import DeltaFn, Site, attention, layer_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
 
 SITES = ("attn.query", "attn.key", "attn.value", "attn.output", "mlp.intermediate", "mlp.output")
@@ -118,10 +118,10 @@ def layer_shapes(config: BertConfig) -> dict:
     }
 
 
-def encoder_block(x, p, hook, mask_bias, num_heads: int, eps: float, act: str):
+def encoder_block(x, p, hook, key_mask, num_heads: int, eps: float, act: str):
     """One post-LN BERT block.
 
-    x: [batch, seq, hidden]; mask_bias: [batch, 1, 1, seq], 0 for real keys and -1e9 for padding;
+    x: [batch, seq, hidden]; key_mask: [batch, 1, 1, seq] bool, True for real keys;
     p: this layer's weights (kernels [d_in, d_out]); hook: the layer's SiteHook.
     """
     batch, seq, hidden = x.shape
@@ -136,10 +136,7 @@ def encoder_block(x, p, hook, mask_bias, num_heads: int, eps: float, act: str):
     q = project("attn.query", x).reshape(batch, seq, num_heads, head_dim)
     k = project("attn.key", x).reshape(batch, seq, num_heads, head_dim)
     v = project("attn.value", x).reshape(batch, seq, num_heads, head_dim)
-    # Scores and softmax in float32 so that bfloat16 activations do not saturate the mask.
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(head_dim) + mask_bias
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, hidden)
+    context = attention(q, k, v, key_mask).reshape(batch, seq, hidden)
     attended = project("attn.output", context)
     x = layer_norm(attended + x, p["attn_norm"], p["attn_norm_bias"], eps)
     inner = gelu(project("mlp.intermediate", x), act)
@@ -203,10 +200,10 @@ class BertEncoder(nnx.Module):
         x = (self.word_embeddings[...][input_ids] + self.position_embeddings[...][:seq][None]
              + self.type_embeddings[...][token_type_ids])
         x = layer_norm(x, self.embed_norm[...], self.embed_norm_bias[...], config.layer_norm_eps).astype(dtype)
-        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
+        key_mask = attention_mask[:, None, None, :] > 0  # [batch, 1, 1, seq]: padding keys are never attended
 
         def body(carry, params_l, hook):
-            return encoder_block(carry, params_l, hook, mask_bias, config.num_heads, config.layer_norm_eps,
+            return encoder_block(carry, params_l, hook, key_mask, config.num_heads, config.layer_norm_eps,
                                  config.hidden_act), None
 
         x, _ = scan_layers(body, x, self.layers.as_dict(), adapters, delta, rng, config.num_layers,

@@ -143,6 +143,22 @@ def scan_layers(body, carry, layer_params: PyTree, adapters: Optional[Mapping[st
     return carry, outs
 
 
+def attention(query: Array, key: Array, value: Array, mask: Optional[Array] = None) -> Array:
+    """Scaled dot-product attention: softmax(q k^T / sqrt(head_dim)) v, softmax in float32.
+
+    query: [batch, q_len, heads, head_dim]; key, value: [batch, k_len, kv_heads, head_dim] with heads a
+    multiple of kv_heads (grouped-query attention: keys are shared by their group, never repeated);
+    mask: bool, broadcastable to [batch, heads or 1, q_len, k_len], True where a query may attend.
+    Returns [batch, q_len, heads, head_dim] in query's dtype.
+
+    Through `jax.nn.dot_product_attention` with implementation=None, so the backend picks the kernel
+    (XLA's here; a fused one where jax selects it). A query whose keys are all masked (a padding
+    query) gets a uniform softmax, not NaN; its output is never read.
+    """
+    return jax.nn.dot_product_attention(query, key.astype(query.dtype), value.astype(query.dtype), mask=mask,
+                                        implementation=None)
+
+
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     """RMSNorm computed in float32, returned in x's dtype. x: [..., d], weight: [d]."""
     dtype = x.dtype

@@ -54,7 +54,9 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: Optional[jax.Array] = No
     kwargs = dict(adapters=adapters, delta=delta, compute_dtype=compute_dtype)
 
     cache = model.init_cache(batch, prompt_length + max_new_tokens, dtype=compute_dtype)
-    logits, cache = model(prompt_ids, prompt_mask, cache=cache, **kwargs)
+    # Only the last prompt position's logits are read: the prefill skips the LM head elsewhere.
+    logits, cache = model(prompt_ids, prompt_mask, cache=cache, logits_window=(prompt_length - 1, prompt_length),
+                          **kwargs)
     first = sample(logits[:, -1], jax.random.fold_in(key, 0), temperature)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = is_stop(first)

@@ -41,12 +41,8 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import Site, rms_norm, scan_layers
+from jaxtree_lora.models.common import Site, attention, rms_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
-
-# Large but finite: a query whose keys are all masked (a padding query) gets a uniform softmax
-# instead of NaN, and its output is never used.
-MASKED = -1e30
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -201,14 +197,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
-def decoder_block(x, params, hook, attention_bias, cos, sin, config: LlamaConfig, cache_keys=None,
+def decoder_block(x, params, hook, allowed, cos, sin, config: LlamaConfig, cache_keys=None,
                   cache_values=None, cache_index=None):
     """One pre-norm block.
 
     Args:
       x: [batch, seq, hidden] in the compute dtype.
       params: this layer's slice of the stacked parameters.
-      attention_bias: [batch, 1, seq, keys] additive float32 mask (0 or MASKED).
+      allowed: [batch, 1, seq, keys] bool, True where a query may attend to a key (causal, window, padding).
       cos, sin: [batch, seq, 1, head_dim] rotary tables.
       cache_keys, cache_values: this layer's cache [batch, slots, kv_heads, head_dim], or None.
       cache_index: the slot the first of these `seq` tokens is written to.
@@ -235,13 +231,8 @@ def decoder_block(x, params, hook, attention_bias, cos, sin, config: LlamaConfig
         cache_keys = jax.lax.dynamic_update_slice(cache_keys, k.astype(cache_keys.dtype), start)
         cache_values = jax.lax.dynamic_update_slice(cache_values, v.astype(cache_values.dtype), start)
         k, v = cache_keys.astype(dtype), cache_values.astype(dtype)
-    groups = c.num_heads // c.num_kv_heads
-    # Query heads are grouped per kv head ([.., kv_heads, groups, ..]) so keys are never repeated.
-    q = q.reshape(batch, seq, c.num_kv_heads, groups, c.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(c.head_dim) + attention_bias[:, :, None]
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    context = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, c.num_heads * c.head_dim)
+    # Grouped-query attention: each kv head serves its group of query heads (keys never repeated).
+    context = attention(q, k, v, allowed).reshape(batch, seq, c.num_heads * c.head_dim)
     x = x + project("attn.o_proj", "o_proj", context)
     h = rms_norm(x, params["post_norm"], c.rms_norm_eps)
     gate = project("mlp.gate_proj", "gate_proj", h)
@@ -329,8 +320,7 @@ class LlamaDecoder(nnx.Module):
             # Slots of a row's real tokens are contiguous (padding only on the left), so slot
             # distance equals position distance.
             allowed &= query_slots[:, None] - key_slots[None, :] < c.sliding_window
-        allowed = allowed[None] & (key_mask[:, None, :] > 0)
-        attention_bias = jnp.where(allowed, 0.0, MASKED).astype(jnp.float32)[:, None]  # [batch, 1, seq, keys]
+        allowed = (allowed[None] & (key_mask[:, None, :] > 0))[:, None]  # [batch, 1, seq, keys]
         cos, sin = rope_tables(positions, jnp.asarray(inverse_frequencies(c)))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         layer_params = self.layers.as_dict()
@@ -338,7 +328,7 @@ class LlamaDecoder(nnx.Module):
             layer_params = {**layer_params, "cache_keys": cache["k"], "cache_values": cache["v"]}
 
         def body(carry, params, hook):
-            out, layer_cache = decoder_block(carry, params, hook, attention_bias, cos, sin, c,
+            out, layer_cache = decoder_block(carry, params, hook, allowed, cos, sin, c,
                                              params.get("cache_keys"), params.get("cache_values"),
                                              start if cache is not None else None)
             return out, (layer_cache if cache is not None else None)
@@ -357,7 +347,7 @@ class LlamaDecoder(nnx.Module):
         return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, attention_mask=None, *, adapters=None, delta=None, rng=None, cache=None,
-                 compute_dtype=None):
+                 compute_dtype=None, logits_window: Optional[tuple[int, int]] = None):
         """Next-token logits.
 
         Args:
@@ -366,14 +356,20 @@ class LlamaDecoder(nnx.Module):
           adapters, delta: the adapter pytree and delta function (see common.py); rng: dropout key.
           cache: from `init_cache`; the tokens are written at its next slot.
           compute_dtype: e.g. jnp.bfloat16 for bf16 matmuls (norms, softmax and logits stay float32).
-        Returns logits [batch, seq, vocab] float32, or (logits, new_cache) when a cache is given.
+          logits_window: static (start, stop): logits only at positions start..stop-1. The LM head is
+            the largest matmul of a small decoder ([seq, hidden] x [hidden, vocab]); a loss that reads
+            only the answer positions, or a prefill that reads only the last one, skips the rest.
+        Returns logits [batch, seq, vocab] float32 ([batch, stop - start, vocab] with a window), or
+        (logits, new_cache) when a cache is given.
         """
         out = self.hidden_states(tokens, attention_mask, adapters=adapters, delta=delta, rng=rng, cache=cache,
                                  compute_dtype=compute_dtype)
-        if cache is None:
-            return self.logits_from_hidden(out)
-        hidden, new_cache = out
-        return self.logits_from_hidden(hidden), new_cache
+        hidden, new_cache = (out, None) if cache is None else out
+        if logits_window is not None:
+            start, stop = logits_window
+            hidden = hidden[:, start:stop]
+        logits = self.logits_from_hidden(hidden)
+        return logits if cache is None else (logits, new_cache)
 
     def features(self, tokens, attention_mask=None, *, adapters=None, delta=None, rng=None, compute_dtype=None):
         """The last real token's final hidden state [batch, hidden] (left or right padding)."""

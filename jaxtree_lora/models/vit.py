@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import DeltaFn, Site, layer_norm, scan_layers
+from jaxtree_lora.models.common import DeltaFn, Site, attention, layer_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
 
 SITES = ("attn.query", "attn.key", "attn.value", "attn.output", "mlp.fc1", "mlp.fc2")
@@ -136,10 +136,7 @@ def vit_block(x, p, hook, c: ViTConfig):
     q = project("attn.query", h).reshape(batch, seq, c.num_heads, head_dim)
     k = project("attn.key", h).reshape(batch, seq, c.num_heads, head_dim)
     v = project("attn.value", h).reshape(batch, seq, c.num_heads, head_dim)
-    # Softmax in float32 whatever the activation dtype.
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(head_dim)
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, d)
+    context = attention(q, k, v).reshape(batch, seq, d)  # softmax in float32 whatever the activation dtype
     x = x + project("attn.output", context)
     h = layer_norm(x, p["norm2"], p["norm2_bias"], c.layer_norm_eps)
     return x + project("mlp.fc2", jax.nn.gelu(project("mlp.fc1", h), approximate=False))

@@ -50,11 +50,12 @@ class Backbone:
             return model.features(inputs["images"], **kwargs)
         return model.features(inputs["input_ids"], inputs["attention_mask"], **kwargs)
 
-    def logits(self, params, tokens, attention_mask, *, adapters=None, delta=None, rng=None):
-        """Next-token logits [batch, seq, vocab] (decoder only)."""
+    def logits(self, params, tokens, attention_mask, *, adapters=None, delta=None, rng=None, window=None):
+        """Next-token logits [batch, seq, vocab] (decoder only); with `window` (static (start, stop))
+        only at positions start..stop-1: [batch, stop - start, vocab]."""
         model = nnx.merge(self.graphdef, params)
         return model(tokens, attention_mask, adapters=adapters, delta=delta, rng=rng,
-                     compute_dtype=self.compute_dtype)
+                     compute_dtype=self.compute_dtype, logits_window=window)
 
 
 def _finish(name, kind, module, tokenizer, compute_dtype, remat, hf_config=None) -> Backbone:

@@ -208,7 +208,7 @@ class Run:
     stop_after_steps: Optional[int] = None  # for tests: stop (as if killed) after this many steps
 
     def __post_init__(self):
-        from jaxtree_lora.data import batching
+        from jaxtree_lora.data import batching, tokenize
 
         self.batching = batching
         config = self.config
@@ -230,6 +230,14 @@ class Run:
         self.accumulation = int(config.train.get("accumulation", 1))
         if self.micro_batch < 1 or self.accumulation < 1:
             raise ConfigError("train.batch_size and train.accumulation must be >= 1")
+        if config.train.get("length_buckets", True) and self.kind in ("classification", "instruction"):
+            # Every batch (train, evaluation, statistics) cut to the smallest of a few widths that holds
+            # its longest row: no compute on padding columns, a bounded number of compiles.
+            splits = [split.inputs if self.kind == "classification" else split.arrays
+                      for task in self.stream.tasks for split in (task.train, task.test)]
+            self.batching = batching.LengthBuckets.for_splits(
+                splits, "right" if self.kind == "classification" else "left",
+                self.micro_batch * self.accumulation)
         devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if self.micro_batch % devices:
             raise ConfigError(f"train.batch_size={self.micro_batch} must be divisible by the "
@@ -247,8 +255,12 @@ class Run:
         if self.infer_identity and self.kind != "classification":
             raise ConfigError("eval.task_identity=inferred needs a classification stream (the task is inferred from "
                               "class means of pre-trained features): use eval.task_identity=given here")
+        # Instruction streams: the LM head runs only over the trailing columns that hold answers.
+        answer_window = (tokenize.answer_window([split.arrays["loss_mask"] for task in self.stream.tasks
+                                                 for split in (task.train, task.test)]) or None
+                         if self.kind == "instruction" else None)
         self.task_loss = make_task_loss(self.backbone, self.method, self.kind, self.protocol["train_mask"],
-                                        self.protocol["head"], self.protocol["head_scale"])
+                                        self.protocol["head"], self.protocol["head_scale"], answer_window)
         self._compile()
 
     # -- setup ------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
     method state        e.g. TreeLoRA's bank of task vectors [max_tasks, D, F] (replicated)
     activations         per micro-batch per device: decoder/encoder blocks after Korthikanti et al.
                         (2022): 34*s*b*h + 5*a*s^2*b bytes per layer in 16-bit, or only the block inputs
-                        (2*s*b*h per layer) plus one block's worth when every block is rematerialised
+                        (2*s*b*h per layer) plus one block's worth when every block is rematerialised;
+                        decoders add float32 logits over the answer window only
 
 The planner refuses, with the numbers, a plan that does not fit the device's memory.
 """
@@ -53,15 +54,21 @@ def tree_bytes(tree) -> float:
 
 
 def activation_bytes(kind: str, hidden: int, heads: int, layers: int, seq: int, micro_batch_per_device: int,
-                     bytes_per_value: int = 2, remat: bool = False, vocab: int = 0) -> float:
-    """Activation memory of one micro-batch's forward+backward on one device."""
+                     bytes_per_value: int = 2, remat: bool = False, vocab: int = 0,
+                     answer_len: int = 0) -> float:
+    """Activation memory of one micro-batch's forward+backward on one device.
+
+    answer_len: decoder logits exist only over the answer window (the loss reads the answer
+    positions only, `step.loss_positions`); 0 means over the whole sequence.
+    """
     s, b, h, a = seq, micro_batch_per_device, hidden, heads
     per_layer = (34 * s * b * h + 5 * a * s * s * b) * (bytes_per_value / 2)
     if remat:
         stored = layers * 2 * s * b * h * (bytes_per_value / 2) + per_layer
     else:
         stored = layers * per_layer
-    logits = 4.0 * s * b * vocab * 2 if kind == "decoder" else 0.0  # float32 logits and their gradient
+    logit_positions = min(answer_len, s - 1) if answer_len else s
+    logits = 4.0 * logit_positions * b * vocab * 2 if kind == "decoder" else 0.0  # float32 logits and their gradient
     return float(stored + logits)
 
 
@@ -75,7 +82,8 @@ def device_capacity() -> Optional[float]:
 
 def plan(frozen_abstract, trainable_abstract, method_abstract, *, kind: str, hidden: int, heads: int, layers: int,
          seq: int, micro_batch: int, data_parallel: int, fsdp: int, compute_bytes: int = 2, remat: bool = False,
-         vocab: int = 0, capacity_bytes: Optional[float] = None, check: bool = True) -> MemoryPlan:
+         vocab: int = 0, answer_len: int = 0, capacity_bytes: Optional[float] = None,
+         check: bool = True) -> MemoryPlan:
     """Builds the plan from abstract pytrees (jax.ShapeDtypeStruct leaves) and shapes."""
     per_device_batch = max(micro_batch // max(data_parallel * fsdp, 1), 1)
     trainable = tree_bytes(trainable_abstract)
@@ -85,7 +93,7 @@ def plan(frozen_abstract, trainable_abstract, method_abstract, *, kind: str, hid
         optimizer_bytes=2 * trainable,
         method_bytes=tree_bytes(method_abstract),
         activation_bytes=activation_bytes(kind, hidden, heads, layers, seq, per_device_batch, compute_bytes, remat,
-                                          vocab),
+                                          vocab, answer_len),
         devices=data_parallel * fsdp,
         capacity_bytes=capacity_bytes if capacity_bytes is not None else device_capacity(),
     )
@@ -140,6 +148,22 @@ def stream_shape(data) -> tuple[str, int, int, int]:
     raise DataError(f"unknown data.name {name!r}: the planner knows offline-text-cil, offline-trace, trace and tfds")
 
 
+def answer_length(data) -> int:
+    """The longest answer (plus EOS) an instruction data config allows: the window the loss takes
+    logits over. 0 for classification streams."""
+    name = data.get("name", "")
+    if name == "offline-trace":
+        from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS, TRACE_TASKS
+
+        tasks = data.get("tasks", None) or DEFAULT_TRACE_TASKS
+        # offline_trace gives each task max(max_answer_len, its max_new_tokens) answer columns.
+        budgets = [TRACE_TASKS[task].max_new_tokens for task in tasks if task in TRACE_TASKS]
+        return max([int(data.get("max_answer_len", 8))] + budgets)
+    if name == "trace":
+        return int(data.get("max_answer_len", 512))
+    return 0
+
+
 def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True) -> MemoryPlan:
     """The per-device plan of `config` (a run config, tpu_config applied): the backbone from its config
     file only (backbone.abstract_module), adapters and method state from `jax.eval_shape` of the
@@ -181,7 +205,7 @@ def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True)
                   fsdp=mesh_shape["fsdp"], compute_bytes=2 if compute == "bfloat16" else 4,
                   remat=bool(config.model.get("remat", False)),
                   vocab=int(getattr(model_config, "vocab_size", 0) or 0) if kind == "decoder" else 0,
-                  capacity_bytes=capacity_bytes, check=False)
+                  answer_len=answer_length(config.data), capacity_bytes=capacity_bytes, check=False)
     result.frozen_bytes = mesh_lib.bytes_per_device(frozen, specs, mesh_shape)
     result.devices = int(np.prod(mesh))
     if check:

@@ -17,7 +17,7 @@ integer, so the compiled step serves every task.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
@@ -118,9 +118,25 @@ def token_weights(batch) -> jax.Array:
     return batch["weight"]
 
 
+def loss_positions(seq: int, answer_window: Optional[int]) -> tuple[int, int]:
+    """Static (start, stop) of the positions whose next-token logits the instruction loss reads.
+
+    Position t predicts token t + 1, so a loss over the last `answer_window` tokens reads positions
+    seq - answer_window - 1 .. seq - 2. None (or a window as long as the sequence): every position.
+    """
+    if answer_window is None or answer_window >= seq - 1:
+        return 0, seq - 1
+    return seq - 1 - int(answer_window), seq - 1
+
+
 def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: str = "cosine",
-                   head_scale: float = 20.0) -> Callable:
-    """Returns task_loss(trainable, frozen, consts, method_state, batch, key) -> (loss, aux)."""
+                   head_scale: float = 20.0, answer_window: Optional[int] = None) -> Callable:
+    """Returns task_loss(trainable, frozen, consts, method_state, batch, key) -> (loss, aux).
+
+    answer_window (instruction streams): every loss token lies in the last `answer_window` columns
+    of the batch (`tokenize.answer_window`: answers are right-aligned), so the LM head runs over
+    those positions only. None: over the whole sequence.
+    """
 
     def dropout_key(key):
         # Adapter dropout draws per layer and site (small integer fold-ins) under its own purpose,
@@ -160,14 +176,15 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
         def task_loss(trainable, frozen, consts, method_state, batch, key):
             tokens, attention = batch["input_ids"], batch["attention_mask"]
             delta = delta_for(method_state, token_weights(batch))
+            start, stop = loss_positions(tokens.shape[1], answer_window)
             logits = backbone.logits(frozen, tokens, attention,
                                      adapters=method.forward_adapters(trainable["adapters"], method_state),
-                                     delta=delta, rng=dropout_key(key))
+                                     delta=delta, rng=dropout_key(key), window=(start, stop))
             # Predict token t+1 from position t; loss only on answer tokens (TRACE: labels -100 on the prompt).
-            logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-            target = tokens[:, 1:]
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            target = tokens[:, start + 1:]
             nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-            mask = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["weight"][:, None]
+            mask = batch["loss_mask"][:, start + 1:].astype(jnp.float32) * batch["weight"][:, None]
             count = jnp.maximum(jnp.sum(mask), 1.0)
             loss = jnp.sum(nll * mask) / count
             return loss, {"answer_tokens": jnp.sum(mask), "tokens": jnp.sum(attention * batch["weight"][:, None]),

@@ -1,0 +1,21 @@
+"""The PEFT comparison benchmark without its extra: one line naming the fix and exit status 2."""
+import sys
+
+import pytest
+
+from experiments.benchmarks import versus_peft
+
+
+def test_missing_torch_or_peft_exits_2_with_the_install_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        versus_peft.main(["--rows", "minilm"])
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "pip install -e '.[bench]'" in out[0]
+
+
+def test_unknown_row_exits_2_naming_the_rows(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        versus_peft.main(["--rows", "resnet"])
+    assert exit_info.value.code == 2 and "minilm, smollm2, epoch" in capsys.readouterr().out
