@@ -71,8 +71,11 @@ def lora_spec_for(config, cls) -> lora_lib.LoraSpec:
     return dataclasses.replace(own, **given)
 
 
-def build_method(config, max_tasks: int):
-    """The method named by config.method.name with its options and its LoRA spec (`lora_spec_for`)."""
+def build_method(config, max_tasks: int, kind: str = ""):
+    """The method named by config.method.name with its options and its LoRA spec (`lora_spec_for`).
+
+    With the stream's `kind`, a method whose form depends on it (`for_stream`, e.g. TreeLoRA's "auto"
+    form: HiDe's decomposition on classification streams) is resolved to the concrete one."""
     name = config.method.name
     cls = methods_lib.get_class(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -89,7 +92,10 @@ def build_method(config, max_tasks: int):
         options["lora"] = lora_spec_for(config, cls)
     if "max_tasks" in fields:
         options["max_tasks"] = max_tasks
-    return cls(**options)
+    method = cls(**options)
+    if kind and hasattr(method, "for_stream"):
+        method = method.for_stream(kind)
+    return method
 
 
 def protocol_of(config, method) -> dict:
@@ -215,7 +221,7 @@ class Run:
         check_stream(self.stream, int(getattr(self.backbone, "vocab_size", 0) or 0))
         self.num_tasks = len(self.stream.tasks)
         self.max_tasks = max(int(config.train.get("max_tasks", 0) or 0), self.num_tasks)
-        self.method = build_method(config, self.max_tasks)
+        self.method = build_method(config, self.max_tasks, self.kind)
         if self.kind not in self.method.stream_kinds:
             raise MethodNotApplicable(
                 self.method.not_applicable_reason
@@ -242,7 +248,9 @@ class Run:
         # Methods whose protocol gives the task identity at test time can have it inferred instead
         # (HiDe-LoRA's way: the pre-trained model's features, nearest class mean -> that class's task).
         self.identity = config.eval.get("task_identity", "given")
-        self.infer_identity = self.method.task_identity_at_inference and self.identity == "inferred"
+        # A method with its own task inference (`infer_task`, HiDe-LoRA's TII head) always uses it.
+        self.infer_identity = self.method.task_identity_at_inference and (
+            self.identity == "inferred" or self.method.infer_task is not None)
         if self.infer_identity and self.kind != "classification":
             raise ConfigError("eval.task_identity=inferred needs a classification stream (the task is inferred from "
                               "class means of pre-trained features): use eval.task_identity=given here")
@@ -368,7 +376,21 @@ class Run:
                                                   shuffle=False),
             fisher=lambda trainable, method_state: self.fisher(trainable, method_state, arrays, task_index),
             site_moments=lambda trainable, method_state: self.site_moments(trainable, method_state, arrays,
-                                                                           task_index))
+                                                                           task_index),
+            features=lambda trainable, method_state: self.task_features(arrays, task_index, trainable, method_state),
+            pretrained_features=lambda: self.task_features(arrays, task_index))
+
+    def task_features(self, arrays: dict, task_index: int, trainable=None, method_state=None):
+        """Yields (features [B, d], labels [B], weight [B]) numpy arrays over a classification task's
+        training data: with these adapters and method state, or the pre-trained backbone's (None)."""
+        for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
+            weight, labels = np.asarray(batch.pop("weight")), np.asarray(batch.pop("labels"))
+            batch = self._host_batch(batch)
+            if trainable is None:
+                features = self.evaluator._pretrained(self.frozen, batch)
+            else:
+                features = self.evaluator._features(trainable, self.frozen, method_state, batch)
+            yield np.asarray(features), labels, weight
 
     def _host_batch(self, batch: dict) -> dict:
         """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""
