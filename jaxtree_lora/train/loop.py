@@ -71,11 +71,8 @@ def lora_spec_for(config, cls) -> lora_lib.LoraSpec:
     return dataclasses.replace(own, **given)
 
 
-def build_method(config, max_tasks: int, kind: str = ""):
-    """The method named by config.method.name with its options and its LoRA spec (`lora_spec_for`).
-
-    With the stream's `kind`, a method whose form depends on it (`for_stream`, e.g. TreeLoRA's "auto"
-    form: HiDe's decomposition on classification streams) is resolved to the concrete one."""
+def build_method(config, max_tasks: int):
+    """The method named by config.method.name with its options and its LoRA spec (`lora_spec_for`)."""
     name = config.method.name
     cls = methods_lib.get_class(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -92,10 +89,25 @@ def build_method(config, max_tasks: int, kind: str = ""):
         options["lora"] = lora_spec_for(config, cls)
     if "max_tasks" in fields:
         options["max_tasks"] = max_tasks
-    method = cls(**options)
-    if kind and hasattr(method, "for_stream"):
-        method = method.for_stream(kind)
-    return method
+    return cls(**options)
+
+
+def method_for_stream(method, kind: str, config):
+    """A method whose form depends on the stream's kind (`for_stream`: TreeLoRA's "auto" form is HiDe's
+    decomposition on classification streams) resolved to the concrete one; `options_of(name)` gives the
+    options of another registered method (the HiDe-LoRA parts take config.method.hide_lora's)."""
+    if not hasattr(method, "for_stream"):
+        return method
+
+    def options_of(name):
+        cls = methods_lib.get_class(name)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"lora", "max_tasks"}
+        given = config.method.get(name, None)
+        options = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
+        return {key: tuple(value) if isinstance(value, list) else value
+                for key, value in options.items() if key in fields}
+
+    return method.for_stream(kind, options_of)
 
 
 def protocol_of(config, method) -> dict:
@@ -221,7 +233,7 @@ class Run:
         check_stream(self.stream, int(getattr(self.backbone, "vocab_size", 0) or 0))
         self.num_tasks = len(self.stream.tasks)
         self.max_tasks = max(int(config.train.get("max_tasks", 0) or 0), self.num_tasks)
-        self.method = build_method(config, self.max_tasks, self.kind)
+        self.method = method_for_stream(build_method(config, self.max_tasks), self.kind, config)
         if self.kind not in self.method.stream_kinds:
             raise MethodNotApplicable(
                 self.method.not_applicable_reason
