@@ -25,6 +25,7 @@ def hide_config(method="hide_lora", **train):
     config.lora.targets = None  # the method's own spec: k and v of the first 5 blocks, rank 4
     config.lora.rank = None
     config.method.hide_lora.update(QUICK)
+    config.method.treelora.form = "auto"  # the default: HiDe's decomposition on this classification stream
     return config
 
 
