@@ -345,9 +345,10 @@ class HiDeLoRA(IncLoRA):
         task = int(context.task)
         adapters = momentum_merge(trainable["adapters"], state["task"], jnp.float32(self.lora_momentum))
         trainable = {**trainable, "adapters": adapters}
-        # The task's classes: those its training data holds.
-        classes = sorted({int(label) for _, labels, weight in context.pretrained_features()
-                          for label, w in zip(np.asarray(labels), np.asarray(weight)) if w > 0})
+        # The pre-trained features of the task's data (one pass), and its classes: those the data holds.
+        pretrained = [(np.asarray(f, np.float32), np.asarray(l, np.int32), np.asarray(w, np.float32))
+                      for f, l, w in context.pretrained_features()]
+        classes = sorted({int(label) for _, labels, weight in pretrained for label in labels[weight > 0]})
         class_task = np.array(state["class_task"])
         class_task[classes] = task
         state = {**state, "class_task": jnp.asarray(class_task)}
@@ -355,7 +356,7 @@ class HiDeLoRA(IncLoRA):
         stats = class_statistics(context.features(trainable, state), classes, self.statistics)
         means, spread, stored = write_statistics(state["means"], state["spread"], state["stored"], stats)
         state = {**state, "means": means, "spread": spread, "stored": stored}
-        state = self._train_identity(state, context, classes, task)
+        state = self._train_identity(state, pretrained, classes, task)
         seen = jnp.asarray(class_task >= 0)
         earlier = int(np.sum((class_task >= 0) & (class_task < task)))  # the official crct_num
         if task > 0:
@@ -367,11 +368,10 @@ class HiDeLoRA(IncLoRA):
             trainable = {**trainable, "head": head}
         return trainable, state
 
-    def _train_identity(self, state, context: TaskContext, classes, task: int):
-        """The TII head: class-masked CE on this task's pre-trained features (a fresh Adam per task, as
-        `reinit_optimizer`), its statistics, and for t > 0 its alignment on every seen class."""
-        batches = [(np.asarray(f, np.float32), np.asarray(l, np.int32), np.asarray(w, np.float32))
-                   for f, l, w in context.pretrained_features()]
+    def _train_identity(self, state, batches, classes, task: int):
+        """The TII head: class-masked CE on this task's pre-trained features (`batches` of (features
+        [B, d], labels [B], weight [B])), a fresh Adam per task (as `reinit_optimizer`); the classes'
+        pre-trained statistics; for t > 0 its alignment on every seen class."""
         features = np.concatenate([b[0] for b in batches])
         labels = np.concatenate([b[1] for b in batches])
         weight = np.concatenate([b[2] for b in batches])
