@@ -99,6 +99,8 @@ def tiny_config(method="treelora", **train):
     config.train.epochs = 2
     config.train.log_every = 2
     config.eval.batch_size = 8
+    # TreeLoRA's own (LLM-code) form on this classification stream; its HiDe form is tested in test_hide_lora.
+    config.method.treelora.form = "llm"
     for key, value in train.items():
         config.train[key] = value
     return config

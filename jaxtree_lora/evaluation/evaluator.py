@@ -15,7 +15,8 @@ Classification streams are scored by two classifiers from the same forward pass:
 How an example's features are taken is the method's inference rule: one forward with the final
 adapters (task-identity free), one forward per task slot with each class scored by its own task's
 features (`per_task_inference`, CL-LoRA), the evaluated task's slot (`task_identity_at_inference`,
-LiLoRA) or the slot of the task inferred from pre-trained class means (`identity="inferred"`).
+LiLoRA), the slot of the task inferred from pre-trained class means (`identity="inferred"`), or the
+slot of the task the method infers itself (`Method.infer_task`, HiDe-LoRA's TII head).
 Instruction streams generate answers and score them with each task's metric.
 """
 from __future__ import annotations
@@ -61,7 +62,9 @@ class Evaluator:
         self.batches, self.host_batch = batches, host_batch
         self.kind = stream.kind
         self.temperature = float(temperature)
-        self.infer_identity = method.task_identity_at_inference and identity == "inferred"
+        # The method's own task inference (`infer_task`) when it has one, else the pre-trained class means.
+        self.own_identity = getattr(method, "infer_task", None) is not None
+        self.infer_identity = method.task_identity_at_inference and (identity == "inferred" or self.own_identity)
         self.identity_hits = [0.0, 0.0]  # examples whose task was inferred right, examples (one evaluate call)
         self._features = jax.jit(self._features_fn, out_shardings=out_sharding)
         self._predict = jax.jit(self._predict_fn, out_shardings=out_sharding)
@@ -70,6 +73,10 @@ class Evaluator:
         self.identity = TaskIdentity(self._pretrained_task_means,
                                      lambda batch: np.asarray(pretrained(self.frozen, batch)))
         self._pretrained = pretrained
+        if self.own_identity:
+            self._infer_task = jax.jit(lambda method_state, frozen, batch, seen_upto: method.infer_task(
+                method_state, backbone.features(frozen, batch).astype(jnp.float32), seen_upto),
+                out_shardings=out_sharding)
         self._generate = None
         self._out_sharding = out_sharding
 
@@ -181,7 +188,11 @@ class Evaluator:
             batch = self.host_batch(batch)
             example_tasks = None
             if self.infer_identity:
-                inferred = self.identity.infer(batch, trained_upto)
+                if self.own_identity:
+                    inferred = np.asarray(self._infer_task(state.method_state, self.frozen, batch,
+                                                           jnp.asarray(trained_upto, jnp.int32)))
+                else:
+                    inferred = self.identity.infer(batch, trained_upto)
                 hits += float(np.sum((inferred == task) * weight))
                 example_tasks = self.host_batch(inferred.astype(np.int32))
             predictions = np.asarray(self._predict(state.trainable, self.frozen, self.consts, state.method_state,

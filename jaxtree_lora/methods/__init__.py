@@ -19,6 +19,7 @@ REGISTRY = {
     "lilora": "jaxtree_lora.methods.lilora:LiLoRA",
     "loda": "jaxtree_lora.methods.loda:LoDA",
     "cl_lora": "jaxtree_lora.methods.cl_lora:CLLoRA",
+    "hide_lora": "jaxtree_lora.methods.hide_lora:HiDeLoRA",
 }
 
 

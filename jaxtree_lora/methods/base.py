@@ -83,6 +83,12 @@ class TaskContext:
     # site_moments(trainable, method_state) -> ({site: [num_layers, d_in, d_in]}, tokens): the mean of
     # x x^T over the task's real tokens of each adapted site's input x (models.common.input_moment through a SiteRecorder).
     site_moments: Optional[Callable[[Any, Any], Any]] = None
+    # features(trainable, method_state) -> iterator of (features [B, d], labels [B], weight [B]) numpy
+    # arrays over the task's training data (classification): the backbone's features with these
+    # adapters and this method state (HiDe-LoRA's class statistics under the task's slot).
+    features: Optional[Callable[[Any, Any], Any]] = None
+    # pretrained_features() -> the same iterator with the frozen pre-trained backbone (no adapters).
+    pretrained_features: Optional[Callable[[], Any]] = None
 
 
 
@@ -120,6 +126,11 @@ class Method:
     #     (nearest class mean of the features; CL-LoRA's prototype classifier, the `fix` baseline).
     default_head: str = "linear"
     default_classifier: str = "head"
+    # infer_task(method_state, pretrained_features [B, d], seen_upto) -> [B] int32: a method that infers
+    # each test example's task itself (HiDe-LoRA's task-identity head on pre-trained features) defines
+    # it; pure and jittable. The evaluator then scores each example with its inferred task's slot and
+    # reports the identity accuracy, whatever `eval.task_identity` says.
+    infer_task = None
     # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
     trains: bool = True
     lora: lora_lib.LoraSpec

@@ -29,6 +29,11 @@ Each code-versus-paper difference (reference/treelora.md §8) is a named option:
   min_shift     "add" (official `sim += min(sim)`) | "subtract"
   lam_ramp      True (official) | False (constant lambda)
   tree_depth    -1 (official: leaves at depth D) | the paper's "tree depth" (5 for ViTs)
+  form          "auto" (default: "hide" on classification streams, "llm" on instruction streams) |
+                "llm" (this module: one LoRA through every task, the official LLM code) | "hide"
+                (paper App. A.3: HiDe-LoRA's per-task slots, task-identity inference and task-adaptive
+                prediction, with the tree, bandit and regulariser acting on the current slot during
+                within-task training; `jaxtree_lora.methods.treelora_hide`)
 
 The adapter is stacked over layers, {site: {"a": [L, r, d_in], "b": [L, d_out, r]}}; the D modules
 are ordered layer-major (layer0.q, layer0.v, layer1.q, ...) as the official code's named_modules()
@@ -53,6 +58,7 @@ from jaxtree_lora.tree import bandit, tree as tree_lib
 SELECTIONS = ("official", "paper_lcb", "random")
 TASK_VECTORS = ("lora_a_average", "gradient")
 REGULARISERS = ("official", "paper_l1", "none")
+FORMS = ("auto", "llm", "hide")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +105,15 @@ class TreeLoRA(Method):
     lam_ramp: bool = True
     tree_depth: int = -1
     tree_bound: bool = True
+    form: str = "auto"
 
     def __post_init__(self):
         for value, allowed, field in ((self.selection, SELECTIONS, "selection"),
                                       (self.task_vector, TASK_VECTORS, "task_vector"),
                                       (self.regulariser, REGULARISERS, "regulariser"),
                                       (self.bandit_reset, ("epoch", "task"), "bandit_reset"),
-                                      (self.min_shift, ("add", "subtract"), "min_shift")):
+                                      (self.min_shift, ("add", "subtract"), "min_shift"),
+                                      (self.form, FORMS, "form")):
             if value not in allowed:
                 raise ConfigError(f"treelora {field} must be one of {', '.join(allowed)}, got {value!r}: "
                                  f"set --config.method.treelora.{field} to one of them")
@@ -117,6 +125,17 @@ class TreeLoRA(Method):
             raise ConfigError("treelora regulariser 'paper_l1' compares the live A with stored A averages, but "
                              "task_vector 'gradient' stores gradients: use task_vector 'lora_a_average' with it, "
                              "or regulariser 'official' / 'none'")
+
+    def for_stream(self, kind: str, options_of=None):
+        """The concrete method for a stream of `kind`: this one ("llm"), or TreeLoRA in HiDe-LoRA's
+        decomposition ("hide"; "auto" picks it for classification streams). `options_of("hide_lora")`
+        gives the HiDe-LoRA options the hide form runs with (their defaults when None)."""
+        form = self.form if self.form != "auto" else ("hide" if kind == "classification" else "llm")
+        if form == "llm":
+            return dataclasses.replace(self, form="llm")
+        from jaxtree_lora.methods.treelora_hide import hide_form
+
+        return hide_form(self, (options_of or (lambda name: {}))("hide_lora"))
 
     # -- layout ---------------------------------------------------------------------------------
     def modules(self, adapters) -> jax.Array:
@@ -159,7 +178,12 @@ class TreeLoRA(Method):
         if tasks < stream.num_tasks:
             raise ConfigError(f"treelora max_tasks={tasks} cannot hold a stream of {stream.num_tasks} tasks: "
                              f"raise --config.train.max_tasks to at least {stream.num_tasks}")
-        state = {
+        return adapters, self.tree_state(modules, features, tasks)
+
+    @staticmethod
+    def tree_state(modules: int, features: int, tasks: int) -> dict:
+        """The task-vector bank, bandit statistics and tree for D = `modules` rows of F = `features`."""
+        return {
             "task": jnp.zeros((), jnp.int32),
             "epoch": jnp.zeros((), jnp.int32),
             "t": jnp.zeros((), jnp.int32),
@@ -171,7 +195,6 @@ class TreeLoRA(Method):
             "tree": tree_lib.empty(tasks),
             "last_choice": jnp.zeros((modules,), jnp.int32),
         }
-        return adapters, state
 
     def begin_task(self, adapters, state, task):
         task = jnp.asarray(task, jnp.int32)

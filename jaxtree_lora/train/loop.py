@@ -93,6 +93,24 @@ def build_method(config, max_tasks: int):
     return cls(**options)
 
 
+def method_for_stream(method, kind: str, config):
+    """A method whose form depends on the stream's kind (`for_stream`: TreeLoRA's "auto" form is HiDe's
+    decomposition on classification streams) resolved to the concrete one; `options_of(name)` gives the
+    options of another registered method (the HiDe-LoRA parts take config.method.hide_lora's)."""
+    if not hasattr(method, "for_stream"):
+        return method
+
+    def options_of(name):
+        cls = methods_lib.get_class(name)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"lora", "max_tasks"}
+        given = config.method.get(name, None)
+        options = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
+        return {key: tuple(value) if isinstance(value, list) else value
+                for key, value in options.items() if key in fields}
+
+    return method.for_stream(kind, options_of)
+
+
 def protocol_of(config, method) -> dict:
     """The head and classifier a run uses: the method's own unless the config names them."""
     head = config.train.get("head", "") or method.default_head
@@ -216,7 +234,7 @@ class Run:
         check_stream(self.stream, int(getattr(self.backbone, "vocab_size", 0) or 0))
         self.num_tasks = len(self.stream.tasks)
         self.max_tasks = max(int(config.train.get("max_tasks", 0) or 0), self.num_tasks)
-        self.method = build_method(config, self.max_tasks)
+        self.method = method_for_stream(build_method(config, self.max_tasks), self.kind, config)
         if self.kind not in self.method.stream_kinds:
             raise MethodNotApplicable(
                 self.method.not_applicable_reason
@@ -251,7 +269,9 @@ class Run:
         # Methods whose protocol gives the task identity at test time can have it inferred instead
         # (HiDe-LoRA's way: the pre-trained model's features, nearest class mean -> that class's task).
         self.identity = config.eval.get("task_identity", "given")
-        self.infer_identity = self.method.task_identity_at_inference and self.identity == "inferred"
+        # A method with its own task inference (`infer_task`, HiDe-LoRA's TII head) always uses it.
+        self.infer_identity = self.method.task_identity_at_inference and (
+            self.identity == "inferred" or self.method.infer_task is not None)
         if self.infer_identity and self.kind != "classification":
             raise ConfigError("eval.task_identity=inferred needs a classification stream (the task is inferred from "
                               "class means of pre-trained features): use eval.task_identity=given here")
@@ -380,7 +400,21 @@ class Run:
                                                   shuffle=False),
             fisher=lambda trainable, method_state: self.fisher(trainable, method_state, arrays, task_index),
             site_moments=lambda trainable, method_state: self.site_moments(trainable, method_state, arrays,
-                                                                           task_index))
+                                                                           task_index),
+            features=lambda trainable, method_state: self.task_features(arrays, task_index, trainable, method_state),
+            pretrained_features=lambda: self.task_features(arrays, task_index))
+
+    def task_features(self, arrays: dict, task_index: int, trainable=None, method_state=None):
+        """Yields (features [B, d], labels [B], weight [B]) numpy arrays over a classification task's
+        training data: with these adapters and method state, or the pre-trained backbone's (None)."""
+        for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
+            weight, labels = np.asarray(batch.pop("weight")), np.asarray(batch.pop("labels"))
+            batch = self._host_batch(batch)
+            if trainable is None:
+                features = self.evaluator._pretrained(self.frozen, batch)
+            else:
+                features = self.evaluator._features(trainable, self.frozen, method_state, batch)
+            yield np.asarray(features), labels, weight
 
     def _host_batch(self, batch: dict) -> dict:
         """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""

@@ -166,8 +166,10 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
             loss, aux = masked_cross_entropy(logits, batch["labels"], mask, batch["weight"])
             # The logits over the trained classes (others at -1e9) for methods that distil (CL-LoRA).
             class_logits = jnp.where(mask[None, :], logits.astype(jnp.float32), -1e9)
+            # The features [B, d] for methods with a loss on them (HiDe-LoRA's contrastive term).
             return loss, {**aux, "tokens": jnp.sum(batch.get("attention_mask", batch["weight"])),
-                          "class_logits": class_logits, **records_of(delta)}
+                          "class_logits": class_logits, "features": features.astype(jnp.float32),
+                          **records_of(delta)}
 
         return task_loss
 

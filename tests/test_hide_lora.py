@@ -1,0 +1,172 @@
+"""HiDe-LoRA and TreeLoRA in HiDe's decomposition: slot copy and momentum merge, class statistics and
+Gaussian-replay alignment, task-identity inference, TreeLoRA's regulariser on the current slot only,
+one compiled step for every task, and resume equivalence."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtree_lora.methods import hide_lora as hide
+from jaxtree_lora.methods.base import ModelInfo, StreamInfo, TaskContext
+from jaxtree_lora.methods.treelora import TreeLoRA
+from jaxtree_lora.methods.treelora_hide import TreeHiDeLoRA, hide_form
+from jaxtree_lora.models.common import Site
+
+from test_loop import interrupted_and_resumed, make_run, tiny_config
+
+SITES = {"attn.query": Site(4, 4), "attn.key": Site(4, 4), "attn.value": Site(4, 4)}
+QUICK = {"tap_epochs": 2, "tii_epochs": 3, "tap_samples_per_class": 8, "tii_samples_per_class": 8}
+
+
+def hide_config(method="hide_lora", **train):
+    config = tiny_config(method, **train)
+    config.lora.targets = None  # the method's own spec: k and v of the first 5 blocks, rank 4
+    config.lora.rank = None
+    config.method.hide_lora.update(QUICK)
+    config.method.treelora.form = "auto"  # the default: HiDe's decomposition on this classification stream
+    return config
+
+
+def test_a_new_slot_starts_as_the_previous_one_and_is_merged_with_the_mean_of_the_earlier_ones():
+    # adapters [L=1, K=3, r=1, d=1]: slot values 1, 2, 5.
+    adapters = {"site": {"a": jnp.asarray([1.0, 2.0, 5.0]).reshape(1, 3, 1, 1)}}
+    copied = hide.copy_previous_slot(adapters, jnp.int32(2))["site"]["a"].ravel()
+    np.testing.assert_array_equal(copied, [1.0, 2.0, 2.0]), "slot 2 <- slot 1, the others untouched"
+    unchanged = hide.copy_previous_slot(adapters, jnp.int32(0))["site"]["a"].ravel()
+    np.testing.assert_array_equal(unchanged, [1.0, 2.0, 5.0]), "task 0 has no previous slot"
+    merged = hide.momentum_merge(adapters, jnp.int32(2), jnp.float32(0.1))["site"]["a"].ravel()
+    # 0.9 * 5 + 0.1 * mean(1, 2) = 4.65
+    np.testing.assert_allclose(merged, [1.0, 2.0, 4.65], rtol=1e-6)
+    np.testing.assert_array_equal(hide.momentum_merge(adapters, jnp.int32(0), jnp.float32(0.1))["site"]["a"].ravel(),
+                                  [1.0, 2.0, 5.0]), "slot 0 is never merged"
+
+
+def test_class_statistics_are_the_mean_and_the_unbiased_covariance_plus_a_ridge():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3))
+    labels = np.repeat([4, 7], 6)
+    weight = np.ones(12)
+    weight[-1] = 0.0  # padding: left out
+    stats = hide.class_statistics([(x[:8], labels[:8], weight[:8]), (x[8:], labels[8:], weight[8:])], [4, 7],
+                                  "covariance")
+    np.testing.assert_allclose(stats[4][0], x[:6].mean(0))
+    np.testing.assert_allclose(stats[7][1], np.cov(x[6:11].T) + 1e-4 * np.eye(3))
+    variance = hide.class_statistics([(x, labels, weight)], [4], "variance")
+    np.testing.assert_allclose(variance[4][1], np.var(x[:6], axis=0, ddof=1) + 1e-4)
+
+
+def test_gaussian_replay_aligns_a_head_whose_tasks_were_trained_apart():
+    """Four classes on the axes of R^4, two tasks of two. The unaligned head separates each task's
+    classes only and the second task's columns carry a large bias (they were trained last, alone):
+    over all seen classes it predicts task 1's classes for everything (50%). Alignment on samples of
+    the stored Gaussians must fix that."""
+    classes, dim = 4, 4
+    means = 3.0 * jnp.eye(classes, dim)
+    covariance = jnp.stack([0.05 * jnp.eye(dim)] * classes)
+    stored = jnp.ones((classes,), bool)
+    head = {"w": jnp.eye(dim, classes), "b": jnp.asarray([0.0, 0.0, 4.0, 4.0])}
+    key = jax.random.PRNGKey(0)
+    test = means[:, None, :] + 0.2 * jax.random.normal(key, (classes, 50, dim))
+    labels = np.repeat(np.arange(classes), 50)
+
+    def accuracy(head):
+        return float(np.mean(np.argmax(hide.linear_head(head, test.reshape(-1, dim)), -1) == labels))
+
+    assert accuracy(head) == pytest.approx(0.5), "the unaligned head favours the last task's classes"
+    factor = hide.sampling_factor(covariance, stored, "covariance")
+    aligned = hide.align(head, means, factor, stored, jnp.int32(4), jax.random.PRNGKey(1), apply=hide.linear_head,
+                         statistics="covariance", epochs=30, samples=32, learning_rate=0.05)
+    assert accuracy(aligned) > 0.95, f"alignment on Gaussian samples must balance the tasks: {accuracy(aligned)}"
+
+
+def fake_context(task, features, labels, size=8):
+    """A TaskContext whose pre-trained features are given (and the adapted ones equal them)."""
+    def batches(*_):
+        for start in range(0, len(labels), size):
+            f, l = features[start:start + size], labels[start:start + size]
+            pad = size - len(l)
+            yield (np.concatenate([f, np.zeros((pad, f.shape[1]), np.float32)]),
+                   np.concatenate([l, np.zeros(pad, np.int32)]), np.concatenate([np.ones(len(l)), np.zeros(pad)]))
+
+    return TaskContext(task=task, steps_per_epoch=1, features=batches, pretrained_features=batches)
+
+
+@pytest.mark.slow  # ~10 s alone, over 20 s on a loaded 2-core machine (three compiles)
+def test_task_identity_inference_routes_every_example_of_separable_tasks_to_its_task():
+    rng = np.random.default_rng(0)
+    dim, classes = 6, 4
+    # The variance statistics here (the covariance ones in the test above); a larger alignment rate than
+    # the code's 0.005 so that the few alignment steps of a 2-task, 4-class case suffice.
+    method = hide.HiDeLoRA(tii_epochs=30, tii_learning_rate=0.01, tap_epochs=20, tap_samples_per_class=16,
+                           tap_learning_rate=0.05, statistics="variance")
+    model = ModelInfo(sites=SITES, num_layers=2, feature_dim=dim)
+    trainable, state = method.init(jax.random.PRNGKey(0), model, StreamInfo(2, 2, "classification", classes))
+    trainable = {"adapters": trainable, "head": {"w": jnp.zeros((dim, classes)), "b": jnp.zeros((classes,))}}
+    centres = 4.0 * np.eye(classes, dim)
+    data = []
+    for task in range(2):
+        labels = np.repeat([2 * task, 2 * task + 1], 20).astype(np.int32)
+        features = (centres[labels] + 0.3 * rng.normal(size=(40, dim))).astype(np.float32)
+        data.append((features, labels))
+        _, state = method.begin_task(trainable["adapters"], state, task)
+        trainable, state = method.end_task(trainable, state, fake_context(task, features, labels))
+    np.testing.assert_array_equal(state["class_task"], [0, 0, 1, 1])
+    for task, (features, _) in enumerate(data):
+        inferred = np.asarray(method.infer_task(state, jnp.asarray(features), jnp.int32(1)))
+        assert np.all(inferred == task), f"examples of task {task} routed to {np.unique(inferred)}"
+        assert np.all(np.asarray(method.infer_task(state, jnp.asarray(features), jnp.int32(0))) == 0), \
+            "only tasks seen so far can be inferred"
+    assert bool(np.all(state["stored"])) and float(np.abs(trainable["head"]["w"]).sum()) > 0, \
+        "every class's statistics are stored and the head was aligned after the second task"
+
+
+def test_treelora_in_hide_form_penalises_the_current_slot_only():
+    tree = TreeLoRA(lam=0.5)  # the config's LLM default: the hide form takes TreeLoRA's ViT lam instead
+    method = hide_form(tree, {})
+    assert isinstance(method, TreeHiDeLoRA) and (method.tree.lam, method.tree.tree_depth) == (0.1, 5)
+    assert method.lora.targets == ("k", "v") and method.lora.rank == 4, "HiDe-LoRA's own spec"
+    model = ModelInfo(sites=SITES, num_layers=2, feature_dim=4)
+    adapters, state = method.init(jax.random.PRNGKey(0), model, StreamInfo(3, 3, "classification", 6))
+    assert state["bank"].shape == (3, 2, 2 * 4 * 4), "one tree module per block: both sites' A together"
+    # Task 1 (slot 1), a stored vector for task 0, B non-zero, mid-epoch so that lam_t > 0.
+    adapters = jax.tree.map(lambda leaf: leaf + 0.1, adapters)
+    state = {**state, "task": jnp.int32(1), "t": jnp.int32(1), "steps_per_epoch": jnp.int32(2),
+             "bank": state["bank"].at[0].set(1.0)}
+    batch = {"weight": jnp.ones((2,))}
+
+    def task_loss(trainable, key, b=None):  # a constant task loss: every gradient below is the regulariser's
+        return jnp.float32(1.0), {"features": jnp.zeros((2, 4)), "accuracy": jnp.float32(0.0)}
+
+    trainable = {"adapters": adapters, "head": {}}
+    grads, aux = jax.jit(jax.grad(lambda tr: method.loss(tr, state, batch, jax.random.PRNGKey(1), task_loss),
+                                  has_aux=True))(trainable)
+    for site, leaves in grads["adapters"].items():
+        a = np.asarray(leaves["a"])  # [L, K, r, d]
+        assert np.abs(a[:, 1]).sum() > 0, f"{site}: the regulariser reaches the current slot's A"
+        assert np.abs(a[:, 0]).sum() == 0 and np.abs(a[:, 2]).sum() == 0, f"{site}: and no other slot"
+        assert np.abs(np.asarray(leaves["b"])).sum() == 0, "only A is regularised"
+    np.testing.assert_array_equal(aux["treelora_choice"], [0, 0]), "task 0 is the only past task to select"
+    after = method.after_step(state, aux, grads)
+    np.testing.assert_array_equal(after["counts"][0], [1.0, 1.0]), "the bandit counts each block's selection"
+
+
+@pytest.mark.parametrize("method", ["hide_lora", "treelora"])
+def test_one_compiled_step_for_all_tasks_and_identity_accuracy_recorded(method, tmp_path):
+    run = make_run(hide_config(method), tmp_path / "run")
+    assert run.method.name == method and type(run.method).__name__ in ("HiDeLoRA", "TreeHiDeLoRA")
+    outcome = run.fit()
+    assert run.train_step._cache_size() == 1, "a new task compiled the train step again"
+    assert np.all(np.isfinite(np.diag(outcome["matrix"])))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    identity = [r["task_identity_accuracy"] for r in records if r["type"] == "task"]
+    assert [len(row) for row in identity] == [1, 2, 3], "the TII accuracy of every seen task, after every task"
+    assert identity[0] == [100.0], "with one task every example is routed to it"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["hide_lora", "treelora"])
+def test_resumed_run_equals_an_uninterrupted_one(method, tmp_path):
+    whole_run, _ = interrupted_and_resumed(lambda **train: hide_config(method, **train), tmp_path)
+    assert whole_run.train_step._cache_size() == 1
