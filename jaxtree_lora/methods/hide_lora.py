@@ -49,6 +49,7 @@ from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import MethodNotApplicable, ModelInfo, StreamInfo, TaskContext
 from jaxtree_lora.methods.inclora import IncLoRA
+from jaxtree_lora.train import keys
 
 STATISTICS = ("covariance", "variance")
 NEG = -1e9
@@ -305,7 +306,11 @@ class HiDeLoRA(IncLoRA):
             "spread": jnp.zeros(spread_shape, jnp.float32),
             "stored": jnp.zeros((classes,), bool),
             # TII: its head and the pre-trained features' statistics for its own alignment.
-            "identity_head": init_identity_head(jax.random.fold_in(key, 11), dim, classes, self.tii_expansion),
+            "identity_head": init_identity_head(keys.derive(key, "hide_lora.identity_head"), dim, classes,
+                                                self.tii_expansion),
+            # The host-side draws (TII batch order, Gaussian replay) come from the run's initialisation
+            # key, so a seed changes them and a resumed run repeats them.
+            "host_key": keys.derive(key, "hide_lora.host"),
             "identity_means": jnp.zeros((classes, dim), jnp.float32),
             "identity_spread": jnp.zeros(spread_shape, jnp.float32),
         })
@@ -362,7 +367,7 @@ class HiDeLoRA(IncLoRA):
         if task > 0:
             factor = sampling_factor(state["spread"], state["stored"], self.statistics)
             head = align(trainable["head"], state["means"], factor, seen, jnp.int32(earlier),
-                         jax.random.fold_in(jax.random.PRNGKey(17), task), apply=linear_head,
+                         jax.random.fold_in(keys.derive(state["host_key"], "tap"), task), apply=linear_head,
                          statistics=self.statistics, epochs=self.tap_epochs, samples=self.tap_samples_per_class,
                          learning_rate=self.tap_learning_rate)
             trainable = {**trainable, "head": head}
@@ -379,7 +384,7 @@ class HiDeLoRA(IncLoRA):
         mask = jnp.asarray(np.asarray(state["class_task"]) == task)
         params = state["identity_head"]
         opt_state = _IDENTITY_OPTIMIZER.init(params)
-        key = jax.random.fold_in(jax.random.PRNGKey(23), task)
+        key = jax.random.fold_in(keys.derive(state["host_key"], "tii_order"), task)
         for epoch in range(self.tii_epochs):
             order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), len(labels)))
             rate = jnp.float32(self.tii_learning_rate * 0.1 ** (epoch // 30))
@@ -401,7 +406,7 @@ class HiDeLoRA(IncLoRA):
             factor = sampling_factor(spread, state["stored"], self.statistics)
             params = align(params, means, factor, jnp.asarray(class_task >= 0),
                            jnp.int32(int(np.sum((class_task >= 0) & (class_task < task)))),
-                           jax.random.fold_in(jax.random.PRNGKey(29), task), apply=identity_head,
+                           jax.random.fold_in(keys.derive(state["host_key"], "tii_align"), task), apply=identity_head,
                            statistics=self.statistics, epochs=self.tap_epochs, samples=self.tii_samples_per_class,
                            learning_rate=self.tap_learning_rate)
         return {**state, "identity_head": params, "identity_means": means, "identity_spread": spread}
