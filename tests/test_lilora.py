@@ -101,7 +101,7 @@ def test_inferred_identity_scores_each_example_with_its_own_tasks_branch(tmp_pat
     for k in range(3):
         given = np.asarray(predict(state.trainable, run.frozen, run.consts,
                                    {**state.method_state, "task": jnp.asarray(k, jnp.int32)},
-                                   state.prototypes, batch, 2))
+                                   state.prototypes, batch, 2, None, jnp.asarray(k, jnp.int32)))
         np.testing.assert_array_equal(mixed[:, tasks == k], given[:, tasks == k],
                                       err_msg=f"examples assigned to task {k} were not scored with its branch")
 
