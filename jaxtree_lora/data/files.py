@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxtree_lora.data.stream import DataError, Split, Stream, Task, class_incremental
-from jaxtree_lora.data.tfds_source import holdout
+from jaxtree_lora.data.tfds_source import holdout, image_splits
 from jaxtree_lora.data.tokenize import (answer_token_ids, pad_to_common_length, tokenize_classification,
                                         tokenize_instruction)
 
@@ -556,14 +556,8 @@ def image_folder_stream(root: str = "", train: str = "", test: str = "", image_s
         if extra:
             raise DataError(f"test class folder(s) {', '.join(extra)} in {test} have no training folder in {train}: "
                             f"every test class needs training images")
-        test_images, test_labels = load(test_classes)
-    else:
-        train_rows, test_rows = holdout(train_labels, test_fraction, seed)
-        test_images, test_labels = train_images[test_rows], train_labels[test_rows]
-        train_images, train_labels = train_images[train_rows], train_labels[train_rows]
-    if image_dtype == "float32":
-        train_images = train_images.astype(np.float32) / 255.0
-        test_images = test_images.astype(np.float32) / 255.0
+    train_images, train_labels, test_images, test_labels = image_splits(
+        train_images, train_labels, load(test_classes) if test else None, test_fraction, seed, image_dtype)
     return class_incremental(
         f"image_folder:{os.path.basename(os.path.normpath(root or train))}",
         Split(inputs={"images": train_images}, labels=train_labels),

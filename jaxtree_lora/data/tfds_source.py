@@ -97,6 +97,23 @@ def holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(np.concatenate(train_rows)), np.sort(np.concatenate(test_rows))
 
 
+def image_splits(train_images: np.ndarray, train_labels: np.ndarray, test: tuple | None, test_fraction: float,
+                 seed: int, image_dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) of an image source: `test` (images,
+    labels) when the source has a test split, else a seeded `test_fraction` of every class held out
+    (`holdout`); uint8 images stay uint8, "float32" scales them to [0, 1]."""
+    if test is not None:
+        test_images, test_labels = test
+    else:
+        train_rows, test_rows = holdout(train_labels, test_fraction, seed)
+        test_images, test_labels = train_images[test_rows], train_labels[test_rows]
+        train_images, train_labels = train_images[train_rows], train_labels[train_rows]
+    if image_dtype == "float32":
+        train_images = train_images.astype(np.float32) / 255.0
+        test_images = test_images.astype(np.float32) / 255.0
+    return train_images, train_labels, test_images, test_labels
+
+
 def tfds_stream(dataset: str, data_dir: str, num_tasks: int = 10, seed: int = 0, image_size: int = 224,
                 train_split: str = "train", test_split: str = "test", limit: int = 0,
                 shuffle_classes: bool = True, image_dtype: str = "uint8", image_key: str = "image",
@@ -108,15 +125,9 @@ def tfds_stream(dataset: str, data_dir: str, num_tasks: int = 10, seed: int = 0,
     if image_dtype not in ("uint8", "float32"):
         raise DataError(f"data.image_dtype {image_dtype!r} must be 'uint8' or 'float32'")
     train_images, train_labels, names = read(dataset, data_dir, train_split, image_size, image_key, label_key, limit)
-    if test_split:
-        test_images, test_labels, _ = read(dataset, data_dir, test_split, image_size, image_key, label_key, limit)
-    else:
-        train_rows, test_rows = holdout(train_labels, test_fraction, seed)
-        test_images, test_labels = train_images[test_rows], train_labels[test_rows]
-        train_images, train_labels = train_images[train_rows], train_labels[train_rows]
-    if image_dtype == "float32":
-        train_images = train_images.astype(np.float32) / 255.0
-        test_images = test_images.astype(np.float32) / 255.0
+    test = read(dataset, data_dir, test_split, image_size, image_key, label_key, limit)[:2] if test_split else None
+    train_images, train_labels, test_images, test_labels = image_splits(train_images, train_labels, test,
+                                                                        test_fraction, seed, image_dtype)
     for labels in (train_labels, test_labels):
         if int(labels.max()) >= len(names) or int(labels.min()) < 0:
             raise DataError(f"{dataset}: labels outside [0, {len(names)}) for its {len(names)} class names")
