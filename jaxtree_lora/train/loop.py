@@ -27,6 +27,7 @@ from jaxtree_lora import lora as lora_lib
 from jaxtree_lora import methods as methods_lib
 from jaxtree_lora.data.stream import check_stream
 from jaxtree_lora.errors import ConfigError
+from jaxtree_lora.evaluation.evaluator import classification_arrays
 from jaxtree_lora.faults import kill_point
 from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskContext
 from jaxtree_lora.reporting.results import MetricsWriter
@@ -192,9 +193,7 @@ def peak_memory_mb() -> float:
 def split_arrays(split, kind: str) -> dict:
     """Arrays the step consumes from one data split."""
     if kind == "classification":
-        arrays = dict(split.inputs)
-        arrays["labels"] = np.asarray(split.labels, np.int32)
-        return arrays
+        return classification_arrays(split)
     return {k: split.arrays[k] for k in ("input_ids", "attention_mask", "loss_mask")}
 
 
