@@ -345,6 +345,19 @@ def cmd_run(args, overrides) -> int:
     return 0
 
 
+def _finished_results(workdir: str) -> Optional[dict]:
+    """The results.json of a run that completed every task (or found its method not applicable), else None."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    metrics = results.get("metrics") or {}
+    done = "not_applicable" in results or (metrics.get("tasks_trained") is not None
+                                            and metrics.get("tasks_trained") == metrics.get("num_tasks"))
+    return results if done else None
+
+
 def cmd_compare(args, overrides) -> int:
     """Each method runs in its own process (`jaxtree-lora run`), so its time, peak memory and compiled
     code are its own; the table is built from the results.json each one writes. With --seeds, every
@@ -365,6 +378,11 @@ def cmd_compare(args, overrides) -> int:
         for name in names:
             print(f"== {name}" + ("" if seed is None else f", seed {seed}"), flush=True)
             where = os.path.join(workdir, name) if seed is None else os.path.join(workdir, f"seed_{seed}", name)
+            finished = _finished_results(where) if args.resume else None
+            if finished is not None:  # an interrupted comparison resumes after its last finished run
+                print(f"{where} holds a finished run: reused", flush=True)
+                per_method[name].append(finished)
+                continue
             child = [sys.executable, "-m", "jaxtree_lora.cli", "run", "--workdir", where]
             child += ["--config", args.config] if args.config else []
             child += ["--tpu_config", args.tpu_config] if args.tpu_config else []

@@ -181,6 +181,14 @@ def apply(adapter: Mapping[str, Array], x: Array, scale: float) -> Array:
     return scale * jnp.einsum("...r,or->...o", h, b.astype(x.dtype))
 
 
+def apply_per_example(adapter: Mapping[str, Array], x: Array, scale: float) -> Array:
+    """`apply` with one adapter per example: adapter {"a": [B, r, d_in], "b": [B, d_out, r]},
+    x: [B, ..., d_in] -> [B, ..., d_out] (example b through adapter b)."""
+    a, b = adapter["a"], adapter["b"]
+    h = jnp.einsum("b...i,bri->b...r", x, a.astype(x.dtype))
+    return scale * jnp.einsum("b...r,bor->b...o", h, b.astype(x.dtype))
+
+
 def delta_weight(adapter: Mapping[str, Array], scale: float) -> Array:
     """`scale * A^T B^T`, the kernel-layout update: [..., d_in, d_out]."""
     return scale * jnp.einsum("...ri,...or->...io", adapter["a"], adapter["b"])

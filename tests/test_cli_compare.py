@@ -2,6 +2,7 @@
 method that cannot learn the stream's kind reported as n/a instead of failing the comparison."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,3 +86,14 @@ def test_compare_over_seeds_gives_mean_and_spread_with_the_fix_row(tmp_path):
     assert len(per_seed) == 2 and summary["methods"]["seqlora"]["avg acc"]["mean"] == pytest.approx(np.mean(per_seed))
     assert "vs fix" in out.stdout and "± " in out.stdout, "the printed table gives mean ± std and the fix marks"
     assert (tmp_path / "cmp" / "comparison.png").exists() and (tmp_path / "cmp" / "comparison.md").exists()
+    # An interrupted comparison resumes: finished runs are reused (not run again), unfinished ones run.
+    os.remove(tmp_path / "cmp" / "seed_1" / "seqlora" / "results.json")
+    shutil.rmtree(tmp_path / "cmp" / "seed_1" / "seqlora" / "checkpoints", ignore_errors=True)
+    again = subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", "compare", "--config", str(config),
+                            "--methods", "fix,seqlora", "--seeds", "0,1", "--workdir", str(tmp_path / "cmp"),
+                            "--no-progress", "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("holds a finished run: reused") == 3, "the three finished runs are not run again"
+    rerun = json.load(open(tmp_path / "cmp" / "seed_1" / "seqlora" / "results.json"))
+    assert rerun["metrics"]["average_accuracy"] == summary["per_seed"]["seqlora"][1]["metrics"]["average_accuracy"], \
+        "the one unfinished run ran again, to the same result"

@@ -165,6 +165,36 @@ def test_one_compiled_step_for_all_tasks_and_identity_accuracy_recorded(method, 
     assert identity[0] == [100.0], "with one task every example is routed to it"
 
 
+def test_per_example_slots_equal_the_slot_of_each_example_run_alone():
+    """The one-pass evaluation (each example gathers its inferred task's slot) must compute what running
+    the example through that slot alone computes; a wrong gather axis would mix examples' slots."""
+    method = hide.HiDeLoRA()
+    key_a, key_b, key_x = jax.random.split(jax.random.PRNGKey(0), 3)
+    adapter = {"a": jax.random.normal(key_a, (5, 4, 6)), "b": jax.random.normal(key_b, (5, 7, 4))}
+    x = jax.random.normal(key_x, (3, 2, 6))  # [B, S, d_in]
+    tasks = jnp.array([2, 0, 4], jnp.int32)
+    together = method.delta({"task": tasks}, "attn.key", adapter, x, None)
+    alone = jnp.stack([method.delta({"task": tasks[b]}, "attn.key", adapter, x[b:b + 1], None)[0] for b in range(3)])
+    np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-6)
+
+
+def test_one_pass_evaluation_scores_as_one_forward_per_slot(tmp_path, monkeypatch):
+    """The evaluator's one forward with per-example slots gives the scores of the K forwards (one per
+    slot) it replaced, on a trained run whose tasks are inferred per example."""
+    from jaxtree_lora.evaluation.evaluator import Evaluator
+
+    run = make_run(hide_config("hide_lora"), tmp_path / "run")
+    outcome = run.fit()
+    state = outcome["state"]
+    gathered = [run.evaluator.evaluate(state, task, 2) for task in range(3)]
+    monkeypatch.setattr(hide.HiDeLoRA, "per_example_task", False)
+    evaluator = run.evaluator
+    per_slot = Evaluator(backbone=run.backbone, method=run.method, stream=run.stream, protocol=run.protocol,
+                         consts=run.consts, frozen=run.frozen, host_batch=evaluator.host_batch,
+                         out_sharding=evaluator._out_sharding, identity=run.identity, batches=evaluator.batches)
+    assert [per_slot.evaluate(state, task, 2) for task in range(3)] == gathered
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["hide_lora", "treelora"])
 def test_resumed_run_equals_an_uninterrupted_one(method, tmp_path):

@@ -103,11 +103,18 @@ class Evaluator:
                 trainable["head"], features, protocol["head"], protocol["head_scale"])
             return jnp.stack([own, ncm])
 
-        def per_slot():  # [K, 2, B, C]: one forward per task slot
-            return jax.lax.map(lambda k: both_logits({**method_state, "task": k}),
-                               jnp.arange(consts["task_classes"].shape[0]))
+        def per_slot():  # [K, 2, B, C]: one forward per task slot learned so far (<= seen_upto), zeros after
+            skipped = jax.eval_shape(both_logits, method_state)
 
-        if example_tasks is not None:
+            def slot(k):
+                return jax.lax.cond(k <= seen_upto, lambda: both_logits({**method_state, "task": k}),
+                                    lambda: jnp.zeros(skipped.shape, skipped.dtype))
+
+            return jax.lax.map(slot, jnp.arange(consts["task_classes"].shape[0]))
+
+        if example_tasks is not None and self.method.per_example_task:
+            logits = both_logits({**method_state, "task": example_tasks})  # each example through its own slot
+        elif example_tasks is not None:
             logits = jnp.take_along_axis(per_slot(), example_tasks[None, None, :, None], axis=0)[0]
         elif self.method.per_task_inference:
             # Each task's classes are scored with that task's features (CL-LoRA's forward_test).

@@ -115,6 +115,10 @@ class Method:
     # True when inference scores each task's classes with that task's own adapters (one forward per
     # task, no task identity needed; CL-LoRA).
     per_task_inference: bool = False
+    # True when `delta` also takes state["task"] of shape [B] (one task per example, x [B, ..., d_in])
+    # and applies each example's own slot: the evaluator then scores examples whose tasks were inferred
+    # in one forward pass instead of one per slot (HiDe-LoRA).
+    per_example_task: bool = False
     stream_kinds: tuple = ("classification", "instruction")
     not_applicable_reason: str = ""
     # The method's own classification protocol (its official code's), used unless the config names

@@ -275,6 +275,7 @@ class HiDeLoRA(IncLoRA):
     tii_expansion: int = 2
 
     task_identity_at_inference = True  # each example is scored with one slot: its task's, from `infer_task`
+    per_example_task = True  # ... in one forward pass: `delta` gathers each example's slot
     stream_kinds = ("classification",)
     not_applicable_reason = ("hide_lora infers the task from class predictions of a head on pre-trained "
                              "features: it needs a classification stream")
@@ -322,9 +323,14 @@ class HiDeLoRA(IncLoRA):
 
     # -- inside the step ----------------------------------------------------------------------
     def delta(self, state, site, adapter, x, key):
-        """Only the current task's slot: adapter {"a": [K, r, d_in], "b": [K, d_out, r]} -> its row `task`."""
+        """Only the current task's slot: adapter {"a": [K, r, d_in], "b": [K, d_out, r]} -> its row `task`.
+        With state["task"] of shape [B] (tasks inferred per example), example b takes slot task[b]."""
         x = lora_lib.dropout(x, self.lora.dropout, key)
-        slot = {name: jax.lax.dynamic_index_in_dim(value, state["task"], axis=0, keepdims=False)
+        task = state["task"]
+        if jnp.ndim(task) == 1:
+            return lora_lib.apply_per_example({name: jnp.take(value, task, axis=0) for name, value in adapter.items()},
+                                              x, self.lora.scale)
+        slot = {name: jax.lax.dynamic_index_in_dim(value, task, axis=0, keepdims=False)
                 for name, value in adapter.items()}
         return lora_lib.apply(slot, x, self.lora.scale)
 
