@@ -8,7 +8,8 @@ letter of its script, are dropped. The 20 languages with the most such texts, 10
 classes, 40 training and 20 test texts per class (800 / 400 in all; the 20th language, yoruba, has
 63 texts, so 48 + 24 would not fit). Class order seeded as for offline-text-cil; the model, method
 and training settings are default.py's (all-MiniLM-L6-v2, TreeLoRA), evaluated without task
-identity over every class seen so far.
+identity over every class seen so far. Measured, seed 0: fix (the frozen model, nearest class
+mean) ends at 85.75 average accuracy (the second command).
 
     jaxtree-lora run --config experiments/configs/offline_lang_cil.py
     jaxtree-lora run --config experiments/configs/offline_lang_cil.py --config.method.name=fix
