@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import resource
+import signal
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -455,61 +457,20 @@ class Run:
             f"no readable checkpoint in {checkpoints.directory}: every one is damaged; start again with a new --workdir")
 
     def fit(self, resume: bool = False) -> dict:
+        """Trains and evaluates task after task (from the newest good checkpoint with `resume`).
+        Returns {"matrix", "timings", "state"} (+ "ncm_matrix", "recomputed_prototype_scores" on
+        classification streams)."""
         config = self.config
         os.makedirs(self.workdir, exist_ok=True)
-        checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                                  keep=int(config.train.get("keep_checkpoints", 2)))
-        state = self.initial_state()
-        matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
-        ncm_matrix = np.full((self.num_tasks, self.num_tasks), np.nan)  # rehearsal-free NCM (classification)
-        position = {"task": 0, "epoch": 0, "batch": 0}
-        timings = {"train_seconds": [0.0] * self.num_tasks, "eval_seconds": [0.0] * self.num_tasks,
-                   "tokens": [0.0] * self.num_tasks}
-        fp = fingerprint(config)
-        if resume and checkpoints.latest() is not None:
-            state, loop = self._restore_newest_good(checkpoints, state, fp)
-            position = loop["position"]
-            matrix = np.array([[np.nan if v is None else v for v in row] for row in loop["matrix"]], float)
-            ncm_matrix = np.array([[np.nan if v is None else v for v in row] for row in loop["ncm_matrix"]], float)
-            timings = loop["timings"]
-        base_key = keys.for_purpose(config.seed, "train")  # then task, epoch, batch: keys.train_step_key
-        host_step = int(state.step)  # mirrors state.step on the host, so the loop never waits on the device
-        log_every = max(int(config.train.get("log_every", 10)), 1)
-        checkpoint_every = int(config.train.get("checkpoint_every", 0) or 0)
-        steps_done = 0
-        primary = jax.process_index() == 0  # with several processes, only the first writes logs and results
-        metrics_log = MetricsWriter(os.path.join(self.workdir, "metrics.jsonl") if primary else os.devnull)
-
-        def emit(record):
-            metrics_log.write(record)
-            if self.logger:
-                self.logger(record)
-
-        def save(state, position, wait=False):
-            loop = {"position": position, "fingerprint": fp, "timings": timings,
-                    "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in matrix],
-                    "ncm_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in ncm_matrix],
-                    "state_digest": state_digest(state)}
-            checkpoints.save(host_step, state, loop)
-            if wait:
-                checkpoints.wait()
-
-        preempted = []
-        import signal
-        import threading
-
-        previous_handler = None
-        if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
+        books = _Books(self, resume)
+        state = books.start(self.initial_state())
         try:
-            for task_index in range(position["task"], self.num_tasks):
+            for task_index in range(books.position["task"], self.num_tasks):
                 task = self.stream.tasks[task_index]
                 arrays = split_arrays(task.train, self.kind)
                 num_rows = len(next(iter(arrays.values())))
-                global_batch = self.micro_batch * self.accumulation
-                steps_per_epoch = self.batching.num_batches(num_rows, global_batch)
-                # `fix` (trains is False): no step at all, the pre-trained model is evaluated as loaded.
-                epochs = epochs_for(config, task_index) if self.method.trains else 0
+                steps_per_epoch = self.batching.num_batches(num_rows, self.micro_batch * self.accumulation)
+                position = books.position
                 resumed_here = task_index == position["task"] and (position["epoch"] or position["batch"])
                 if not resumed_here:
                     # Host work first (subspaces from the new task's inputs, ...), then the jitted begin_task.
@@ -517,112 +478,194 @@ class Run:
                         state.trainable, state.method_state, self.task_context(task_index, arrays, steps_per_epoch)))
                     state = state.replace(trainable=trainable, method_state=method_state)
                     state = self.begin_task(state, jnp.asarray(task_index, jnp.int32))
-                start_epoch = position["epoch"] if task_index == position["task"] else 0
-                bar = None
-                if self.progress and primary:
-                    from tqdm.auto import tqdm
-
-                    bar = tqdm(total=epochs * steps_per_epoch, desc=f"task {task_index + 1}/{self.num_tasks}",
-                               initial=start_epoch * steps_per_epoch
-                               + (position["batch"] if task_index == position["task"] else 0),
-                               leave=True, dynamic_ncols=True)
                 task_start = time.perf_counter()
-                for epoch in range(start_epoch, epochs):
-                    start_batch = position["batch"] if (task_index == position["task"]
-                                                        and epoch == position["epoch"]) else 0
-                    if start_batch == 0:
-                        # The method counts micro-steps (the official code's T): optimiser steps x accumulation.
-                        state = self.begin_epoch(state, jnp.asarray(epoch, jnp.int32),
-                                                 jnp.asarray(steps_per_epoch * self.accumulation, jnp.int32))
-                    pending = []
-                    window_start = time.perf_counter()
-                    batches = self.batching.batches(arrays, global_batch, seed=int(config.seed), task=task_index,
-                                                    epoch=epoch, shuffle=True, start=start_batch,
-                                                    take=self.local_rows)
-                    for batch_index, batch in enumerate(batches, start=start_batch):
-                        batch = mesh_lib.global_batch(batch, self.batch_sharding, self.accumulation, self.micro_batch)
-                        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
-                            base_key, task_index), epoch), batch_index)
-                        state, metrics = self.train_step(state, self.frozen, self.consts, batch, key)
-                        kill_point("step")
-                        pending.append(metrics)
-                        steps_done += 1
-                        host_step += 1
-                        last = batch_index + 1 == steps_per_epoch
-                        if len(pending) >= log_every or last:
-                            fetched = jax.device_get(pending)
-                            elapsed = time.perf_counter() - window_start
-                            tokens = float(sum(m["tokens"] for m in fetched))
-                            loss = float(fetched[-1]["loss"])
-                            if not np.isfinite(loss):
-                                raise NonFiniteLoss(
-                                    f"loss became {loss} at task {task_index}, epoch {epoch}, batch {batch_index} "
-                                    f"(global step {host_step}): lower optimizer.learning_rate or set "
-                                    f"optimizer.clip_norm; the last good checkpoint is kept")
-                            timings["tokens"][task_index] += tokens
-                            record = {"type": "step", "task": task_index, "epoch": epoch, "batch": batch_index,
-                                      "step": host_step, "loss": loss,
-                                      "accuracy": float(fetched[-1]["accuracy"]),
-                                      "grad_norm": float(fetched[-1]["grad_norm"]),
-                                      "tokens_per_second": tokens / max(elapsed, 1e-9)}
-                            emit(record)
-                            if bar is not None:
-                                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}",
-                                                tok_s=f"{record['tokens_per_second']:.0f}")
-                                bar.update(len(pending))
-                            pending = []
-                            window_start = time.perf_counter()
-                        after = ({"task": task_index, "epoch": epoch + 1, "batch": 0} if last else
-                                 {"task": task_index, "epoch": epoch, "batch": batch_index + 1})
-                        if preempted:
-                            save(state, after, wait=True)
-                            raise Preempted(f"SIGTERM: saved a checkpoint at step {host_step} (task "
-                                            f"{task_index}, epoch {epoch}, batch {batch_index + 1}); continue with "
-                                            f"--resume and the same --workdir")
-                        if checkpoint_every and host_step % checkpoint_every == 0:
-                            save(state, after)
-                        if self.stop_after_steps is not None and steps_done >= self.stop_after_steps:
-                            checkpoints.wait()
-                            raise StopRequested(f"stopped after {steps_done} steps (test hook)")
+                state = self._train_task(state, task_index, arrays, steps_per_epoch, books)
                 jax.block_until_ready(state)
-                timings["train_seconds"][task_index] += time.perf_counter() - task_start
-                if bar is not None:
-                    bar.close()
-                # End of task: host work, then evaluation of every task seen so far.
-                context = self.task_context(task_index, arrays, steps_per_epoch)
-                trainable, method_state = self._on_mesh(self.method.end_task(state.trainable, state.method_state,
-                                                                             context))
-                state = state.replace(trainable=trainable, method_state=method_state)
-                if self.kind == "classification":
-                    state = self.evaluator.update_prototypes(state, task_index)
-                eval_start = time.perf_counter()
-                identity = []
-                for seen in range(task_index + 1):
-                    scores = self.evaluator.evaluate(state, seen, task_index,
-                                                     keys.generation_key(config.seed, task_index, seen))
-                    matrix[seen, task_index] = scores["score"]
-                    ncm_matrix[seen, task_index] = scores.get("ncm", np.nan)
-                    identity.append(scores.get("identity"))
-                timings["eval_seconds"][task_index] = time.perf_counter() - eval_start
-                emit({"type": "task", "task": task_index, "name": task.name,
-                      "scores": [float(matrix[i, task_index]) for i in range(task_index + 1)],
-                      **({"ncm_scores": [float(ncm_matrix[i, task_index]) for i in range(task_index + 1)]}
-                         if self.kind == "classification" else {}),
-                      "train_seconds": timings["train_seconds"][task_index],
-                      "eval_seconds": timings["eval_seconds"][task_index],
-                      **({"task_identity_accuracy": identity} if self.infer_identity else {})})
-                position = {"task": task_index + 1, "epoch": 0, "batch": 0}
-                save(state, position, wait=True)
+                books.timings["train_seconds"][task_index] += time.perf_counter() - task_start
+                state = self._end_task(state, task_index, arrays, steps_per_epoch, books)
+                books.position = {"task": task_index + 1, "epoch": 0, "batch": 0}
+                books.save(state, books.position, wait=True)
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
-            metrics_log.close()
-            checkpoints.close()
+            books.close()
         self.final_state = state
-        outcome = {"matrix": matrix, "timings": timings, "state": state}
+        outcome = {"matrix": books.matrix, "timings": books.timings, "state": state}
         if self.kind == "classification":
-            outcome["ncm_matrix"] = ncm_matrix
+            outcome["ncm_matrix"] = books.ncm_matrix
             if bool(config.eval.get("recomputed_prototypes", True)):
                 # Diagnostic, not rehearsal-free: every class's prototype from the final model.
                 outcome["recomputed_prototype_scores"] = self.evaluator.recomputed_prototype_scores(state)
         return outcome
+
+    def _train_task(self, state, task_index: int, arrays: dict, steps_per_epoch: int, books: "_Books"):
+        """The task's epochs from the books' position (`fix`, which trains nothing, takes no step)."""
+        position = books.position
+        epochs = epochs_for(self.config, task_index) if self.method.trains else 0
+        start_epoch = position["epoch"] if task_index == position["task"] else 0
+        bar = None
+        if self.progress and books.primary:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=epochs * steps_per_epoch, desc=f"task {task_index + 1}/{self.num_tasks}",
+                       initial=start_epoch * steps_per_epoch + (position["batch"] if task_index == position["task"] else 0),
+                       leave=True, dynamic_ncols=True)
+        for epoch in range(start_epoch, epochs):
+            start_batch = position["batch"] if (task_index == position["task"] and epoch == position["epoch"]) else 0
+            if start_batch == 0:
+                # The method counts micro-steps (the official code's T): optimiser steps x accumulation.
+                state = self.begin_epoch(state, jnp.asarray(epoch, jnp.int32),
+                                         jnp.asarray(steps_per_epoch * self.accumulation, jnp.int32))
+            state = self._train_epoch(state, task_index, epoch, start_batch, arrays, steps_per_epoch, books, bar)
+        if bar is not None:
+            bar.close()
+        return state
+
+    def _train_epoch(self, state, task_index: int, epoch: int, start_batch: int, arrays: dict, steps_per_epoch: int,
+                     books: "_Books", bar):
+        """One epoch of jitted steps. The host fetches metrics only every `log_every` steps and writes
+        checkpoints when asked; a SIGTERM saves the position and stops."""
+        seed = int(self.config.seed)
+        pending = []
+        window_start = time.perf_counter()
+        batches = self.batching.batches(arrays, self.micro_batch * self.accumulation, seed=seed, task=task_index,
+                                        epoch=epoch, shuffle=True, start=start_batch, take=self.local_rows)
+        for batch_index, batch in enumerate(batches, start=start_batch):
+            batch = mesh_lib.global_batch(batch, self.batch_sharding, self.accumulation, self.micro_batch)
+            key = keys.train_step_key(seed, task_index, epoch, batch_index)
+            state, metrics = self.train_step(state, self.frozen, self.consts, batch, key)
+            kill_point("step")
+            pending.append(metrics)
+            books.steps_done += 1
+            books.host_step += 1
+            last = batch_index + 1 == steps_per_epoch
+            if len(pending) >= books.log_every or last:
+                record = books.log_steps(jax.device_get(pending), time.perf_counter() - window_start,
+                                         task_index, epoch, batch_index)
+                if bar is not None:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.3f}",
+                                    tok_s=f"{record['tokens_per_second']:.0f}")
+                    bar.update(len(pending))
+                pending = []
+                window_start = time.perf_counter()
+            after = ({"task": task_index, "epoch": epoch + 1, "batch": 0} if last else
+                     {"task": task_index, "epoch": epoch, "batch": batch_index + 1})
+            books.after_step(state, after)
+        return state
+
+    def _end_task(self, state, task_index: int, arrays: dict, steps_per_epoch: int, books: "_Books"):
+        """The method's end-of-task host work, the task's prototypes, then one column of the accuracy
+        matrices: every task seen so far scored with the state after this task."""
+        context = self.task_context(task_index, arrays, steps_per_epoch)
+        trainable, method_state = self._on_mesh(self.method.end_task(state.trainable, state.method_state, context))
+        state = state.replace(trainable=trainable, method_state=method_state)
+        if self.kind == "classification":
+            state = self.evaluator.update_prototypes(state, task_index)
+        eval_start = time.perf_counter()
+        identity = []
+        for seen in range(task_index + 1):
+            scores = self.evaluator.evaluate(state, seen, task_index,
+                                             keys.generation_key(self.config.seed, task_index, seen))
+            books.matrix[seen, task_index] = scores["score"]
+            books.ncm_matrix[seen, task_index] = scores.get("ncm", np.nan)
+            identity.append(scores.get("identity"))
+        books.timings["eval_seconds"][task_index] = time.perf_counter() - eval_start
+        column = lambda matrix: [float(matrix[i, task_index]) for i in range(task_index + 1)]
+        books.emit({"type": "task", "task": task_index, "name": self.stream.tasks[task_index].name,
+                    "scores": column(books.matrix),
+                    **({"ncm_scores": column(books.ncm_matrix)} if self.kind == "classification" else {}),
+                    "train_seconds": books.timings["train_seconds"][task_index],
+                    "eval_seconds": books.timings["eval_seconds"][task_index],
+                    **({"task_identity_accuracy": identity} if self.infer_identity else {})})
+        return state
+
+
+def _none_for_nan(matrix) -> list:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
+
+
+def _nan_for_none(rows) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], float)
+
+
+class _Books:
+    """The host-side record of one `fit`: position, accuracy matrices, timings, step counters, the
+    checkpointer and the metrics log. What a checkpoint saves beside the state (`loop`) comes from
+    here, and a resumed run starts from what it read back."""
+
+    def __init__(self, run: Run, resume: bool):
+        config = run.config
+        self.run, self.resume = run, resume
+        self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(run.workdir, "checkpoints"),
+                                                       keep=int(config.train.get("keep_checkpoints", 2)))
+        self.fingerprint = fingerprint(config)
+        self.matrix = np.full((run.num_tasks, run.num_tasks), np.nan)
+        self.ncm_matrix = np.full((run.num_tasks, run.num_tasks), np.nan)  # rehearsal-free NCM (classification)
+        self.position = {"task": 0, "epoch": 0, "batch": 0}
+        self.timings = {"train_seconds": [0.0] * run.num_tasks, "eval_seconds": [0.0] * run.num_tasks,
+                        "tokens": [0.0] * run.num_tasks}
+        self.log_every = max(int(config.train.get("log_every", 10)), 1)
+        self.checkpoint_every = int(config.train.get("checkpoint_every", 0) or 0)
+        self.host_step = 0  # mirrors state.step on the host, so the loop never waits on the device
+        self.steps_done = 0  # steps taken by this call (the test hook stop_after_steps counts them)
+        self.primary = jax.process_index() == 0  # with several processes, only the first writes logs and results
+        self.metrics_log = MetricsWriter(os.path.join(run.workdir, "metrics.jsonl") if self.primary else os.devnull)
+        self.preempted: list = []
+        self._previous_handler = None
+
+    def start(self, state):
+        """The state to start from: `state` (fresh), or the newest good checkpoint with `resume`. Installs
+        the SIGTERM handler (a pre-emption saves the position at the next step)."""
+        if self.resume and self.checkpoints.latest() is not None:
+            state, loop = self.run._restore_newest_good(self.checkpoints, state, self.fingerprint)
+            self.position = loop["position"]
+            self.matrix, self.ncm_matrix = _nan_for_none(loop["matrix"]), _nan_for_none(loop["ncm_matrix"])
+            self.timings = loop["timings"]
+        self.host_step = int(state.step)
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: self.preempted.append(signum))
+        return state
+
+    def emit(self, record: dict) -> None:
+        self.metrics_log.write(record)
+        if self.run.logger:
+            self.run.logger(record)
+
+    def save(self, state, position: dict, wait: bool = False) -> None:
+        loop = {"position": position, "fingerprint": self.fingerprint, "timings": self.timings,
+                "matrix": _none_for_nan(self.matrix), "ncm_matrix": _none_for_nan(self.ncm_matrix),
+                "state_digest": state_digest(state)}
+        self.checkpoints.save(self.host_step, state, loop)
+        if wait:
+            self.checkpoints.wait()
+
+    def log_steps(self, fetched: list, elapsed: float, task_index: int, epoch: int, batch_index: int) -> dict:
+        """One step record from the metrics of the steps since the last one (fetched from the device)."""
+        tokens = float(sum(m["tokens"] for m in fetched))
+        loss = float(fetched[-1]["loss"])
+        if not np.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss} at task {task_index}, epoch {epoch}, batch {batch_index} "
+                                f"(global step {self.host_step}): lower optimizer.learning_rate or set "
+                                f"optimizer.clip_norm; the last good checkpoint is kept")
+        self.timings["tokens"][task_index] += tokens
+        record = {"type": "step", "task": task_index, "epoch": epoch, "batch": batch_index, "step": self.host_step,
+                  "loss": loss, "accuracy": float(fetched[-1]["accuracy"]),
+                  "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_second": tokens / max(elapsed, 1e-9)}
+        self.emit(record)
+        return record
+
+    def after_step(self, state, after: dict) -> None:
+        """Checkpoints after a step: on SIGTERM (then stop), every `checkpoint_every` steps; the test hook."""
+        if self.preempted:
+            self.save(state, after, wait=True)
+            raise Preempted(f"SIGTERM: saved a checkpoint at step {self.host_step} (task {after['task']}, epoch "
+                            f"{after['epoch']}, batch {after['batch']}); continue with --resume and the same --workdir")
+        if self.checkpoint_every and self.host_step % self.checkpoint_every == 0:
+            self.save(state, after)
+        if self.run.stop_after_steps is not None and self.steps_done >= self.run.stop_after_steps:
+            self.checkpoints.wait()
+            raise StopRequested(f"stopped after {self.steps_done} steps (test hook)")
+
+    def close(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+        self.metrics_log.close()
+        self.checkpoints.close()
