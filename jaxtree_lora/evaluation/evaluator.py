@@ -91,7 +91,9 @@ class Evaluator:
                     given_task=None):
         """[2, B] predicted global classes: row 0 under the method's protocol, row 1 by the rehearsal-free
         nearest class mean, among the classes seen up to task `seen_upto`. `example_tasks` [B] (inferred
-        identity): each example scored with its task's slot, among that task's classes. `given_task` (the
+        identity): each example scored with its task's slot; among that task's classes where the identity
+        stands in for a given one, among every seen class where the method infers it itself (HiDe-LoRA's
+        TII: the slot is chosen by the identity head, the aligned head scores every seen class). `given_task` (the
         identity is given): only that task's classes compete, as a method told the task knows its label
         space."""
         protocol = self.protocol
@@ -121,7 +123,8 @@ class Evaluator:
             logits = jnp.sum(jnp.where(consts["task_classes"][:, None, None, :], per_slot(), 0.0), axis=0)
         else:
             logits = both_logits(method_state)
-        if example_tasks is not None:  # a task inferred per example: its classes compete, as for a given one
+        if example_tasks is not None and not self.own_identity:
+            # A task inferred for a method whose protocol is told it (LiLoRA): its classes compete, as for a given one.
             allowed = consts["task_classes"][example_tasks][None, :, :]
         elif given_task is not None:
             allowed = consts["task_classes"][given_task][None, None, :]
