@@ -168,6 +168,7 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
         protocol=run_protocol(run),
         ncm_matrix=outcome.get("ncm_matrix"),
         recomputed_prototype_scores=outcome.get("recomputed_prototype_scores"),
+        task_identity=outcome.get("task_identity_accuracy"),
     )
     if not primary:
         return results

@@ -163,6 +163,7 @@ def test_one_compiled_step_for_all_tasks_and_identity_accuracy_recorded(method, 
     identity = [r["task_identity_accuracy"] for r in records if r["type"] == "task"]
     assert [len(row) for row in identity] == [1, 2, 3], "the TII accuracy of every seen task, after every task"
     assert identity[0] == [100.0], "with one task every example is routed to it"
+    assert outcome["task_identity_accuracy"] == identity[-1], "results.json takes the TII accuracy after the last task"
 
 
 def test_per_example_slots_equal_the_slot_of_each_example_run_alone():

@@ -71,7 +71,8 @@ def build_results(*, matrix, task_names: Sequence[str], method: str, method_conf
                   backbone_parameters: int, peak_memory_mb: Optional[float], stream: str,
                   reference: Optional[Sequence[float]] = None, seed: Optional[int] = None,
                   protocol: Optional[Mapping] = None, ncm_matrix=None,
-                  recomputed_prototype_scores: Optional[Sequence[float]] = None) -> dict:
+                  recomputed_prototype_scores: Optional[Sequence[float]] = None,
+                  task_identity: Optional[Sequence[float]] = None) -> dict:
     """The results dict (JSON-ready) of one continual run.
 
     Args:
@@ -86,6 +87,8 @@ def build_results(*, matrix, task_names: Sequence[str], method: str, method_conf
       ncm_matrix: the same matrix scored by the rehearsal-free nearest class mean (classification).
       recomputed_prototype_scores: per task, after the last task, nearest class mean with every
         prototype recomputed by the final model (a diagnostic that is not rehearsal-free).
+      task_identity: per task, after the last task, the share (0-100) of its test examples whose task
+        was inferred right (methods that infer it: HiDe-LoRA's TII, `eval.task_identity=inferred`).
     """
     matrix = continual.as_matrix(matrix)
     if len(task_names) != matrix.shape[0]:
@@ -112,6 +115,8 @@ def build_results(*, matrix, task_names: Sequence[str], method: str, method_conf
             "scores": list(recomputed_prototype_scores),
             "average_accuracy": float(np.mean(recomputed_prototype_scores)),
             "rehearsal_free": False},
+        "task_identity": None if task_identity is None else {
+            "final": [float(v) for v in task_identity], "average": float(np.mean(task_identity))},
         "reference_scores": reference,
         "time": {"wall_seconds": wall_seconds, "train_seconds": total_train,
                  "eval_seconds": float(sum(eval_seconds)),

@@ -23,6 +23,7 @@ SEED_METRICS = (
     ("avg inc acc", ("metrics", "average_incremental_accuracy"), 2),
     ("NCM avg acc", ("ncm", "metrics", "average_accuracy"), 2),
     ("recomputed NCM (diag.)", ("recomputed_prototypes", "average_accuracy"), 2),
+    ("TII acc", ("task_identity", "average"), 2),
     ("BWT (TRACE)", ("metrics", "bwt_trace"), 2),
     ("forgetting", ("metrics", "forgetting"), 2),
     ("train time (s)", ("time", "train_seconds"), 0),

@@ -489,6 +489,8 @@ class Run:
             books.close()
         self.final_state = state
         outcome = {"matrix": books.matrix, "timings": books.timings, "state": state}
+        if books.identity is not None:
+            outcome["task_identity_accuracy"] = books.identity  # after the last task, per task
         if self.kind == "classification":
             outcome["ncm_matrix"] = books.ncm_matrix
             if bool(config.eval.get("recomputed_prototypes", True)):
@@ -567,6 +569,8 @@ class Run:
             books.matrix[seen, task_index] = scores["score"]
             books.ncm_matrix[seen, task_index] = scores.get("ncm", np.nan)
             identity.append(scores.get("identity"))
+        if self.infer_identity:
+            books.identity = identity
         books.timings["eval_seconds"][task_index] = time.perf_counter() - eval_start
         column = lambda matrix: [float(matrix[i, task_index]) for i in range(task_index + 1)]
         books.emit({"type": "task", "task": task_index, "name": self.stream.tasks[task_index].name,
@@ -609,6 +613,7 @@ class _Books:
         self.primary = jax.process_index() == 0  # with several processes, only the first writes logs and results
         self.metrics_log = MetricsWriter(os.path.join(run.workdir, "metrics.jsonl") if self.primary else os.devnull)
         self.preempted: list = []
+        self.identity: Optional[list] = None  # task-identity accuracy per task after the latest task evaluated
         self._previous_handler = None
 
     def start(self, state):
