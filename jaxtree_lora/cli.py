@@ -192,15 +192,16 @@ def run_protocol(run) -> dict:
 
     method = run.method
     lora = dataclasses.asdict(method.lora) if method.trains and hasattr(method, "lora") else None
+    rate = run.learning_rate if method.trains else None
     if run.kind != "classification":
         inference = "generation (greedy)" if float(run.config.eval.get("temperature", 0.0)) == 0 else "generation"
-        return {"lora": lora, "inference": inference,
+        return {"lora": lora, "learning_rate": rate, "inference": inference,
                 "task_identity": "given" if method.task_identity_at_inference and not run.infer_identity else
                 ("inferred" if run.infer_identity else "free")}
     rule = ("per-task features" if method.per_task_inference else
             "inferred task's slot" if run.infer_identity else
             "given task's slot" if method.task_identity_at_inference else "final adapters")
-    return {"lora": lora, "head": None if not method.trains else run.protocol["head"],
+    return {"lora": lora, "learning_rate": rate, "head": None if not method.trains else run.protocol["head"],
             "classifier": run.protocol["classifier"], "inference": rule,
             "task_identity": "given" if method.task_identity_at_inference and not run.infer_identity else
             ("inferred" if run.infer_identity else "free")}
@@ -211,6 +212,8 @@ def describe_protocol(protocol: dict) -> str:
     lora = protocol.get("lora")
     parts = ["no adapter (nothing trained)" if lora is None else
              f"LoRA r {lora['rank']} alpha {lora['alpha']} on {', '.join(lora['targets'])} (dropout {lora['dropout']})"]
+    if protocol.get("learning_rate"):
+        parts.append(f"lr {protocol['learning_rate']:.3g}")
     for key in ("head", "classifier", "inference", "task_identity"):
         if protocol.get(key):
             parts.append(f"{key.replace('_', ' ')} {protocol[key]}")

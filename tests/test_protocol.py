@@ -129,3 +129,32 @@ def test_results_record_the_protocol_used(tmp_path):
     assert (protocol["head"], protocol["classifier"], protocol["task_identity"]) == ("linear", "head", "free")
     line = cli.describe_protocol(protocol)
     assert "LoRA r 10" in line and "on k, v" in line and "head linear" in line
+
+
+def test_learning_rate_is_the_methods_own_unless_the_config_sets_one():
+    """HiDe-LoRA (and TreeLoRA in its form) trains at its script's rate, 0.03 x batch / 256; a method without
+    its own takes the official TreeLoRA 1e-4; a rate the user sets applies to every method."""
+    from jaxtree_lora.methods.treelora_hide import TreeHiDeLoRA
+    from jaxtree_lora.train.loop import learning_rate_for
+
+    config = config_for("hide_lora")
+    config.train.batch_size = 24
+    assert learning_rate_for(config, build_method(config, 5)) == pytest.approx(0.03 * 24 / 256)
+    assert learning_rate_for(config, TreeHiDeLoRA()) == pytest.approx(0.03 * 24 / 256), "TreeLoRA's HiDe form"
+    for method in ("seqlora", "treelora", "inflora"):
+        config.method.name = method
+        assert learning_rate_for(config, build_method(config, 5)) == 1e-4, method
+    config.optimizer.learning_rate = 5e-4
+    config.method.name = "hide_lora"
+    assert learning_rate_for(config, build_method(config, 5)) == 5e-4, "the user's rate wins"
+
+
+def test_the_run_prints_and_records_its_learning_rate(tmp_path):
+    from jaxtree_lora import cli
+
+    config = tiny_config("seqlora", epochs=1)
+    config.optimizer.learning_rate = None
+    run = make_run(config, tmp_path / "run")
+    protocol = cli.run_protocol(run)
+    assert protocol["learning_rate"] == 1e-4 and "lr 0.0001" in cli.describe_protocol(protocol)
+    assert cli.run_protocol(make_run(tiny_config("fix"), tmp_path / "fix"))["learning_rate"] is None, "fix trains nothing"

@@ -137,6 +137,11 @@ class Method:
     infer_task = None
     # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
     trains: bool = True
+
+    def default_learning_rate(self, batch_size: int) -> Optional[float]:
+        """The learning rate of the method's own protocol at this global batch size, used when the config
+        leaves `optimizer.learning_rate` unset; None: the library default (1e-4, the official TreeLoRA rate)."""
+        return None
     lora: lora_lib.LoraSpec
 
     # -- set-up -------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ Where this departs from the official code (each a choice for a continual library
 - the TII head is trained inside the run, after each task, on pre-computed pre-trained features (the
   official code trains it in a separate run, `--train_inference_task_only`, and loads its checkpoint);
   its step schedule (x0.1 every 30 epochs) and clipping (1.0) are kept, its label smoothing is not;
-- the WTP optimiser is the run's (`config.optimizer`) and is not re-initialised per task;
+- the WTP optimiser is the run's (`config.optimizer`: Adam, not re-initialised per task) at HiDe's own
+  learning rate unless the config sets one: 0.03 x batch / 256 (the script's `--lr 0.03` as the code
+  scales it); its per-task cosine schedule is not kept (the run's schedule applies);
 - TAP iterations per epoch are the official `crct_num` (the classes of tasks before the current one)
   batches of `tap_samples_per_class` samples each, drawn from every seen class's Gaussian (so, as in
   the official code, not every drawn sample is used in an epoch);
@@ -292,6 +294,10 @@ class HiDeLoRA(IncLoRA):
             raise ConfigError(f"hide_lora lora_momentum must be in [0, 1], got {self.lora_momentum}")
         if self.temperature <= 0 or self.reg < 0:
             raise ConfigError(f"hide_lora needs temperature > 0 and reg >= 0, got {self.temperature}, {self.reg}")
+
+    def default_learning_rate(self, batch_size: int) -> float:
+        """The script's `--lr 0.03`, scaled as the code scales it: lr x global batch / 256."""
+        return 0.03 * batch_size / 256.0
 
     # -- set-up -------------------------------------------------------------------------------
     def init(self, key, model: ModelInfo, stream: StreamInfo):

@@ -42,13 +42,19 @@ class TrainState:
     prototypes: jax.Array = None
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """Adam(W) with global-norm clipping and a constant or cosine learning rate.
+DEFAULT_LEARNING_RATE = 1e-4  # the official TreeLoRA rate: a method without its own takes it
+
+
+def make_optimizer(config, learning_rate: Optional[float] = None) -> optax.GradientTransformation:
+    """Adam(W) with global-norm clipping and a constant or cosine learning rate: `learning_rate` (the
+    method's resolved rate, `train.loop.learning_rate_for`), else `optimizer.learning_rate`, else 1e-4.
 
     Official TreeLoRA: Adam(0.9, 0.95), weight decay 0, constant lr 1e-4, clip 1.0.
     """
     opt = config.optimizer
-    lr = float(opt.learning_rate)
+    if learning_rate is None:
+        learning_rate = opt.get("learning_rate")
+    lr = float(DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate)
     if not lr > 0 or lr == float("inf"):
         raise ConfigError(f"optimizer.learning_rate must be a finite number > 0, got {lr}")
     schedule = lr
