@@ -46,6 +46,9 @@ def test_configs_carry_the_papers_settings():
     assert (cifar.data.dataset, cifar.data.num_tasks) == ("cifar100", 10)
     assert (cifar.method.treelora.lam, cifar.method.treelora.tree_depth) == (0.1, 5), "TreeLoRA's ViT setting"
     assert (cifar.optimizer.learning_rate, cifar.train.batch_size, cifar.train.epochs) == (0.005, 192, 20)
+    assert cifar.method.treelora.form == "hide" and cifar.lora.targets is None, \
+        "the paper's ViT method: TreeLoRA in HiDe's decomposition, with HiDe's own slots"
+    assert vit_b16_imagenet_r.get_config("10").train.epochs == vit_b16_cub200.get_config().train.epochs == 50
     for tasks in ("10", "20"):
         imr = vit_b16_imagenet_r.get_config(tasks)
         assert (imr.data.dataset, imr.data.num_tasks) == ("imagenet_r", int(tasks))
