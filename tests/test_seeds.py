@@ -9,8 +9,8 @@ from jaxtree_lora import cli
 from jaxtree_lora.reporting import seeds as seeds_lib
 
 
-def results(method, seed, accuracy, ncm=None):
-    return {"method": method, "seed": seed,
+def results(method, seed, accuracy, ncm=None, identity="free"):
+    return {"method": method, "seed": seed, "protocol": {"task_identity": identity},
             "metrics": {"average_accuracy": accuracy, "average_incremental_accuracy": accuracy + 10,
                         "bwt_trace": -1.0, "forgetting": 2.0},
             "ncm": None if ncm is None else {"metrics": {"average_accuracy": ncm}},
@@ -39,7 +39,17 @@ def test_marks_against_fix_and_seqlora():
     assert "61.00 ± 1.00" in row and row.split()[-2:] == ["+", "+"]
     assert "nothing useful learned on this stream): seqlora, noisy" in table, "the table says who does not beat fix"
     markdown = seeds_lib.format_seed_table(aggregated, markdown=True)
-    assert "| fix | 56.00 ± 1.00 |" in markdown
+    assert "| fix | free | 56.00 ± 1.00 |" in markdown
+
+
+def test_rows_scored_with_the_task_given_are_named_as_not_comparable():
+    aggregated = seeds_lib.aggregate({
+        "fix": [results("fix", s, a) for s, a in enumerate([55.0, 56.0, 57.0])],
+        "lilora": [results("lilora", s, a, identity="given") for s, a in enumerate([94.0, 95.0, 96.0])],
+    })
+    table = seeds_lib.format_seed_table(aggregated)
+    assert next(line for line in table.splitlines() if line.startswith("lilora")).split()[1] == "given"
+    assert "not comparable with the identity-free rows): lilora" in table
 
 
 def test_seed_bars_plot(tmp_path):

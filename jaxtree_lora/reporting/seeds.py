@@ -45,7 +45,9 @@ def aggregate(per_method: Mapping[str, Sequence[Mapping]]) -> dict:
     out = {}
     for method, runs in per_method.items():
         reasons = [r.get("not_applicable") for r in runs if r.get("not_applicable")]
-        entry = {"seeds": [r.get("seed") for r in runs], "not_applicable": reasons[0] if reasons else None}
+        identities = {(r.get("protocol") or {}).get("task_identity") for r in runs} - {None}
+        entry = {"seeds": [r.get("seed") for r in runs], "not_applicable": reasons[0] if reasons else None,
+                 "task_identity": "/".join(sorted(identities)) or None}
         for column, path, _ in SEED_METRICS:
             mean, std, values = mean_std([_lookup(r, path) for r in runs])
             entry[column] = {"mean": mean, "std": std, "values": values}
@@ -76,8 +78,11 @@ def _cell(stats: Mapping, digits: int) -> str:
 
 def format_seed_table(aggregated: Mapping[str, Mapping], markdown: bool = False) -> str:
     """mean ± std per metric, and columns `vs fix` / `vs seqlora` ('+', '-', '=': beyond or within the
-    spread of avg acc), with a legend under the table and the methods that do not beat `fix` named."""
-    header = ["method"] + [column for column, _, _ in SEED_METRICS] + [f"vs {r}" for r in REFERENCES]
+    spread of avg acc), with a legend under the table and the methods that do not beat `fix` named. The
+    `task identity` column is each method's test-time rule (free, inferred, given); rows scored with
+    the identity given are named in the legend as not comparable with the others."""
+    header = (["method", "task identity"] + [column for column, _, _ in SEED_METRICS]
+              + [f"vs {r}" for r in REFERENCES])
     rows, notes = [], []
     for method, entry in aggregated.items():
         if entry.get("not_applicable"):
@@ -89,7 +94,7 @@ def format_seed_table(aggregated: Mapping[str, Mapping], markdown: bool = False)
             mark = None if reference == method or reference not in aggregated else \
                 differs(entry, aggregated[reference])
             cells.append(mark or "")
-        rows.append([method] + cells)
+        rows.append([method, entry.get("task_identity") or "-"] + cells)
     table = render(header, rows, markdown=markdown)
     seeds = sorted({s for e in aggregated.values() for s in e.get("seeds", []) if s is not None})
     legend = [f"mean ± sample std over seeds {', '.join(map(str, seeds))}; vs fix / vs seqlora: '+' above, '-' below "
@@ -100,6 +105,10 @@ def format_seed_table(aggregated: Mapping[str, Mapping], markdown: bool = False)
         if behind:
             legend.append(f"not above fix by more than the spread (nothing useful learned on this stream): "
                           f"{', '.join(behind)}")
+    given = [m for m, e in aggregated.items() if e.get("task_identity") == "given"]
+    if given:
+        legend.append(f"task identity given at test time (each task scored with its own slot, only its classes "
+                      f"competing: task-incremental, not comparable with the identity-free rows): {', '.join(given)}")
     lines = legend + notes
     if markdown:
         return table + "\n\n" + "\n".join(f"- {_escape_markdown(line)}" for line in lines)
