@@ -154,6 +154,10 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     other.lora.rank = 3
     with pytest.raises(CheckpointMismatch, match="different config"):
         make_run(other, tmp_path / "run").fit(resume=True)
+    faster = tiny_config("seqlora")
+    faster.optimizer.learning_rate = 0.5
+    with pytest.raises(CheckpointMismatch, match="different config"):
+        make_run(faster, tmp_path / "run").fit(resume=True)
 
 
 def test_lora_targets_that_match_nothing_name_the_sites(tmp_path):

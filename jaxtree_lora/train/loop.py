@@ -184,8 +184,9 @@ def epochs_for(config, task: int) -> int:
 
 
 def fingerprint(config) -> str:
-    """What must match for a checkpoint to be resumed: model, method, LoRA, data, training, seed."""
-    relevant = {k: config.to_dict().get(k) for k in ("model", "method", "lora", "data", "train", "seed")}
+    """What must match for a checkpoint to be resumed: model, method, LoRA, data, training, optimiser
+    (a resumed run at another learning rate would be neither run), seed."""
+    relevant = {k: config.to_dict().get(k) for k in ("model", "method", "lora", "data", "train", "optimizer", "seed")}
     relevant["train"] = {k: v for k, v in (relevant["train"] or {}).items()
                          if k not in ("log_every", "checkpoint_every")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -452,7 +453,7 @@ class Run:
             if loop.get("fingerprint") != fp:
                 raise checkpoint_lib.CheckpointMismatch(
                     f"the checkpoint in {checkpoints.directory} was written by a different config "
-                    f"(model, method, data or training changed): use a new --workdir or the original config")
+                    f"(model, method, LoRA, data, training or optimiser changed): use a new --workdir or the original config")
             try:
                 restored, loop, _ = checkpoints.restore(checkpoint_lib.abstract(state), step)
             except Exception as error:
