@@ -79,6 +79,33 @@ def test_gaussian_replay_aligns_a_head_whose_tasks_were_trained_apart():
     aligned = hide.align(head, means, factor, stored, jnp.int32(4), jax.random.PRNGKey(1), apply=hide.linear_head,
                          statistics="covariance", epochs=30, samples=32, learning_rate=0.05)
     assert accuracy(aligned) > 0.95, f"alignment on Gaussian samples must balance the tasks: {accuracy(aligned)}"
+    # multi-centroid: each class as two clusters (the class mean +- a shift), diagonal deviations.
+    shift = 0.3 * jnp.roll(jnp.eye(classes, dim), 1, axis=1)
+    centroids = jnp.stack([means - shift, means + shift], axis=1)  # [C, 2, d]
+    deviation = jnp.full((classes, 2, dim), 0.2)
+    valid = jnp.ones((classes, 2), bool).at[0, 1].set(False)  # a cluster the code skips (zero variance)
+    aligned = hide.align(head, centroids, deviation, stored, jnp.int32(4), jax.random.PRNGKey(1),
+                         apply=hide.linear_head, statistics="multi-centroid", epochs=30, samples=16, learning_rate=0.05,
+                         valid=valid)
+    assert accuracy(aligned) > 0.95, f"multi-centroid alignment must balance the tasks too: {accuracy(aligned)}"
+
+
+def test_multi_centroid_statistics_find_the_clusters_of_a_class():
+    """A class made of two tight blobs: KMeans with 2 centroids recovers each blob's mean and (ddof 0)
+    deviation + ridge; a class with one example has a zero-variance cluster, which is not drawn from."""
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([rng.normal(0.0, 0.1, (10, 3)) + [5.0, 0.0, 0.0], rng.normal(0.0, 0.1, (10, 3)) - [5.0, 0.0, 0.0]])
+    x = np.concatenate([blobs, [[1.0, 2.0, 3.0]]])
+    labels = np.array([2] * 20 + [6])
+    stats = hide.centroid_statistics([(x, labels, np.ones(21))], [2, 6], 2, np.random.default_rng(1))
+    mean, (centres, deviations, valid) = stats[2]
+    np.testing.assert_allclose(mean, blobs.mean(0))
+    order = np.argsort(centres[:, 0])
+    np.testing.assert_allclose(centres[order], [blobs[10:].mean(0), blobs[:10].mean(0)])
+    np.testing.assert_allclose(deviations[order], np.sqrt([blobs[10:].var(0) + 1e-4, blobs[:10].var(0) + 1e-4]))
+    assert valid.all()
+    _, (_, _, single) = stats[6]
+    assert not single.any(), "one example: zero variance, skipped as the code skips it"
 
 
 def fake_context(task, features, labels, size=8):
@@ -152,9 +179,13 @@ def test_treelora_in_hide_form_penalises_the_current_slot_only():
     np.testing.assert_array_equal(after["counts"][0], [1.0, 1.0]), "the bandit counts each block's selection"
 
 
-@pytest.mark.parametrize("method", ["hide_lora", "treelora"])
-def test_one_compiled_step_for_all_tasks_and_identity_accuracy_recorded(method, tmp_path):
-    run = make_run(hide_config(method), tmp_path / "run")
+@pytest.mark.parametrize("method,statistics", [("hide_lora", "covariance"), ("treelora", "covariance"),
+                                               ("hide_lora", "multi-centroid")])
+def test_one_compiled_step_for_all_tasks_and_identity_accuracy_recorded(method, statistics, tmp_path):
+    config = hide_config(method)
+    config.method.hide_lora.statistics = statistics
+    config.method.hide_lora.centroids = 3
+    run = make_run(config, tmp_path / "run")
     assert run.method.name == method and type(run.method).__name__ in ("HiDeLoRA", "TreeHiDeLoRA")
     outcome = run.fit()
     assert run.train_step._cache_size() == 1, "a new task compiled the train step again"
@@ -164,6 +195,12 @@ def test_one_compiled_step_for_all_tasks_and_identity_accuracy_recorded(method, 
     assert [len(row) for row in identity] == [1, 2, 3], "the TII accuracy of every seen task, after every task"
     assert identity[0] == [100.0], "with one task every example is routed to it"
     assert outcome["task_identity_accuracy"] == identity[-1], "results.json takes the TII accuracy after the last task"
+    if statistics == "multi-centroid":
+        method_state = outcome["state"].method_state
+        learned = np.asarray(method_state["class_task"]) >= 0
+        for prefix in ("", "identity_"):
+            assert np.asarray(method_state[f"{prefix}centroid_valid"]).any(axis=1)[learned].all(), \
+                f"every learned class has {prefix or 'TAP '}centroids to draw from"
 
 
 def test_per_example_slots_equal_the_slot_of_each_example_run_alone():

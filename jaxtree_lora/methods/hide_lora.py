@@ -32,9 +32,10 @@ Where this departs from the official code (each a choice for a continual library
 - TAP iterations per epoch are the official `crct_num` (the classes of tasks before the current one)
   batches of `tap_samples_per_class` samples each, drawn from every seen class's Gaussian (so, as in
   the official code, not every drawn sample is used in an epoch);
-- `statistics="multi-centroid"` (KMeans per class) is not implemented; "covariance" (the HiDe-LoRA
-  default) and "variance" are. The official TII uses multi-centroid statistics; here it uses
-  `statistics` too.
+- `statistics`: "covariance" (the HiDe-LoRA default), "variance", or "multi-centroid" (KMeans with
+  `centroids` clusters per class, each cluster's mean and diagonal variance + 1e-4; Lloyd's algorithm
+  with k-means++ seeding here, scikit-learn's KMeans there). The official TII run uses multi-centroid
+  statistics; here the TII alignment uses `statistics` too.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from jaxtree_lora.methods.base import MethodNotApplicable, ModelInfo, StreamInfo
 from jaxtree_lora.methods.inclora import IncLoRA
 from jaxtree_lora.train import keys
 
-STATISTICS = ("covariance", "variance")
+STATISTICS = ("covariance", "variance", "multi-centroid")
 NEG = -1e9
 
 
@@ -162,7 +163,7 @@ def sampling_factor(spread, stored, statistics: str):
 
 @functools.partial(jax.jit, static_argnames=("apply", "statistics", "epochs", "samples"))
 def align(params, means, factor, seen, steps, key, *, apply, statistics: str, epochs: int, samples: int,
-          learning_rate: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4):
+          learning_rate: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4, valid=None):
     """HiDe's classifier alignment (`train_task_adaptive_prediction`), one jitted call.
 
     params: the head (`apply(params, features [N, d]) -> [N, C]`); means [C, d] and `sampling_factor`
@@ -170,10 +171,19 @@ def align(params, means, factor, seen, steps, key, *, apply, statistics: str, ep
     score; steps: batches per epoch (the official `crct_num`, a traced integer <= C). Each epoch draws
     `samples` examples per class from N(mu_c, Sigma_c), shuffles the seen classes' samples and trains
     on `steps` batches of `samples` rows: SGD with momentum, weight decay (added to the gradient, as
-    torch), lr cosine-annealed over the epochs (CosineAnnealingLR, stepped per epoch)."""
-    classes, dim = means.shape
-    labels = jnp.repeat(jnp.arange(classes), samples)  # [C * S]
-    valid = jnp.repeat(seen, samples)
+    torch), lr cosine-annealed over the epochs (CosineAnnealingLR, stepped per epoch).
+
+    "multi-centroid": means and factor are [C, K, d] (each centroid's mean and standard deviation) and
+    `valid` [C, K] marks the centroids to draw from; `samples` are drawn per centroid, as the code does."""
+    if statistics == "multi-centroid":
+        classes, centroids, dim = means.shape
+        labels = jnp.repeat(jnp.arange(classes), centroids * samples)  # [C * K * S]
+        valid = jnp.repeat((seen[:, None] & valid).reshape(-1), samples)
+    else:
+        classes, dim = means.shape
+        centroids = 1
+        labels = jnp.repeat(jnp.arange(classes), samples)  # [C * S]
+        valid = jnp.repeat(seen, samples)
 
     def loss_fn(p, x, y):
         return masked_ce(apply(p, x), y, seen, jnp.ones_like(y, jnp.float32))
@@ -184,11 +194,14 @@ def align(params, means, factor, seen, steps, key, *, apply, statistics: str, ep
         noise = jax.random.normal(jax.random.fold_in(epoch_key, 0), (classes, samples, dim), jnp.float32)
         if statistics == "covariance":
             drawn = means[:, None, :] + jnp.einsum("csk,cdk->csd", noise, factor)
-        else:
+        elif statistics == "variance":
             drawn = means[:, None, :] + noise * factor[:, None, :]
-        drawn = drawn.reshape(classes * samples, dim)
+        else:
+            noise = jax.random.normal(jax.random.fold_in(epoch_key, 0), (classes, centroids, samples, dim), jnp.float32)
+            drawn = means[:, :, None, :] + noise * factor[:, :, None, :]
+        drawn = drawn.reshape(classes * centroids * samples, dim)
         # Seen classes' samples first, in random order; the rest (unseen classes) are never reached.
-        order = jnp.argsort(jax.random.uniform(jax.random.fold_in(epoch_key, 1), (classes * samples,))
+        order = jnp.argsort(jax.random.uniform(jax.random.fold_in(epoch_key, 1), (classes * centroids * samples,))
                             + 2.0 * (~valid))
         rate = 0.5 * learning_rate * (1.0 + jnp.cos(math.pi * epoch / epochs))
 
@@ -231,6 +244,70 @@ def class_statistics(batches, classes, statistics: str, ridge: float = 1e-4):
     return out
 
 
+def kmeans(x: np.ndarray, clusters: int, rng: np.random.Generator, iterations: int = 100) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding (scikit-learn's default initialisation), host side.
+    x [N, d] -> cluster index [N] in [0, min(clusters, N))."""
+    count = min(clusters, len(x))
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, count):
+        distance = np.min(((x[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
+        total = distance.sum()
+        centres.append(x[rng.choice(len(x), p=distance / total)] if total > 0 else x[rng.integers(len(x))])
+    centres = np.asarray(centres)
+    assignment = np.zeros(len(x), np.int64)
+    for _ in range(iterations):
+        assignment = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(axis=1)
+        moved = np.array([x[assignment == k].mean(0) if np.any(assignment == k) else centres[k] for k in range(count)])
+        if np.allclose(moved, centres):
+            break
+        centres = moved
+    return assignment
+
+
+def centroid_statistics(batches, classes, centroids: int, rng: np.random.Generator, ridge: float = 1e-4):
+    """Per class of `classes`: (mean [d], (centroid means [K, d], centroid standard deviations [K, d],
+    valid [K])). HiDe's `multi-centroid`: KMeans with K clusters over the class's features, each cluster's
+    mean and variance (ddof 0); a cluster of zero variance (a single example, or none) is not drawn from,
+    as the code skips it; samples are drawn from N(mean, diag(variance) + ridge I)."""
+    rows, names = [], []
+    for features, labels, weight in batches:
+        keep = np.asarray(weight) > 0
+        rows.append(np.asarray(features, np.float64)[keep])
+        names.append(np.asarray(labels)[keep])
+    rows, names = np.concatenate(rows), np.concatenate(names)
+    out = {}
+    for label in classes:
+        x = rows[names == label]
+        if len(x) == 0:
+            raise ValueError(f"class {label} has no training example: its statistics cannot be computed")
+        assignment = kmeans(x, centroids, rng)
+        means = np.zeros((centroids, x.shape[1]))
+        deviations = np.zeros((centroids, x.shape[1]))
+        valid = np.zeros((centroids,), bool)
+        for k in range(centroids):
+            members = x[assignment == k]
+            if len(members) == 0:
+                continue
+            variance = members.var(axis=0)
+            means[k], deviations[k] = members.mean(axis=0), np.sqrt(variance + ridge)
+            valid[k] = variance.mean() > 0
+        out[int(label)] = (x.mean(axis=0), (means, deviations, valid))
+    return out
+
+
+def write_centroids(state: dict, prefix: str, statistics: dict) -> dict:
+    """The centroid statistics written into the state's fixed-shape arrays `{prefix}centroids` [C, K, d],
+    `{prefix}centroid_deviation` [C, K, d] and `{prefix}centroid_valid` [C, K] (host side, new arrays)."""
+    means = np.array(state[f"{prefix}centroids"])
+    deviation = np.array(state[f"{prefix}centroid_deviation"])
+    valid = np.array(state[f"{prefix}centroid_valid"])
+    for label, (_, (centre, spread, ok)) in statistics.items():
+        means[label], deviation[label], valid[label] = centre, spread, ok
+    return {**state, f"{prefix}centroids": jnp.asarray(means, jnp.float32),
+            f"{prefix}centroid_deviation": jnp.asarray(deviation, jnp.float32),
+            f"{prefix}centroid_valid": jnp.asarray(valid)}
+
+
 def write_statistics(means, spread, stored, statistics: dict):
     """The class statistics written into the fixed-shape arrays (host side, new arrays)."""
     means, spread, stored = np.array(means), np.array(spread), np.array(stored)
@@ -258,6 +335,7 @@ class HiDeLoRA(IncLoRA):
                            5e-4, x0.1 every 30 epochs, clip 1.0.
     tii_samples_per_class  24 (the TII alignment draws `batch` samples per class).
     tii_expansion          2 (`original_model_mlp_structure [2]`: hidden width 2 d).
+    centroids              10 (`--n_centroids`): KMeans clusters per class with statistics "multi-centroid".
 
     Smaller `tap_epochs`/`tii_epochs` give a quicker run (e.g. on a laptop CPU); the defaults are the code's.
     """
@@ -275,6 +353,7 @@ class HiDeLoRA(IncLoRA):
     tii_learning_rate: float = 5e-4
     tii_samples_per_class: int = 24
     tii_expansion: int = 2
+    centroids: int = 10
 
     task_identity_at_inference = True  # each example is scored with one slot: its task's, from `infer_task`
     per_example_task = True  # ... in one forward pass: `delta` gathers each example's slot
@@ -285,9 +364,10 @@ class HiDeLoRA(IncLoRA):
 
     def __post_init__(self):
         if self.statistics not in STATISTICS:
-            raise ConfigError(f"hide_lora statistics must be one of {', '.join(STATISTICS)} (multi-centroid is not "
-                              f"implemented), got {self.statistics!r}: set --config.method.hide_lora.statistics")
-        for field in ("tap_epochs", "tii_epochs", "tap_samples_per_class", "tii_samples_per_class", "tii_expansion"):
+            raise ConfigError(f"hide_lora statistics must be one of {', '.join(STATISTICS)}, got {self.statistics!r}: "
+                              f"set --config.method.hide_lora.statistics")
+        for field in ("tap_epochs", "tii_epochs", "tap_samples_per_class", "tii_samples_per_class", "tii_expansion",
+                      "centroids"):
             if int(getattr(self, field)) < 1:
                 raise ConfigError(f"hide_lora {field} must be >= 1, got {getattr(self, field)}")
         if not 0.0 <= self.lora_momentum <= 1.0:
@@ -321,7 +401,34 @@ class HiDeLoRA(IncLoRA):
             "identity_means": jnp.zeros((classes, dim), jnp.float32),
             "identity_spread": jnp.zeros(spread_shape, jnp.float32),
         })
+        if self.statistics == "multi-centroid":  # [C, K, d] per class and cluster, for TAP and for TII
+            for prefix in ("", "identity_"):
+                state[f"{prefix}centroids"] = jnp.zeros((classes, self.centroids, dim), jnp.float32)
+                state[f"{prefix}centroid_deviation"] = jnp.zeros((classes, self.centroids, dim), jnp.float32)
+                state[f"{prefix}centroid_valid"] = jnp.zeros((classes, self.centroids), bool)
         return adapters, state
+
+    def _statistics(self, state, batches, classes, prefix: str, task: int):
+        """The classes' statistics ({label: (mean, spread)}) and the state with their centroids written
+        ("multi-centroid"); KMeans is seeded from the run's host key, so a seed changes it."""
+        if self.statistics != "multi-centroid":
+            return class_statistics(batches, classes, self.statistics), state
+        seed = jax.random.randint(jax.random.fold_in(keys.derive(state["host_key"], f"kmeans.{prefix}"), task),
+                                  (), 0, 2 ** 31 - 1)
+        stats = centroid_statistics(batches, classes, self.centroids, np.random.default_rng(int(seed)))
+        state = write_centroids(state, prefix, stats)
+        variance = {label: (mean, np.zeros_like(mean)) for label, (mean, _) in stats.items()}
+        return variance, state
+
+    def _align(self, state, params, prefix: str, means, spread, stored, seen, steps, key, apply, samples):
+        """Classifier alignment of `params` on Gaussian samples of every seen class's statistics."""
+        if self.statistics == "multi-centroid":
+            return align(params, state[f"{prefix}centroids"], state[f"{prefix}centroid_deviation"], seen, steps, key,
+                         apply=apply, statistics=self.statistics, epochs=self.tap_epochs, samples=samples,
+                         learning_rate=self.tap_learning_rate, valid=state[f"{prefix}centroid_valid"])
+        factor = sampling_factor(spread, stored, self.statistics)
+        return align(params, means, factor, seen, steps, key, apply=apply, statistics=self.statistics,
+                     epochs=self.tap_epochs, samples=samples, learning_rate=self.tap_learning_rate)
 
     def begin_task(self, adapters, state, task):
         adapters, state = super().begin_task(adapters, state, task)
@@ -370,18 +477,16 @@ class HiDeLoRA(IncLoRA):
         class_task[classes] = task
         state = {**state, "class_task": jnp.asarray(class_task)}
         # Statistics under this task's slot (after the merge), computed once.
-        stats = class_statistics(context.features(trainable, state), classes, self.statistics)
+        stats, state = self._statistics(state, context.features(trainable, state), classes, "", task)
         means, spread, stored = write_statistics(state["means"], state["spread"], state["stored"], stats)
         state = {**state, "means": means, "spread": spread, "stored": stored}
         state = self._train_identity(state, pretrained, classes, task)
         seen = jnp.asarray(class_task >= 0)
         earlier = int(np.sum((class_task >= 0) & (class_task < task)))  # the official crct_num
         if task > 0:
-            factor = sampling_factor(state["spread"], state["stored"], self.statistics)
-            head = align(trainable["head"], state["means"], factor, seen, jnp.int32(earlier),
-                         jax.random.fold_in(keys.derive(state["host_key"], "tap"), task), apply=linear_head,
-                         statistics=self.statistics, epochs=self.tap_epochs, samples=self.tap_samples_per_class,
-                         learning_rate=self.tap_learning_rate)
+            head = self._align(state, trainable["head"], "", state["means"], state["spread"], state["stored"], seen,
+                               jnp.int32(earlier), jax.random.fold_in(keys.derive(state["host_key"], "tap"), task),
+                               linear_head, self.tap_samples_per_class)
             trainable = {**trainable, "head": head}
         return trainable, state
 
@@ -411,14 +516,12 @@ class HiDeLoRA(IncLoRA):
                 params, opt_state = identity_step(params, opt_state, jnp.asarray(features[rows]),
                                                   jnp.asarray(labels[rows]), jnp.asarray(weight[rows] * pad), mask,
                                                   rate)
-        stats = class_statistics(batches, classes, self.statistics)
+        stats, state = self._statistics(state, batches, classes, "identity_", task)
         means, spread, _ = write_statistics(state["identity_means"], state["identity_spread"], state["stored"], stats)
         class_task = np.asarray(state["class_task"])
         if task > 0:
-            factor = sampling_factor(spread, state["stored"], self.statistics)
-            params = align(params, means, factor, jnp.asarray(class_task >= 0),
-                           jnp.int32(int(np.sum((class_task >= 0) & (class_task < task)))),
-                           jax.random.fold_in(keys.derive(state["host_key"], "tii_align"), task), apply=identity_head,
-                           statistics=self.statistics, epochs=self.tap_epochs, samples=self.tii_samples_per_class,
-                           learning_rate=self.tap_learning_rate)
+            params = self._align(state, params, "identity_", means, spread, state["stored"], jnp.asarray(class_task >= 0),
+                                 jnp.int32(int(np.sum((class_task >= 0) & (class_task < task)))),
+                                 jax.random.fold_in(keys.derive(state["host_key"], "tii_align"), task), identity_head,
+                                 self.tii_samples_per_class)
         return {**state, "identity_head": params, "identity_means": means, "identity_spread": spread}
