@@ -36,8 +36,14 @@ def test_csv_of_twenty_classes_in_ten_tasks_trains_end_to_end(bert, tmp_path, ca
     """The issue's "done when": a few thousand labelled sentences in 20 classes, test file apart."""
     train = write_csv(tmp_path / "train.csv", rows(classes=20, per_class=100, seed=0))
     test = write_csv(tmp_path / "test.csv", rows(classes=20, per_class=20, seed=1))
+    # LiLoRA (its protocol is told the task: each task scored among its own two classes) at lr 1e-2: this
+    # checks the data path. Scored over every seen class, a random 2-layer encoder trained one epoch
+    # (7 steps a task) cannot make its newest classes win against the older ones: SeqLoRA's diagonal at
+    # the default 1e-4 is 77.5, 15, 0, 20, 0, ...; at 1e-2 100, 87.5, 100, 32.5, 37.5, 2.5, ...; the
+    # default TreeLoRA's (HiDe form, aligned head over every seen class) 75, 57.5, 22.5, 7.5, 2.5, ...
     status, out, err = run([*bert, *FAST, "--config.data.name=files", f"--config.data.train={train}",
-                            f"--config.data.test={test}", "--config.data.num_tasks=10", "--config.train.batch_size=32"],
+                            f"--config.data.test={test}", "--config.data.num_tasks=10", "--config.train.batch_size=32",
+                            "--config.method.name=lilora", "--config.optimizer.learning_rate=1e-2"],
                            tmp_path / "run", capsys)
     assert status == 0, err[-2000:]
     assert "accuracy matrix R[i, j]" in out and "10. " in out, "the accuracy matrix of ten tasks is printed"
@@ -46,11 +52,10 @@ def test_csv_of_twenty_classes_in_ten_tasks_trains_end_to_end(bert, tmp_path, ca
     assert results["stream"] == "files:train.csv"
     assert np.isfinite(results["metrics"]["average_accuracy"])
     # A random tiny backbone forgets old tasks, so the final average is no check of the data; that each
-    # task is learned when trained is: its classes are told apart far above chance among the classes
-    # seen so far (1 in 2, ..., 1 in 20), which mixed-up labels or texts would not allow.
+    # task is learned when trained is: its two classes are told apart far above chance (50), which
+    # mixed-up labels or texts would not allow.
     learned = np.diag(matrix)
-    chance = 100.0 / (2 * np.arange(1, 11))
-    assert learned.mean() > 40 and (learned > 1.5 * chance).all(), f"tasks not learned: diagonal {learned}"
+    assert learned.mean() > 80 and (learned > 65).all(), f"tasks not learned: diagonal {learned}"
     assert matrix.shape == (10, 10) and results["tasks"][0].count("+") == 1, "ten tasks of two classes each"
 
 
