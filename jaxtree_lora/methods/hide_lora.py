@@ -223,24 +223,31 @@ def align(params, means, factor, seen, steps, key, *, apply, statistics: str, ep
     return params
 
 
-def class_statistics(batches, classes, statistics: str, ridge: float = 1e-4):
-    """Per class of `classes`: (mean [d], spread) over the (features, labels, weight) batches; spread is
-    the unbiased covariance + ridge I ([d, d], torch.cov) or its diagonal ([d], "variance")."""
+def _class_rows(batches, classes):
+    """(label, its rows [n, d] in float64) for each of `classes`, from (features, labels, weight) batches
+    (rows of weight 0 are padding and left out)."""
     rows, names = [], []
     for features, labels, weight in batches:
         keep = np.asarray(weight) > 0
         rows.append(np.asarray(features, np.float64)[keep])
         names.append(np.asarray(labels)[keep])
     rows, names = np.concatenate(rows), np.concatenate(names)
-    out = {}
     for label in classes:
         x = rows[names == label]
         if len(x) == 0:
             raise ValueError(f"class {label} has no training example: its statistics cannot be computed")
+        yield int(label), x
+
+
+def class_statistics(batches, classes, statistics: str, ridge: float = 1e-4):
+    """Per class of `classes`: (mean [d], spread) over the (features, labels, weight) batches; spread is
+    the unbiased covariance + ridge I ([d, d], torch.cov) or its diagonal ([d], "variance")."""
+    out = {}
+    for label, x in _class_rows(batches, classes):
         mean = x.mean(axis=0)
         covariance = np.cov(x.T, ddof=1) if len(x) > 1 else np.zeros((x.shape[1], x.shape[1]))
         covariance = np.atleast_2d(covariance) + ridge * np.eye(x.shape[1])
-        out[int(label)] = (mean, covariance if statistics == "covariance" else np.diag(covariance).copy())
+        out[label] = (mean, covariance if statistics == "covariance" else np.diag(covariance).copy())
     return out
 
 
@@ -269,17 +276,8 @@ def centroid_statistics(batches, classes, centroids: int, rng: np.random.Generat
     valid [K])). HiDe's `multi-centroid`: KMeans with K clusters over the class's features, each cluster's
     mean and variance (ddof 0); a cluster of zero variance (a single example, or none) is not drawn from,
     as the code skips it; samples are drawn from N(mean, diag(variance) + ridge I)."""
-    rows, names = [], []
-    for features, labels, weight in batches:
-        keep = np.asarray(weight) > 0
-        rows.append(np.asarray(features, np.float64)[keep])
-        names.append(np.asarray(labels)[keep])
-    rows, names = np.concatenate(rows), np.concatenate(names)
     out = {}
-    for label in classes:
-        x = rows[names == label]
-        if len(x) == 0:
-            raise ValueError(f"class {label} has no training example: its statistics cannot be computed")
+    for label, x in _class_rows(batches, classes):
         assignment = kmeans(x, centroids, rng)
         means = np.zeros((centroids, x.shape[1]))
         deviations = np.zeros((centroids, x.shape[1]))
@@ -291,7 +289,7 @@ def centroid_statistics(batches, classes, centroids: int, rng: np.random.Generat
             variance = members.var(axis=0)
             means[k], deviations[k] = members.mean(axis=0), np.sqrt(variance + ridge)
             valid[k] = variance.mean() > 0
-        out[int(label)] = (x.mean(axis=0), (means, deviations, valid))
+        out[label] = (x.mean(axis=0), (means, deviations, valid))
     return out
 
 
