@@ -20,7 +20,9 @@ import ml_collections
 import numpy as np
 
 
-def final_and_initial(workdir: str):
+def restored_run(workdir: str):
+    """(Run rebuilt from the work directory's config.json, its initial state, the newest checkpoint's
+    state, that checkpoint's loop record, its step)."""
     from jaxtree_lora import checkpoint as checkpoint_lib
     from jaxtree_lora import data as data_lib
     from jaxtree_lora.train import backbone as backbone_lib
@@ -33,8 +35,13 @@ def final_and_initial(workdir: str):
     run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=False)
     initial = run.initial_state()
     checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    state, _, step = checkpoints.restore(checkpoint_lib.abstract(initial))
+    state, loop, step = checkpoints.restore(checkpoint_lib.abstract(initial))
     checkpoints.close()
+    return run, initial, state, loop, step
+
+
+def final_and_initial(workdir: str):
+    _, initial, state, _, step = restored_run(workdir)
     return (jax.device_get(state.trainable["adapters"]), jax.device_get(initial.trainable["adapters"]), step)
 
 

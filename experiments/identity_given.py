@@ -18,26 +18,15 @@ import argparse
 import json
 import os
 
-import ml_collections
 import numpy as np
 
 
 def final_run_and_state(workdir: str):
     """(Run, the state of the newest checkpoint) of a finished work directory."""
-    from jaxtree_lora import checkpoint as checkpoint_lib
-    from jaxtree_lora import data as data_lib
-    from jaxtree_lora.train import backbone as backbone_lib
-    from jaxtree_lora.train.loop import Run
+    from experiments.adapter_drift import restored_run
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    backbone = backbone_lib.build(config)
-    stream = data_lib.get_stream(config.data, backbone.tokenizer)
-    run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=False)
-    checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    state, loop, _ = checkpoints.restore(checkpoint_lib.abstract(run.initial_state()))
-    checkpoints.close()
-    if loop["position"]["task"] != len(stream.tasks):
+    run, _, state, loop, _ = restored_run(workdir)
+    if loop["position"]["task"] != len(run.stream.tasks):
         raise SystemExit(f"{workdir} did not finish its stream (its newest checkpoint is at {loop['position']})")
     return run, state
 
