@@ -10,16 +10,10 @@ import pytest
 
 from jaxtree_lora import assets
 from jaxtree_lora.data import DataError, get_stream
+from test_data_offline import require
+
 from jaxtree_lora.data.offline import (DEFAULT_LANGUAGES, language_key, language_texts, offline_lang_cil,
                                        text_has_native_letter)
-
-
-def require(*names):
-    for name in names:
-        try:
-            assets.path(name)
-        except assets.AssetMissing:
-            pytest.skip(f"asset {name} not installed (jaxtree-lora assets {name})")
 
 
 @pytest.fixture(scope="module")

@@ -62,24 +62,15 @@ def get_stream(config, tokenizer=None) -> Stream:
     """The Stream that `config` (an ml_collections.ConfigDict, or any mapping with .get) describes."""
     name = config.get("name", None)
     get = config.get
-    if name == "offline-text-cil":
-        from jaxtree_lora.data.offline import offline_text_cil
+    if name in ("offline-text-cil", "offline-lang-cil"):
+        from jaxtree_lora.data.offline import CLASS_STREAMS
 
         _need_tokenizer(tokenizer, name)
-        return offline_text_cil(tokenizer, max_len=int(get("max_len", 64)), num_tasks=int(get("num_tasks", 5)),
-                                per_class_train=int(get("per_class_train", 96)),
-                                per_class_test=int(get("per_class_test", 48)), seed=int(get("seed", 0)),
-                                classes=tuple(get("classes", ()) or ()),
-                                classes_per_task=int(get("classes_per_task", 0) or 0))
-    if name == "offline-lang-cil":
-        from jaxtree_lora.data.offline import offline_lang_cil
-
-        _need_tokenizer(tokenizer, name)
-        return offline_lang_cil(tokenizer, max_len=int(get("max_len", 64)), num_tasks=int(get("num_tasks", 10)),
-                                per_class_train=int(get("per_class_train", 40)),
-                                per_class_test=int(get("per_class_test", 20)), seed=int(get("seed", 0)),
-                                classes=tuple(get("classes", ()) or ()),
-                                classes_per_task=int(get("classes_per_task", 0) or 0))
+        # The keys the config sets; the rest take the stream builder's own defaults.
+        casts = {"max_len": int, "num_tasks": int, "per_class_train": int, "per_class_test": int, "seed": int,
+                 "classes": lambda value: tuple(value or ()), "classes_per_task": lambda value: int(value or 0)}
+        return CLASS_STREAMS[name](tokenizer, **{key: cast(get(key)) for key, cast in casts.items()
+                                                 if get(key, None) is not None})
     if name == "offline-trace":
         from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS, offline_trace
 

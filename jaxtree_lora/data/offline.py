@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import functools
 import gzip
+import inspect
 import io
 import os
 import re
@@ -118,13 +119,18 @@ def guardian_headlines() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _chatterbot_file(path: str) -> tuple:
+def _conversations(path: str) -> tuple:
+    """The `conversations` list of one ChatterBot topic file (YAML), as read."""
     import yaml
 
     with open(path, encoding="utf-8") as file:
         document = yaml.safe_load(file) or {}
+    return tuple(document.get("conversations", []) or [])
+
+
+def _chatterbot_file(path: str) -> tuple:
     pairs = []
-    for conversation in document.get("conversations", []) or []:
+    for conversation in _conversations(path):
         if isinstance(conversation, list) and len(conversation) >= 2:
             pairs.append((_clean(conversation[0]), _clean(conversation[1])))
     return tuple(pairs)
@@ -199,7 +205,7 @@ def text_classes_stream(stream_name: str, tokenizer, loaders: Mapping[str, Calla
     names = list(names)
     unknown = [n for n in names if n not in loaders]
     if unknown:
-        raise DataError(f"unknown {what} {unknown}: choose from {', '.join(loaders)}")
+        raise DataError(f"unknown {what} {unknown} in data.classes: choose from {', '.join(loaders)}")
     if len(set(names)) != len(names):
         raise DataError(f"data.classes names a class twice: {names}")
     if per_class_train < 1 or per_class_test < 1:
@@ -265,15 +271,10 @@ def text_has_native_letter(text: str) -> bool:
                for c in unicodedata.normalize("NFKC", text))
 
 
-@functools.lru_cache(maxsize=None)
 def _conversation_turns(path: str) -> tuple:
     """Every turn of every conversation of one topic file, cleaned (a bare-string conversation is one turn)."""
-    import yaml
-
-    with open(path, encoding="utf-8") as file:
-        document = yaml.safe_load(file) or {}
     turns = []
-    for conversation in document.get("conversations", []) or []:
+    for conversation in _conversations(path):
         for turn in conversation if isinstance(conversation, list) else [conversation]:
             if isinstance(turn, str) and _clean(turn):
                 turns.append(_clean(turn))
@@ -348,14 +349,25 @@ def offline_lang_cil(tokenizer, max_len: int = 64, num_tasks: int = 10, per_clas
     names other languages of the corpus (available_languages()).
     """
     names = list(classes) if classes else list(DEFAULT_LANGUAGES)
-    available = available_languages()
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise DataError(f"unknown languages {unknown} in data.classes: choose from {', '.join(available)}")
-    loaders = {language: functools.partial(language_texts, language) for language in available}
+    loaders = {language: functools.partial(language_texts, language) for language in available_languages()}
     return text_classes_stream("offline-lang-cil", tokenizer, loaders, names, max_len, num_tasks, per_class_train,
                                per_class_test, seed, classes_per_task, {"sources": LANGUAGE_SOURCES},
                                key_of=language_key, what="languages")
+
+
+# The offline class-incremental streams by data.name (their builders' defaults are the streams').
+CLASS_STREAMS: dict[str, Callable[..., Stream]] = {"offline-text-cil": offline_text_cil,
+                                                   "offline-lang-cil": offline_lang_cil}
+
+
+def class_stream_shape(name: str, classes: Sequence[str] = (), num_tasks=None, classes_per_task: int = 0):
+    """(tasks, classes) of an offline class-incremental stream from its options alone (the memory planner)."""
+    build = CLASS_STREAMS[name]
+    count = len(classes) if classes else len(TEXT_CLASSES if name == "offline-text-cil" else DEFAULT_LANGUAGES)
+    if classes_per_task:
+        return -(-count // classes_per_task), count
+    tasks = inspect.signature(build).parameters["num_tasks"].default if num_tasks is None else int(num_tasks)
+    return tasks, count
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -122,12 +122,10 @@ def stream_shape(data) -> tuple[str, int, int, int]:
     """(kind, tasks, classes, sequence length) a data config describes, read from the config alone."""
     name = data.get("name", "")
     if name in ("offline-text-cil", "offline-lang-cil"):
-        from jaxtree_lora.data.offline import DEFAULT_LANGUAGES, TEXT_CLASSES
+        from jaxtree_lora.data.offline import class_stream_shape
 
-        text = name == "offline-text-cil"
-        classes = len(data.get("classes", None) or (TEXT_CLASSES if text else DEFAULT_LANGUAGES))
-        per_task = int(data.get("classes_per_task", 0) or 0)
-        tasks = -(-classes // per_task) if per_task else int(data.get("num_tasks", 5 if text else 10))
+        tasks, classes = class_stream_shape(name, data.get("classes", None) or (), data.get("num_tasks", None),
+                                            int(data.get("classes_per_task", 0) or 0))
         return "classification", tasks, classes, int(data.get("max_len", 64))
     if name == "offline-trace":
         from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS
