@@ -192,16 +192,23 @@ def run_protocol(run) -> dict:
 
     method = run.method
     lora = dataclasses.asdict(method.lora) if method.trains and hasattr(method, "lora") else None
-    rate = run.learning_rate if method.trains else None
+    optimizer = None
+    if method.trains:
+        settings = run.optimizer_settings
+        keys = ("name", "learning_rate") + (("momentum",) if settings["name"] == "sgd" else ("b1", "b2")) + (
+            "weight_decay", "clip_norm", "schedule")
+        optimizer = {key: settings.get(key) for key in keys}
+    rate = optimizer["learning_rate"] if optimizer else None
     if run.kind != "classification":
         inference = "generation (greedy)" if float(run.config.eval.get("temperature", 0.0)) == 0 else "generation"
-        return {"lora": lora, "learning_rate": rate, "inference": inference,
+        return {"lora": lora, "learning_rate": rate, "optimizer": optimizer, "inference": inference,
                 "task_identity": "given" if method.task_identity_at_inference and not run.infer_identity else
                 ("inferred" if run.infer_identity else "free")}
     rule = ("per-task features" if method.per_task_inference else
             "inferred task's slot" if run.infer_identity else
             "given task's slot" if method.task_identity_at_inference else "final adapters")
-    return {"lora": lora, "learning_rate": rate, "head": None if not method.trains else run.protocol["head"],
+    return {"lora": lora, "learning_rate": rate, "optimizer": optimizer,
+            "head": None if not method.trains else run.protocol["head"],
             "classifier": run.protocol["classifier"], "inference": rule,
             "task_identity": "given" if method.task_identity_at_inference and not run.infer_identity else
             ("inferred" if run.infer_identity else "free")}
@@ -212,7 +219,14 @@ def describe_protocol(protocol: dict) -> str:
     lora = protocol.get("lora")
     parts = ["no adapter (nothing trained)" if lora is None else
              f"LoRA r {lora['rank']} alpha {lora['alpha']} on {', '.join(lora['targets'])} (dropout {lora['dropout']})"]
-    if protocol.get("learning_rate"):
+    optimizer = protocol.get("optimizer")
+    if optimizer:
+        extra = [f"momentum {optimizer['momentum']:g}" if optimizer["name"] == "sgd" else ""]
+        if optimizer.get("weight_decay"):
+            extra.append(f"wd {optimizer['weight_decay']:g}")
+        extra = ", ".join(e for e in extra if e)
+        parts.append(f"{optimizer['name']} lr {optimizer['learning_rate']:.3g}" + (f" ({extra})" if extra else ""))
+    elif protocol.get("learning_rate"):
         parts.append(f"lr {protocol['learning_rate']:.3g}")
     for key in ("head", "classifier", "inference", "task_identity"):
         if protocol.get(key):

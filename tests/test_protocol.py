@@ -1,8 +1,6 @@
 """Each method under its own protocol: its own LoRA spec (keys the user sets on top), its own head and
 inference rule, recorded in results.json; and the `fix` baseline (nothing trained, nearest class mean
 of the pre-trained features)."""
-import json
-
 import jax
 import numpy as np
 import pytest
@@ -131,22 +129,41 @@ def test_results_record_the_protocol_used(tmp_path):
     assert "LoRA r 10" in line and "on k, v" in line and "head linear" in line
 
 
-def test_learning_rate_is_the_methods_own_unless_the_config_sets_one():
-    """HiDe-LoRA (and TreeLoRA in its form) trains at its script's rate, 0.03 x batch / 256; a method without
-    its own takes the official TreeLoRA 1e-4; a rate the user sets applies to every method."""
+def test_the_optimiser_is_the_methods_own_unless_the_config_sets_one():
+    """Each method trains with its official code's optimiser (HiDe-LoRA and TreeLoRA's HiDe form: Adam at
+    0.03 x batch / 256; LoDA, CL-LoRA, SD-LoRA: SGD with momentum at their CIFAR-100 rates; InfLoRA: Adam
+    5e-4), others with the official TreeLoRA Adam 1e-4; a name or rate the user sets applies to every
+    method, whole: otherwise LoDA would run SGD at a rate chosen for Adam."""
     from jaxtree_lora.methods.treelora_hide import TreeHiDeLoRA
-    from jaxtree_lora.train.loop import learning_rate_for
+    from jaxtree_lora.train.step import optimizer_settings
+
+    def resolved(config, method=None):
+        method = method or build_method(config, 5)
+        return optimizer_settings(config, method.default_optimizer(int(config.train.batch_size)))
 
     config = config_for("hide_lora")
     config.train.batch_size = 24
-    assert learning_rate_for(config, build_method(config, 5)) == pytest.approx(0.03 * 24 / 256)
-    assert learning_rate_for(config, TreeHiDeLoRA()) == pytest.approx(0.03 * 24 / 256), "TreeLoRA's HiDe form"
-    for method in ("seqlora", "treelora", "inflora"):
+    assert resolved(config)["learning_rate"] == pytest.approx(0.03 * 24 / 256)
+    assert resolved(config, TreeHiDeLoRA())["learning_rate"] == pytest.approx(0.03 * 24 / 256), "TreeLoRA's HiDe form"
+    assert resolved(config)["name"] == "adam"
+    expected = {"seqlora": ("adam", 1e-4, 0.0), "treelora": ("adam", 1e-4, 0.0), "inflora": ("adam", 5e-4, 0.0),
+                "loda": ("sgd", 0.005, 5e-4), "cl_lora": ("sgd", 0.03, 1e-4), "sd_lora": ("sgd", 8e-3, 0.0)}
+    for method, (name, rate, decay) in expected.items():
         config.method.name = method
-        assert learning_rate_for(config, build_method(config, 5)) == 1e-4, method
+        settings = resolved(config)
+        assert (settings["name"], settings["learning_rate"], settings["weight_decay"]) == (name, rate, decay), method
+    assert resolved(config)["momentum"] == 0.9 and resolved(config)["clip_norm"] == 0.0, "SD-LoRA's SGD"
+    config.method.name = "seqlora"
+    assert resolved(config)["clip_norm"] == 1.0 and resolved(config)["b2"] == 0.95, "the official TreeLoRA Adam"
     config.optimizer.learning_rate = 5e-4
-    config.method.name = "hide_lora"
-    assert learning_rate_for(config, build_method(config, 5)) == 5e-4, "the user's rate wins"
+    for method in ("hide_lora", "loda", "inflora"):
+        config.method.name = method
+        settings = resolved(config)
+        assert (settings["name"], settings["learning_rate"], settings["clip_norm"]) == ("adam", 5e-4, 1.0), \
+            f"the user's optimiser wins for {method}"
+    config.optimizer.learning_rate = None
+    config.optimizer.name = "sgd"
+    assert resolved(config)["name"] == "sgd" and resolved(config)["learning_rate"] == 1e-4, "named: the config's"
 
 
 def test_the_run_prints_and_records_its_learning_rate(tmp_path):
@@ -156,5 +173,10 @@ def test_the_run_prints_and_records_its_learning_rate(tmp_path):
     config.optimizer.learning_rate = None
     run = make_run(config, tmp_path / "run")
     protocol = cli.run_protocol(run)
-    assert protocol["learning_rate"] == 1e-4 and "lr 0.0001" in cli.describe_protocol(protocol)
+    assert protocol["learning_rate"] == 1e-4 and "adam lr 0.0001" in cli.describe_protocol(protocol)
+    assert protocol["optimizer"]["name"] == "adam" and protocol["optimizer"]["b2"] == 0.95
+    config = tiny_config("loda", epochs=1)
+    config.optimizer.learning_rate = None
+    loda = cli.run_protocol(make_run(config, tmp_path / "loda"))
+    assert "sgd lr 0.005 (momentum 0.9, wd 0.0005)" in cli.describe_protocol(loda), cli.describe_protocol(loda)
     assert cli.run_protocol(make_run(tiny_config("fix"), tmp_path / "fix"))["learning_rate"] is None, "fix trains nothing"

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jaxtree_lora import lora as lora_lib
@@ -154,6 +155,28 @@ def test_make_optimizer_clips_the_global_norm_before_adam():
         "clipping made no difference: the case does not test it"
     with pytest.raises(ValueError, match="learning_rate"):
         make_optimizer(optimizer_config(lr=-1.0))
+
+
+def test_sgd_follows_torch_sgd_with_momentum_and_coupled_weight_decay():
+    """optimizer.name "sgd" is torch.optim.SGD(lr, momentum, weight_decay): buf = m buf + (g + wd p),
+    p -= lr buf (the first step's buffer is the gradient itself), computed here by hand for three steps.
+    Adam's update, or decoupled decay, would give other numbers."""
+    config = ml_collections.ConfigDict({"optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
+                                                      "weight_decay": 0.01, "clip_norm": 0.0, "schedule": "constant"}})
+    optimizer = make_optimizer(config)
+    grads = [np.array([1.0, -2.0]), np.array([0.5, 0.5]), np.array([-1.0, 0.0])]
+    params = {"w": jnp.asarray([1.0, 1.0])}
+    state = optimizer.init(params)
+    p, buf = np.array([1.0, 1.0]), None
+    for g in grads:
+        updates, state = optimizer.update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+        d = g + 0.01 * p
+        buf = d if buf is None else 0.9 * buf + d
+        p = p - 0.1 * buf
+    np.testing.assert_allclose(np.asarray(params["w"]), p, rtol=1e-6)
+    with pytest.raises(ValueError, match="optimizer.name"):
+        make_optimizer(ml_collections.ConfigDict({"optimizer": {"name": "lion", "learning_rate": 0.1}}))
 
 
 class LeafMethod:

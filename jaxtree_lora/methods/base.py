@@ -138,10 +138,13 @@ class Method:
     # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
     trains: bool = True
 
-    def default_learning_rate(self, batch_size: int) -> Optional[float]:
-        """The learning rate of the method's own protocol at this global batch size, used when the config
-        leaves `optimizer.learning_rate` unset; None: the library default (1e-4, the official TreeLoRA rate)."""
-        return None
+    def default_optimizer(self, batch_size: int) -> dict:
+        """The optimiser of the method's own protocol at this global batch size, as `config.optimizer`
+        keys (name "adam" | "sgd", learning_rate, momentum, b1, b2, weight_decay, clip_norm). It applies
+        when the config sets neither `optimizer.name` nor `optimizer.learning_rate`
+        (`train.step.optimizer_settings`); {}: the config's optimiser, Adam at 1e-4 by default (the
+        official TreeLoRA setting)."""
+        return {}
     lora: lora_lib.LoraSpec
 
     # -- set-up -------------------------------------------------------------------------------

@@ -373,9 +373,9 @@ class HiDeLoRA(IncLoRA):
         if self.temperature <= 0 or self.reg < 0:
             raise ConfigError(f"hide_lora needs temperature > 0 and reg >= 0, got {self.temperature}, {self.reg}")
 
-    def default_learning_rate(self, batch_size: int) -> float:
-        """The script's `--lr 0.03`, scaled as the code scales it: lr x global batch / 256."""
-        return 0.03 * batch_size / 256.0
+    def default_optimizer(self, batch_size: int) -> dict:
+        """Adam at the script's `--lr 0.03`, scaled as the code scales it: lr x global batch / 256."""
+        return {"learning_rate": 0.03 * batch_size / 256.0}
 
     # -- set-up -------------------------------------------------------------------------------
     def init(self, key, model: ModelInfo, stream: StreamInfo):

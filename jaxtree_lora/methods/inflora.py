@@ -15,8 +15,8 @@ reference/methods.md §7.1):
 - the forward adds sum_i B_i A_i x with no alpha/r scale (`scale` option; the official code has none).
 
 Defaults: lamb 0.95 (CIFAR-100; 0.98 for ImageNet-R), lame 1.0, scale 1.0. The official LoRA sits on
-k and v of every block with rank 10 and Adam lr 5e-4 — those are `config.lora` / `config.optimizer`
-settings of the run (experiments/configs/vit_b16_cifar100.py style), not options of this class.
+k and v of every block with rank 10 (the method's LoRA spec) and Adam lr 5e-4, betas (0.9, 0.999)
+(`default_optimizer`, the run's unless the config sets its own optimiser).
 
 The DualGPM memory is kept per site as a fixed-shape basis `[L, d_in, d_in]` (the first `size`
 columns are valid) plus its size and type per layer, so it is checkpointed and shapes never change;
@@ -129,6 +129,12 @@ class InfLoRA(IncLoRA):
         if not 0.0 < self.lamb <= self.lame <= 1.0:
             raise ConfigError(f"inflora needs 0 < lamb <= lame <= 1, got lamb={self.lamb}, lame={self.lame}: "
                               f"set --config.method.inflora.lamb=0.95 --config.method.inflora.lame=1.0")
+
+    def default_optimizer(self, batch_size: int) -> dict:
+        """The code's: Adam 5e-4, betas (0.9, 0.999), no weight decay, no clipping (its cosine over 20
+        epochs is not kept: the run's schedule applies)."""
+        return {"name": "adam", "learning_rate": 5e-4, "b1": 0.9, "b2": 0.999, "weight_decay": 0.0,
+                "clip_norm": 0.0}
 
     def init(self, key, model, stream):
         adapters, state = super().init(key, model, stream)

@@ -29,7 +29,8 @@ Here both halves are computed in the same step and their gradients averaged into
 (the trainer takes one update per batch); the look-ahead and the class split are the code's. Batches
 with one class fall back to the plain loss (computed only then). rho 0.3 (CIFAR-100; 0.7 ImageNet-R).
 The loss is the trainer's cosine head with scale (CosFace with margin 0, the CIFAR-100 config); the
-official optimiser is SGD 0.005, momentum 0.9.
+optimiser is the official one unless the config sets its own (`default_optimizer`): SGD 0.005,
+momentum 0.9, weight decay 5e-4.
 
 Classification only: GAO splits batches by class, and the method is a class-incremental classifier.
 """
@@ -127,6 +128,11 @@ class LoDA(Method):
     def __post_init__(self):
         if self.rho < 0 or self.kappa < 0:
             raise ConfigError(f"loda rho and kappa must be >= 0, got rho={self.rho}, kappa={self.kappa}")
+
+    def default_optimizer(self, batch_size: int) -> dict:
+        """The CIFAR-100 config's (`exps/dlora/cifar10.json`): SGD 0.005, momentum 0.9, weight decay 5e-4,
+        no clipping (its cosine over 20 epochs is not kept: the run's schedule applies)."""
+        return {"name": "sgd", "learning_rate": 0.005, "momentum": 0.9, "weight_decay": 5e-4, "clip_norm": 0.0}
 
     def init(self, key, model, stream):
         sites = self.lora.select(model.sites)

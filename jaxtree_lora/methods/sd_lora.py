@@ -17,8 +17,8 @@ Code versus paper, as options:
   persist_alpha True (a reimplementation keeps the learned magnitudes) | False (the code's behaviour:
                 every alpha_i is reset to 0.8 at each new task, because they are never saved)
 SD-LoRA-RR (decreasing ranks) is commented out upstream and SD-LoRA-KD is not released: not offered.
-The official optimiser is SGD with momentum 0.9 (lr 8e-3 CIFAR-100, 1e-2 ImageNet-R), LoRA r = 10
-on q and v: settings of the run's config (`config.optimizer`, `config.lora`).
+The official optimiser is SGD with momentum 0.9 (lr 8e-3 CIFAR-100, 1e-2 ImageNet-R): the run's
+unless the config sets its own (`default_optimizer`); LoRA r = 10 on q and v (the method's LoRA spec).
 
 Magnitudes live in the trainable adapters as `{"magnitudes": [max_tasks]}`; `forward_adapters`
 broadcasts them into every site's pytree, so the backbone sees only per-layer leaves and gradients
@@ -52,6 +52,12 @@ class SDLoRA(IncLoRA):
     def __post_init__(self):
         if self.normalise not in ("product", "paper"):
             raise ConfigError(f"sd_lora normalise must be 'product' (code) or 'paper', got {self.normalise!r}")
+
+    def default_optimizer(self, batch_size: int) -> dict:
+        """What the code runs (`models/sdlora.py`, CIFAR-100 config): SGD 8e-3, momentum 0.9, no weight
+        decay (commented out upstream), no clipping; its MultiStepLR milestones lie beyond 20 epochs, so
+        the rate is constant there as here."""
+        return {"name": "sgd", "learning_rate": 8e-3, "momentum": 0.9, "weight_decay": 0.0, "clip_norm": 0.0}
 
     def init(self, key, model, stream):
         adapters, state = super().init(key, model, stream)

@@ -35,7 +35,7 @@ from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskConte
 from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import keys
 from jaxtree_lora.train import mesh as mesh_lib
-from jaxtree_lora.train.step import (DEFAULT_LEARNING_RATE, TrainState, init_head, make_optimizer, make_task_loss,
+from jaxtree_lora.train.step import (TrainState, init_head, make_optimizer, optimizer_settings, make_task_loss,
                                      make_train_step)
 
 
@@ -124,20 +124,10 @@ def protocol_of(config, method) -> dict:
             "train_mask": config.train.get("train_mask", "task")}
 
 
-def learning_rate_for(config, method) -> float:
-    """`optimizer.learning_rate` when the config sets it, else the method's own (HiDe-LoRA's script
-    rate scaled by the batch), else the library default 1e-4."""
-    given = config.optimizer.get("learning_rate")
-    if given is not None:
-        return float(given)
-    own = method.default_learning_rate(int(config.train.get("batch_size", 1)))
-    return float(DEFAULT_LEARNING_RATE if own is None else own)
-
-
 def validate(config) -> None:
     """Checks what can be checked before any weights or data are loaded (fails in one clear line)."""
     method = build_method(config, max_tasks=1)
-    make_optimizer(config, learning_rate_for(config, method))
+    make_optimizer(config, method.default_optimizer(int(config.train.get("batch_size", 1))))
     train = config.train
     for key in ("batch_size", "accumulation"):
         if int(train.get(key, 1)) < 1:
@@ -273,8 +263,9 @@ class Run:
         if self.micro_batch % devices:
             raise ConfigError(f"train.batch_size={self.micro_batch} must be divisible by the "
                               f"{devices} data-parallel devices of the mesh")
-        self.learning_rate = learning_rate_for(config, self.method)
-        self.optimizer = make_optimizer(config, self.learning_rate)
+        own = self.method.default_optimizer(int(config.train.get("batch_size", 1)))
+        self.optimizer_settings = optimizer_settings(config, own)
+        self.optimizer = make_optimizer(config, own)
         self.consts = self._stream_consts()
         self.protocol = protocol_of(config, self.method)
         if not self.method.trains and self.protocol["classifier"] != "prototype" and self.kind == "classification":

@@ -11,8 +11,8 @@ Everything here is a pure function of pytrees. The step takes
 and scans the micro-batches: for each one the method's loss (task loss plus the method's terms) is
 differentiated with respect to `trainable` only, `method.after_step` updates the method's statistics
 (bandit counts, running averages) and the gradients are summed. Then one optimiser update, masked by
-`method.update_mask` so frozen slots never move: their gradients are zeroed before clipping and Adam,
-and their Adam moments kept. The task index lives in the method state as a traced
+`method.update_mask` so frozen slots never move: their gradients are zeroed before clipping and the
+optimiser, and their moments (Adam's, SGD's momentum) kept. The task index lives in the method state as a traced
 integer, so the compiled step serves every task.
 """
 from __future__ import annotations
@@ -43,30 +43,61 @@ class TrainState:
 
 
 DEFAULT_LEARNING_RATE = 1e-4  # the official TreeLoRA rate: a method without its own takes it
+OPTIMIZERS = ("adam", "sgd")
 
 
-def make_optimizer(config, learning_rate: Optional[float] = None) -> optax.GradientTransformation:
-    """Adam(W) with global-norm clipping and a constant or cosine learning rate: `learning_rate` (the
-    method's resolved rate, `train.loop.learning_rate_for`), else `optimizer.learning_rate`, else 1e-4.
+def optimizer_settings(config, own: Optional[dict] = None) -> dict:
+    """The optimiser a run uses, as one flat dict (name, learning_rate, b1, b2, momentum, weight_decay,
+    clip_norm, schedule, decay_steps).
+
+    `own` is the method's own optimiser (`Method.default_optimizer`: the official code's, e.g. LoDA's
+    SGD 0.005 with momentum 0.9). It applies, on top of the config's `optimizer` keys, only when the
+    config chooses neither `optimizer.name` nor `optimizer.learning_rate`: a user who sets either gets
+    the config's optimiser for every method (Adam unless named), so methods compared under one user
+    setting share it. Unset everywhere: Adam at 1e-4 (the official TreeLoRA setting).
+    """
+    settings = dict(config.optimizer.to_dict())
+    if own and settings.get("name") is None and settings.get("learning_rate") is None:
+        settings.update(own)
+    settings["name"] = settings.get("name") or "adam"
+    if settings.get("learning_rate") is None:
+        settings["learning_rate"] = DEFAULT_LEARNING_RATE
+    return settings
+
+
+def make_optimizer(config, own: Optional[dict] = None) -> optax.GradientTransformation:
+    """The run's optimiser (`optimizer_settings`): global-norm clipping (clip_norm > 0), then Adam(W)
+    (b1, b2; decoupled weight decay) or SGD (momentum; PyTorch's coupled weight decay, added to the
+    gradient as `torch.optim.SGD` does), at a constant or cosine learning rate.
 
     Official TreeLoRA: Adam(0.9, 0.95), weight decay 0, constant lr 1e-4, clip 1.0.
     """
-    opt = config.optimizer
-    if learning_rate is None:
-        learning_rate = opt.get("learning_rate")
-    lr = float(DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate)
+    opt = optimizer_settings(config, own)
+    name = opt["name"]
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer.name {name!r}: one of {', '.join(OPTIMIZERS)}")
+    try:
+        lr = float(opt["learning_rate"])
+    except (TypeError, ValueError):
+        lr = float("nan")
     if not lr > 0 or lr == float("inf"):
-        raise ConfigError(f"optimizer.learning_rate must be a finite number > 0, got {lr}")
+        raise ConfigError(f"optimizer.learning_rate must be a finite number > 0, got {opt['learning_rate']}")
     schedule = lr
     if opt.get("schedule", "constant") == "cosine":
         schedule = optax.cosine_decay_schedule(lr, max(int(opt.get("decay_steps", 1000)), 1))
     elif opt.get("schedule", "constant") != "constant":
-        raise ConfigError(f"unknown optimizer.schedule {opt.schedule!r}: constant or cosine")
+        raise ConfigError(f"unknown optimizer.schedule {opt['schedule']!r}: constant or cosine")
     chain = []
     if float(opt.get("clip_norm", 0.0)) > 0:
-        chain.append(optax.clip_by_global_norm(float(opt.clip_norm)))
-    b1, b2 = float(opt.get("b1", 0.9)), float(opt.get("b2", 0.999))
+        chain.append(optax.clip_by_global_norm(float(opt["clip_norm"])))
     weight_decay = float(opt.get("weight_decay", 0.0))
+    if name == "sgd":
+        momentum = float(opt.get("momentum", 0.9))
+        if weight_decay > 0:
+            chain.append(optax.add_decayed_weights(weight_decay))
+        chain.append(optax.sgd(schedule, momentum=momentum if momentum > 0 else None))
+        return optax.chain(*chain)
+    b1, b2 = float(opt.get("b1", 0.9)), float(opt.get("b2", 0.999))
     if weight_decay > 0:
         chain.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
     else:
