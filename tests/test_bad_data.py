@@ -2,7 +2,6 @@
 tokenizer of another model are refused before training, in one line naming the fix (exit status 2).
 Without these checks JAX's gathers clamp out-of-range indices: the run would train on wrong classes
 or wrong tokens and say nothing."""
-import json
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import pytest
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.data import batching
-from jaxtree_lora.data.stream import Split, Stream, Task
 from jaxtree_lora.data.tokenize import answer_window
 from jaxtree_lora.methods.base import StreamInfo
 from jaxtree_lora.methods.seqlora import SeqLoRA
@@ -99,7 +98,7 @@ def test_cut_batches_give_the_full_width_loss_for_encoder_and_decoder():
 
 
 def test_run_compiles_the_train_step_at_most_once_per_bucket(tmp_path):
-    from tests.test_loop import make_run, synthetic_stream, tiny_config  # noqa: F401  (the tiny loop fixture)
+    from tests.test_loop import synthetic_stream, tiny_config
     from jaxtree_lora.train import backbone as backbone_lib
     from jaxtree_lora.train.loop import Run
 

@@ -8,7 +8,7 @@ import pytest
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.methods.base import ModelInfo, StreamInfo, TaskContext
+from jaxtree_lora.methods.base import ModelInfo, StreamInfo
 from jaxtree_lora.methods.lilora import LiLoRA
 from jaxtree_lora.models.common import Site
 

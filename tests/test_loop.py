@@ -1,10 +1,8 @@
 """The continual loop end to end on a tiny random encoder and a synthetic stream (test data only):
 one compiled step for every task, resume equivalence, and the work directory."""
 import json
-import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 

@@ -3,7 +3,6 @@ FSDP dividing the frozen weights, and a plan that does not fit refused with its 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 from jaxtree_lora.train import memory

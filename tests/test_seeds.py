@@ -1,6 +1,5 @@
 """Several seeds: mean ± sample std, and the marks that say whether a method beats `fix` / `seqlora`
 by more than the spread (hand-computed cases)."""
-import math
 
 import pytest
 

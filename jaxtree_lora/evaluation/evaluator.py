@@ -21,7 +21,7 @@ Instruction streams generate answers and score them with each task's metric.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp

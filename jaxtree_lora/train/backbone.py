@@ -12,7 +12,6 @@ import dataclasses
 import os
 from typing import Any, Callable, Optional
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
