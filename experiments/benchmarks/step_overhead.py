@@ -1,15 +1,17 @@
-"""Step time of TreeLoRA over SeqLoRA on the same model and batch, measured in one run.
+"""Step time of TreeLoRA (and any other method) over SeqLoRA on the same model and batch, in one run.
 
-Both methods get the same backbone, LoRA spec, optimiser and batch. TreeLoRA is measured in its
-expensive regime: past tasks in the bank (bandit selection, the regulariser and the statistics
-updates all active), so the ratio is the full per-step overhead of the method. Steps alternate
+Every method gets the same backbone, LoRA spec, optimiser and batch. Each is measured in its
+expensive regime: past tasks done (TreeLoRA: bandit selection, the regulariser and the statistics
+updates all active; slot methods such as IncLoRA: every past slot applied at every site), so the
+ratio is the full per-step overhead of the method. Steps alternate
 between the two methods in rounds, so slow drifts of a noisy machine hit both alike; the figure is
 the ratio of medians.
 
     python -m experiments.benchmarks.step_overhead                     # offline decoder shape + 1B shape
     python -m experiments.benchmarks.step_overhead --models smollm2   # one of: smollm2, llama1b, tiny
+    python -m experiments.benchmarks.step_overhead --methods treelora,inclora   # the slots' cost too
 
-Last line: a JSON object with `treelora_over_seqlora` (per model and overall worst).
+Last line: a JSON object with `METHOD_over_seqlora` per model and overall worst.
 """
 from __future__ import annotations
 
@@ -81,7 +83,8 @@ def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: floa
     return step, state
 
 
-def measure(model: str, batch: int, seq: int, rounds: int, past_tasks: int) -> dict:
+def measure(model: str, batch: int, seq: int, rounds: int, past_tasks: int,
+            methods: tuple = ("treelora",)) -> dict:
     backbone = backbone_lib.build_tiny("tiny-llama", SHAPES[model], seed=0)
     vocab = SHAPES[model]["vocab_size"]
     rng = np.random.default_rng(0)
@@ -91,7 +94,7 @@ def measure(model: str, batch: int, seq: int, rounds: int, past_tasks: int) -> d
                                                     -1).astype(np.int32)),
             "weight": jnp.ones((1, batch), jnp.float32)}
     runners = {}
-    for name in ("seqlora", "treelora"):
+    for name in ("seqlora",) + tuple(m for m in methods if m != "seqlora"):
         step, state = build(name, backbone, past_tasks=past_tasks, max_tasks=past_tasks + 1)
         compile_start = time.perf_counter()
         state, metrics = step(state, backbone.params, {"task_classes": jnp.zeros((1, 1), bool),
@@ -108,12 +111,14 @@ def measure(model: str, batch: int, seq: int, rounds: int, past_tasks: int) -> d
             jax.block_until_ready(metrics)
             runner["times"].append(time.perf_counter() - start)
     medians = {name: statistics.median(r["times"]) for name, r in runners.items()}
-    return {
-        "model": model, "batch": batch, "seq": seq, "past_tasks": past_tasks, "rounds": rounds,
-        "seqlora_step_s": medians["seqlora"], "treelora_step_s": medians["treelora"],
-        "treelora_over_seqlora": medians["treelora"] / medians["seqlora"],
-        "modules_D": backbone.info.num_layers * 2, "device": jax.devices()[0].device_kind,
-    }
+    result = {"model": model, "batch": batch, "seq": seq, "past_tasks": past_tasks, "rounds": rounds}
+    for name, median in medians.items():
+        result[f"{name}_step_s"] = median
+    for name in medians:
+        if name != "seqlora":
+            result[f"{name}_over_seqlora"] = medians[name] / medians["seqlora"]
+    result.update({"modules_D": backbone.info.num_layers * 2, "device": jax.devices()[0].device_kind})
+    return result
 
 
 def main(argv=None) -> dict:
@@ -123,14 +128,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--past_tasks", type=int, default=7)
+    parser.add_argument("--methods", default="treelora", help="comma-separated, each timed against seqlora")
     args = parser.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
     results = []
     for model in args.models.split(","):
-        result = measure(model, args.batch, args.seq, args.rounds, args.past_tasks)
+        result = measure(model, args.batch, args.seq, args.rounds, args.past_tasks, methods)
         print(json.dumps(result), flush=True)
         results.append(result)
-    summary = {"benchmark": "step_overhead", "results": results,
-               "treelora_over_seqlora": max(r["treelora_over_seqlora"] for r in results)}
+    summary = {"benchmark": "step_overhead", "results": results}
+    for name in methods:
+        if name != "seqlora":
+            summary[f"{name}_over_seqlora"] = max(r[f"{name}_over_seqlora"] for r in results)
     print(json.dumps(summary))
     return summary
 
