@@ -192,6 +192,8 @@ def run_protocol(run) -> dict:
 
     method = run.method
     lora = dataclasses.asdict(method.lora) if method.trains and hasattr(method, "lora") else None
+    if lora is not None:
+        lora["scale"] = method.delta_scale  # what multiplies B A x (not always alpha / r)
     optimizer = None
     if method.trains:
         settings = run.optimizer_settings
@@ -217,8 +219,14 @@ def run_protocol(run) -> dict:
 def describe_protocol(protocol: dict) -> str:
     """One line: `protocol: LoRA r 10 alpha 10.0 on k, v (dropout 0.0) | head linear | classifier head | ...`."""
     lora = protocol.get("lora")
-    parts = ["no adapter (nothing trained)" if lora is None else
-             f"LoRA r {lora['rank']} alpha {lora['alpha']} on {', '.join(lora['targets'])} (dropout {lora['dropout']})"]
+    if lora is None:
+        parts = ["no adapter (nothing trained)"]
+    else:
+        scale = lora.get("scale", lora["alpha"] / lora["rank"])
+        weight = ("the method's own branch weights" if scale is None else
+                  f"alpha {lora['alpha']:g}, scale {scale:g}" if abs(scale - lora["alpha"] / lora["rank"]) < 1e-9 else
+                  f"scale {scale:g}, no alpha / r")
+        parts = [f"LoRA r {lora['rank']} on {', '.join(lora['targets'])} ({weight}, dropout {lora['dropout']:g})"]
     optimizer = protocol.get("optimizer")
     if optimizer:
         extra = [f"momentum {optimizer['momentum']:g}" if optimizer["name"] == "sgd" else ""]

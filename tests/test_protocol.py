@@ -127,6 +127,8 @@ def test_results_record_the_protocol_used(tmp_path):
     assert (protocol["head"], protocol["classifier"], protocol["task_identity"]) == ("linear", "head", "free")
     line = cli.describe_protocol(protocol)
     assert "LoRA r 10" in line and "on k, v" in line and "head linear" in line
+    # InfLoRA's code applies no alpha / r: the record says what multiplies B A x, not the spec's alpha.
+    assert protocol["lora"]["scale"] == 1.0 and "scale 1, no alpha / r" in line, line
 
 
 def test_the_optimiser_is_the_methods_own_unless_the_config_sets_one():

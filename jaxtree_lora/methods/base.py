@@ -138,6 +138,14 @@ class Method:
     # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
     trains: bool = True
 
+    @property
+    def delta_scale(self) -> Optional[float]:
+        """The factor on B A x in the forward, for the protocol's record: alpha / r, or the method's own
+        `scale` where its code applies no alpha / r (CL-LoRA, InfLoRA, SD-LoRA); None where the method
+        weighs its branches itself (LoDA)."""
+        own = getattr(self, "scale", None)
+        return float(own) if isinstance(own, (int, float)) else self.lora.scale
+
     def default_optimizer(self, batch_size: int) -> dict:
         """The optimiser of the method's own protocol at this global batch size, as `config.optimizer`
         keys (name "adam" | "sgd", learning_rate, momentum, b1, b2, weight_decay, clip_norm). It applies

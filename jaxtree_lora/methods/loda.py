@@ -129,6 +129,11 @@ class LoDA(Method):
         if self.rho < 0 or self.kappa < 0:
             raise ConfigError(f"loda rho and kappa must be >= 0, got rho={self.rho}, kappa={self.kappa}")
 
+    @property
+    def delta_scale(self):
+        """None: the general and isolated branches carry their own weights (gamma_general, gamma_isolated)."""
+        return None
+
     def default_optimizer(self, batch_size: int) -> dict:
         """The CIFAR-100 config's (`exps/dlora/cifar10.json`): SGD 0.005, momentum 0.9, weight decay 5e-4,
         no clipping (its cosine over 20 epochs is not kept: the run's schedule applies)."""
