@@ -182,3 +182,36 @@ def test_the_run_prints_and_records_its_learning_rate(tmp_path):
     loda = cli.run_protocol(make_run(config, tmp_path / "loda"))
     assert "sgd lr 0.005 (momentum 0.9, wd 0.0005)" in cli.describe_protocol(loda), cli.describe_protocol(loda)
     assert cli.run_protocol(make_run(tiny_config("fix"), tmp_path / "fix"))["learning_rate"] is None, "fix trains nothing"
+
+
+def test_fix_generates_each_tasks_answers_once_on_an_instruction_stream(tmp_path, monkeypatch):
+    """`fix` trains nothing, so with greedy decoding a task's generated answers are the same after every
+    task: each task is generated once (2 calls for 2 tasks, not 1 + 2) and its row is constant. A
+    cache keyed wrongly would repeat the work, or give task 1 task 0's score."""
+    from jaxtree_lora.data import get_stream
+    from jaxtree_lora.evaluation import generation as generation_lib
+    from jaxtree_lora.train import backbone as backbone_lib
+    from jaxtree_lora.train.loop import Run
+    from test_paper_configs import write_tiny_llama_and_trace
+
+    llama, trace = write_tiny_llama_and_trace(tmp_path, tasks=("FOMC", "C-STANCE"), train_rows=4)
+    config = default.get_config()
+    config.method.name = "fix"
+    config.model.name, config.model.kind, config.model.path = "hf", "decoder", llama
+    config.data = dict(name="trace", root=trace, tasks=["FOMC", "C-STANCE"], max_prompt_len=8, max_answer_len=2)
+    config.eval.temperature = 0.0
+    calls = []
+    original = generation_lib.generate_and_score
+
+    def counting(task, *args, **kwargs):
+        calls.append(task.name)
+        return original(task, *args, **kwargs)
+
+    monkeypatch.setattr(generation_lib, "generate_and_score", counting)
+    backbone = backbone_lib.build(config)
+    run = Run(config=config, backbone=backbone, stream=get_stream(config.data, backbone.tokenizer),
+              workdir=str(tmp_path / "run"), progress=False)
+    outcome = run.fit()
+    assert calls == ["FOMC", "C-STANCE"], calls
+    matrix = outcome["matrix"]
+    assert matrix[0, 0] == matrix[0, 1], "fix's score on a task cannot change while nothing trains"

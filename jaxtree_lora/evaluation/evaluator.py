@@ -79,6 +79,9 @@ class Evaluator:
                 out_shardings=out_sharding)
         self._generate = None
         self._out_sharding = out_sharding
+        # Generated answers of a model that never trains (`fix`) do not depend on how many tasks were
+        # seen: with greedy decoding each task's score is computed once, not after every task.
+        self._untrained_scores: dict[int, float] = {}
 
     # -- features and classifiers (pure, jitted) -----------------------------------------------
     def _features_fn(self, trainable, frozen, method_state, batch):
@@ -189,7 +192,11 @@ class Evaluator:
             given_task = jnp.asarray(task, jnp.int32)
             state = state.replace(method_state={**state.method_state, "task": given_task})
         if self.kind != "classification":
-            return {"score": self._generation_score(state, task, key)}
+            if self.method.trains or self.temperature != 0.0:
+                return {"score": self._generation_score(state, task, key)}
+            if task not in self._untrained_scores:
+                self._untrained_scores[task] = self._generation_score(state, task, key)
+            return {"score": self._untrained_scores[task]}
         correct = np.zeros((2,), np.float64)
         total, hits = 0.0, 0.0
         for batch in self.batches(classification_arrays(self.stream.tasks[task].test), task):
