@@ -217,25 +217,23 @@ def run_protocol(run) -> dict:
 
 
 def describe_protocol(protocol: dict) -> str:
-    """One line: `protocol: LoRA r 10 alpha 10.0 on k, v (dropout 0.0) | head linear | classifier head | ...`."""
+    """One line: `protocol: LoRA r 10 on k, v (scale 1, no alpha / r, dropout 0) | adam lr 0.0005 | ...`."""
     lora = protocol.get("lora")
     if lora is None:
         parts = ["no adapter (nothing trained)"]
     else:
-        scale = lora.get("scale", lora["alpha"] / lora["rank"])
+        scale = lora["scale"]
         weight = ("the method's own branch weights" if scale is None else
-                  f"alpha {lora['alpha']:g}, scale {scale:g}" if abs(scale - lora["alpha"] / lora["rank"]) < 1e-9 else
-                  f"scale {scale:g}, no alpha / r")
+                  f"alpha {lora['alpha']:g}, scale {scale:g}" if abs(scale - lora["alpha"] / lora["rank"]) < 1e-9
+                  else f"scale {scale:g}, no alpha / r")
         parts = [f"LoRA r {lora['rank']} on {', '.join(lora['targets'])} ({weight}, dropout {lora['dropout']:g})"]
     optimizer = protocol.get("optimizer")
     if optimizer:
-        extra = [f"momentum {optimizer['momentum']:g}" if optimizer["name"] == "sgd" else ""]
+        extra = [f"momentum {optimizer['momentum']:g}"] if optimizer["name"] == "sgd" else []
         if optimizer.get("weight_decay"):
             extra.append(f"wd {optimizer['weight_decay']:g}")
-        extra = ", ".join(e for e in extra if e)
-        parts.append(f"{optimizer['name']} lr {optimizer['learning_rate']:.3g}" + (f" ({extra})" if extra else ""))
-    elif protocol.get("learning_rate"):
-        parts.append(f"lr {protocol['learning_rate']:.3g}")
+        extra = f" ({', '.join(extra)})" if extra else ""
+        parts.append(f"{optimizer['name']} lr {optimizer['learning_rate']:.3g}{extra}")
     for key in ("head", "classifier", "inference", "task_identity"):
         if protocol.get(key):
             parts.append(f"{key.replace('_', ' ')} {protocol[key]}")

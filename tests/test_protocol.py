@@ -137,11 +137,10 @@ def test_the_optimiser_is_the_methods_own_unless_the_config_sets_one():
     5e-4), others with the official TreeLoRA Adam 1e-4; a name or rate the user sets applies to every
     method, whole: otherwise LoDA would run SGD at a rate chosen for Adam."""
     from jaxtree_lora.methods.treelora_hide import TreeHiDeLoRA
-    from jaxtree_lora.train.step import optimizer_settings
+    from jaxtree_lora.train.loop import optimizer_for
 
     def resolved(config, method=None):
-        method = method or build_method(config, 5)
-        return optimizer_settings(config, method.default_optimizer(int(config.train.batch_size)))
+        return optimizer_for(config, method or build_method(config, 5))
 
     config = config_for("hide_lora")
     config.train.batch_size = 24

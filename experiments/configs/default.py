@@ -54,9 +54,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The official TreeLoRA settings (Adam(0.9, 0.95), constant lr 1e-4, clip 1.0). name and learning_rate
     # unset: each method's own optimiser (Method.default_optimizer, its official code's: HiDe-LoRA and
     # TreeLoRA in its form Adam at 0.03 x batch / 256; LoDA, CL-LoRA, SD-LoRA SGD with momentum; InfLoRA
-    # Adam 5e-4), else these; setting either applies this optimiser to every method. Measured on this stream (seqlora, seed 0): lr 5e-4
-    # drifts the features so far that even prototypes recomputed with the final model score 36.9,
-    # against 55.6 for the untrained model; at 1e-4 they score 46.3.
+    # Adam 5e-4), else these; setting either applies this optimiser to every method. Measured on this
+    # stream (seqlora, seed 0): lr 5e-4 drifts the features so far that even prototypes recomputed with
+    # the final model score 36.9, against 55.6 for the untrained model; at 1e-4 they score 46.3.
     config.optimizer = ml_collections.ConfigDict({
         "name": placeholder(str), "learning_rate": placeholder(float), "b1": 0.9, "b2": 0.95, "momentum": 0.9,
         "weight_decay": 0.0, "clip_norm": 1.0, "schedule": "constant",

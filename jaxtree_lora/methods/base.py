@@ -137,6 +137,7 @@ class Method:
     infer_task = None
     # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
     trains: bool = True
+    lora: lora_lib.LoraSpec
 
     @property
     def delta_scale(self) -> Optional[float]:
@@ -153,7 +154,6 @@ class Method:
         (`train.step.optimizer_settings`); {}: the config's optimiser, Adam at 1e-4 by default (the
         official TreeLoRA setting)."""
         return {}
-    lora: lora_lib.LoraSpec
 
     # -- set-up -------------------------------------------------------------------------------
     def init(self, key: Array, model: ModelInfo, stream: StreamInfo) -> tuple[PyTree, PyTree]:

@@ -27,8 +27,8 @@ after the shared half, through the final LayerNorm and the current head); here b
 student run the whole network with the same (stopped) specific half, so the KD acts on the shared
 adapter through full-network logits; (2) the code takes two optimiser steps per batch (KD, then CE +
 orth); here the gradients are summed into one step. Shared/specific split: blocks [0, L/2) and
-[L/2, L) (the code's 0-5 / 6-11 of ViT-B). Optimiser: the official one (SGD 0.03, momentum 0.9, weight decay 1e-4; CIFAR-100) unless the config
-sets its own (`default_optimizer`); r 8 on q and v.
+[L/2, L) (the code's 0-5 / 6-11 of ViT-B). Optimiser: the official one (SGD 0.03, momentum 0.9,
+weight decay 1e-4; CIFAR-100) unless the config sets its own (`default_optimizer`); r 8 on q and v.
 Classification only (prototype classifier).
 """
 from __future__ import annotations

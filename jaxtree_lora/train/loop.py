@@ -35,8 +35,8 @@ from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskConte
 from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import keys
 from jaxtree_lora.train import mesh as mesh_lib
-from jaxtree_lora.train.step import (TrainState, init_head, make_optimizer, optimizer_settings, make_task_loss,
-                                     make_train_step)
+from jaxtree_lora.train.step import (TrainState, build_optimizer, init_head, make_task_loss, make_train_step,
+                                     optimizer_settings)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -124,10 +124,16 @@ def protocol_of(config, method) -> dict:
             "train_mask": config.train.get("train_mask", "task")}
 
 
+def optimizer_for(config, method) -> dict:
+    """The optimiser settings of `method`'s run: its own (`Method.default_optimizer` at the run's global
+    batch) unless the config chooses one (`train.step.optimizer_settings`)."""
+    return optimizer_settings(config, method.default_optimizer(int(config.train.get("batch_size", 1))))
+
+
 def validate(config) -> None:
     """Checks what can be checked before any weights or data are loaded (fails in one clear line)."""
     method = build_method(config, max_tasks=1)
-    make_optimizer(config, method.default_optimizer(int(config.train.get("batch_size", 1))))
+    build_optimizer(optimizer_for(config, method))
     train = config.train
     for key in ("batch_size", "accumulation"):
         if int(train.get(key, 1)) < 1:
@@ -263,9 +269,8 @@ class Run:
         if self.micro_batch % devices:
             raise ConfigError(f"train.batch_size={self.micro_batch} must be divisible by the "
                               f"{devices} data-parallel devices of the mesh")
-        own = self.method.default_optimizer(int(config.train.get("batch_size", 1)))
-        self.optimizer_settings = optimizer_settings(config, own)
-        self.optimizer = make_optimizer(config, own)
+        self.optimizer_settings = optimizer_for(config, self.method)
+        self.optimizer = build_optimizer(self.optimizer_settings)
         self.consts = self._stream_consts()
         self.protocol = protocol_of(config, self.method)
         if not self.method.trains and self.protocol["classifier"] != "prototype" and self.kind == "classification":

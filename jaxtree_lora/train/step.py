@@ -66,13 +66,17 @@ def optimizer_settings(config, own: Optional[dict] = None) -> dict:
 
 
 def make_optimizer(config, own: Optional[dict] = None) -> optax.GradientTransformation:
-    """The run's optimiser (`optimizer_settings`): global-norm clipping (clip_norm > 0), then Adam(W)
-    (b1, b2; decoupled weight decay) or SGD (momentum; PyTorch's coupled weight decay, added to the
-    gradient as `torch.optim.SGD` does), at a constant or cosine learning rate.
+    """The optimiser of `config` (with the method's `own` settings, see `optimizer_settings`)."""
+    return build_optimizer(optimizer_settings(config, own))
+
+
+def build_optimizer(opt: dict) -> optax.GradientTransformation:
+    """The optimiser of resolved settings (`optimizer_settings`): global-norm clipping (clip_norm > 0),
+    then Adam(W) (b1, b2; decoupled weight decay) or SGD (momentum; PyTorch's coupled weight decay,
+    added to the gradient as `torch.optim.SGD` does), at a constant or cosine learning rate.
 
     Official TreeLoRA: Adam(0.9, 0.95), weight decay 0, constant lr 1e-4, clip 1.0.
     """
-    opt = optimizer_settings(config, own)
     name = opt["name"]
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer.name {name!r}: one of {', '.join(OPTIMIZERS)}")
