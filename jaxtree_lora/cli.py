@@ -343,6 +343,26 @@ def _write_seed_summary(workdir: str, per_method: dict, title: str, markdown_fil
     return table
 
 
+def enable_compilation_cache() -> Optional[str]:
+    """Keeps XLA's compiled programs on disk ($JAXTREE_LORA_XLA_CACHE, default
+    ~/.cache/jaxtree_lora/xla; "off" disables): a run whose shapes were compiled before (another seed,
+    the same job again, the methods of a comparison that share a program) loads them instead of
+    compiling. The programs are the same either way; only the time to get them changes."""
+    import jax
+
+    directory = os.environ.get("JAXTREE_LORA_XLA_CACHE", "") or os.path.expanduser("~/.cache/jaxtree_lora/xla")
+    if directory.lower() in ("off", "0", "none"):
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return None  # an unwritable home: compile as usual
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
+
+
 def cmd_run(args, overrides) -> int:
     config = _load_config(args.config, overrides, args.tpu_config)
     seeds = parse_seeds(args.seeds)
@@ -353,6 +373,7 @@ def cmd_run(args, overrides) -> int:
         print("config is valid (nothing was loaded or trained)")
         return 0
     init_distributed(args.coordinator, args.num_processes, args.process_id)
+    enable_compilation_cache()
     workdir = args.workdir or _new_workdir(config.method.name)
     if not seeds:
         run_one(config, workdir, resume=args.resume, progress=not args.no_progress)

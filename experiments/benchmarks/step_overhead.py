@@ -10,6 +10,8 @@ the ratio of medians.
     python -m experiments.benchmarks.step_overhead                     # offline decoder shape + 1B shape
     python -m experiments.benchmarks.step_overhead --models smollm2   # one of: smollm2, llama1b, tiny
     python -m experiments.benchmarks.step_overhead --methods treelora,inclora   # the slots' cost too
+    python -m experiments.benchmarks.step_overhead --methods inclora,inclora:folded --dropout 0
+        # ":folded": the past slots folded into the kernels (what a run does, `Method.fold_past`)
 
 Last line: a JSON object with `METHOD_over_seqlora` per model and overall worst.
 """
@@ -43,10 +45,15 @@ SHAPES = {
 }
 
 
-def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: float = 0.5, rank: int = 8):
+def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: float = 0.5, rank: int = 8,
+          dropout: float = 0.1):
+    """(step, state, frozen weights) of `method_name` ("NAME" or "NAME:folded") after `past_tasks` tasks."""
+    import dataclasses
+
     from jaxtree_lora.methods import get_class
 
-    spec = lora_lib.LoraSpec(targets=("attn.q_proj", "attn.v_proj"), rank=rank, alpha=32.0, dropout=0.1)
+    method_name, _, variant = method_name.partition(":")
+    spec = lora_lib.LoraSpec(targets=("attn.q_proj", "attn.v_proj"), rank=rank, alpha=32.0, dropout=dropout)
     cls = get_class(method_name)
     fields = {f.name for f in __import__("dataclasses").fields(cls)}
     options = {"lora": spec}
@@ -55,6 +62,8 @@ def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: floa
     if "max_tasks" in fields:
         options["max_tasks"] = max_tasks
     method = cls(**options)
+    if variant == "folded":
+        method = dataclasses.replace(method, folded=True)
     stream = StreamInfo(num_tasks=max_tasks, max_tasks=max_tasks, kind="instruction")
     adapters, method_state = method.init(jax.random.PRNGKey(0), backbone.info, stream)
     optimizer = make_optimizer(ml_collections.ConfigDict({"optimizer": {
@@ -80,11 +89,14 @@ def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: floa
                        step=jnp.zeros((), jnp.int32))
     step = jax.jit(make_train_step(method, make_task_loss(backbone, method, "instruction"), optimizer),
                    donate_argnums=(0,))
-    return step, state
+    frozen = backbone.params
+    if variant == "folded":
+        frozen = backbone_lib.add_to_kernels(frozen, backbone.site_kernel, method.fold_past(adapters, method_state))
+    return step, state, frozen
 
 
 def measure(model: str, batch: int, seq: int, rounds: int, past_tasks: int,
-            methods: tuple = ("treelora",)) -> dict:
+            methods: tuple = ("treelora",), dropout: float = 0.1) -> dict:
     backbone = backbone_lib.build_tiny("tiny-llama", SHAPES[model], seed=0)
     vocab = SHAPES[model]["vocab_size"]
     rng = np.random.default_rng(0)
@@ -95,23 +107,26 @@ def measure(model: str, batch: int, seq: int, rounds: int, past_tasks: int,
             "weight": jnp.ones((1, batch), jnp.float32)}
     runners = {}
     for name in ("seqlora",) + tuple(m for m in methods if m != "seqlora"):
-        step, state = build(name, backbone, past_tasks=past_tasks, max_tasks=past_tasks + 1)
+        step, state, frozen = build(name, backbone, past_tasks=past_tasks, max_tasks=past_tasks + 1,
+                                    dropout=dropout)
         compile_start = time.perf_counter()
-        state, metrics = step(state, backbone.params, {"task_classes": jnp.zeros((1, 1), bool),
+        state, metrics = step(state, frozen, {"task_classes": jnp.zeros((1, 1), bool),
                                                         "seen_classes": jnp.zeros((1, 1), bool)}, data,
                               jax.random.PRNGKey(1))
         jax.block_until_ready(metrics)
-        runners[name] = {"step": step, "state": state, "times": [], "compile": time.perf_counter() - compile_start}
+        runners[name] = {"step": step, "state": state, "frozen": frozen, "times": [],
+                         "compile": time.perf_counter() - compile_start}
     consts = {"task_classes": jnp.zeros((1, 1), bool), "seen_classes": jnp.zeros((1, 1), bool)}
     for index in range(rounds):
         for name, runner in runners.items():
             start = time.perf_counter()
-            runner["state"], metrics = runner["step"](runner["state"], backbone.params, consts, data,
+            runner["state"], metrics = runner["step"](runner["state"], runner["frozen"], consts, data,
                                                       jax.random.PRNGKey(index))
             jax.block_until_ready(metrics)
             runner["times"].append(time.perf_counter() - start)
     medians = {name: statistics.median(r["times"]) for name, r in runners.items()}
-    result = {"model": model, "batch": batch, "seq": seq, "past_tasks": past_tasks, "rounds": rounds}
+    result = {"model": model, "batch": batch, "seq": seq, "past_tasks": past_tasks, "rounds": rounds,
+              "dropout": dropout}
     for name, median in medians.items():
         result[f"{name}_step_s"] = median
     for name in medians:
@@ -128,12 +143,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--past_tasks", type=int, default=7)
-    parser.add_argument("--methods", default="treelora", help="comma-separated, each timed against seqlora")
+    parser.add_argument("--methods", default="treelora",
+                        help="comma-separated, each timed against seqlora; NAME:folded folds the past slots")
+    parser.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout of every method")
     args = parser.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
     results = []
     for model in args.models.split(","):
-        result = measure(model, args.batch, args.seq, args.rounds, args.past_tasks, methods)
+        result = measure(model, args.batch, args.seq, args.rounds, args.past_tasks, methods, args.dropout)
         print(json.dumps(result), flush=True)
         results.append(result)
     summary = {"benchmark": "step_overhead", "results": results}

@@ -68,6 +68,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "log_every": 4, "checkpoint_every": 0, "keep_checkpoints": 2, "mesh": [],
         # Cut each text batch to the smallest of a few widths holding its longest row (data.batching).
         "length_buckets": True,
+        # Methods with frozen per-task slots summed in the forward (IncLoRA, O-LoRA, InfLoRA): add the
+        # past slots to the frozen kernels at each task start and run only the current slot (exact; in
+        # training only where LoRA dropout is 0, since the past slots see the dropped input).
+        "fold_slots": True,
         # Memory of one device for the planner (`jaxtree-lora plan`, and `run` before loading);
         # 0: ask the device (GPUs and TPUs report it, CPUs do not). tpu_configs set it.
         "device_memory_gib": 0.0,

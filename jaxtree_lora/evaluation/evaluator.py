@@ -47,7 +47,10 @@ class Evaluator:
       backbone, method, stream: the run's.
       protocol: {"head", "classifier", "head_scale"} (train.loop.protocol_of).
       consts: {"task_classes" [max_tasks, C], "seen_classes" [max_tasks, C]} bool masks.
-      frozen: the backbone weights on the mesh.
+      frozen: the pre-trained backbone weights on the mesh.
+      weights: weights(trainable, method_state) -> the weights the method's forward runs on in that state
+        (`Run.forward_weights`: `frozen` with the frozen past slots folded into the kernels where the run
+        folds them); `frozen` when not given.
       batches: batches(arrays, task_index) -> iterator of evaluation batches (fixed size, "weight").
       host_batch: a host batch -> arrays every process holds whole.
       out_sharding: the sharding of every jitted output (replicated).
@@ -56,9 +59,11 @@ class Evaluator:
     """
 
     def __init__(self, *, backbone, method, stream, protocol: dict, consts: dict, frozen, batches: Callable,
-                 host_batch: Callable, out_sharding, identity: str = "given", temperature: float = 0.0):
+                 host_batch: Callable, out_sharding, identity: str = "given", temperature: float = 0.0,
+                 weights: Optional[Callable] = None):
         self.backbone, self.method, self.stream = backbone, method, stream
         self.protocol, self.consts, self.frozen = protocol, consts, frozen
+        self.weights = weights or (lambda trainable, method_state: frozen)
         self.batches, self.host_batch = batches, host_batch
         self.kind = stream.kind
         self.temperature = float(temperature)
@@ -147,7 +152,8 @@ class Evaluator:
     def _task_class_means(self, state, task: int) -> np.ndarray:
         task_data = self.stream.tasks[task]
         method_state = self._feature_state(state, task)
-        features = lambda batch: self._features(state.trainable, self.frozen, method_state, self.host_batch(batch))
+        weights = self.weights(state.trainable, method_state)
+        features = lambda batch: self._features(state.trainable, weights, method_state, self.host_batch(batch))
         means, _ = prototypes_lib.class_means(features, self.batches(classification_arrays(task_data.train), task),
                                               state.prototypes.shape[0], state.prototypes.shape[1])
         return means
@@ -199,6 +205,7 @@ class Evaluator:
             return {"score": self._untrained_scores[task]}
         correct = np.zeros((2,), np.float64)
         total, hits = 0.0, 0.0
+        weights = self.weights(state.trainable, state.method_state)
         for batch in self.batches(classification_arrays(self.stream.tasks[task].test), task):
             weight = np.asarray(batch.pop("weight"))
             labels = np.asarray(batch.pop("labels"))
@@ -212,7 +219,7 @@ class Evaluator:
                     inferred = self.identity.infer(batch, trained_upto)
                 hits += float(np.sum((inferred == task) * weight))
                 example_tasks = self.host_batch(inferred.astype(np.int32))
-            predictions = np.asarray(self._predict(state.trainable, self.frozen, self.consts, state.method_state,
+            predictions = np.asarray(self._predict(state.trainable, weights, self.consts, state.method_state,
                                                    state.prototypes, batch, trained_upto, example_tasks, given_task))
             correct += np.sum((predictions == labels[None, :]) * weight[None, :], axis=1)
             total += float(np.sum(weight))
@@ -244,10 +251,11 @@ class Evaluator:
         task_data = self.stream.tasks[task]
         arrays = {"prompt_ids": task_data.test.arrays["prompt_ids"], "prompt_mask": task_data.test.arrays["prompt_mask"]}
         key = jax.random.PRNGKey(0) if key is None else key
+        weights = self.weights(state.trainable, state.method_state)
 
         def run(batch, number):
             batch = self.host_batch(batch)
-            return self._generate(state.trainable, self.frozen, state.method_state, batch["prompt_ids"],
+            return self._generate(state.trainable, weights, state.method_state, batch["prompt_ids"],
                                   batch["prompt_mask"], jax.random.fold_in(key, number), max_new)
 
         score, _ = generation_lib.generate_and_score(

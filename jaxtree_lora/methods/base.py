@@ -137,6 +137,12 @@ class Method:
     infer_task = None
     # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
     trains: bool = True
+    # fold_past(adapters, state) -> {site: [num_layers, d_in, d_out] float32}: defined by a method whose
+    # forward adds a sum of per-task slots with the earlier slots frozen (IncLoRA, O-LoRA, InfLoRA): the
+    # update of the slots before state["task"], in kernel layout. The run adds it to the frozen kernels
+    # each time state["task"] changes and runs `dataclasses.replace(method, folded=True)`, whose delta
+    # applies the current slot alone: one slot's matmuls per site instead of `max_tasks`, same function.
+    fold_past = None
     lora: lora_lib.LoraSpec
 
     @property
@@ -214,6 +220,8 @@ class Method:
         """Hyper-parameters for results.json."""
         out = {}
         for field in dataclasses.fields(self):
+            if field.name == "folded":  # how the run computes the forward, not a hyper-parameter
+                continue
             value = getattr(self, field.name)
             out[field.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
         out["task_identity_at_inference"] = bool(self.task_identity_at_inference)

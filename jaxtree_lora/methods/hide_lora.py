@@ -339,6 +339,7 @@ class HiDeLoRA(IncLoRA):
     """
 
     name = "hide_lora"
+    fold_past = None  # one slot per example, never a sum: nothing to fold
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec(targets=("k", "v"), rank=4, alpha=1.0, dropout=0.0, max_modules=10)
     reg: float = 0.001
     temperature: float = 0.8

@@ -10,6 +10,10 @@ Shapes are fixed for the stream: adapters are stacked over `max_tasks` slots,
 are masked out of the delta, so a new task never compiles the train step again. Only the current
 slot receives gradients and optimiser updates (`update_mask`), so Adam's momentum cannot move a
 frozen adapter.
+
+The frozen slots are a constant sum during a task, so a run folds them into the frozen kernels
+(`fold_past`, `Method.fold_past`) and runs the method with `folded=True`: the delta is then the
+current slot alone, one rank-r product per site instead of `max_tasks` of them.
 """
 from __future__ import annotations
 
@@ -23,12 +27,32 @@ from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.methods.base import Method, ModelInfo, StreamInfo
 
 
+def current_slot(adapter, state) -> dict:
+    """The slot state["task"] of one layer's stacked adapter {"a": [K, r, d_in], "b": [K, d_out, r]}, its B
+    times the slot's activity (0 before the task begins), as {"a": [r, d_in], "b": [d_out, r]}."""
+    task = state["task"]
+    a = jax.lax.dynamic_index_in_dim(adapter["a"], task, axis=0, keepdims=False)
+    b = jax.lax.dynamic_index_in_dim(adapter["b"], task, axis=0, keepdims=False)
+    return {"a": a, "b": b * state["slots"][task].astype(b.dtype)}
+
+
+def fold_slots(adapters, weights, scale: float) -> dict:
+    """{site: scale * sum_k weights[k] A_k^T B_k^T} in kernel layout [L, d_in, d_out], float32, from stacked
+    slots {"a": [L, K, r, d_in], "b": [L, K, d_out, r]}. Constants: no gradient flows into the fold."""
+    adapters = jax.lax.stop_gradient(adapters)
+    return {site: scale * jnp.einsum("lkri,lkor,k->lio", leaves["a"].astype(jnp.float32),
+                                     leaves["b"].astype(jnp.float32), jnp.asarray(weights, jnp.float32))
+            for site, leaves in adapters.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class IncLoRA(Method):
     """A new LoRA per task; the sum of all learned adapters is applied (task-identity free)."""
 
     name = "inclora"
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec(dropout=0.1)
+    # Set by the run when the slots before state["task"] are already in the frozen kernels (`fold_past`).
+    folded: bool = False
 
     def init(self, key, model: ModelInfo, stream: StreamInfo):
         adapters = lora_lib.init(key, self.lora, model.sites, model.num_layers, leading=(stream.max_tasks,))
@@ -42,6 +66,8 @@ class IncLoRA(Method):
 
     def delta(self, state, site: str, adapter, x, key: Optional[jax.Array]):
         x = lora_lib.dropout(x, self.lora.dropout, key)
+        if self.folded:
+            return lora_lib.apply(current_slot(adapter, state), x, self.lora.scale)
         current = jnp.arange(state["slots"].shape[0]) == state["task"]
         # Past slots are constants: only the current task's adapter gets a gradient.
         keep = current[:, None, None]
@@ -51,6 +77,11 @@ class IncLoRA(Method):
         # Sum over slots: concatenating the rank axes gives one [K*r] low-rank product.
         h = jnp.einsum("...i,kri->...kr", x, a.astype(x.dtype))
         return self.lora.scale * jnp.einsum("...kr,kor->...o", h, b.astype(x.dtype))
+
+    def fold_past(self, adapters, state):
+        """{site: [L, d_in, d_out] float32}: the summed update of the slots before state["task"]."""
+        return fold_slots(adapters, (jnp.arange(state["slots"].shape[0]) < state["task"]) * state["slots"],
+                          self.delta_scale)
 
     def update_mask(self, state, trainable):
         current = (jnp.arange(state["slots"].shape[0]) == state["task"]).astype(jnp.float32)

@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.methods.inclora import IncLoRA
+from jaxtree_lora.methods.inclora import IncLoRA, current_slot
 
 
 def design_a(moment: np.ndarray, basis: np.ndarray, size: int, retain: bool, rank: int) -> np.ndarray:
@@ -148,6 +148,9 @@ class InfLoRA(IncLoRA):
 
     def delta(self, state, site, adapter, x, key):
         x = lora_lib.dropout(x, self.lora.dropout, key)
+        if self.folded:
+            slot = current_slot(adapter, state)
+            return lora_lib.apply({**slot, "a": jax.lax.stop_gradient(slot["a"])}, x, self.scale)
         current = jnp.arange(state["slots"].shape[0]) == state["task"]
         a = jax.lax.stop_gradient(adapter["a"])  # designed, never trained
         b = jnp.where(current[:, None, None], adapter["b"], jax.lax.stop_gradient(adapter["b"]))

@@ -43,6 +43,7 @@ class SDLoRA(IncLoRA):
     """IncLoRA whose earlier adapters become normalised directions with learnable magnitudes."""
 
     name = "sd_lora"
+    fold_past = None  # the past slots' magnitudes keep training: their sum is not a constant
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec(rank=10, dropout=0.0)
     alpha_init: float = 0.8
     scale: float = 1.0

@@ -171,6 +171,11 @@ class BertEncoder(nnx.Module):
                 "attn.output": Site(h, h), "mlp.intermediate": Site(h, f), "mlp.output": Site(f, h)}
 
     @staticmethod
+    def site_kernel(site: str) -> str:
+        """The stacked kernel of a site in `layers`, e.g. "attn.output" -> "attn_out"."""
+        return SITE_KERNELS[site]
+
+    @staticmethod
     def hf_module_path(site: str, layer: int) -> str:
         """PEFT/HF module name of a site in one layer, e.g. "encoder.layer.3.attention.self.query"."""
         if site not in HF_MODULES:

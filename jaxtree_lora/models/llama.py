@@ -275,6 +275,11 @@ class LlamaDecoder(nnx.Module):
                 "mlp.down_proj": Site(f, d)}
 
     @staticmethod
+    def site_kernel(site: str) -> str:
+        """The stacked kernel of a site in `layers`: "attn.q_proj" -> "q_proj"."""
+        return site.split(".")[1]
+
+    @staticmethod
     def hf_module_path(site: str, layer: int) -> str:
         """"attn.q_proj", 3 -> "model.layers.3.self_attn.q_proj" (PEFT target names)."""
         group, name = site.split(".")

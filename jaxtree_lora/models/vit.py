@@ -172,6 +172,11 @@ class ViT(nnx.Module):
                 "mlp.fc1": Site(d, f), "mlp.fc2": Site(f, d)}
 
     @staticmethod
+    def site_kernel(site: str) -> str:
+        """The stacked kernel of a site in `layers`, e.g. "attn.output" -> "attn_out"."""
+        return SITE_KERNELS[site]
+
+    @staticmethod
     def hf_module_path(site: str, layer: int) -> str:
         """PEFT/HF module name, e.g. "vit.encoder.layer.3.attention.attention.query"."""
         if site not in HF_MODULES:

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -37,6 +38,8 @@ class Backbone:
     remat: bool = False
     hf_config: Any = None
     vocab_size: int = 0  # rows of the token embedding (0: not a text model)
+    # site -> the name of its stacked kernel [num_layers, d_in, d_out] in the parameters' `layers`.
+    site_kernel: Optional[Callable[[str], str]] = None
 
     def module(self, params=None):
         return nnx.merge(self.graphdef, self.params if params is None else params)
@@ -49,12 +52,40 @@ class Backbone:
             return model.features(inputs["images"], **kwargs)
         return model.features(inputs["input_ids"], inputs["attention_mask"], **kwargs)
 
+    def site_kernel_dtypes(self, sites) -> dict:
+        """{site: dtype of its stored kernel} for the given sites."""
+        names = {self.site_kernel(site): site for site in sites}
+        return {names[path[1].key]: leaf.dtype for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]
+                if _kernel_name(path) in names}
+
     def logits(self, params, tokens, attention_mask, *, adapters=None, delta=None, rng=None, window=None):
         """Next-token logits [batch, seq, vocab] (decoder only); with `window` (static (start, stop))
         only at positions start..stop-1: [batch, stop - start, vocab]."""
         model = nnx.merge(self.graphdef, params)
         return model(tokens, attention_mask, adapters=adapters, delta=delta, rng=rng,
                      compute_dtype=self.compute_dtype, logits_window=window)
+
+
+def _kernel_name(path) -> Optional[str]:
+    """The name of a stacked per-layer weight from its path in the parameters ("layers", name, ...), else None."""
+    if len(path) >= 2 and getattr(path[0], "key", None) == "layers":
+        return getattr(path[1], "key", None)
+    return None
+
+
+def add_to_kernels(params, site_kernel: Callable[[str], str], updates: dict):
+    """`params` with `updates[site]` ([num_layers, d_in, d_out]) added to each site's stacked kernel, the
+    sum taken in float32 and stored in the kernel's dtype; every other leaf is returned as it is (the same
+    array). Pure: folds frozen LoRA slots into the kernels they adapt (`Method.fold_past`)."""
+    by_name = {site_kernel(site): update for site, update in updates.items()}
+
+    def add(path, leaf):
+        update = by_name.get(_kernel_name(path))
+        if update is None:
+            return leaf
+        return (leaf.astype(jnp.float32) + update.astype(jnp.float32)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(add, params)
 
 
 def _finish(name, kind, module, tokenizer, compute_dtype, remat, hf_config=None) -> Backbone:
@@ -72,7 +103,7 @@ def _finish(name, kind, module, tokenizer, compute_dtype, remat, hf_config=None)
                             f"rows: it belongs to another model; put the checkpoint's own tokenizer files beside it")
     return Backbone(name=name, kind=kind, graphdef=graphdef, params=params, tokenizer=tokenizer, info=info,
                     hf_module_path=module.hf_module_path, compute_dtype=compute_dtype, remat=remat,
-                    hf_config=hf_config, vocab_size=vocab_size)
+                    hf_config=hf_config, vocab_size=vocab_size, site_kernel=module.site_kernel)
 
 
 def _dtype(name: Optional[str]):

@@ -289,11 +289,50 @@ class Run:
         answer_window = (tokenize.answer_window([split.arrays["loss_mask"] for task in self.stream.tasks
                                                  for split in (task.train, task.test)]) or None
                          if self.kind == "instruction" else None)
-        self.task_loss = make_task_loss(self.backbone, self.method, self.kind, self.protocol["train_mask"],
+        self._plan_fold()
+        self.task_loss = make_task_loss(self.backbone, self.train_method, self.kind, self.protocol["train_mask"],
                                         self.protocol["head"], self.protocol["head_scale"], answer_window)
         self._compile()
 
     # -- setup ------------------------------------------------------------------------------------
+    def _plan_fold(self):
+        """Whether the frozen past slots are folded into the kernels (`Method.fold_past`): for methods that
+        define it, with `train.fold_slots` on and float32 kernels and compute (in bfloat16, W + dW would
+        round the small past update to W's precision, not its own). Evaluation and statistics (no dropout) then run `forward_method`, the current
+        slot alone, on `forward_frozen`; training too where LoRA dropout is 0 (with dropout the past slots
+        see the dropped input, which a kernel cannot)."""
+        method = self.method
+        compute = getattr(self.backbone, "compute_dtype", None)
+        self.fold = bool(getattr(method, "fold_past", None) is not None and self.config.train.get("fold_slots", True)
+                         and getattr(self.backbone, "site_kernel", None) is not None
+                         and (compute is None or jnp.dtype(compute) == jnp.float32)
+                         and all(dtype == jnp.float32 for dtype in self.backbone.site_kernel_dtypes(
+                             method.lora.select(self.backbone.info.sites)).values()))
+        self.forward_method = dataclasses.replace(method, folded=True) if self.fold else method
+        self.fold_in_training = self.fold and float(method.lora.dropout) == 0.0
+        self.train_method = self.forward_method if self.fold_in_training else method
+
+    def forward_weights(self, trainable, method_state):
+        """The weights `forward_method` runs on for this state: the frozen ones, with the slots before
+        method_state["task"] added to the kernels where the run folds (always computed from the untouched
+        weights, so a resumed run gets the same bits). The last result is kept for the same arrays."""
+        if not self.fold:
+            return self.frozen
+        leaves = jax.tree.leaves((trainable["adapters"], method_state))
+        cached = self._fold_cache
+        if cached is not None and len(cached[0]) == len(leaves) and all(a is b for a, b in zip(cached[0], leaves)):
+            return cached[1]
+        # One sharding for every call (a method's host work hands back single-device arrays), one compile.
+        adapters, method_state = jax.device_put((trainable["adapters"], method_state), mesh_lib.replicated(self.mesh))
+        weights = self._fold(self.frozen, adapters, method_state)
+        self._fold_cache = (leaves, weights)
+        return weights
+
+    def _refold(self, state) -> None:
+        """The train step's weights for a task (its past slots are frozen, so one fold serves every step)."""
+        self.train_frozen = (self.forward_weights(state.trainable, state.method_state) if self.fold_in_training
+                             else self.frozen)
+
     def _stream_consts(self) -> dict:
         classes = int(getattr(self.stream, "num_classes", 0) or 0)
         task_classes = np.zeros((self.max_tasks, max(classes, 1)), bool)
@@ -317,13 +356,22 @@ class Run:
 
     def _compile(self):
         replicated = mesh_lib.replicated(self.mesh)
-        step = make_train_step(self.method, self.task_loss, self.optimizer,
+        step = make_train_step(self.train_method, self.task_loss, self.optimizer,
                                freeze_other_classes=self.config.train.get("train_mask", "task") == "task")
         # Every output is replicated: with several processes each one can then read it whole.
         self.train_step = jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
         min_size = int(self.config.train.get("fsdp_min_size", 2 ** 18))
         self.frozen = mesh_lib.to_global(self.backbone.params,
                                          mesh_lib.backbone_sharding(self.mesh, self.backbone.params, min_size))
+        self.train_frozen, self._fold_cache = self.frozen, None
+        if self.fold:
+            from jaxtree_lora.train.backbone import add_to_kernels
+
+            forward_method, site_kernel = self.forward_method, self.backbone.site_kernel
+            self._fold = jax.jit(
+                lambda frozen, adapters, method_state: add_to_kernels(
+                    frozen, site_kernel, forward_method.fold_past(adapters, method_state)),
+                out_shardings=jax.tree.map(lambda leaf: leaf.sharding, self.frozen))
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         # This process's rows of each global batch (all of them with one process).
         self.local_rows = (None if jax.process_count() == 1 else
@@ -344,9 +392,9 @@ class Run:
 
         eval_batch = int(self.config.eval.get("batch_size", 64))
         self.evaluator = Evaluator(
-            backbone=self.backbone, method=method, stream=self.stream, protocol=self.protocol, consts=self.consts,
-            frozen=self.frozen, host_batch=self._host_batch, out_sharding=replicated, identity=self.identity,
-            temperature=float(self.config.eval.get("temperature", 0.0)),
+            backbone=self.backbone, method=self.forward_method, stream=self.stream, protocol=self.protocol,
+            consts=self.consts, frozen=self.frozen, weights=self.forward_weights, host_batch=self._host_batch,
+            out_sharding=replicated, identity=self.identity, temperature=float(self.config.eval.get("temperature", 0.0)),
             batches=lambda arrays, task: self.batching.batches(arrays, eval_batch, seed=0, task=task, epoch=0,
                                                                shuffle=False))
 
@@ -369,7 +417,7 @@ class Run:
         total, count = None, 0.0
         for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
             count += float(np.sum(batch["weight"]))
-            sums = self._fisher_batch(trainable, self.frozen, method_state, self._host_batch(batch), None)
+            sums = self._fisher_batch(trainable, self.train_frozen, method_state, self._host_batch(batch), None)
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total)
 
@@ -382,7 +430,7 @@ class Run:
             from jaxtree_lora.models.common import SiteRecorder, input_moment
             from jaxtree_lora.train.step import token_weights
 
-            method, backbone = self.method, self.backbone
+            method, backbone = self.forward_method, self.backbone
 
             def moments(trainable, frozen, method_state, batch):
                 weight = token_weights(batch)
@@ -396,7 +444,8 @@ class Run:
             self._moments_batch = jax.jit(moments, out_shardings=mesh_lib.replicated(self.mesh))
         total, count = None, 0.0
         for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
-            sums, tokens = self._moments_batch(trainable, self.frozen, method_state, self._host_batch(batch))
+            sums, tokens = self._moments_batch(trainable, self.forward_weights(trainable, method_state), method_state,
+                                               self._host_batch(batch))
             count += float(tokens)
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total), count
@@ -423,7 +472,8 @@ class Run:
             if trainable is None:
                 features = self.evaluator._pretrained(self.frozen, batch)
             else:
-                features = self.evaluator._features(trainable, self.frozen, method_state, batch)
+                features = self.evaluator._features(trainable, self.forward_weights(trainable, method_state),
+                                                    method_state, batch)
             yield np.asarray(features), labels, weight
 
     def _host_batch(self, batch: dict) -> dict:
@@ -473,6 +523,7 @@ class Run:
         os.makedirs(self.workdir, exist_ok=True)
         books = _Books(self, resume)
         state = books.start(self.initial_state())
+        self._refold(state)
         try:
             for task_index in range(books.position["task"], self.num_tasks):
                 task = self.stream.tasks[task_index]
@@ -487,6 +538,7 @@ class Run:
                         state.trainable, state.method_state, self.task_context(task_index, arrays, steps_per_epoch)))
                     state = state.replace(trainable=trainable, method_state=method_state)
                     state = self.begin_task(state, jnp.asarray(task_index, jnp.int32))
+                    self._refold(state)
                 task_start = time.perf_counter()
                 state = self._train_task(state, task_index, arrays, steps_per_epoch, books)
                 jax.block_until_ready(state)
@@ -542,7 +594,7 @@ class Run:
         for batch_index, batch in enumerate(batches, start=start_batch):
             batch = mesh_lib.global_batch(batch, self.batch_sharding, self.accumulation, self.micro_batch)
             key = keys.train_step_key(seed, task_index, epoch, batch_index)
-            state, metrics = self.train_step(state, self.frozen, self.consts, batch, key)
+            state, metrics = self.train_step(state, self.train_frozen, self.consts, batch, key)
             kill_point("step")
             pending.append(metrics)
             books.steps_done += 1

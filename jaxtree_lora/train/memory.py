@@ -1,6 +1,7 @@
 """A per-device memory plan for a model and config, built on `jax.eval_shape` (nothing is allocated).
 
-    frozen weights      bytes of the backbone's parameters / their sharding over `fsdp`
+    frozen weights      bytes of the backbone's parameters / their sharding over `fsdp` (+ the adapted
+                        kernels once more where a run folds frozen slots into them, Method.fold_past)
     trainable + Adam    adapters and head, twice more for Adam's moments (replicated)
     method state        e.g. TreeLoRA's bank of task vectors [max_tasks, D, F] (replicated)
     activations         per micro-batch per device: decoder/encoder blocks after Korthikanti et al.
@@ -164,6 +165,19 @@ def answer_length(data) -> int:
     return 0
 
 
+def folded_kernel_bytes(config, method, module, frozen, compute: str) -> float:
+    """Bytes of the second copy of the adapted kernels a run keeps when it folds frozen slots into them
+    (`Method.fold_past`: float32 kernels and compute, `train.fold_slots`), else 0."""
+    if getattr(method, "fold_past", None) is None or not config.train.get("fold_slots", True) or compute != "float32":
+        return 0.0
+    names = {module.site_kernel(site) for site in method.lora.select(module.lora_sites())}
+    kernels = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(frozen)[0]
+               if len(path) >= 2 and getattr(path[0], "key", None) == "layers" and getattr(path[1], "key", None) in names]
+    if any(np.dtype(leaf.dtype) != np.float32 for leaf in kernels):
+        return 0.0
+    return tree_bytes(kernels)
+
+
 def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True) -> MemoryPlan:
     """The per-device plan of `config` (a run config, tpu_config applied): the backbone from its config
     file only (backbone.abstract_module), adapters and method state from `jax.eval_shape` of the
@@ -206,7 +220,8 @@ def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True)
                   remat=bool(config.model.get("remat", False)),
                   vocab=int(getattr(model_config, "vocab_size", 0) or 0) if kind == "decoder" else 0,
                   answer_len=answer_length(config.data), capacity_bytes=capacity_bytes, check=False)
-    result.frozen_bytes = mesh_lib.bytes_per_device(frozen, specs, mesh_shape)
+    result.frozen_bytes = mesh_lib.bytes_per_device(frozen, specs, mesh_shape) + folded_kernel_bytes(
+        config, method, module, frozen, compute) / max(mesh_shape["fsdp"], 1)
     result.devices = int(np.prod(mesh))
     if check:
         refuse_if_too_big(result)
