@@ -345,7 +345,7 @@ def _write_seed_summary(workdir: str, per_method: dict, title: str, markdown_fil
 
 def enable_compilation_cache() -> Optional[str]:
     """Keeps XLA's compiled programs on disk ($JAXTREE_LORA_XLA_CACHE, default
-    ~/.cache/jaxtree_lora/xla; "off" disables): a run whose shapes were compiled before (another seed,
+    ~/.cache/jaxtree_lora/xla, at most 2 GiB; "off" disables): a run whose shapes were compiled before (another seed,
     the same job again, the methods of a comparison that share a program) loads them instead of
     compiling. The programs are the same either way; only the time to get them changes."""
     import jax
@@ -360,6 +360,7 @@ def enable_compilation_cache() -> Optional[str]:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 2 * 2 ** 30)  # least recently used go first
     return directory
 
 
