@@ -63,7 +63,7 @@ def test_fold_adds_exactly_the_past_slots_to_the_kernels(tmp_path):
     assert run.forward_weights(state.trainable, state.method_state) is folded, "the same state folded twice"
 
 
-@pytest.mark.parametrize("method,dropout", [("inflora", 0.0), ("inclora", 0.1)])
+@pytest.mark.parametrize("method,dropout", [("inflora", 0.0), pytest.param("inclora", 0.1, marks=pytest.mark.slow)])
 def test_folded_run_ends_like_an_unfolded_one(method, dropout, tmp_path):
     """InfLoRA (dropout 0) folds in training and evaluation; IncLoRA at dropout 0.1 only in evaluation
     (its past slots see the dropped input in training). Same matrices, same final adapters."""
