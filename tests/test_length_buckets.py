@@ -109,7 +109,7 @@ def test_run_compiles_the_train_step_at_most_once_per_bucket(tmp_path):
             # Mostly short rows, a few full ones: batches of 8 land in different buckets.
             lengths = np.where(rng.random(len(split.labels)) < 0.08, 32, rng.integers(2, 12, len(split.labels)))
             split.inputs["attention_mask"] = (np.arange(32)[None, :] < lengths[:, None]).astype(np.int32)
-    config = tiny_config("treelora", epochs=1)
+    config = tiny_config("treelora", epochs=1, pack=False)  # packed batches keep the full width (test_packing)
     run = Run(config=config, backbone=backbone_lib.build(config), stream=stream, workdir=str(tmp_path / "run"),
               progress=False)
     widths = run.batching.widths()["attention_mask"]

@@ -12,9 +12,10 @@ figures are medians after warm-up and the speed-up is the ratio of medians.
             answer), labels -100 elsewhere as TRACE sets them. PEFT computes logits at every
             position (LlamaForCausalLM's default); this project over the answer window.
   epoch     the default main job's real-data epoch: offline-text-cil task 1's train split (192 texts),
-            MiniLM, batch 16, the same shuffled batches; here cut to the length buckets, in the
+            MiniLM, batch 16, the same shuffled batches; here packed as the run packs them
+            (`data.packing`: several texts per 64-wide row, attention within each text), in the
             PEFT loop padded to each batch's longest row (what DataCollatorWithPadding does).
-            Timed per epoch after one warm-up epoch (which compiles every bucket here).
+            Timed per epoch after one warm-up epoch (which compiles every row count here).
 
 PyTorch runs with torch.set_num_threads(--threads); JAX with its defaults (every core).
 
@@ -238,7 +239,7 @@ def row_epoch(args) -> dict:
     import torch
 
     from experiments.configs.default import get_config
-    from jaxtree_lora.data import batching, get_stream
+    from jaxtree_lora.data import batching, get_stream, packing
     from jaxtree_lora.train import backbone as backbone_lib
 
     config = get_config()
@@ -246,10 +247,9 @@ def row_epoch(args) -> dict:
     stream = get_stream(config.data, backbone.tokenizer)
     task = stream.tasks[0]
     arrays = dict(task.train.inputs, labels=np.asarray(task.train.labels, np.int32))
-    splits = [split.inputs for t in stream.tasks for split in (t.train, t.test)]
-    buckets = batching.LengthBuckets.for_splits(splits, "right", int(config.train.batch_size))
     size = int(config.train.batch_size)
-    ours_epoch = list(buckets.batches(arrays, size, seed=0, task=0, epoch=0))
+    packer = packing.Packer(size)
+    ours_epoch = [packer(batch) for batch in batching.batches(arrays, size, seed=0, task=0, epoch=0)]
     peft_epoch = []
     for batch in batching.batches(arrays, size, seed=0, task=0, epoch=0):
         longest = int(batch["attention_mask"].sum(1).max())  # DataCollatorWithPadding: pad to the longest
@@ -266,9 +266,10 @@ def row_epoch(args) -> dict:
     epochs = {"ours": ours_epoch, "peft": peft_epoch}
     medians = alternate(runners, lambda name, index: epochs[name], 1, args.epochs)
     return {"row": "epoch", "task": task.name, "rows": int(len(arrays["labels"])), "batch": size,
-            "batches": len(ours_epoch), "ours_mean_width": float(np.mean([b["input_ids"].shape[1] for b in ours_epoch])),
-            "peft_mean_width": float(np.mean([b["input_ids"].shape[1] for b in peft_epoch])),
-            "bucket_widths": list(buckets.widths()["attention_mask"]),
+            "batches": len(ours_epoch), "real_tokens": int(sum(b["attention_mask"].sum() for b in peft_epoch)),
+            "ours_token_slots": int(sum(b["input_ids"].size for b in ours_epoch)),
+            "peft_token_slots": int(sum(b["input_ids"].size for b in peft_epoch)),
+            "ours_rows_per_batch": float(np.mean([b["input_ids"].shape[0] for b in ours_epoch])),
             "ours_epoch_s": medians["ours"], "peft_epoch_s": medians["peft"],
             "speedup": medians["peft"] / medians["ours"]}
 

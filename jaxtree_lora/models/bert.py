@@ -183,11 +183,15 @@ class BertEncoder(nnx.Module):
         return f"encoder.layer.{layer}.{HF_MODULES[site]}"
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, adapters=None,
-                 delta: Optional[DeltaFn] = None, rng=None, compute_dtype=None):
+                 delta: Optional[DeltaFn] = None, rng=None, compute_dtype=None, position_ids=None,
+                 segment_ids=None):
         """Hidden states [batch, seq, hidden] after the last block.
 
         input_ids: [batch, seq] int; attention_mask: [batch, seq], 1 for real tokens, 0 for padding
         (default all ones); token_type_ids: [batch, seq] (default zeros).
+        Packed rows (`data.packing`): position_ids [batch, seq] (each token's position in its own text)
+        and segment_ids [batch, seq] (which text a token belongs to, 0 for padding): a token attends
+        only to the real tokens of its own segment.
         adapters: {site: pytree with leading num_layers axis}; delta: the method's delta function;
         rng: key for adapter dropout (None: deterministic); compute_dtype: activation dtype
         (default: the parameters' dtype; LayerNorm and softmax stay float32 inside).
@@ -202,10 +206,15 @@ class BertEncoder(nnx.Module):
             attention_mask = jnp.ones((batch, seq), jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, seq), jnp.int32)
-        x = (self.word_embeddings[...][input_ids] + self.position_embeddings[...][:seq][None]
-             + self.type_embeddings[...][token_type_ids])
+        positions = (self.position_embeddings[...][:seq][None] if position_ids is None
+                     else self.position_embeddings[...][position_ids])
+        x = self.word_embeddings[...][input_ids] + positions + self.type_embeddings[...][token_type_ids]
         x = layer_norm(x, self.embed_norm[...], self.embed_norm_bias[...], config.layer_norm_eps).astype(dtype)
-        key_mask = attention_mask[:, None, None, :] > 0  # [batch, 1, 1, seq]: padding keys are never attended
+        if segment_ids is None:
+            key_mask = attention_mask[:, None, None, :] > 0  # [batch, 1, 1, seq]: padding keys are never attended
+        else:  # [batch, 1, seq, seq]: the real keys of the query's own segment
+            key_mask = ((segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+                        & (attention_mask[:, None, None, :] > 0))
 
         def body(carry, params_l, hook):
             return encoder_block(carry, params_l, hook, key_mask, config.num_heads, config.layer_norm_eps,
@@ -215,14 +224,23 @@ class BertEncoder(nnx.Module):
                            remat=config.remat)
         return x
 
-    def features(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
+    def features(self, input_ids, attention_mask=None, token_type_ids=None, examples=None, **kwargs):
         """Sentence features [batch, hidden] in float32.
 
         "mean" pooling averages the hidden states of real tokens (attention_mask 1), as
         sentence-transformers does for all-MiniLM-L6-v2 (without its final L2 normalisation);
-        "cls" returns the first token's hidden state. kwargs go to `__call__`.
+        "cls" returns the first token's hidden state. kwargs go to `__call__`. Packed rows: `examples`
+        [B] lists the segments (with kwargs position_ids and segment_ids), one feature row each: [B, hidden].
         """
         hidden = self(input_ids, attention_mask, token_type_ids, **kwargs).astype(jnp.float32)
+        if examples is not None:
+            segments = kwargs["segment_ids"]
+            member = segments[None, :, :] == examples[:, None, None]  # [B, rows, seq]
+            if self.config.pooling == "cls":
+                member = member & (kwargs["position_ids"][None] == 0)
+            weight = (member & (attention_mask[None] > 0)).astype(jnp.float32)
+            total = jnp.einsum("brs,rsd->bd", weight, hidden)
+            return total / jnp.maximum(jnp.sum(weight, axis=(1, 2))[:, None], 1e-9)
         if self.config.pooling == "cls":
             return hidden[:, 0]
         if attention_mask is None:

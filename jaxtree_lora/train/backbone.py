@@ -50,6 +50,9 @@ class Backbone:
         kwargs = dict(adapters=adapters, delta=delta, rng=rng, compute_dtype=self.compute_dtype)
         if self.kind == "vit":
             return model.features(inputs["images"], **kwargs)
+        if "segment_ids" in inputs:  # packed rows (data.packing): one feature row per example
+            kwargs.update(position_ids=inputs["position_ids"], segment_ids=inputs["segment_ids"],
+                          examples=inputs["examples"])
         return model.features(inputs["input_ids"], inputs["attention_mask"], **kwargs)
 
     def site_kernel_dtypes(self, sites) -> dict:

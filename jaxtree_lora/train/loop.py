@@ -27,6 +27,7 @@ import numpy as np
 from jaxtree_lora import checkpoint as checkpoint_lib
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora import methods as methods_lib
+from jaxtree_lora.data import batching as batching_lib
 from jaxtree_lora.data.stream import check_stream
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.evaluation.evaluator import classification_arrays
@@ -266,6 +267,7 @@ class Run:
                 splits, "right" if self.kind == "classification" else "left",
                 self.micro_batch * self.accumulation)
         devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.packer = self._packer(devices)
         if self.micro_batch % devices:
             raise ConfigError(f"train.batch_size={self.micro_batch} must be divisible by the "
                               f"{devices} data-parallel devices of the mesh")
@@ -295,6 +297,22 @@ class Run:
         self._compile()
 
     # -- setup ------------------------------------------------------------------------------------
+    def _packer(self, devices: int):
+        """A `data.packing.Packer` for the training batches where packing applies (`train.pack`): text
+        classification on an encoder, one device in one process (a packed row mixes examples, so it
+        cannot follow the batch's split over devices), every text's tokens at the front of its row.
+        Evaluation and the statistics passes keep one example per row."""
+        from jaxtree_lora.data import packing
+
+        if not (self.config.train.get("pack", True) and self.kind == "classification"
+                and getattr(self.backbone, "kind", "") == "encoder" and devices == 1 and jax.process_count() == 1):
+            return None
+        for task in self.stream.tasks:
+            mask = np.asarray(task.train.inputs.get("attention_mask", np.zeros((0, 0))))
+            if mask.ndim != 2 or not np.array_equal(mask > 0, np.arange(mask.shape[1])[None, :] < mask.sum(1)[:, None]):
+                return None  # not right-padded (or no mask): rows cannot be laid end to end
+        return packing.Packer(self.micro_batch, self.accumulation)
+
     def _plan_fold(self):
         """Whether the frozen past slots are folded into the kernels (`Method.fold_past`): for methods that
         define it, with `train.fold_slots` on and float32 kernels and compute (in bfloat16, W + dW would
@@ -589,9 +607,13 @@ class Run:
         seed = int(self.config.seed)
         pending = []
         window_start = time.perf_counter()
-        batches = self.batching.batches(arrays, self.micro_batch * self.accumulation, seed=seed, task=task_index,
-                                        epoch=epoch, shuffle=True, start=start_batch, take=self.local_rows)
+        # Packed batches keep the full width (their row count varies instead): one compile per row count.
+        source = self.batching.batches if self.packer is None else batching_lib.batches
+        batches = source(arrays, self.micro_batch * self.accumulation, seed=seed, task=task_index,
+                         epoch=epoch, shuffle=True, start=start_batch, take=self.local_rows)
         for batch_index, batch in enumerate(batches, start=start_batch):
+            if self.packer is not None:
+                batch = self.packer(batch)
             batch = mesh_lib.global_batch(batch, self.batch_sharding, self.accumulation, self.micro_batch)
             key = keys.train_step_key(seed, task_index, epoch, batch_index)
             state, metrics = self.train_step(state, self.train_frozen, self.consts, batch, key)

@@ -154,6 +154,10 @@ def masked_cross_entropy(logits, labels, class_mask, weight):
 def token_weights(batch) -> jax.Array:
     """Which tokens of a batch count: attention mask x example weight [batch, seq] for text, the
     example weight [batch] for images (every patch of a real example counts)."""
+    if "segment_ids" in batch:  # packed rows (data.packing): each token takes its own example's weight
+        segments = batch["segment_ids"]
+        return batch["attention_mask"] * jnp.where(segments > 0, jnp.take(batch["weight"], jnp.maximum(segments - 1, 0)),
+                                                   0.0)
     if "attention_mask" in batch:
         return batch["attention_mask"] * batch["weight"][:, None]
     return batch["weight"]

@@ -1,0 +1,100 @@
+"""Sequence packing for encoder classification batches: several short texts share one row.
+
+A right-padded text batch of B examples [B, S] spends most of its columns on padding when the texts are
+short (offline-text-cil: 23 real tokens of 64). Packing lays the examples end to end in rows of width
+S, first fit in batch order, so the same B examples take R < B rows:
+
+    input_ids, attention_mask   [R, S]   the tokens, 1 where a real token sits
+    position_ids                [R, S]   each token's position inside its own example (0, 1, ...)
+    segment_ids                 [R, S]   1 + the example's index in the batch; 0 on padding
+    examples                    [B]      1 + arange(B): the segment each example's features pool over
+    labels, weight, ...         [B]      per-example arrays, unchanged
+
+An encoder given `segment_ids` lets a token attend only to tokens of its own segment and pools each
+example's features over its segment (`models.bert`), so a packed batch computes the same features as
+the padded one, up to floating-point order, with R x S token slots instead of B x S.
+
+R is rounded up to one of a few row counts (`row_choices`), so a run compiles the train step at most
+once per choice. Packing is a pure function of the batch: a resumed run packs the same rows the same way.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def row_choices(batch_size: int, count: int = 4) -> tuple[int, ...]:
+    """Row counts a packed micro-batch of `batch_size` examples is rounded up to: `count` even steps up
+    to batch_size (every example alone in its row always fits)."""
+    step = max(-(-int(batch_size) // int(count)), 1)
+    return tuple(sorted({min(step * k, int(batch_size)) for k in range(1, int(count) + 1)} | {int(batch_size)}))
+
+
+def first_fit(lengths: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(row [B], start [B], rows used): each example in order goes to the first row with room."""
+    free: list[int] = []
+    row = np.zeros(len(lengths), np.int64)
+    start = np.zeros(len(lengths), np.int64)
+    for index, length in enumerate(lengths):
+        length = int(length)
+        for candidate, room in enumerate(free):
+            if room >= length:
+                row[index], start[index] = candidate, width - room
+                free[candidate] -= length
+                break
+        else:
+            row[index], start[index] = len(free), 0
+            free.append(width - length)
+    return row, start, len(free)
+
+
+def pack(batch: dict, rows: int) -> dict:
+    """A right-padded batch (attention_mask marks each row's real tokens, all at the front) packed into
+    `rows` rows of the same width. `rows` must hold the first-fit layout (`rows_needed`)."""
+    mask = np.asarray(batch["attention_mask"])
+    examples, width = mask.shape
+    lengths = mask.sum(axis=1).astype(np.int64)
+    row, start, used = first_fit(lengths, width)
+    if used > rows:
+        raise ValueError(f"{used} rows are needed to pack this batch, {rows} were given")
+    out = {key: value for key, value in batch.items() if key not in TOKEN_KEYS}
+    for key in TOKEN_KEYS:
+        if key in batch:
+            out[key] = np.zeros((rows, width), np.asarray(batch[key]).dtype)
+    out["position_ids"] = np.zeros((rows, width), np.int32)
+    out["segment_ids"] = np.zeros((rows, width), np.int32)
+    for index in range(examples):
+        length, r, s = int(lengths[index]), int(row[index]), int(start[index])
+        for key in TOKEN_KEYS:
+            if key in batch:
+                out[key][r, s:s + length] = np.asarray(batch[key])[index, :length]
+        out["position_ids"][r, s:s + length] = np.arange(length)
+        out["segment_ids"][r, s:s + length] = index + 1
+    out["examples"] = np.arange(1, examples + 1, dtype=np.int32)
+    return out
+
+
+def rows_needed(batch: dict) -> int:
+    mask = np.asarray(batch["attention_mask"])
+    return first_fit(mask.sum(axis=1), mask.shape[1])[2]
+
+
+class Packer:
+    """Packs each training batch of `accumulation` micro-batches of `micro_batch` examples: every
+    micro-batch gets the same row count (the smallest choice holding the fullest one), so the packed
+    batch reshapes to [accumulation, rows, ...] like an unpacked one to [accumulation, micro_batch, ...]."""
+
+    def __init__(self, micro_batch: int, accumulation: int = 1):
+        self.micro_batch, self.accumulation = int(micro_batch), int(accumulation)
+        self.choices = row_choices(self.micro_batch)
+
+    def __call__(self, batch: dict) -> dict:
+        micro = [{key: np.asarray(value)[i * self.micro_batch:(i + 1) * self.micro_batch]
+                  for key, value in batch.items()} for i in range(self.accumulation)]
+        need = max(rows_needed(part) for part in micro)
+        rows = next(choice for choice in self.choices if choice >= need)
+        packed = [pack(part, rows) for part in micro]
+        return {key: np.concatenate([part[key] for part in packed], axis=0) for key in packed[0]}
