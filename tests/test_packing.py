@@ -31,10 +31,12 @@ def test_first_fit_layout_by_hand():
     np.testing.assert_array_equal(packed["position_ids"][1], [0, 1, 0, 1, 2, 3, 4, 5])
     np.testing.assert_array_equal(packed["input_ids"][1, 2:], batch["input_ids"][3, :6])
     assert packed["attention_mask"].sum() == 16 and packed["examples"].tolist() == [1, 2, 3, 4]
-    assert packing.rows_needed(batch) == 2
+    assert packing.rows_needed(batch) == 2 and packing.rows_needed(batch, 16) == 1
+    wide = packing.pack(batch, rows=1, width=16)  # rows twice the texts' width, as the Packer packs
+    np.testing.assert_array_equal(wide["segment_ids"][0], [1] * 3 + [2] * 5 + [3] * 2 + [4] * 6)
     with pytest.raises(ValueError):
         packing.pack(batch, rows=1)
-    assert packing.row_choices(16) == (4, 8, 12, 16) and packing.row_choices(3) == (1, 2, 3)
+    assert packing.row_choices(16) == (4, 8, 12, 16) and packing.row_choices(8, 8) == tuple(range(1, 9)) and packing.row_choices(3) == (1, 2, 3)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])

@@ -13,7 +13,7 @@ figures are medians after warm-up and the speed-up is the ratio of medians.
             position (LlamaForCausalLM's default); this project over the answer window.
   epoch     the default main job's real-data epoch: offline-text-cil task 1's train split (192 texts),
             MiniLM, batch 16, the same shuffled batches; here packed as the run packs them
-            (`data.packing`: several texts per 64-wide row, attention within each text), in the
+            (`data.packing`: several texts per 128-wide row, attention within each text), in the
             PEFT loop padded to each batch's longest row (what DataCollatorWithPadding does).
             Timed per epoch after one warm-up epoch (which compiles every row count here).
 

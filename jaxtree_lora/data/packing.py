@@ -2,20 +2,23 @@
 
 A right-padded text batch of B examples [B, S] spends most of its columns on padding when the texts are
 short (offline-text-cil: 23 real tokens of 64). Packing lays the examples end to end in rows of width
-S, first fit in batch order, so the same B examples take R < B rows:
+W = 2 S, first fit in batch order, so the same B examples take R rows, at most ceil(B / 2) (any two
+examples fit one row) and about real tokens / W:
 
-    input_ids, attention_mask   [R, S]   the tokens, 1 where a real token sits
-    position_ids                [R, S]   each token's position inside its own example (0, 1, ...)
-    segment_ids                 [R, S]   1 + the example's index in the batch; 0 on padding
+    input_ids, attention_mask   [R, W]   the tokens, 1 where a real token sits
+    position_ids                [R, W]   each token's position inside its own example (0, 1, ...)
+    segment_ids                 [R, W]   1 + the example's index in the batch; 0 on padding
     examples                    [B]      1 + arange(B): the segment each example's features pool over
     labels, weight, ...         [B]      per-example arrays, unchanged
 
 An encoder given `segment_ids` lets a token attend only to tokens of its own segment and pools each
 example's features over its segment (`models.bert`), so a packed batch computes the same features as
-the padded one, up to floating-point order, with R x S token slots instead of B x S.
+the padded one, up to floating-point order, with R x W token slots instead of B x S. Rows twice as wide
+as the texts waste less at their ends; attention, the only cost that grows with W, is a few percent of
+an encoder layer at these widths.
 
-R is rounded up to one of a few row counts (`row_choices`), so a run compiles the train step at most
-once per choice. Packing is a pure function of the batch: a resumed run packs the same rows the same way.
+R is rounded up to one of at most 8 row counts (`row_choices`), so a run compiles the train step at
+most once per choice (2 or 3 of them in practice: the batches of one stream hold similar token counts). Packing is a pure function of the batch: a resumed run packs the same rows the same way.
 """
 from __future__ import annotations
 
@@ -51,11 +54,15 @@ def first_fit(lengths: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarra
     return row, start, len(free)
 
 
-def pack(batch: dict, rows: int) -> dict:
+def pack(batch: dict, rows: int, width: int = 0) -> dict:
     """A right-padded batch (attention_mask marks each row's real tokens, all at the front) packed into
-    `rows` rows of the same width. `rows` must hold the first-fit layout (`rows_needed`)."""
+    `rows` rows of `width` (default: the batch's width). `rows` must hold the first-fit layout
+    (`rows_needed`)."""
     mask = np.asarray(batch["attention_mask"])
-    examples, width = mask.shape
+    examples = mask.shape[0]
+    width = int(width) or mask.shape[1]
+    if width < mask.shape[1] and mask[:, width:].any():
+        raise ValueError(f"a text is longer than the packed width {width}")
     lengths = mask.sum(axis=1).astype(np.int64)
     row, start, used = first_fit(lengths, width)
     if used > rows:
@@ -77,24 +84,26 @@ def pack(batch: dict, rows: int) -> dict:
     return out
 
 
-def rows_needed(batch: dict) -> int:
+def rows_needed(batch: dict, width: int = 0) -> int:
     mask = np.asarray(batch["attention_mask"])
-    return first_fit(mask.sum(axis=1), mask.shape[1])[2]
+    return first_fit(mask.sum(axis=1), int(width) or mask.shape[1])[2]
 
 
 class Packer:
-    """Packs each training batch of `accumulation` micro-batches of `micro_batch` examples: every
-    micro-batch gets the same row count (the smallest choice holding the fullest one), so the packed
-    batch reshapes to [accumulation, rows, ...] like an unpacked one to [accumulation, micro_batch, ...]."""
+    """Packs each training batch of `accumulation` micro-batches of `micro_batch` examples into rows
+    twice the batch's width: every micro-batch gets the same row count (the smallest choice holding the
+    fullest one), so the packed batch reshapes to [accumulation, rows, ...] like an unpacked one to
+    [accumulation, micro_batch, ...]."""
 
     def __init__(self, micro_batch: int, accumulation: int = 1):
         self.micro_batch, self.accumulation = int(micro_batch), int(accumulation)
-        self.choices = row_choices(self.micro_batch)
+        self.choices = row_choices(-(-self.micro_batch // 2), 8)
 
     def __call__(self, batch: dict) -> dict:
         micro = [{key: np.asarray(value)[i * self.micro_batch:(i + 1) * self.micro_batch]
                   for key, value in batch.items()} for i in range(self.accumulation)]
-        need = max(rows_needed(part) for part in micro)
+        width = 2 * np.asarray(batch["attention_mask"]).shape[1]
+        need = max(rows_needed(part, width) for part in micro)
         rows = next(choice for choice in self.choices if choice >= need)
-        packed = [pack(part, rows) for part in micro]
+        packed = [pack(part, rows, width) for part in micro]
         return {key: np.concatenate([part[key] for part in packed], axis=0) for key in packed[0]}

@@ -199,7 +199,7 @@ class BertEncoder(nnx.Module):
         config = self.config
         dtype = compute_dtype or self.word_embeddings[...].dtype
         batch, seq = input_ids.shape
-        if seq > config.max_position:
+        if seq > config.max_position and position_ids is None:  # packed rows: positions restart per text
             raise ValueError(f"sequence length {seq} exceeds the encoder's {config.max_position} positions: "
                              f"truncate inputs to at most {config.max_position} tokens")
         if attention_mask is None:

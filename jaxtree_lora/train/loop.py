@@ -607,7 +607,7 @@ class Run:
         seed = int(self.config.seed)
         pending = []
         window_start = time.perf_counter()
-        # Packed batches keep the full width (their row count varies instead): one compile per row count.
+        # Packed batches are built from full-width ones (their row count varies instead): one compile per row count.
         source = self.batching.batches if self.packer is None else batching_lib.batches
         batches = source(arrays, self.micro_batch * self.accumulation, seed=seed, task=task_index,
                          epoch=epoch, shuffle=True, start=start_batch, take=self.local_rows)
