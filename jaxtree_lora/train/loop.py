@@ -341,7 +341,8 @@ class Run:
         if cached is not None and len(cached[0]) == len(leaves) and all(a is b for a, b in zip(cached[0], leaves)):
             return cached[1]
         # One sharding for every call (a method's host work hands back single-device arrays), one compile.
-        adapters, method_state = jax.device_put((trainable["adapters"], method_state), mesh_lib.replicated(self.mesh))
+        adapters, method_state = mesh_lib.to_global((trainable["adapters"], method_state),
+                                                    mesh_lib.replicated(self.mesh))
         weights = self._fold(self.frozen, adapters, method_state)
         self._fold_cache = (leaves, weights)
         return weights
