@@ -37,24 +37,24 @@ def measure(width: int, rank: int, tasks: int, batch: int, seq: int, repeats: in
     from jaxtree_lora.train import backbone as backbone_lib
 
     backbone = backbone_lib.build_tiny("tiny-llama", shape_for(width), seed=0)
-    step, state = step_overhead.build("treelora", backbone, past_tasks=tasks - 1, max_tasks=tasks, rank=rank)
+    step, state, frozen = step_overhead.build("treelora", backbone, past_tasks=tasks - 1, max_tasks=tasks, rank=rank)
     rng = np.random.default_rng(0)
     data = {"input_ids": jnp.asarray(rng.integers(0, 512, (1, batch, seq)), jnp.int32),
             "attention_mask": jnp.ones((1, batch, seq), jnp.int32),
             "loss_mask": jnp.ones((1, batch, seq), jnp.int32), "weight": jnp.ones((1, batch), jnp.float32)}
     consts = {"task_classes": jnp.zeros((1, 1), bool), "seen_classes": jnp.zeros((1, 1), bool)}
-    compiled = step.lower(state, backbone.params, consts, data, jax.random.PRNGKey(0)).compile()
+    compiled = step.lower(state, frozen, consts, data, jax.random.PRNGKey(0)).compile()
     analysis = compiled.memory_analysis()
     memory = None
     if analysis is not None:
         memory = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                      + analysis.temp_size_in_bytes - getattr(analysis, "alias_size_in_bytes", 0))
-    state, metrics = step(state, backbone.params, consts, data, jax.random.PRNGKey(0))  # warm-up
+    state, metrics = step(state, frozen, consts, data, jax.random.PRNGKey(0))  # warm-up
     jax.block_until_ready(metrics)
     times = []
     for index in range(repeats):
         start = time.perf_counter()
-        state, metrics = step(state, backbone.params, consts, data, jax.random.PRNGKey(index + 1))
+        state, metrics = step(state, frozen, consts, data, jax.random.PRNGKey(index + 1))
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return {"width": width, "layers": backbone.info.num_layers, "rank": rank, "tasks": tasks,
