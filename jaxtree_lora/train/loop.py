@@ -316,9 +316,9 @@ class Run:
     def _plan_fold(self):
         """Whether the frozen past slots are folded into the kernels (`Method.fold_past`): for methods that
         define it, with `train.fold_slots` on and float32 kernels and compute (in bfloat16, W + dW would
-        round the small past update to W's precision, not its own). Evaluation and statistics (no dropout) then run `forward_method`, the current
-        slot alone, on `forward_frozen`; training too where LoRA dropout is 0 (with dropout the past slots
-        see the dropped input, which a kernel cannot)."""
+        round the small past update to W's precision, not its own). Evaluation and statistics (no
+        dropout) then run `forward_method`, the current slot alone, on `forward_weights`; training too
+        where LoRA dropout is 0 (with dropout the past slots see the dropped input, which a kernel cannot)."""
         method = self.method
         compute = getattr(self.backbone, "compute_dtype", None)
         self.fold = bool(getattr(method, "fold_past", None) is not None and self.config.train.get("fold_slots", True)
@@ -413,7 +413,8 @@ class Run:
         self.evaluator = Evaluator(
             backbone=self.backbone, method=self.forward_method, stream=self.stream, protocol=self.protocol,
             consts=self.consts, frozen=self.frozen, weights=self.forward_weights, host_batch=self._host_batch,
-            out_sharding=replicated, identity=self.identity, temperature=float(self.config.eval.get("temperature", 0.0)),
+            out_sharding=replicated, identity=self.identity,
+            temperature=float(self.config.eval.get("temperature", 0.0)),
             batches=lambda arrays, task: self.batching.batches(arrays, eval_batch, seed=0, task=task, epoch=0,
                                                                shuffle=False))
 
@@ -436,7 +437,8 @@ class Run:
         total, count = None, 0.0
         for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
             count += float(np.sum(batch["weight"]))
-            sums = self._fisher_batch(trainable, self.train_frozen, method_state, self._host_batch(batch), None)
+            weights = self.forward_weights(trainable, method_state) if self.fold_in_training else self.frozen
+            sums = self._fisher_batch(trainable, weights, method_state, self._host_batch(batch), None)
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total)
 
