@@ -91,7 +91,7 @@ def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: floa
                    donate_argnums=(0,))
     frozen = backbone.params
     if variant == "folded":
-        frozen = backbone_lib.add_to_kernels(frozen, backbone.site_kernel, method.fold_past(adapters, method_state))
+        frozen = backbone_lib.merge_into_kernels(frozen, backbone.site_kernel, method.fold_past(adapters, method_state))
     return step, state, frozen
 
 

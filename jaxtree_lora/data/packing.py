@@ -68,16 +68,15 @@ def pack(batch: dict, rows: int, width: int = 0) -> dict:
     if used > rows:
         raise ValueError(f"{used} rows are needed to pack this batch, {rows} were given")
     out = {key: value for key, value in batch.items() if key not in TOKEN_KEYS}
-    for key in TOKEN_KEYS:
-        if key in batch:
-            out[key] = np.zeros((rows, width), np.asarray(batch[key]).dtype)
+    tokens = {key: np.asarray(batch[key]) for key in TOKEN_KEYS if key in batch}
+    for key, value in tokens.items():
+        out[key] = np.zeros((rows, width), value.dtype)
     out["position_ids"] = np.zeros((rows, width), np.int32)
     out["segment_ids"] = np.zeros((rows, width), np.int32)
     for index in range(examples):
         length, r, s = int(lengths[index]), int(row[index]), int(start[index])
-        for key in TOKEN_KEYS:
-            if key in batch:
-                out[key][r, s:s + length] = np.asarray(batch[key])[index, :length]
+        for key, value in tokens.items():
+            out[key][r, s:s + length] = value[index, :length]
         out["position_ids"][r, s:s + length] = np.arange(length)
         out["segment_ids"][r, s:s + length] = index + 1
     out["examples"] = np.arange(1, examples + 1, dtype=np.int32)

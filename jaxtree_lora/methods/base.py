@@ -137,10 +137,10 @@ class Method:
     infer_task = None
     # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
     trains: bool = True
-    # fold_past(adapters, state) -> {site: [num_layers, d_in, d_out] float32}: defined by a method whose
-    # forward adds a sum of per-task slots with the earlier slots frozen (IncLoRA, O-LoRA, InfLoRA): the
-    # update of the slots before state["task"], in kernel layout. The run adds it to the frozen kernels
-    # each time state["task"] changes and runs `dataclasses.replace(method, folded=True)`, whose delta
+    # fold_past(adapters, state) -> {site: {"a": [L, R, d_in], "b": [L, d_out, R]}}: defined by a method
+    # whose forward adds a sum of per-task slots with the earlier slots frozen (IncLoRA, O-LoRA, InfLoRA):
+    # the slots before state["task"] as one adapter (rank R = slots x r, the scale in B). The run merges
+    # it into the frozen kernels (`lora.merge`) each time state["task"] changes and runs `dataclasses.replace(method, folded=True)`, whose delta
     # applies the current slot alone: one slot's matmuls per site instead of `max_tasks`, same function.
     fold_past = None
     lora: lora_lib.LoraSpec

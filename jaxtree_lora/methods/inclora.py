@@ -37,12 +37,18 @@ def current_slot(adapter, state) -> dict:
 
 
 def fold_slots(adapters, weights, scale: float) -> dict:
-    """{site: scale * sum_k weights[k] A_k^T B_k^T} in kernel layout [L, d_in, d_out], float32, from stacked
-    slots {"a": [L, K, r, d_in], "b": [L, K, d_out, r]}. Constants: no gradient flows into the fold."""
-    adapters = jax.lax.stop_gradient(adapters)
-    return {site: scale * jnp.einsum("lkri,lkor,k->lio", leaves["a"].astype(jnp.float32),
-                                     leaves["b"].astype(jnp.float32), jnp.asarray(weights, jnp.float32))
-            for site, leaves in adapters.items()}
+    """The weighted sum of stacked slots {"a": [L, K, r, d_in], "b": [L, K, d_out, r]} as one adapter of
+    rank K r, {"a": [L, K r, d_in], "b": [L, d_out, K r]}, with `scale * weights[k]` folded into slot k's B
+    (so `lora.merge(kernel, adapter, 1.0)` adds scale * sum_k weights[k] A_k^T B_k^T). Constants: no
+    gradient flows into the fold."""
+    weights = scale * jnp.asarray(weights, jnp.float32)
+    folded = {}
+    for site, leaves in jax.lax.stop_gradient(adapters).items():
+        a, b = leaves["a"].astype(jnp.float32), leaves["b"].astype(jnp.float32)
+        layers, slots, rank, d_in = a.shape
+        b = jnp.moveaxis(b * weights[None, :, None, None], 1, 2)  # [L, d_out, K, r]
+        folded[site] = {"a": a.reshape(layers, slots * rank, d_in), "b": b.reshape(layers, b.shape[1], slots * rank)}
+    return folded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +85,7 @@ class IncLoRA(Method):
         return self.lora.scale * jnp.einsum("...kr,kor->...o", h, b.astype(x.dtype))
 
     def fold_past(self, adapters, state):
-        """{site: [L, d_in, d_out] float32}: the summed update of the slots before state["task"]."""
+        """The slots before state["task"] as one adapter per site (`fold_slots`), for `lora.merge`."""
         return fold_slots(adapters, (jnp.arange(state["slots"].shape[0]) < state["task"]) * state["slots"],
                           self.delta_scale)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.methods.base import ModelInfo
 
 KINDS = ("encoder", "decoder", "vit")
@@ -55,12 +56,6 @@ class Backbone:
                           examples=inputs["examples"])
         return model.features(inputs["input_ids"], inputs["attention_mask"], **kwargs)
 
-    def site_kernel_dtypes(self, sites) -> dict:
-        """{site: dtype of its stored kernel} for the given sites."""
-        names = {self.site_kernel(site): site for site in sites}
-        return {names[path[1].key]: leaf.dtype for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]
-                if _kernel_name(path) in names}
-
     def logits(self, params, tokens, attention_mask, *, adapters=None, delta=None, rng=None, window=None):
         """Next-token logits [batch, seq, vocab] (decoder only); with `window` (static (start, stop))
         only at positions start..stop-1: [batch, stop - start, vocab]."""
@@ -76,19 +71,37 @@ def _kernel_name(path) -> Optional[str]:
     return None
 
 
-def add_to_kernels(params, site_kernel: Callable[[str], str], updates: dict):
-    """`params` with `updates[site]` ([num_layers, d_in, d_out]) added to each site's stacked kernel, the
-    sum taken in float32 and stored in the kernel's dtype; every other leaf is returned as it is (the same
-    array). Pure: folds frozen LoRA slots into the kernels they adapt (`Method.fold_past`)."""
-    by_name = {site_kernel(site): update for site, update in updates.items()}
+def site_kernels(params, site_kernel: Callable[[str], str], sites) -> dict:
+    """{site: its stacked kernel [num_layers, d_in, d_out]} for the given sites (arrays or abstract leaves)."""
+    by_name = {site_kernel(site): site for site in sites}
+    return {by_name[_kernel_name(path)]: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+            if _kernel_name(path) in by_name}
 
-    def add(path, leaf):
-        update = by_name.get(_kernel_name(path))
-        if update is None:
-            return leaf
-        return (leaf.astype(jnp.float32) + update.astype(jnp.float32)).astype(leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(add, params)
+def folds_slots(config, method, params, site_kernel: Optional[Callable[[str], str]], sites, compute_dtype) -> bool:
+    """Whether a run folds the method's frozen past slots into the kernels (`Method.fold_past`): the method
+    defines it, `train.fold_slots` is on, and the adapted kernels and the compute are float32 (in
+    bfloat16, W + dW would round the small past update to W's precision, not its own). `sites` is a
+    callable giving the adapted sites, asked only when the rest holds."""
+    if getattr(method, "fold_past", None) is None or not config.train.get("fold_slots", True) or site_kernel is None:
+        return False
+    if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
+        return False
+    return all(jnp.dtype(leaf.dtype) == jnp.float32 for leaf in site_kernels(params, site_kernel, sites()).values())
+
+
+def merge_into_kernels(params, site_kernel: Callable[[str], str], adapters: dict):
+    """`params` with each adapter of `adapters` ({site: {"a": [L, r, d_in], "b": [L, d_out, r]}}, its scale
+    already in B) merged into its site's stacked kernel (`lora.merge`: the sum in float32, stored in the
+    kernel's dtype); every other leaf is returned as it is (the same array). Pure: folds frozen LoRA
+    slots into the kernels they adapt (`Method.fold_past`)."""
+    by_name = {site_kernel(site): adapter for site, adapter in adapters.items()}
+
+    def merge(path, leaf):
+        adapter = by_name.get(_kernel_name(path))
+        return leaf if adapter is None else lora_lib.merge(leaf, adapter, 1.0)
+
+    return jax.tree_util.tree_map_with_path(merge, params)
 
 
 def _finish(name, kind, module, tokenizer, compute_dtype, remat, hf_config=None) -> Backbone:

@@ -314,18 +314,15 @@ class Run:
         return packing.Packer(self.micro_batch, self.accumulation)
 
     def _plan_fold(self):
-        """Whether the frozen past slots are folded into the kernels (`Method.fold_past`): for methods that
-        define it, with `train.fold_slots` on and float32 kernels and compute (in bfloat16, W + dW would
-        round the small past update to W's precision, not its own). Evaluation and statistics (no
-        dropout) then run `forward_method`, the current slot alone, on `forward_weights`; training too
-        where LoRA dropout is 0 (with dropout the past slots see the dropped input, which a kernel cannot)."""
-        method = self.method
-        compute = getattr(self.backbone, "compute_dtype", None)
-        self.fold = bool(getattr(method, "fold_past", None) is not None and self.config.train.get("fold_slots", True)
-                         and getattr(self.backbone, "site_kernel", None) is not None
-                         and (compute is None or jnp.dtype(compute) == jnp.float32)
-                         and all(dtype == jnp.float32 for dtype in self.backbone.site_kernel_dtypes(
-                             method.lora.select(self.backbone.info.sites)).values()))
+        """Whether the frozen past slots are folded into the kernels (`backbone.folds_slots`). Evaluation
+        and statistics (no dropout) then run `forward_method`, the current slot alone, on
+        `forward_weights`; training too where LoRA dropout is 0 (with dropout the past slots see the
+        dropped input, which a kernel cannot)."""
+        from jaxtree_lora.train.backbone import folds_slots
+
+        method, backbone = self.method, self.backbone
+        self.fold = folds_slots(self.config, method, backbone.params, getattr(backbone, "site_kernel", None),
+                                lambda: method.lora.select(backbone.info.sites), getattr(backbone, "compute_dtype", None))
         self.forward_method = dataclasses.replace(method, folded=True) if self.fold else method
         self.fold_in_training = self.fold and float(method.lora.dropout) == 0.0
         self.train_method = self.forward_method if self.fold_in_training else method
@@ -384,11 +381,11 @@ class Run:
                                          mesh_lib.backbone_sharding(self.mesh, self.backbone.params, min_size))
         self.train_frozen, self._fold_cache = self.frozen, None
         if self.fold:
-            from jaxtree_lora.train.backbone import add_to_kernels
+            from jaxtree_lora.train.backbone import merge_into_kernels
 
             forward_method, site_kernel = self.forward_method, self.backbone.site_kernel
             self._fold = jax.jit(
-                lambda frozen, adapters, method_state: add_to_kernels(
+                lambda frozen, adapters, method_state: merge_into_kernels(
                     frozen, site_kernel, forward_method.fold_past(adapters, method_state)),
                 out_shardings=jax.tree.map(lambda leaf: leaf.sharding, self.frozen))
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)

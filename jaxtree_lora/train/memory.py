@@ -167,15 +167,13 @@ def answer_length(data) -> int:
 
 def folded_kernel_bytes(config, method, module, frozen, compute: str) -> float:
     """Bytes of the second copy of the adapted kernels a run keeps when it folds frozen slots into them
-    (`Method.fold_past`: float32 kernels and compute, `train.fold_slots`), else 0."""
-    if getattr(method, "fold_past", None) is None or not config.train.get("fold_slots", True) or compute != "float32":
+    (`backbone.folds_slots`), else 0."""
+    from jaxtree_lora.train.backbone import folds_slots, site_kernels
+
+    sites = lambda: method.lora.select(module.lora_sites())
+    if not folds_slots(config, method, frozen, module.site_kernel, sites, compute):
         return 0.0
-    names = {module.site_kernel(site) for site in method.lora.select(module.lora_sites())}
-    kernels = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(frozen)[0]
-               if len(path) >= 2 and getattr(path[0], "key", None) == "layers" and getattr(path[1], "key", None) in names]
-    if any(np.dtype(leaf.dtype) != np.float32 for leaf in kernels):
-        return 0.0
-    return tree_bytes(kernels)
+    return tree_bytes(list(site_kernels(frozen, module.site_kernel, sites()).values()))
 
 
 def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True) -> MemoryPlan:
