@@ -118,6 +118,29 @@ def test_config_and_planner_shapes():
         offline_fashion_cil.get_config("huge")
 
 
+def test_tiny_config_trains_two_steps_through_the_loop(tmp_path):
+    """The default suite's check of the path IDX files -> stream -> ViT forward (28 px resized to 42) ->
+    train step, with SeqLoRA (TreeLoRA's HiDe form adds ~10 s of eager initialisation on a shared CPU);
+    the config's own method over all five tasks is the slow test below."""
+    from jaxtree_lora.train import backbone as backbone_lib
+    from jaxtree_lora.train.loop import Run, StopRequested
+
+    fashion_like(tmp_path, per_class_train=8, per_class_test=4)
+    config = offline_fashion_cil.get_config("tiny")
+    config.data.data_dir = str(tmp_path)
+    config.method.name = "seqlora"
+    backbone = backbone_lib.build(config)
+    stream = get_stream(config.data, backbone.tokenizer)
+    records = []
+    run = Run(config=config, backbone=backbone, stream=stream, workdir=str(tmp_path / "run"), progress=False,
+              logger=records.append, stop_after_steps=2)
+    with pytest.raises(StopRequested):
+        run.fit()
+    steps = [record for record in records if record["type"] == "step"]
+    assert steps[-1]["step"] == 2 and all(np.isfinite(record["loss"]) for record in steps)
+
+
+@pytest.mark.slow  # ~10 s alone, ~25 s on a shared 2-core CPU: five tasks, HiDe's host-side heads compiled
 def test_tiny_config_runs_the_stream_end_to_end(tmp_path, capsys):
     (tmp_path / "idx").mkdir()
     fashion_like(tmp_path / "idx", per_class_train=8, per_class_test=4)

@@ -1,6 +1,7 @@
 """`offline-fashion-cil`: class-incremental image classification over real images shipped in a
 package registry: Fashion-MNIST's IDX files from the Debian package `dataset-fashion-mnist` (asset
-"fashion_mnist", fetched by `jaxtree-lora assets`), or any MNIST-style IDX copy in `data_dir`.
+"fashion_mnist", fetched by `jaxtree-lora assets`), or any MNIST-style IDX copy in `data_dir` (its
+labels 0-9 keep Fashion-MNIST's class names).
 
 Each class contributes exactly per_class_train images drawn (seeded) from the training file and
 per_class_test from the test file. An image whose pixels occur earlier in the two files (training
