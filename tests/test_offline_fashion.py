@@ -154,6 +154,17 @@ def test_tiny_config_runs_the_stream_end_to_end(tmp_path, capsys):
     assert matrix.shape == (5, 5) and np.isfinite(np.diag(matrix)).all(), "every task trained and scored"
 
 
+def test_a_damaged_idx_file_stops_the_run_in_one_line_before_the_workdir_exists(tmp_path, capsys):
+    fashion_like(tmp_path, per_class_train=2, per_class_test=2)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:100])
+    status = cli.main(["run", "--config", "experiments/configs/offline_fashion_cil.py:tiny", "--workdir",
+                       str(tmp_path / "run"), "--no-progress", f"--config.data.data_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "damaged gzip" in err and "train-images-idx3-ubyte.gz" in err
+    assert "\n" not in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.assets
 def test_real_fashion_mnist_when_installed():
     from jaxtree_lora import assets
