@@ -1,21 +1,22 @@
 """Class-incremental images offline: Fashion-MNIST (Debian package, asset "fashion_mnist") on DINOv2 ViT-S/14.
 
-`offline-fashion-cil` (jaxtree_lora/data/fashion.py): 5 tasks of 2 classes, class order seeded, 200
-training and 50 test images per class (2,000 / 500), grey 28x28 as 3 channels, stored at 28 px and
+`offline-fashion-cil` (jaxtree_lora/data/fashion.py): 5 tasks of 2 classes, class order seeded, 160
+training and 50 test images per class (1,600 / 500), grey 28x28 as 3 channels, stored at 28 px and
 resized by the ViT to 112 px (8 x 8 patches of 14 + [CLS] = 65 tokens) inside the jitted forward.
 Model "dinov2_small" (DINOv2 ViT-S/14, ~22M parameters); TreeLoRA in HiDe-LoRA's form (`form="auto"`
 on a classification stream), HiDe's optimiser (Adam, 0.03 x 16 / 256), 2 epochs of batch 16.
 
-Why these sizes: one method in about 10 minutes on 2 CPU cores. A ViT-S forward at 65 tokens is
-2.8 GFLOP per image; measured here on a ViT-S/14-shaped ViT (random weights), 100 images at 112 px
-take 3.7 CPU-seconds (73 GFLOP per CPU-second). The run's image forwards: training 2 epochs x 2,000 x
-2-3 (the backward reaches block 0, the first adapted one) = 8-12k; per task the pre-trained features,
-the class statistics under the slot and the NCM prototypes, 3 x 2,000 = 6k; evaluation after each
-task, 15 task-evaluations x 100 images x 2 passes (pre-trained features for the task identity, then
-the slot's) = 3k; the final recomputed prototypes 3k. 20-24k forwards = 56-66 TFLOP = 770-900
-CPU-seconds, 6.5-7.5 minutes with both cores busy (9-11 at 100 GFLOP/s). A proxy run (that ViT,
-40 / 10 per class, 1 epoch: 6.4k forwards, evaluation padded to batches of 100) took 278 CPU-seconds,
-the count plus ~40 s of compilation and host work. 224 px (257 tokens) would cost over 4x as much.
+Why these sizes: one method in at most ~10 minutes on 2 CPU cores. A ViT-S forward at 65 tokens is
+2.8 GFLOP per image. Measured here on a ViT-S/14-shaped ViT (random weights): 100 images at 112 px
+take 3.7 CPU-seconds (73 GFLOP per CPU-second); a training pass (forward, then the backward down to
+block 0, the first adapted one) costs 3.0 forwards. The run's image forwards: training 2 epochs x
+1,600 x 3 = 9.6k; per task the pre-trained features, the class statistics under the slot and the NCM
+prototypes, 3 x 1,600 = 4.8k; evaluation after each task, 15 task-evaluations x 100 images x 2 passes
+(pre-trained features for the task identity, then the slot's) = 3k; the final recomputed prototypes
+2.6k. 20k forwards = 55 TFLOP: 9.2 minutes at 100 GFLOP/s, 6.3 at the measured rate with both cores
+busy, plus ~30 CPU-seconds of compilation and host work (a proxy run of that ViT, 40 / 10 per class,
+1 epoch, 6.8k forwards counting evaluation padded to batches of 100, took 278 CPU-seconds). 200
+images per class would take 11 minutes at 100 GFLOP/s; 224 px (257 tokens) over 4x as long.
 Resizing 28 -> 112 px in the forward costs nothing measurable (3.68 vs 3.78 CPU-seconds per 100
 images fed at 28 or at 112 px) and keeps the host copy 16x smaller (2.4 KB an image).
 
@@ -39,7 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     config.data = ml_collections.ConfigDict({
         "name": "offline-fashion-cil", "data_dir": "", "num_tasks": 5, "classes_per_task": 0,
-        "per_class_train": 200, "per_class_test": 50, "seed": 0,
+        "per_class_train": 160, "per_class_test": 50, "seed": 0,
         # The backbone's input size, a multiple of the patch (14): 112 px = 8 x 8 patches + [CLS] = 65 tokens.
         "image_size": 112,
     })

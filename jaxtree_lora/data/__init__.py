@@ -14,7 +14,7 @@ and the user's own files (files.py).
                       classes [the 20 languages with the most texts; any of the corpus's 28 folders]
   "offline-fashion-cil" class-incremental Fashion-MNIST images (fashion.offline_fashion_cil), 28x28
                       grey as [N, 28, 28, 3] uint8: num_tasks [5], classes_per_task [0], per_class_train
-                      [200], per_class_test [50], seed [0], classes [all 10], data_dir [the
+                      [160], per_class_test [50], seed [0], classes [all 10], data_dir [the
                       fashion_mnist asset; or a folder of MNIST-style IDX files]
   "offline-trace"     TRACE-style instruction tasks (offline.offline_trace): per_task_train [48],
                       per_task_test [24], max_prompt_len [96], max_answer_len [8],

@@ -28,7 +28,7 @@ FASHION_CLASSES = ("t_shirt_top", "trouser", "pullover", "dress", "coat", "sanda
 # (images, labels) file stems of each split, found with or without ".gz".
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-PER_CLASS_TRAIN = 200
+PER_CLASS_TRAIN = 160
 PER_CLASS_TEST = 50
 
 
