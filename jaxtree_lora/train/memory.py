@@ -128,6 +128,12 @@ def stream_shape(data) -> tuple[str, int, int, int]:
         tasks, classes = class_stream_shape(name, data.get("classes", None) or (), data.get("num_tasks", None),
                                             int(data.get("classes_per_task", 0) or 0))
         return "classification", tasks, classes, int(data.get("max_len", 64))
+    if name == "offline-fashion-cil":  # images: the ViT's token count comes from the model's config
+        from jaxtree_lora.data.fashion import stream_shape as fashion_shape
+
+        tasks, classes = fashion_shape(data.get("classes", None) or (), data.get("num_tasks", None),
+                                       int(data.get("classes_per_task", 0) or 0))
+        return "classification", tasks, classes, 0
     if name == "offline-trace":
         from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS
 
@@ -146,7 +152,7 @@ def stream_shape(data) -> tuple[str, int, int, int]:
     from jaxtree_lora.data import DataError
 
     raise DataError(f"unknown data.name {name!r}: the planner knows offline-text-cil, offline-lang-cil, "
-                    f"offline-trace, trace and tfds")
+                    f"offline-fashion-cil, offline-trace, trace and tfds")
 
 
 def answer_length(data) -> int:
