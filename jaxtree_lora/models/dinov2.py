@@ -44,7 +44,7 @@ SMALL = vit.ViTConfig(image_size=DEFAULT_IMAGE_SIZE, patch_size=PATCH_SIZE, hidd
 IGNORED = (r"embeddings\.mask_token", r"classifier\..*")
 
 
-def image_size_error(image_size, patch_size: int = PATCH_SIZE) -> Optional[str]:
+def image_size_error(image_size, patch_size: int = PATCH_SIZE, label: str = "image size") -> Optional[str]:
     """One line naming a valid size if `image_size` is not a positive multiple of the patch size, else None."""
     if isinstance(image_size, (int, np.integer)) and image_size > 0 and image_size % patch_size == 0:
         return None
@@ -52,7 +52,7 @@ def image_size_error(image_size, patch_size: int = PATCH_SIZE) -> Optional[str]:
         near = max(1, round(float(image_size) / patch_size)) * patch_size
     except (TypeError, ValueError):
         near = DEFAULT_IMAGE_SIZE
-    return (f"image size {image_size!r} is not a positive multiple of DINOv2's patch size {patch_size}: "
+    return (f"{label} {image_size!r} is not a positive multiple of DINOv2's patch size {patch_size}: "
             f"choose e.g. {near} (112 and 224 are common)")
 
 
@@ -111,8 +111,9 @@ def _check_shapes(tensors: dict, c: vit.ViTConfig, grid: int, origin: dict, sour
                                  f"{c.num_layers} layers, patch {c.patch_size}): " + "; ".join(problems))
 
 
-def _config(tensors: dict, source: str, image_size: int) -> tuple[vit.ViTConfig, int]:
-    """(config, stored position grid) inferred from the tensors themselves."""
+def _config(tensors: dict, source: str, image_size: int, num_heads: Optional[int] = None,
+            layer_norm_eps: float = LAYER_NORM_EPS) -> tuple[vit.ViTConfig, int]:
+    """(config, stored position grid) inferred from the tensors themselves; heads: hidden / 64 unless given."""
     needed = ("embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings",
               "encoder.layer.0.mlp.fc1.bias")
     missing = [name for name in needed if name not in tensors]
@@ -125,24 +126,29 @@ def _config(tensors: dict, source: str, image_size: int) -> tuple[vit.ViTConfig,
     hidden, channels, patch = projection[0], projection[1], projection[2]
     positions = int(np.prod(np.shape(tensors[needed[1]]))) // max(hidden, 1) - 1
     grid = int(round(np.sqrt(max(positions, 0))))
-    if grid * grid != positions or hidden % HEAD_DIM:
+    if grid * grid != positions:
         raise hf.CheckpointError(f"{needed[1]} in {source} has shape {np.shape(tensors[needed[1]])}: "
-                                 f"expected [1, 1 + grid * grid, hidden] with hidden a multiple of {HEAD_DIM}")
+                                 "expected [1, 1 + grid * grid, hidden]")
+    if num_heads is None and hidden % HEAD_DIM:
+        raise hf.CheckpointError(f"hidden size {hidden} of {source} is not a multiple of DINOv2's head width "
+                                 f"{HEAD_DIM}")
     layers = {int(m.group(1)) for name in tensors for m in [re.match(r"encoder\.layer\.(\d+)\.", name)] if m}
     problem = image_size_error(image_size, patch)
     if problem:
         raise hf.CheckpointError(problem)
     config = vit.ViTConfig(image_size=image_size, patch_size=patch, num_channels=channels, hidden_size=hidden,
                            intermediate_size=int(np.shape(tensors[needed[2]])[0]), num_layers=max(layers) + 1,
-                           num_heads=hidden // HEAD_DIM, layer_norm_eps=LAYER_NORM_EPS, mean=IMAGENET_MEAN,
+                           num_heads=num_heads or hidden // HEAD_DIM, layer_norm_eps=layer_norm_eps, mean=IMAGENET_MEAN,
                            std=IMAGENET_STD, family="dinov2")
     return config, grid
 
 
 def build(tensors: dict, source: str, image_size: int = DEFAULT_IMAGE_SIZE, dtype=jnp.float32,
-          origin: Optional[dict] = None, pooling: str = "cls") -> vit.ViT:
-    """A ViT (family "dinov2") from HF Dinov2 tensors (names without prefix, torch layout)."""
-    config, grid = _config(tensors, source, image_size)
+          origin: Optional[dict] = None, pooling: str = "cls", num_heads: Optional[int] = None,
+          layer_norm_eps: float = LAYER_NORM_EPS) -> vit.ViT:
+    """A ViT (family "dinov2") from HF Dinov2 tensors (names without prefix, torch layout); `origin`
+    maps a name to where it was read from, for the error messages."""
+    config, grid = _config(tensors, source, image_size, num_heads, layer_norm_eps)
     config = dataclasses.replace(config, pooling=pooling)
     _check_shapes(tensors, config, grid, origin or {}, source)
     shapes = vit.expected_shapes(config)
@@ -213,13 +219,24 @@ def load_onnx(path: str, image_size: int = DEFAULT_IMAGE_SIZE, dtype=jnp.float32
     return build(tensors, os.path.basename(path), image_size, dtype, origin, pooling)
 
 
-def is_dinov2_directory(directory: str) -> bool:
-    """Whether a checkpoint directory's config.json says model_type "dinov2"."""
+def _directory_config(directory: str) -> dict:
     try:
         with open(os.path.join(directory, "config.json")) as file:
-            return json.load(file).get("model_type") == "dinov2"
-    except (OSError, ValueError, AttributeError):
-        return False
+            config = json.load(file)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def is_dinov2_directory(directory: str) -> bool:
+    """Whether a checkpoint directory's config.json says model_type "dinov2"."""
+    return _directory_config(directory).get("model_type") == "dinov2"
+
+
+def directory_patch_size(directory: str) -> int:
+    """The patch size a DINOv2 directory's config.json declares (14 when it says nothing usable)."""
+    patch = _directory_config(directory).get("patch_size", PATCH_SIZE)
+    return patch if isinstance(patch, int) and patch > 0 else PATCH_SIZE
 
 
 def load_hf(directory: str, image_size: Optional[int] = None, dtype=jnp.float32, pooling: str = "cls") -> vit.ViT:
@@ -236,12 +253,10 @@ def load_hf(directory: str, image_size: Optional[int] = None, dtype=jnp.float32,
     tensors = {(name[len("dinov2."):] if name.startswith("dinov2.") else name): value
                for name, value in hf.read_tensors(directory).items()}
     source = os.path.basename(os.path.normpath(directory))
-    model = build(tensors, source, image_size or DEFAULT_IMAGE_SIZE, dtype, pooling=pooling)
+    model = build(tensors, source, image_size or DEFAULT_IMAGE_SIZE, dtype, pooling=pooling,
+                  num_heads=config.num_attention_heads, layer_norm_eps=config.layer_norm_eps)
     c = model.config
-    if (c.hidden_size, c.num_layers, c.num_heads) != (config.hidden_size, config.num_hidden_layers,
-                                                      config.num_attention_heads) or \
-            abs(config.layer_norm_eps - LAYER_NORM_EPS) > 1e-12:
+    if (c.hidden_size, c.num_layers) != (config.hidden_size, config.num_hidden_layers):
         raise hf.CheckpointError(f"config.json of {directory} (hidden {config.hidden_size}, {config.num_hidden_layers} "
-                                 f"layers, {config.num_attention_heads} heads, eps {config.layer_norm_eps}) differs from "
-                                 f"its tensors or from DINOv2's 64-wide heads and eps {LAYER_NORM_EPS}")
+                                 f"layers) differs from its tensors (hidden {c.hidden_size}, {c.num_layers} layers)")
     return model

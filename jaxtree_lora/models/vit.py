@@ -192,7 +192,8 @@ class ViT(nnx.Module):
             .astype(param_dtype))
         self.final_norm = nnx.Param(jnp.ones((c.hidden_size,), param_dtype))
         self.final_norm_bias = nnx.Param(jnp.zeros((c.hidden_size,), param_dtype))
-        self.layers = Stacked(layer_shapes(c), jax.random.fold_in(key, 2), param_dtype, ones=("norm1", "norm2", "scale1", "scale2"))
+        self.layers = Stacked(layer_shapes(c), jax.random.fold_in(key, 2), param_dtype,
+                              ones=("norm1", "norm2", "scale1", "scale2"))
 
     @property
     def feature_dim(self) -> int:

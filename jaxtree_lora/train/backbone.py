@@ -190,14 +190,16 @@ def build(config) -> Backbone:
             from jaxtree_lora.models import dinov2, vit
 
             if kind == "dinov2" or dinov2.is_dinov2_directory(path):
-                module = dinov2.load_hf(path, image_size=_dinov2_image_size(config),
+                image_size = _dinov2_image_size(config, dinov2.directory_patch_size(path))
+                module = dinov2.load_hf(path, image_size=image_size,
                                         pooling=model_config.get("pooling", "cls"))
             else:
                 image_size = config.get("data", {}).get("image_size", None)
                 module = vit.load_hf(path, image_size=int(image_size) if image_size else None)
             kind, tokenizer = "vit", None
         else:
-            raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)} (or dinov2 with model.name hf)")
+            raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)} "
+                                "(or dinov2 with model.name hf)")
         return _finish(name, kind, module, tokenizer, compute_dtype, remat)
     if name.startswith("tiny-"):
         return build_tiny(name, dict(model_config.get("tiny", {})), seed, compute_dtype, remat)
@@ -205,14 +207,14 @@ def build(config) -> Backbone:
                         "tiny-llama or tiny-vit")
 
 
-def _dinov2_image_size(config) -> int:
-    """data.image_size for a DINOv2 backbone (default 224), refused unless a positive multiple of 14."""
+def _dinov2_image_size(config, patch_size: int = 14) -> int:
+    """data.image_size for a DINOv2 backbone (default 224), refused unless a positive multiple of the patch."""
     from jaxtree_lora.models import dinov2
 
     image_size = config.get("data", {}).get("image_size", None) or dinov2.DEFAULT_IMAGE_SIZE
-    problem = dinov2.image_size_error(image_size)
+    problem = dinov2.image_size_error(image_size, patch_size, label="data.image_size")
     if problem:
-        raise BackboneError(f"data.{problem}")
+        raise BackboneError(problem)
     return int(image_size)
 
 
@@ -269,7 +271,8 @@ def abstract_module(config) -> tuple[Any, str]:
     else:
         path, kind = model_config.get("path", ""), model_config.get("kind", "decoder")
         if name not in ("hf", "gguf"):
-            raise BackboneError(f"unknown model.name {name!r}: choose minilm, smollm2, dinov2_small, hf, gguf or tiny-*")
+            raise BackboneError(f"unknown model.name {name!r}: choose minilm, smollm2, dinov2_small, hf, gguf "
+                                "or tiny-*")
         if not path or not os.path.exists(path):
             raise BackboneError(f"model.path {path!r} does not exist: set --config.model.path to a checkpoint "
                                 f"{'directory (its config.json is enough to plan)' if name == 'hf' else 'file'}")
@@ -289,7 +292,8 @@ def abstract_module(config) -> tuple[Any, str]:
     if kind == "encoder":
         return nnx.eval_shape(lambda: bert.BertEncoder(bert.BertConfig.from_hf(hf_config), rngs=rngs())), kind
     if kind == "dinov2" or (kind == "vit" and getattr(hf_config, "model_type", None) == "dinov2"):
-        cfg = dataclasses.replace(dinov2.SMALL, image_size=_dinov2_image_size(config), hidden_size=hf_config.hidden_size,
+        cfg = dataclasses.replace(dinov2.SMALL, image_size=_dinov2_image_size(config, hf_config.patch_size),
+                                  patch_size=hf_config.patch_size, hidden_size=hf_config.hidden_size,
                                   intermediate_size=int(hf_config.hidden_size * hf_config.mlp_ratio),
                                   num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads,
                                   pooling=model_config.get("pooling", "cls"))
@@ -300,5 +304,6 @@ def abstract_module(config) -> tuple[Any, str]:
         if image_size:
             cfg = dataclasses.replace(cfg, image_size=int(image_size))
         return nnx.eval_shape(lambda: vit.ViT(cfg, rngs=rngs())), kind
-    raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)} (or dinov2 with model.name hf)")
+    raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)} "
+                        "(or dinov2 with model.name hf)")
 
