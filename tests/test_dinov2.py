@@ -281,15 +281,6 @@ def test_lora_through_layer_scale_equals_merging(tmp_path):
     assert np.abs(with_lora - base).max() > 1e-2, "the adapter had no effect: the test would prove nothing"
 
 
-def test_cls_mean_pooling_concatenates_cls_and_mean_patch(tmp_path):
-    model = dinov2.load_hf(write_hf(str(tmp_path), dinov2_tensors()), image_size=3 * PATCH, pooling="cls_mean")
-    images = jnp.asarray(normalised_images(3 * PATCH, seed=6))
-    hidden = np.asarray(model(images, preprocessed=True))
-    features = np.asarray(model.features(images, preprocessed=True))
-    assert model.feature_dim == 2 * HIDDEN and features.shape == (2, 2 * HIDDEN)
-    np.testing.assert_allclose(features, np.concatenate([hidden[:, 0], hidden[:, 1:].mean(1)], -1), atol=1e-6)
-
-
 def _asset_path():
     from jaxtree_lora import assets
 

@@ -144,12 +144,11 @@ def _config(tensors: dict, source: str, image_size: int, num_heads: Optional[int
 
 
 def build(tensors: dict, source: str, image_size: int = DEFAULT_IMAGE_SIZE, dtype=jnp.float32,
-          origin: Optional[dict] = None, pooling: str = "cls", num_heads: Optional[int] = None,
+          origin: Optional[dict] = None, num_heads: Optional[int] = None,
           layer_norm_eps: float = LAYER_NORM_EPS) -> vit.ViT:
     """A ViT (family "dinov2") from HF Dinov2 tensors (names without prefix, torch layout); `origin`
     maps a name to where it was read from, for the error messages."""
     config, grid = _config(tensors, source, image_size, num_heads, layer_norm_eps)
-    config = dataclasses.replace(config, pooling=pooling)
     _check_shapes(tensors, config, grid, origin or {}, source)
     shapes = vit.expected_shapes(config)
     shapes[("position_embeddings",)] = (grid * grid + 1, config.hidden_size)
@@ -213,10 +212,10 @@ def onnx_tensors(path: str) -> tuple[dict, dict]:
     return tensors, origin
 
 
-def load_onnx(path: str, image_size: int = DEFAULT_IMAGE_SIZE, dtype=jnp.float32, pooling: str = "cls") -> vit.ViT:
+def load_onnx(path: str, image_size: int = DEFAULT_IMAGE_SIZE, dtype=jnp.float32) -> vit.ViT:
     """The DINOv2 backbone of an ONNX file (e.g. the `dinov2_small` asset) for `image_size`-pixel images."""
     tensors, origin = onnx_tensors(path)
-    return build(tensors, os.path.basename(path), image_size, dtype, origin, pooling)
+    return build(tensors, os.path.basename(path), image_size, dtype, origin)
 
 
 def _directory_config(directory: str) -> dict:
@@ -239,7 +238,7 @@ def directory_patch_size(directory: str) -> int:
     return patch if isinstance(patch, int) and patch > 0 else PATCH_SIZE
 
 
-def load_hf(directory: str, image_size: Optional[int] = None, dtype=jnp.float32, pooling: str = "cls") -> vit.ViT:
+def load_hf(directory: str, image_size: Optional[int] = None, dtype=jnp.float32) -> vit.ViT:
     """A DINOv2 backbone from an HF Dinov2Model (or Dinov2ForImageClassification) safetensors directory.
     image_size None: 224 px."""
     config = hf.read_config(directory)
@@ -253,8 +252,7 @@ def load_hf(directory: str, image_size: Optional[int] = None, dtype=jnp.float32,
     tensors = {(name[len("dinov2."):] if name.startswith("dinov2.") else name): value
                for name, value in hf.read_tensors(directory).items()}
     source = os.path.basename(os.path.normpath(directory))
-    model = build(tensors, source, image_size or DEFAULT_IMAGE_SIZE, dtype, pooling=pooling,
-                  num_heads=config.num_attention_heads, layer_norm_eps=config.layer_norm_eps)
+    model = build(tensors, source, image_size or DEFAULT_IMAGE_SIZE, dtype, num_heads=config.num_attention_heads, layer_norm_eps=config.layer_norm_eps)
     c = model.config
     if (c.hidden_size, c.num_layers) != (config.hidden_size, config.num_hidden_layers):
         raise hf.CheckpointError(f"config.json of {directory} (hidden {config.hidden_size}, {config.num_hidden_layers} "

@@ -32,6 +32,11 @@ Another image size
 PyTorch's bicubic kernel, A = -0.75, half-pixel centres, no antialiasing), the [CLS] position is kept.
 This is what transformers' ViTModel computes with `interpolate_pos_encoding=True`, done once at load
 time instead of at every call.
+
+DINOv2
+------
+`ViTConfig(family="dinov2")` is the same network with DINOv2's LayerScale (each residual branch's
+output times a learned per-channel vector); models/dinov2.py loads it (eps 1e-6, ImageNet mean/std).
 """
 from __future__ import annotations
 
@@ -60,7 +65,6 @@ SITE_KERNELS = {"attn.query": "query", "attn.key": "key", "attn.value": "value",
 
 
 FAMILIES = ("vit", "dinov2")
-POOLINGS = ("cls", "cls_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +73,7 @@ class ViTConfig:
 
     family "vit" is the original ViT; "dinov2" adds DINOv2's LayerScale (a learned per-channel factor
     on each residual branch, `scale1` after attention and `scale2` after the MLP) and names its PEFT
-    modules as HF Dinov2 does. mean / std: one value for all channels or one per channel. pooling:
-    what `features` returns, "cls" (the [CLS] row) or "cls_mean" ([CLS] and the mean of the patch
-    rows, concatenated: 2 x hidden_size).
+    modules as HF Dinov2 does. mean / std: one value for all channels or one per channel.
     """
 
     image_size: int = 224
@@ -86,7 +88,6 @@ class ViTConfig:
     std: Union[float, tuple] = 0.5
     remat: bool = False
     family: str = "vit"
-    pooling: str = "cls"
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -97,8 +98,6 @@ class ViTConfig:
                              "choose num_heads that divides hidden_size")
         if self.family not in FAMILIES:
             raise ValueError(f"unknown ViT family {self.family!r}: choose one of {', '.join(FAMILIES)}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
 
     @property
     def layer_scale(self) -> bool:
@@ -197,8 +196,8 @@ class ViT(nnx.Module):
 
     @property
     def feature_dim(self) -> int:
-        """Width of `features`: hidden_size, twice that with pooling "cls_mean"."""
-        return self.config.hidden_size * (2 if self.config.pooling == "cls_mean" else 1)
+        """Width of `features`: hidden_size."""
+        return self.config.hidden_size
 
     def lora_sites(self) -> dict[str, Site]:
         d, f = self.config.hidden_size, self.config.intermediate_size
@@ -260,12 +259,8 @@ class ViT(nnx.Module):
         return layer_norm(x, self.final_norm[...], self.final_norm_bias[...], c.layer_norm_eps)
 
     def features(self, images, **kwargs):
-        """The [CLS] hidden state after the final LayerNorm: [batch, hidden], float32 (pooling "cls");
-        with pooling "cls_mean", [CLS] and the mean patch row concatenated: [batch, 2 * hidden]."""
-        hidden = self(images, **kwargs).astype(jnp.float32)
-        if self.config.pooling == "cls_mean":
-            return jnp.concatenate([hidden[:, 0], hidden[:, 1:].mean(axis=1)], axis=-1)
-        return hidden[:, 0]
+        """The [CLS] hidden state after the final LayerNorm: [batch, hidden], float32."""
+        return self(images, **kwargs)[:, 0].astype(jnp.float32)
 
 
 def interpolate_position_embeddings(position_embeddings, grid: int):

@@ -164,8 +164,7 @@ def build(config) -> Backbone:
         from jaxtree_lora.models import dinov2
 
         image_size = _dinov2_image_size(config)
-        module = dinov2.load_onnx(str(assets.ensure("dinov2_small")), image_size=image_size,
-                                  pooling=model_config.get("pooling", "cls"))
+        module = dinov2.load_onnx(str(assets.ensure("dinov2_small")), image_size=image_size)
         return _finish(name, "vit", module, None, compute_dtype, remat)
     if name in ("hf", "gguf"):
         path = model_config.get("path", "")
@@ -191,8 +190,7 @@ def build(config) -> Backbone:
 
             if kind == "dinov2" or dinov2.is_dinov2_directory(path):
                 image_size = _dinov2_image_size(config, dinov2.directory_patch_size(path))
-                module = dinov2.load_hf(path, image_size=image_size,
-                                        pooling=model_config.get("pooling", "cls"))
+                module = dinov2.load_hf(path, image_size=image_size)
             else:
                 image_size = config.get("data", {}).get("image_size", None)
                 module = vit.load_hf(path, image_size=int(image_size) if image_size else None)
@@ -259,8 +257,7 @@ def abstract_module(config) -> tuple[Any, str]:
     from jaxtree_lora.models import bert, dinov2, hf, llama, vit
 
     if name == "dinov2_small":  # the asset's shape is known: no need to read the file
-        cfg = dataclasses.replace(dinov2.SMALL, image_size=_dinov2_image_size(config),
-                                  pooling=model_config.get("pooling", "cls"))
+        cfg = dataclasses.replace(dinov2.SMALL, image_size=_dinov2_image_size(config))
         return nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0))), "vit"
 
     if name in ("minilm", "smollm2"):
@@ -295,8 +292,7 @@ def abstract_module(config) -> tuple[Any, str]:
         cfg = dataclasses.replace(dinov2.SMALL, image_size=_dinov2_image_size(config, hf_config.patch_size),
                                   patch_size=hf_config.patch_size, hidden_size=hf_config.hidden_size,
                                   intermediate_size=int(hf_config.hidden_size * hf_config.mlp_ratio),
-                                  num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads,
-                                  pooling=model_config.get("pooling", "cls"))
+                                  num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads)
         return nnx.eval_shape(lambda: vit.ViT(cfg, rngs=rngs())), "vit"
     if kind == "vit":
         cfg = vit.ViTConfig.from_hf(hf_config)
