@@ -1,18 +1,14 @@
-"""DINOv2 backbones (ViT-S/14 and kin) as the project's ViT, from an ONNX export or an HF directory.
+"""DINOv2 backbones (ViT-S/14 and kin) as the project's ViT (family "dinov2"), from ONNX or an HF directory.
 
-The model is `vit.ViT` with family "dinov2": LayerScale on both residual branches, patch 14,
-LayerNorm eps 1e-6, exact (erf) GELU, ImageNet mean/std, and 64-dimensional heads. Two sources:
-
-- `load_onnx`: an ONNX export whose backbone carries HF Dinov2Model names under "backbone."
-  (the `dinov2_small` asset, a saliency model whose conv decoder is ignored). Read with the `onnx`
-  package only: initializers and Constant nodes give the values; the exporter's anonymous
-  MatMul weights are named by the MatMul node that reads them; the position embeddings, split by
-  the exporter into a [CLS] part and a patch part, are put back together.
+DINOv2 is the ViT plus LayerScale on both residual branches, with patch 14, LayerNorm eps 1e-6,
+exact GELU, ImageNet mean/std and 64-wide heads.
+- `load_onnx`: an ONNX export whose backbone keeps HF Dinov2Model names under "backbone." (the
+  `dinov2_small` asset; its saliency decoder is ignored), read with the `onnx` package only:
+  initializers and Constant nodes give the values, an anonymous MatMul weight is named by its
+  MatMul node, the split position embeddings are joined again.
 - `load_hf`: a safetensors directory of HF Dinov2Model / Dinov2ForImageClassification.
-
-Position embeddings are stored for a 37 x 37 grid (518 px) and resized once at load time to the
-input grid, as HF Dinov2Embeddings.interpolate_pos_encoding does (`vit.interpolate_position_embeddings`:
-PyTorch's bicubic, half-pixel centres, A = -0.75, to the target size; kept as they are when equal).
+The stored 37 x 37 position table is resized once at load time to the input grid, as HF
+Dinov2Embeddings.interpolate_pos_encoding does (vit.interpolate_position_embeddings). docs/DINOV2.md.
 """
 from __future__ import annotations
 
@@ -52,8 +48,9 @@ def image_size_error(image_size, patch_size: int = PATCH_SIZE, label: str = "ima
         near = max(1, round(float(image_size) / patch_size)) * patch_size
     except (TypeError, ValueError):
         near = DEFAULT_IMAGE_SIZE
+    common = " (112 and 224 are common)" if patch_size == PATCH_SIZE else ""
     return (f"{label} {image_size!r} is not a positive multiple of DINOv2's patch size {patch_size}: "
-            f"choose e.g. {near} (112 and 224 are common)")
+            f"choose e.g. {near}{common}")
 
 
 def _layer_scale(weight):

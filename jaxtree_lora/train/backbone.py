@@ -288,6 +288,9 @@ def abstract_module(config) -> tuple[Any, str]:
         return nnx.eval_shape(lambda: llama.LlamaDecoder(cfg, rngs=rngs())), kind
     if kind == "encoder":
         return nnx.eval_shape(lambda: bert.BertEncoder(bert.BertConfig.from_hf(hf_config), rngs=rngs())), kind
+    if kind == "dinov2" and getattr(hf_config, "model_type", None) != "dinov2":
+        raise BackboneError(f"model.kind dinov2 but {path}/config.json has model_type "
+                            f"{getattr(hf_config, 'model_type', None)!r}: set model.kind to the checkpoint's family")
     if kind == "dinov2" or (kind == "vit" and getattr(hf_config, "model_type", None) == "dinov2"):
         cfg = dataclasses.replace(dinov2.SMALL, image_size=_dinov2_image_size(config, hf_config.patch_size),
                                   patch_size=hf_config.patch_size, hidden_size=hf_config.hidden_size,
