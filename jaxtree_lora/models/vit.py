@@ -32,11 +32,16 @@ Another image size
 PyTorch's bicubic kernel, A = -0.75, half-pixel centres, no antialiasing), the [CLS] position is kept.
 This is what transformers' ViTModel computes with `interpolate_pos_encoding=True`, done once at load
 time instead of at every call.
+
+DINOv2
+------
+`ViTConfig(family="dinov2")` is the same network with DINOv2's LayerScale (each residual branch's
+output times a learned per-channel vector); models/dinov2.py loads it (eps 1e-6, ImageNet mean/std).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +58,23 @@ SITES = ("attn.query", "attn.key", "attn.value", "attn.output", "mlp.fc1", "mlp.
 HF_MODULES = {"attn.query": "attention.attention.query", "attn.key": "attention.attention.key",
               "attn.value": "attention.attention.value", "attn.output": "attention.output.dense",
               "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+# DINOv2 (HF Dinov2Model) names its MLP "mlp.fc1" / "mlp.fc2"; the attention modules are named as in ViT.
+DINOV2_MODULES = dict(HF_MODULES, **{"mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
 SITE_KERNELS = {"attn.query": "query", "attn.key": "key", "attn.value": "value", "attn.output": "attn_out",
                 "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
 
 
+FAMILIES = ("vit", "dinov2")
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    """Shape of a ViT (defaults: ViT-B/16 at 224 px) and its input normalisation (mean, std)."""
+    """Shape of a ViT (defaults: ViT-B/16 at 224 px) and its input normalisation (mean, std).
+
+    family "vit" is the original ViT; "dinov2" adds DINOv2's LayerScale (a learned per-channel factor
+    on each residual branch, `scale1` after attention and `scale2` after the MLP) and names its PEFT
+    modules as HF Dinov2 does. mean / std: one value for all channels or one per channel.
+    """
 
     image_size: int = 224
     patch_size: int = 16
@@ -69,9 +84,10 @@ class ViTConfig:
     num_layers: int = 12
     num_heads: int = 12
     layer_norm_eps: float = 1e-12
-    mean: float = 0.5
-    std: float = 0.5
+    mean: Union[float, tuple] = 0.5
+    std: Union[float, tuple] = 0.5
     remat: bool = False
+    family: str = "vit"
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -80,6 +96,13 @@ class ViTConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: "
                              "choose num_heads that divides hidden_size")
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown ViT family {self.family!r}: choose one of {', '.join(FAMILIES)}")
+
+    @property
+    def layer_scale(self) -> bool:
+        """Whether the blocks carry DINOv2's LayerScale factors."""
+        return self.family == "dinov2"
 
     @property
     def grid(self) -> int:
@@ -116,10 +139,13 @@ class ViTConfig:
 def layer_shapes(c: ViTConfig) -> dict:
     """Stacked per-layer parameter shapes, each with the leading num_layers axis."""
     n, d, f = c.num_layers, c.hidden_size, c.intermediate_size
-    return {"norm1": (n, d), "norm1_bias": (n, d), "query": (n, d, d), "query_bias": (n, d), "key": (n, d, d),
-            "key_bias": (n, d), "value": (n, d, d), "value_bias": (n, d), "attn_out": (n, d, d),
-            "attn_out_bias": (n, d), "norm2": (n, d), "norm2_bias": (n, d), "fc1": (n, d, f), "fc1_bias": (n, f),
-            "fc2": (n, f, d), "fc2_bias": (n, d)}
+    shapes = {"norm1": (n, d), "norm1_bias": (n, d), "query": (n, d, d), "query_bias": (n, d), "key": (n, d, d),
+              "key_bias": (n, d), "value": (n, d, d), "value_bias": (n, d), "attn_out": (n, d, d),
+              "attn_out_bias": (n, d), "norm2": (n, d), "norm2_bias": (n, d), "fc1": (n, d, f), "fc1_bias": (n, f),
+              "fc2": (n, f, d), "fc2_bias": (n, d)}
+    if c.layer_scale:
+        shapes.update(scale1=(n, d), scale2=(n, d))
+    return shapes
 
 
 def vit_block(x, p, hook, c: ViTConfig):
@@ -137,9 +163,15 @@ def vit_block(x, p, hook, c: ViTConfig):
     k = project("attn.key", h).reshape(batch, seq, c.num_heads, head_dim)
     v = project("attn.value", h).reshape(batch, seq, c.num_heads, head_dim)
     context = attention(q, k, v).reshape(batch, seq, d)  # softmax in float32 whatever the activation dtype
-    x = x + project("attn.output", context)
+    attended = project("attn.output", context)
+    if c.layer_scale:  # DINOv2: the adapted projection's output, scaled per channel, joins the residual
+        attended = attended * p["scale1"].astype(dtype)
+    x = x + attended
     h = layer_norm(x, p["norm2"], p["norm2_bias"], c.layer_norm_eps)
-    return x + project("mlp.fc2", jax.nn.gelu(project("mlp.fc1", h), approximate=False))
+    mlp = project("mlp.fc2", jax.nn.gelu(project("mlp.fc1", h), approximate=False))
+    if c.layer_scale:
+        mlp = mlp * p["scale2"].astype(dtype)
+    return x + mlp
 
 
 class ViT(nnx.Module):
@@ -159,7 +191,8 @@ class ViT(nnx.Module):
             .astype(param_dtype))
         self.final_norm = nnx.Param(jnp.ones((c.hidden_size,), param_dtype))
         self.final_norm_bias = nnx.Param(jnp.zeros((c.hidden_size,), param_dtype))
-        self.layers = Stacked(layer_shapes(c), jax.random.fold_in(key, 2), param_dtype, ones=("norm1", "norm2"))
+        self.layers = Stacked(layer_shapes(c), jax.random.fold_in(key, 2), param_dtype,
+                              ones=("norm1", "norm2", "scale1", "scale2"))
 
     @property
     def feature_dim(self) -> int:
@@ -176,12 +209,13 @@ class ViT(nnx.Module):
         """The stacked kernel of a site in `layers`, e.g. "attn.output" -> "attn_out"."""
         return SITE_KERNELS[site]
 
-    @staticmethod
-    def hf_module_path(site: str, layer: int) -> str:
-        """PEFT/HF module name, e.g. "vit.encoder.layer.3.attention.attention.query"."""
-        if site not in HF_MODULES:
-            raise ValueError(f"unknown ViT site {site!r}: choose one of {', '.join(HF_MODULES)}")
-        return f"vit.encoder.layer.{layer}.{HF_MODULES[site]}"
+    def hf_module_path(self, site: str, layer: int) -> str:
+        """PEFT/HF module name, e.g. "vit.encoder.layer.3.attention.attention.query" (DINOv2:
+        "dinov2.encoder.layer.3.mlp.fc1", the names of HF Dinov2ForImageClassification)."""
+        modules = DINOV2_MODULES if self.config.family == "dinov2" else HF_MODULES
+        if site not in modules:
+            raise ValueError(f"unknown ViT site {site!r}: choose one of {', '.join(modules)}")
+        return f"{self.config.family}.encoder.layer.{layer}.{modules[site]}"
 
     def preprocess(self, images):
         """uint8 [0, 255] or float [0, 1] images [B, H, W, C] -> normalised float32 [B, S, S, C], S = image_size."""
@@ -193,7 +227,7 @@ class ViT(nnx.Module):
         images = images.astype(jnp.float32) / scale
         if images.shape[1:3] != (c.image_size, c.image_size):
             images = jax.image.resize(images, (images.shape[0], c.image_size, c.image_size, c.num_channels), "bilinear")
-        return (images - c.mean) / c.std
+        return (images - jnp.asarray(c.mean, jnp.float32)) / jnp.asarray(c.std, jnp.float32)
 
     def __call__(self, images, *, adapters=None, delta: Optional[DeltaFn] = None, rng=None, compute_dtype=None,
                  preprocessed: bool = False):

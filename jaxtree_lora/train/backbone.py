@@ -136,7 +136,9 @@ def build(config) -> Backbone:
     model.name:
       "minilm"     all-MiniLM-L6-v2 from the offline asset (encoder)
       "smollm2"    SmolLM2-135M-Instruct Q4_1 GGUF from the offline asset (decoder)
-      "hf"         a Hugging Face checkpoint directory at model.path (model.kind says which family)
+      "dinov2_small"  DINOv2 ViT-S/14 from the offline asset (vit; data.image_size, a multiple of 14, default 224)
+      "hf"         a Hugging Face checkpoint directory at model.path (model.kind says which family; a
+                   config.json with model_type "dinov2" is read as DINOv2 under kind "vit" or "dinov2")
       "gguf"       a GGUF file at model.path (Llama family)
       "tiny-bert" | "tiny-llama" | "tiny-vit"   random weights with the shapes in model.tiny (tests, benchmarks)
     """
@@ -157,6 +159,13 @@ def build(config) -> Backbone:
 
         module, tokenizer = gguf.load_gguf(str(assets.ensure("smollm2")))
         return _finish(name, "decoder", module, tokenizer, compute_dtype, remat)
+    if name == "dinov2_small":
+        from jaxtree_lora import assets
+        from jaxtree_lora.models import dinov2
+
+        image_size = _dinov2_image_size(config)
+        module = dinov2.load_onnx(str(assets.ensure("dinov2_small")), image_size=image_size)
+        return _finish(name, "vit", module, None, compute_dtype, remat)
     if name in ("hf", "gguf"):
         path = model_config.get("path", "")
         if not path or not os.path.exists(path):
@@ -176,19 +185,35 @@ def build(config) -> Backbone:
             from jaxtree_lora.models import bert
 
             module, tokenizer = bert.load_hf(path)
-        elif kind == "vit":
-            from jaxtree_lora.models import vit
+        elif kind in ("vit", "dinov2"):
+            from jaxtree_lora.models import dinov2, vit
 
-            image_size = config.get("data", {}).get("image_size", None)
-            module = vit.load_hf(path, image_size=int(image_size) if image_size else None)
-            tokenizer = None
+            if kind == "dinov2" or dinov2.is_dinov2_directory(path):
+                image_size = _dinov2_image_size(config, dinov2.directory_patch_size(path))
+                module = dinov2.load_hf(path, image_size=image_size)
+            else:
+                image_size = config.get("data", {}).get("image_size", None)
+                module = vit.load_hf(path, image_size=int(image_size) if image_size else None)
+            kind, tokenizer = "vit", None
         else:
-            raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)}")
+            raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)} "
+                                "(or dinov2 with model.name hf)")
         return _finish(name, kind, module, tokenizer, compute_dtype, remat)
     if name.startswith("tiny-"):
         return build_tiny(name, dict(model_config.get("tiny", {})), seed, compute_dtype, remat)
-    raise BackboneError(
-        f"unknown model.name {name!r}: choose minilm, smollm2, hf, gguf, tiny-bert, tiny-llama or tiny-vit")
+    raise BackboneError(f"unknown model.name {name!r}: choose minilm, smollm2, dinov2_small, hf, gguf, tiny-bert, "
+                        "tiny-llama or tiny-vit")
+
+
+def _dinov2_image_size(config, patch_size: int = 14) -> int:
+    """data.image_size for a DINOv2 backbone (default 224), refused unless a positive multiple of the patch."""
+    from jaxtree_lora.models import dinov2
+
+    image_size = config.get("data", {}).get("image_size", None) or dinov2.DEFAULT_IMAGE_SIZE
+    problem = dinov2.image_size_error(image_size, patch_size, label="data.image_size")
+    if problem:
+        raise BackboneError(problem)
+    return int(image_size)
 
 
 def build_tiny(name: str, shape: dict, seed: int = 0, compute_dtype=None, remat=False) -> Backbone:
@@ -229,7 +254,11 @@ def abstract_module(config) -> tuple[Any, str]:
     if name.startswith("tiny-"):
         built = nnx.eval_shape(lambda: build_tiny(name, dict(model_config.get("tiny", {}))).module())
         return built, {"tiny-bert": "encoder", "tiny-llama": "decoder", "tiny-vit": "vit"}[name]
-    from jaxtree_lora.models import bert, hf, llama, vit
+    from jaxtree_lora.models import bert, dinov2, hf, llama, vit
+
+    if name == "dinov2_small":  # the asset's shape is known: no need to read the file
+        cfg = dataclasses.replace(dinov2.SMALL, image_size=_dinov2_image_size(config))
+        return nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0))), "vit"
 
     if name in ("minilm", "smollm2"):
         from jaxtree_lora import assets
@@ -239,7 +268,8 @@ def abstract_module(config) -> tuple[Any, str]:
     else:
         path, kind = model_config.get("path", ""), model_config.get("kind", "decoder")
         if name not in ("hf", "gguf"):
-            raise BackboneError(f"unknown model.name {name!r}: choose minilm, smollm2, hf, gguf or tiny-*")
+            raise BackboneError(f"unknown model.name {name!r}: choose minilm, smollm2, dinov2_small, hf, gguf "
+                                "or tiny-*")
         if not path or not os.path.exists(path):
             raise BackboneError(f"model.path {path!r} does not exist: set --config.model.path to a checkpoint "
                                 f"{'directory (its config.json is enough to plan)' if name == 'hf' else 'file'}")
@@ -258,11 +288,21 @@ def abstract_module(config) -> tuple[Any, str]:
         return nnx.eval_shape(lambda: llama.LlamaDecoder(cfg, rngs=rngs())), kind
     if kind == "encoder":
         return nnx.eval_shape(lambda: bert.BertEncoder(bert.BertConfig.from_hf(hf_config), rngs=rngs())), kind
+    if kind == "dinov2" and getattr(hf_config, "model_type", None) != "dinov2":
+        raise BackboneError(f"model.kind dinov2 but {path}/config.json has model_type "
+                            f"{getattr(hf_config, 'model_type', None)!r}: set model.kind to the checkpoint's family")
+    if kind == "dinov2" or (kind == "vit" and getattr(hf_config, "model_type", None) == "dinov2"):
+        cfg = dataclasses.replace(dinov2.SMALL, image_size=_dinov2_image_size(config, hf_config.patch_size),
+                                  patch_size=hf_config.patch_size, hidden_size=hf_config.hidden_size,
+                                  intermediate_size=int(hf_config.hidden_size * hf_config.mlp_ratio),
+                                  num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads)
+        return nnx.eval_shape(lambda: vit.ViT(cfg, rngs=rngs())), "vit"
     if kind == "vit":
         cfg = vit.ViTConfig.from_hf(hf_config)
         image_size = config.get("data", {}).get("image_size", None)
         if image_size:
             cfg = dataclasses.replace(cfg, image_size=int(image_size))
         return nnx.eval_shape(lambda: vit.ViT(cfg, rngs=rngs())), kind
-    raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)}")
+    raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)} "
+                        "(or dinov2 with model.name hf)")
 
