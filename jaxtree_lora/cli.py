@@ -128,9 +128,8 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
     primary = jax.process_index() == 0  # with several processes, the first one writes the results
     started = time.perf_counter()
     backbone = backbone_lib.build(config)
-    stream = data_lib.get_stream(config.data, backbone.tokenizer)
     # Bad data is refused before the work directory holds anything (not even config.json).
-    data_lib.check_stream(stream, int(getattr(backbone, "vocab_size", 0) or 0))
+    stream = data_lib.checked_stream(config.data, backbone.tokenizer, int(getattr(backbone, "vocab_size", 0) or 0))
     _prepare_workdir(workdir, resume)
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -532,7 +531,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except Exception as error:  # only bad input is turned into one line; bugs keep their traceback
         if isinstance(error, _user_errors()):
-            print(f"jaxtree-lora: error: {error}", file=sys.stderr)
+            message = " ".join(str(error).split())  # one line, whatever the message holds
+            print(f"jaxtree-lora: error: {message}", file=sys.stderr)
             return USAGE_ERROR
         raise
 

@@ -93,6 +93,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         try:
             node[last] = value
         except (TypeError, ValueError) as error:
+            reason = " ".join(str(error).split())  # ml_collections' message spans lines; the user gets one
             raise ConfigFileError(
-                f"--config.{dotted}={text}: expected a value of type {type(current).__name__} ({error})") from error
+                f"--config.{dotted}={text}: expected a value of type {type(current).__name__} ({reason})") from error
     return config

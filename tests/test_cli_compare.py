@@ -57,13 +57,14 @@ def test_a_method_for_another_kind_of_stream_is_not_applicable(tmp_path):
 
     import jaxtree_lora.train.loop as loop
 
-    original = loop.build_method
-    loop.build_method = lambda config, max_tasks: InstructionOnly(lora=original(config, max_tasks).lora)
+    original = loop.method_from_config
+    loop.method_from_config = lambda config, kind, max_tasks: InstructionOnly(
+        lora=original(config, kind, max_tasks).lora)
     try:
         with pytest.raises(MethodNotApplicable, match="instruction"):
             make_run(tiny_config("seqlora"), tmp_path / "run")
     finally:
-        loop.build_method = original
+        loop.method_from_config = original
 
 
 def test_compare_over_seeds_gives_mean_and_spread_with_the_fix_row(tmp_path):

@@ -150,8 +150,8 @@ def test_task_identity_inference_routes_every_example_of_separable_tasks_to_its_
 
 
 def test_treelora_in_hide_form_penalises_the_current_slot_only():
-    tree = TreeLoRA(lam=0.5)  # the config's LLM default: the hide form takes TreeLoRA's ViT lam instead
-    method = hide_form(tree, {})
+    tree = TreeLoRA(lam=0.5)  # the LLM default, not set by the config: the hide form takes TreeLoRA's ViT lam
+    method = hide_form(tree, {}, given=frozenset())
     assert isinstance(method, TreeHiDeLoRA) and (method.tree.lam, method.tree.tree_depth) == (0.1, 5)
     assert method.lora.targets == ("k", "v") and method.lora.rank == 4, "HiDe-LoRA's own spec"
     model = ModelInfo(sites=SITES, num_layers=2, feature_dim=4)

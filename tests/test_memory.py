@@ -125,3 +125,22 @@ def test_decoder_logits_are_planned_over_the_answer_window_only():
     assert memory.answer_length(ml_collections.ConfigDict({"name": "offline-trace", "max_answer_len": 2})) == 16, \
         "offline-trace widens answers to the longest task budget (reply: 16 new tokens)"
     assert memory.answer_length(ml_collections.ConfigDict({"name": "offline-text-cil"})) == 0
+
+
+def test_the_vit_cifar100_plan_is_of_treeloras_hide_form_with_hides_class_statistics(tmp_path):
+    """vit_b16_cifar100 runs TreeLoRA in HiDe's form, which keeps a covariance per class under the
+    slots and one of the pre-trained features (100 classes x 768 x 768 float32 each, 0.22 GiB apiece).
+    The planner must size that method, not TreeLoRA's LLM form (whose state is a few MiB)."""
+    from transformers import ViTConfig
+
+    from experiments.configs import vit_b16_cifar100
+
+    ViTConfig().save_pretrained(str(tmp_path / "vit"))  # ViT-B/16: hidden 768, 12 layers; config.json only
+    config = vit_b16_cifar100.get_config()
+    config.model.path = str(tmp_path / "vit")
+    planned = memory.plan_run(config, check=False)
+    covariances = 2 * 100 * 768 * 768 * 4
+    assert covariances <= planned.method_bytes < covariances + 0.05 * 2 ** 30, \
+        f"method state {planned.method_bytes / 2 ** 30:.3f} GiB: HiDe's class covariances are {covariances / 2 ** 30:.3f}"
+    config.method.treelora.form = "llm"
+    assert memory.plan_run(config, check=False).method_bytes < 0.05 * 2 ** 30, "the LLM form keeps no class statistics"

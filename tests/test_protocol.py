@@ -131,6 +131,48 @@ def test_results_record_the_protocol_used(tmp_path):
     assert protocol["lora"]["scale"] == 1.0 and "scale 1, no alpha / r" in line, line
 
 
+def test_an_explicit_lora_key_wins_in_treeloras_hide_form_even_at_the_llm_default(tmp_path):
+    """`--config.lora.rank=8` with TreeLoRA on a classification stream (form "auto": HiDe's
+    decomposition, whose own rank is 4): 8 is also the LLM form's default, and the run must still train
+    at rank 8, as the protocol line says. Without the key it runs at HiDe's rank 4."""
+    from jaxtree_lora import cli, config as config_lib
+
+    for overrides, rank in ((["lora.rank=8"], 8), ([], 4)):
+        config = config_lib.apply_overrides(default.get_config("tiny"), overrides)
+        run = make_run(config, tmp_path / f"rank{rank}")
+        assert type(run.method).__name__ == "TreeHiDeLoRA", "form auto on a classification stream: HiDe's"
+        line = cli.describe_protocol(cli.run_protocol(run))
+        assert f"LoRA r {rank} on k, v" in line, f"{overrides}: {line}"
+        adapters = run.initial_state().trainable["adapters"]
+        ranks = {site: leaves["a"].shape[-2] for site, leaves in adapters.items()}  # a: [L, slots, r, d_in]
+        assert set(ranks.values()) == {rank}, f"{overrides}: the adapters have ranks {ranks}"
+
+
+@pytest.mark.parametrize("kind,unset_lam,unset_depth", [("classification", 0.1, 5), ("instruction", 0.5, -1)])
+def test_a_treelora_option_set_explicitly_is_kept_in_either_form_whatever_its_value(kind, unset_lam, unset_depth):
+    """An option the config sets keeps its value, also where that value is the other form's default (or
+    its own); an option it leaves unset takes the form's own default (hide: TreeLoRA's ViT lam 0.1 and
+    tree depth 5; llm: the official 0.5 and -1)."""
+    from jaxtree_lora import config as config_lib
+    from jaxtree_lora.assemble import method_from_config
+
+    def tree_of(*overrides):
+        config = config_lib.apply_overrides(default.get_config(), list(overrides))
+        method = method_from_config(config, kind, max_tasks=3)
+        return method.tree if kind == "classification" else method
+
+    unset = tree_of()
+    assert (unset.lam, unset.tree_depth) == (unset_lam, unset_depth), "unset: the form's own defaults"
+    for lam in (0.5, 0.1, 0.3):  # the LLM default, the hide default, neither
+        assert tree_of(f"method.treelora.lam={lam}").lam == lam, f"lam={lam} set explicitly"
+    for depth in (-1, 5, 3):
+        assert tree_of(f"method.treelora.tree_depth={depth}").tree_depth == depth, f"tree_depth={depth}"
+    chosen = tree_of("method.treelora.lam=0.5", "method.treelora.selection=official", "lora.alpha=32")
+    assert chosen.lam == 0.5 and chosen.selection == "official" and chosen.lora.alpha == 32.0, \
+        "TreeLoRA's own defaults, set explicitly, are kept (alpha 32 against HiDe's 1 in the hide form)"
+    assert tree_of("method.treelora.lam=None").lam == unset_lam, "None is unset: the form's default"
+
+
 def test_the_optimiser_is_the_methods_own_unless_the_config_sets_one():
     """Each method trains with its official code's optimiser (HiDe-LoRA and TreeLoRA's HiDe form: Adam at
     0.03 x batch / 256; LoDA, CL-LoRA, SD-LoRA: SGD with momentum at their CIFAR-100 rates; InfLoRA: Adam

@@ -11,17 +11,20 @@ import ml_collections
 
 
 def method_options() -> ml_collections.ConfigDict:
-    """Every registered method's options with their defaults (the method's own dataclass fields), so
-    each one can be set from the command line: `--config.method.treelora.regulariser=paper_l1`.
+    """Every registered method's options, each a typed placeholder (None: the method's own default,
+    which may depend on its form on the stream), so each one can be set from the command line:
+    `--config.method.treelora.regulariser=paper_l1`. A key that is set always wins (jaxtree_lora.assemble);
     `method.name` picks which method runs; `config.lora` is its LoRA spec."""
     import dataclasses
 
     from jaxtree_lora import methods
 
+    placeholder = ml_collections.config_dict.placeholder
     options = {}
     for name in methods.names():
         fields = dataclasses.fields(methods.get_class(name))
-        options[name] = {field.name: field.default for field in fields
+        options[name] = {field.name: None if field.default is None else placeholder(type(field.default))
+                         for field in fields
                          if field.name not in ("lora", "max_tasks") and field.default is not dataclasses.MISSING}
     return ml_collections.ConfigDict(options)
 

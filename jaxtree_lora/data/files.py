@@ -17,6 +17,7 @@ the training file lacks, undecodable bytes) is a DataError that names the file, 
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
@@ -220,6 +221,13 @@ def read_table(path: str, split: str = "train") -> Table:
     if not os.path.exists(path):
         raise DataError(f"data file {path} does not exist: check data.train / data.test")
     path = resolve_split(path, split)
+    table = _read_any(path)
+    if not len(table):
+        raise DataError(f"{path} has no rows: it needs a header line and at least one record")
+    return table
+
+
+def _read_any(path: str) -> Table:
     if os.path.isdir(path):
         names = os.listdir(path)
         if "state.json" in names or any(name.endswith(".arrow") for name in names):
@@ -237,12 +245,8 @@ def read_table(path: str, split: str = "train") -> Table:
     if kind == "parquet":
         return _read_parquet(path, [path])
     if kind == "jsonl":
-        table = _read_jsonl(path)
-    else:
-        table = _read_delimited(path, "," if kind == "csv" else "\t")
-    if not len(table):
-        raise DataError(f"{path} has no rows: it needs a header line and at least one record")
-    return table
+        return _read_jsonl(path)
+    return _read_delimited(path, "," if kind == "csv" else "\t")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,10 +294,12 @@ def sorted_names(names) -> list[str]:
         return sorted(names)
 
 
-def _held_out(keys: Sequence[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _held_out(keys: Sequence[str], fraction: float, seed: int, where: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(train rows, test rows): a seeded `fraction` of every key (class, or task/class) held out."""
-    codes = {key: code for code, key in enumerate(sorted(set(keys)))}
-    return holdout(np.asarray([codes[key] for key in keys], np.int64), float(fraction), int(seed))
+    names = sorted(set(keys))
+    codes = {key: code for code, key in enumerate(names)}
+    return holdout(np.asarray([codes[key] for key in keys], np.int64), float(fraction), int(seed),
+                   [name.replace("\0", "/") for name in names], where)
 
 
 def _pick(values: list, rows: np.ndarray) -> list:
@@ -340,7 +346,12 @@ def files_stream(tokenizer, train: str, test: str = "", text_column: str = "text
                                 f"lacks: every test class needs training examples (fix the label or add them)")
     else:
         keys = [f"{t}\0{l}" for t, l in zip(tasks, labels)] if tasks else labels
-        train_rows, test_rows = _held_out(keys, test_fraction, seed)
+        counts = collections.Counter(keys)
+        for task in dict.fromkeys(tasks or ()):
+            if all(count < 2 for key, count in counts.items() if key.split("\0", 1)[0] == task):
+                raise DataError(f"task {task!r} (column {task_column!r}) has no test examples to hold out: each of "
+                                f"its classes has 1 example in {train_table.path}; add examples or give data.test")
+        train_rows, test_rows = _held_out(keys, test_fraction, seed, f" in {train_table.path}")
         test_texts, test_labels = _pick(texts, test_rows), _pick(labels, test_rows)
         test_tasks = _pick(tasks, test_rows) if tasks else None
         texts, labels = _pick(texts, train_rows), _pick(labels, train_rows)
@@ -389,11 +400,13 @@ def files_stream(tokenizer, train: str, test: str = "", text_column: str = "text
 # instruction tasks
 # ---------------------------------------------------------------------------------------------------
 
-def paths(value) -> list[str]:
+def paths(value, option: str = "data.train") -> list[str]:
     """A list of paths from a list, or a comma-separated string (`--config.data.train=a.jsonl,b.jsonl`,
     also written "[a.jsonl,b.jsonl]")."""
     if value is None:
         return []
+    if not isinstance(value, (str, list, tuple)):
+        raise DataError(f"{option} must be a name or a list of names, got {value!r}")
     items = [value] if isinstance(value, str) else list(value)
     out = []
     for item in items:
@@ -418,7 +431,7 @@ def task_metrics(metrics, task_names: Sequence[str]) -> list[str]:
                             f"{', '.join(task_names)})")
         chosen = [str(metrics.get(name, "accuracy")) for name in task_names]
     else:
-        listed = paths(metrics)
+        listed = paths(metrics, "data.metrics")
         if len(listed) == 1:
             listed = listed * len(task_names)
         if len(listed) != len(task_names):
@@ -444,7 +457,7 @@ def instruction_files_stream(tokenizer, train, test=None, prompt_column: str = "
     by the file's stem; `test` lists one test file per task, or none for a seeded held-out
     `test_fraction`. Each task's generation budget is its longest training answer (tokens, with EOS),
     at most max_answer_len. Arrays are padded to one length across tasks (one compiled step)."""
-    train_paths, test_paths = paths(train), paths(test)
+    train_paths, test_paths = paths(train, "data.train"), paths(test, "data.test")
     if not train_paths:
         raise DataError("data.train names no task files: --config.data.train=task1.jsonl,task2.jsonl")
     if test_paths and len(test_paths) != len(train_paths):
@@ -463,10 +476,10 @@ def instruction_files_stream(tokenizer, train, test=None, prompt_column: str = "
             test_prompts = _texts(test_table, prompt_column, "prompt_column", "prompt")
             test_answers = _texts(test_table, answer_column, "answer_column", "answer")
         else:
-            train_rows, test_rows = _held_out(["task"] * len(prompts), test_fraction, seed + index)
-            if not len(test_rows):
+            if len(prompts) < 2:
                 raise DataError(f"task {name!r} ({path}) has {len(prompts)} example(s), too few to hold out a test "
                                 f"set: add examples or give data.test files")
+            train_rows, test_rows = _held_out(["task"] * len(prompts), test_fraction, seed + index)
             test_prompts, test_answers = _pick(prompts, test_rows), _pick(answers, test_rows)
             prompts, answers = _pick(prompts, train_rows), _pick(answers, train_rows)
         budget = min(max(len(ids) for ids in answer_token_ids(answers, tokenizer)), max_answer_len)
@@ -526,6 +539,9 @@ def image_folder_stream(root: str = "", train: str = "", test: str = "", image_s
     source gives them, so the ViT path consumes them the same way."""
     if image_dtype not in ("uint8", "float32"):
         raise DataError(f"data.image_dtype {image_dtype!r} must be 'uint8' or 'float32'")
+    for value, option in ((root, "data_dir"), (train, "train"), (test, "test")):
+        if not isinstance(value, str):
+            raise DataError(f"data.{option} must be one folder for data.name=image_folder, got {value!r}")
     if image_size < 1:
         raise DataError(f"data.image_size must be >= 1 (the ViT's input size), got {image_size}")
     if not train:
@@ -557,7 +573,8 @@ def image_folder_stream(root: str = "", train: str = "", test: str = "", image_s
             raise DataError(f"test class folder(s) {', '.join(extra)} in {test} have no training folder in {train}: "
                             f"every test class needs training images")
     train_images, train_labels, test_images, test_labels = image_splits(
-        train_images, train_labels, load(test_classes) if test else None, test_fraction, seed, image_dtype)
+        train_images, train_labels, load(test_classes) if test else None, test_fraction, seed, image_dtype,
+        class_names, f" in {train}")
     return class_incremental(
         f"image_folder:{os.path.basename(os.path.normpath(root or train))}",
         Split(inputs={"images": train_images}, labels=train_labels),

@@ -63,6 +63,8 @@ def read(name: str, data_dir: str, split: str, image_size: int, image_key: str =
         if key not in features:
             raise DataError(f"{name} has no feature {key!r} (it has {', '.join(features.keys())}): "
                             f"set data.image_key / data.label_key")
+    if int(limit) < 0:
+        raise DataError(f"data.limit must be >= 0 (0: every example), got {limit}")
     count = len(source) if not limit else min(int(limit), len(source))
     if count == 0:
         raise DataError(f"{name} split {split!r} is empty: check data.train_split / data.test_split")
@@ -82,30 +84,36 @@ def read(name: str, data_dir: str, split: str, image_size: int, image_key: str =
     return np.stack(images), np.asarray(labels, np.int32), class_names
 
 
-def holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, test rows): a seeded `fraction` of every class held out (at least one per class
-    with two or more examples)."""
+def holdout(labels: np.ndarray, fraction: float, seed: int, names=None, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows): a seeded `fraction` of every class held out, at least one example and
+    never all of them. A class with a single example cannot give both and is refused (`names[label]`
+    names it, `where` says where the data is)."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"data.test_fraction={fraction} must lie strictly between 0 and 1")
     generator = np.random.default_rng([int(seed), 0x7E57])
     train_rows, test_rows = [], []
     for label in np.unique(labels):
         rows = generator.permutation(np.flatnonzero(labels == label))
-        held = max(int(round(fraction * len(rows))), 1) if len(rows) > 1 else 0
+        if len(rows) < 2:
+            name = names[int(label)] if names is not None and 0 <= label < len(names) else int(label)
+            raise DataError(f"class {name!r} has 1 example{where}: holding out data.test_fraction needs at least 2 "
+                            f"per class (one to train on, one to test): add examples, or give a test split")
+        held = min(max(int(round(fraction * len(rows))), 1), len(rows) - 1)
         test_rows.append(rows[:held])
         train_rows.append(rows[held:])
     return np.sort(np.concatenate(train_rows)), np.sort(np.concatenate(test_rows))
 
 
 def image_splits(train_images: np.ndarray, train_labels: np.ndarray, test: tuple | None, test_fraction: float,
-                 seed: int, image_dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 seed: int, image_dtype: str, names=None,
+                 where: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train images, train labels, test images, test labels) of an image source: `test` (images,
     labels) when the source has a test split, else a seeded `test_fraction` of every class held out
     (`holdout`); uint8 images stay uint8, "float32" scales them to [0, 1]."""
     if test is not None:
         test_images, test_labels = test
     else:
-        train_rows, test_rows = holdout(train_labels, test_fraction, seed)
+        train_rows, test_rows = holdout(train_labels, test_fraction, seed, names, where)
         test_images, test_labels = train_images[test_rows], train_labels[test_rows]
         train_images, train_labels = train_images[train_rows], train_labels[train_rows]
     if image_dtype == "float32":
@@ -126,8 +134,8 @@ def tfds_stream(dataset: str, data_dir: str, num_tasks: int = 10, seed: int = 0,
         raise DataError(f"data.image_dtype {image_dtype!r} must be 'uint8' or 'float32'")
     train_images, train_labels, names = read(dataset, data_dir, train_split, image_size, image_key, label_key, limit)
     test = read(dataset, data_dir, test_split, image_size, image_key, label_key, limit)[:2] if test_split else None
-    train_images, train_labels, test_images, test_labels = image_splits(train_images, train_labels, test,
-                                                                        test_fraction, seed, image_dtype)
+    train_images, train_labels, test_images, test_labels = image_splits(
+        train_images, train_labels, test, test_fraction, seed, image_dtype, names, f" in {dataset} {train_split}")
     for labels in (train_labels, test_labels):
         if int(labels.max()) >= len(names) or int(labels.min()) < 0:
             raise DataError(f"{dataset}: labels outside [0, {len(names)}) for its {len(names)} class names")

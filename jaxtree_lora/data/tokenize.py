@@ -20,6 +20,8 @@ def tokenize_classification(texts: Sequence[str], tokenizer, max_len: int) -> di
     """{"input_ids", "attention_mask"} [N, max_len] int32, right-padded and truncated."""
     if max_len < 2:
         raise DataError(f"data.max_len={max_len} leaves no room for text: use at least 8")
+    if not len(texts):  # a tokenizer fails on an empty batch with an IndexError
+        raise DataError("a split has no texts to tokenize: every task needs training and test examples")
     encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
                         return_tensors="np")
     return {"input_ids": np.asarray(encoded["input_ids"], np.int32),

@@ -126,16 +126,18 @@ class TreeLoRA(Method):
                              "task_vector 'gradient' stores gradients: use task_vector 'lora_a_average' with it, "
                              "or regulariser 'official' / 'none'")
 
-    def for_stream(self, kind: str, options_of=None):
+    def for_stream(self, kind: str, given: frozenset, options_of):
         """The concrete method for a stream of `kind`: this one ("llm"), or TreeLoRA in HiDe-LoRA's
-        decomposition ("hide"; "auto" picks it for classification streams). `options_of("hide_lora")`
-        gives the HiDe-LoRA options the hide form runs with (their defaults when None)."""
+        decomposition ("hide"; "auto" picks it for classification streams). `given` names the options
+        (and LoRA keys, as "lora.KEY") that the config sets: those keep this object's values in either
+        form, the others take the form's own defaults. `options_of("hide_lora")` gives the HiDe-LoRA
+        options the config sets."""
         form = self.form if self.form != "auto" else ("hide" if kind == "classification" else "llm")
         if form == "llm":
             return dataclasses.replace(self, form="llm")
         from jaxtree_lora.methods.treelora_hide import hide_form
 
-        return hide_form(self, (options_of or (lambda name: {}))("hide_lora"))
+        return hide_form(self, options_of("hide_lora"), given)
 
     # -- layout ---------------------------------------------------------------------------------
     def modules(self, adapters) -> jax.Array:

@@ -28,13 +28,12 @@ import math
 
 import jax
 
-from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import ModelInfo, StreamInfo
 from jaxtree_lora.methods.hide_lora import HiDeLoRA
 from jaxtree_lora.methods.treelora import TreeLoRA
 
-# TreeLoRA's ViT settings (Table 6), used by the hide form where the config keeps the LLM defaults.
+# TreeLoRA's ViT settings (Table 6), used by the hide form where the config does not set them.
 HIDE_TREE_DEFAULTS = {"lam": 0.1, "tree_depth": 5}
 
 
@@ -123,21 +122,17 @@ class TreeHiDeLoRA(HiDeLoRA):
         return {**super().describe(), "form": "hide"}
 
 
-def hide_form(tree: TreeLoRA, hide_options: dict) -> TreeHiDeLoRA:
+def hide_form(tree: TreeLoRA, hide_options: dict, given: frozenset) -> TreeHiDeLoRA:
     """TreeLoRA's options (`tree`) and HiDe-LoRA's (`hide_options`) -> the hide form.
 
-    The LoRA spec is HiDe-LoRA's (k and v of the first 5 blocks, rank 4, alpha 1) with every key the
-    config sets differently from TreeLoRA's own default on top (the config's keys are merged into
-    `tree.lora` before this is called, so a key set to TreeLoRA's default value is not told apart);
-    lam and tree_depth take TreeLoRA's ViT values unless the config changed them."""
-    llm = TreeLoRA()
-    changed = {field.name: getattr(tree.lora, field.name) for field in dataclasses.fields(lora_lib.LoraSpec)
-               if getattr(tree.lora, field.name) != getattr(llm.lora, field.name)}
-    spec = dataclasses.replace(HiDeLoRA.lora, **changed)
+    `given` names what the config sets: TreeLoRA option names and LoRA keys as "lora.KEY". The LoRA
+    spec is HiDe-LoRA's (k and v of the first 5 blocks, rank 4, alpha 1) with the given keys' values
+    from `tree.lora` on top; lam and tree_depth are TreeLoRA's ViT values (HIDE_TREE_DEFAULTS) unless
+    given; every other option is `tree`'s. A given key keeps its value even where it equals a default."""
+    lora_keys = {name.split(".", 1)[1] for name in given if name.startswith("lora.")}
+    spec = dataclasses.replace(HiDeLoRA.lora, **{key: getattr(tree.lora, key) for key in lora_keys})
     options = {field.name: getattr(tree, field.name) for field in dataclasses.fields(TreeLoRA)
                if field.name not in ("lora", "form")}
-    for key, value in HIDE_TREE_DEFAULTS.items():
-        if options[key] == getattr(llm, key):
-            options[key] = value
+    options.update({key: value for key, value in HIDE_TREE_DEFAULTS.items() if key not in given})
     block_tree = BlockTree(lora=spec, **options)
     return TreeHiDeLoRA(lora=spec, tree=block_tree, **hide_options)

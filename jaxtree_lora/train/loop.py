@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtree_lora import assemble
 from jaxtree_lora import checkpoint as checkpoint_lib
-from jaxtree_lora import lora as lora_lib
-from jaxtree_lora import methods as methods_lib
 from jaxtree_lora.data import batching as batching_lib
 from jaxtree_lora.data.stream import check_stream
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.evaluation.evaluator import classification_arrays
 from jaxtree_lora.faults import kill_point
+from jaxtree_lora.assemble import method_from_config
 from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskContext
 from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import keys
@@ -56,64 +56,9 @@ class StopRequested(Exception):
 # building pieces from the config
 # ----------------------------------------------------------------------------------------------
 
-LORA_KEYS = ("targets", "rank", "alpha", "dropout", "init", "max_modules")
-
-
-def lora_spec_for(config, cls) -> lora_lib.LoraSpec:
-    """The method's own LoRA spec (its dataclass default) with the keys the config sets on top.
-
-    `config.lora.KEY = None` (the default) keeps the method's value: InfLoRA trains k and v at rank
-    10, SD-LoRA q and v at rank 10, the LLM baselines q and v at rank 8 with dropout 0.1, and so on.
-    A key the user sets applies to every method of the run."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    own = fields["lora"].default if fields["lora"].default is not dataclasses.MISSING else lora_lib.LoraSpec()
-    given = {key: value for key, value in dict(config.get("lora", None) or {}).items() if value is not None}
-    unknown = sorted(set(given) - set(LORA_KEYS))
-    if unknown:
-        raise ConfigError(f"config.lora has no key(s) {', '.join(unknown)}: its keys are {', '.join(LORA_KEYS)}")
-    if "targets" in given:
-        targets = given["targets"]
-        given["targets"] = (targets,) if isinstance(targets, str) else tuple(targets)
-    return dataclasses.replace(own, **given)
-
-
-def build_method(config, max_tasks: int):
-    """The method named by config.method.name with its options and its LoRA spec (`lora_spec_for`)."""
-    name = config.method.name
-    cls = methods_lib.get_class(name)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    given = config.method.get(name, None)
-    options = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise ConfigError(f"method {name!r} has no option(s) {', '.join(unknown)} (under config.method.{name}); "
-                          f"its options are: {', '.join(sorted(set(fields) - {'lora', 'max_tasks'}))}")
-    for key, value in list(options.items()):
-        if isinstance(value, list):
-            options[key] = tuple(value)
-    if "lora" in fields:
-        options["lora"] = lora_spec_for(config, cls)
-    if "max_tasks" in fields:
-        options["max_tasks"] = max_tasks
-    return cls(**options)
-
-
-def method_for_stream(method, kind: str, config):
-    """A method whose form depends on the stream's kind (`for_stream`: TreeLoRA's "auto" form is HiDe's
-    decomposition on classification streams) resolved to the concrete one; `options_of(name)` gives the
-    options of another registered method (the HiDe-LoRA parts take config.method.hide_lora's)."""
-    if not hasattr(method, "for_stream"):
-        return method
-
-    def options_of(name):
-        cls = methods_lib.get_class(name)
-        fields = {f.name for f in dataclasses.fields(cls)} - {"lora", "max_tasks"}
-        given = config.method.get(name, None)
-        options = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
-        return {key: tuple(value) if isinstance(value, list) else value
-                for key, value in options.items() if key in fields}
-
-    return method.for_stream(kind, options_of)
+# The method a run trains is built in one place (`assemble.method_from_config`); the names below stay
+# importable from here.
+LORA_KEYS, lora_spec_for, build_method = assemble.LORA_KEYS, assemble.lora_spec_for, assemble.build_method
 
 
 def protocol_of(config, method) -> dict:
@@ -133,7 +78,7 @@ def optimizer_for(config, method) -> dict:
 
 def validate(config) -> None:
     """Checks what can be checked before any weights or data are loaded (fails in one clear line)."""
-    method = build_method(config, max_tasks=1)
+    method = method_from_config(config, assemble.stream_kind(config.get("data", {})), max_tasks=1)
     build_optimizer(optimizer_for(config, method))
     train = config.train
     for key in ("batch_size", "accumulation"):
@@ -244,7 +189,7 @@ class Run:
         check_stream(self.stream, int(getattr(self.backbone, "vocab_size", 0) or 0))
         self.num_tasks = len(self.stream.tasks)
         self.max_tasks = max(int(config.train.get("max_tasks", 0) or 0), self.num_tasks)
-        self.method = method_for_stream(build_method(config, self.max_tasks), self.kind, config)
+        self.method = method_from_config(config, self.kind, self.max_tasks)
         if self.kind not in self.method.stream_kinds:
             raise MethodNotApplicable(
                 self.method.not_applicable_reason

@@ -191,7 +191,7 @@ def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True)
     from jaxtree_lora.methods.base import ModelInfo, StreamInfo
     from jaxtree_lora.train import backbone as backbone_lib
     from jaxtree_lora.train import mesh as mesh_lib
-    from jaxtree_lora.train.loop import build_method
+    from jaxtree_lora.assemble import method_from_config
     from jaxtree_lora.train.step import init_head
 
     module, kind = backbone_lib.abstract_module(config)
@@ -205,7 +205,7 @@ def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True)
     if kind == "vit":
         seq = (model_config.image_size // model_config.patch_size) ** 2 + 1
     max_tasks = max(int(config.train.get("max_tasks", 0) or 0), tasks)
-    method = build_method(config, max_tasks)
+    method = method_from_config(config, stream_kind, max_tasks)  # the run's method, in the form it runs
     stream_info = StreamInfo(num_tasks=tasks, max_tasks=max_tasks, kind=stream_kind, num_classes=classes)
     key = jax.random.PRNGKey(0)
     adapters, method_state = jax.eval_shape(lambda k: method.init(k, info, stream_info), key)
