@@ -102,7 +102,8 @@ def format_seed_table(aggregated: Mapping[str, Mapping], markdown: bool = False)
         rows.append([label, entry.get("task_identity") or "-"] + cells)
     table = render(header, rows, markdown=markdown)
     seeds = sorted({s for e in aggregated.values() for s in e.get("seeds", []) if s is not None})
-    if len(seeds) > 1:
+    several = any(len((e.get("avg acc") or {}).get("values", [])) > 1 for e in aggregated.values())
+    if several:
         legend = [f"mean ± sample std over seeds {', '.join(map(str, seeds))}; vs fix / vs seqlora: '+' above, '-' "
                   f"below by more than the two spreads added, '=' within them (avg acc)"]
     else:
@@ -112,7 +113,7 @@ def format_seed_table(aggregated: Mapping[str, Mapping], markdown: bool = False)
             break
     else:
         joint, fix = aggregated["joint"]["avg acc"], aggregated["fix"]["avg acc"]
-        spread = (f" (joint {_cell(joint, 2)}, fix {_cell(fix, 2)})" if len(seeds) > 1 else "")
+        spread = f" (joint {_cell(joint, 2)}, fix {_cell(fix, 2)})" if several else ""
         line = headroom_line(joint.get("mean"), fix.get("mean"), spread)
         if line:
             legend.insert(0, line)
