@@ -36,9 +36,11 @@ class Joint(SeqLoRA):
     # The linear probe: full-batch Adam on cached frozen features, its L2 weight chosen on held-out data.
     probe_steps: int = 300
     probe_learning_rate: float = 1e-2
-    probe_l2: tuple = (0.0, 1e-3, 1e-2)
-    # False: no selection; the probe's head, then max_epochs at the config's rate (a quick joint run).
+    probe_l2: tuple = (1e-3, 1e-2, 1e-1)
+    # False: no selection; the probe's head, then max_epochs at the first rate (a quick joint run).
     select: bool = True
+    # False: fine-tuning starts from the zero head instead of the probe's (the ablation of LP-FT).
+    probe_first: bool = True
 
     def prepare_task(self, trainable, state, context):
         # The continual loop would train it task after task (SeqLoRA, mislabelled): refuse that.

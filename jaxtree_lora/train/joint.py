@@ -100,6 +100,8 @@ def holdout_rows(split: Split, kind: str, fraction: float, seed: int, task: int)
 
 
 # -- the probe and the choice ------------------------------------------------------------------------
+FINE_TUNED = ("lp-ft", "ft")  # candidates that train the adapters: from the probe's head, or from the zero head
+
 @functools.partial(jax.jit, static_argnames=("num_classes", "kind", "steps"))
 def fit_probe(features, labels, key, l2, learning_rate, scale, *, num_classes: int, kind: str, steps: int):
     """The head (`train.step.head_logits` of `kind`) fitted to frozen features [N, d] with labels [N]:
@@ -254,7 +256,7 @@ class JointRun(Run):
                                        for f, y in held]))
                 probes.append({"l2": float(l2), "heldout": score, "head": head})
             best = max(probes, key=lambda p: p["heldout"])
-            start_head, probe_l2 = best["head"], best["l2"]
+            start_head, probe_l2 = (best["head"] if method.probe_first else {}), best["l2"]
             candidates.append({"candidate": "probe", "learning_rate": None, "epochs": 0, "heldout": best["heldout"],
                                "probe_l2": probe_l2})
             probe_grid = [{"l2": p["l2"], "heldout": p["heldout"]} for p in probes]
@@ -264,6 +266,7 @@ class JointRun(Run):
             candidates.append({"candidate": "pre-trained", "learning_rate": None, "epochs": 0,
                                "heldout": float(np.mean([s["score"] for s in scores]))})
         fit_arrays = split_arrays(fit_split, self.kind)
+        tuned = "lp-ft" if start_head else "ft"  # fine-tuning from the probe's head, or from the zero head
         for rate in rates:
             scores = []
             record = lambda state, epoch: scores.append(float(np.mean([s["score"] for s in self._scores(evaluator, state)])))
@@ -272,7 +275,7 @@ class JointRun(Run):
             except NonFiniteLoss:
                 pass  # this rate diverged: its later epochs are not candidates
             for epoch in range(max_epochs):
-                candidates.append({"candidate": "lp-ft", "learning_rate": float(rate), "epochs": epoch + 1,
+                candidates.append({"candidate": tuned, "learning_rate": float(rate), "epochs": epoch + 1,
                                    "heldout": scores[epoch] if epoch < len(scores) else None,
                                    **({"probe_l2": probe_l2} if probe_l2 is not None else {})})
         chosen = choose(candidates)
@@ -307,7 +310,8 @@ class JointRun(Run):
                 for task, (_, held) in zip(tasks, parts) if len(held)])
             selection = self.select(fit_split, heldout, rates, max_epochs)
         else:
-            selection = {"candidates": [], "chosen": {"candidate": "lp-ft", "learning_rate": rates[0],
+            selection = {"candidates": [], "chosen": {"candidate": "lp-ft" if method.probe_first else "ft",
+                                                       "learning_rate": rates[0],
                                                        "epochs": max_epochs, "probe_l2": float(method.probe_l2[0])}}
         selection["seconds"] = time.perf_counter() - started
         chosen = selection["chosen"]
@@ -317,10 +321,10 @@ class JointRun(Run):
         train_start = time.perf_counter()
         merged = self.stream.tasks[0].train
         head = {}
-        if self.kind == "classification":
+        if self.kind == "classification" and (method.probe_first or chosen["candidate"] == "probe"):
             features, labels = self._features(merged)
             head = self._probe(features, labels, chosen.get("probe_l2", 0.0))
-        if chosen["candidate"] == "lp-ft":
+        if chosen["candidate"] in FINE_TUNED:
             state, tokens = self._train(split_arrays(merged, self.kind), head, chosen["learning_rate"], chosen["epochs"])
         else:
             state, tokens = self._start(head), 0.0
@@ -358,16 +362,16 @@ def describe_selection(selection: dict) -> str:
     for probe in selection.get("probe_grid", []):
         lines.append(f"  probe l2 {probe['l2']:g}: {probe['heldout']:.2f}")
     for c in selection["candidates"]:
-        if c["candidate"] != "lp-ft":
+        if c["candidate"] not in FINE_TUNED:
             lines.append(f"  {c['candidate']}: {c['heldout']:.2f}")
-    rates = sorted({c["learning_rate"] for c in selection["candidates"] if c["candidate"] == "lp-ft"})
-    for rate in rates:
-        row = [c for c in selection["candidates"] if c["candidate"] == "lp-ft" and c["learning_rate"] == rate]
+    rows = sorted({(c["candidate"], c["learning_rate"]) for c in selection["candidates"] if c["candidate"] in FINE_TUNED})
+    for name, rate in rows:
+        row = [c for c in selection["candidates"] if c["candidate"] == name and c["learning_rate"] == rate]
         cells = ", ".join("diverged" if c["heldout"] is None else f"{c['heldout']:.2f}" for c in row)
-        lines.append(f"  lp-ft lr {rate:g}, epochs 1..{len(row)}: {cells}")
+        lines.append(f"  {name} lr {rate:g}, epochs 1..{len(row)}: {cells}")
     chosen = selection["chosen"]
-    what = (f"lp-ft lr {chosen['learning_rate']:g}, {chosen['epochs']} epoch(s)" if chosen["candidate"] == "lp-ft"
-            else chosen["candidate"])
+    what = (f"{chosen['candidate']} lr {chosen['learning_rate']:g}, {chosen['epochs']} epoch(s)"
+            if chosen["candidate"] in FINE_TUNED else chosen["candidate"])
     score = chosen.get("heldout")
     lines.append(f"  chosen: {what}" + ("" if score is None else f" (held-out {score:.2f})")
                  + f"; selection took {selection.get('seconds', 0.0):.0f} s")
