@@ -86,7 +86,8 @@ def plot_average_accuracy(per_method, path: str, title: str = "", dpi: int = 110
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     most = 1
-    for method, runs in per_method.items():
+    for index, (method, runs) in enumerate(per_method.items()):
+        colour = f"C{index % 10}"  # one colour per method, a horizontal line included
         runs = [r for r in runs if not r.get("not_applicable") and r.get("accuracy_matrix")]
         if not runs:
             continue
@@ -95,14 +96,15 @@ def plot_average_accuracy(per_method, path: str, title: str = "", dpi: int = 110
         most = max(most, curves.shape[1])
         if any(r.get("continual") is False for r in runs):
             final = curves[:, -1]
-            line = axes.axhline(np.nanmean(final), linestyle="--", linewidth=1.2, label=f"{method} (not continual)")
-            axes.axhspan(np.nanmin(final), np.nanmax(final), color=line.get_color(), alpha=0.15)
+            axes.axhline(np.nanmean(final), color=colour, linestyle="--", linewidth=1.2,
+                         label=f"{method} (not continual: one model, every task)")
+            axes.axhspan(np.nanmin(final), np.nanmax(final), color=colour, alpha=0.15)
             continue
         with np.errstate(all="ignore"):
             mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
-        line, = axes.plot(tasks, mean, marker="o", markersize=3, linewidth=1.2, label=method)
+        axes.plot(tasks, mean, color=colour, marker="o", markersize=3, linewidth=1.2, label=method)
         if len(runs) > 1:
-            axes.fill_between(tasks, low, high, color=line.get_color(), alpha=0.2)
+            axes.fill_between(tasks, low, high, color=colour, alpha=0.2)
     axes.set_xticks(range(1, most + 1))
     axes.set_xlabel("after task")
     axes.set_ylabel("average accuracy over tasks seen (%)")
