@@ -298,6 +298,7 @@ class JointRun(Run):
         max_epochs = int(method.max_epochs) or epochs_for(self.config, 0)
         rates = tuple(float(r) for r in method.learning_rates) or (float(self.optimizer_settings["learning_rate"]),)
         side = "right" if self.kind == "classification" else "left"
+        configured_rate = float(self.optimizer_settings["learning_rate"])
         started = time.perf_counter()
         if method.select:
             parts = [holdout_rows(task.train, self.kind, float(method.holdout), seed, task.index) for task in tasks]
@@ -327,6 +328,8 @@ class JointRun(Run):
         if chosen["candidate"] in FINE_TUNED:
             state, tokens = self._train(split_arrays(merged, self.kind), head, chosen["learning_rate"], chosen["epochs"])
         else:
+            # Nothing fine-tuned: the protocol's record keeps the config's rate, not the last one tried.
+            self._use_rate(configured_rate)
             state, tokens = self._start(head), 0.0
         jax.block_until_ready(state)
         train_seconds = time.perf_counter() - train_start
