@@ -126,6 +126,16 @@ def test_joint_is_refused_where_it_cannot_apply(tmp_path):
         make_run(joint_config(), tmp_path / "b").fit()  # the continual loop would mislabel SeqLoRA as joint
 
 
+def test_impossible_selection_options_are_refused_in_one_line(capsys):
+    from jaxtree_lora import cli
+
+    for key, value in (("holdout", 1.0), ("learning_rates", [0.0]), ("probe_steps", 0), ("probe_l2", [])):
+        status = cli.main(["run", "--dry_run", "--config.method.name=joint", f"--config.method.joint.{key}={value}"])
+        error = capsys.readouterr().err
+        assert status == 2, (key, error)
+        assert len(error.strip().splitlines()) == 1 and key in error and "config.method.joint" in error, error
+
+
 def fake(method, seed, accuracy, continual=True, curve=(70.0, 60.0)):
     matrix = [[curve[0], curve[1]], [None, curve[1]]]
     return {"method": method, "seed": seed, "continual": continual, "accuracy_matrix": matrix,

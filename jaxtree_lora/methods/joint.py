@@ -42,6 +42,20 @@ class Joint(SeqLoRA):
     # False: fine-tuning starts from the zero head instead of the probe's (the ablation of LP-FT).
     probe_first: bool = True
 
+    def __post_init__(self):
+        where = "config.method.joint"
+        if not 0.0 <= float(self.holdout) < 1.0:
+            raise ConfigError(f"{where}.holdout is the share of training rows held out: give 0 <= holdout < 1, "
+                              f"got {self.holdout}")
+        if any(not float(rate) > 0 for rate in self.learning_rates):
+            raise ConfigError(f"{where}.learning_rates must all be > 0, got {list(self.learning_rates)}")
+        if int(self.max_epochs) < 0 or int(self.probe_steps) < 1 or not float(self.probe_learning_rate) > 0:
+            raise ConfigError(f"{where}: max_epochs >= 0 (0: train.epochs), probe_steps >= 1 and "
+                              f"probe_learning_rate > 0, got {self.max_epochs}, {self.probe_steps}, "
+                              f"{self.probe_learning_rate}")
+        if not self.probe_l2 or any(float(l2) < 0 for l2 in self.probe_l2):
+            raise ConfigError(f"{where}.probe_l2 must list at least one weight >= 0, got {list(self.probe_l2)}")
+
     def prepare_task(self, trainable, state, context):
         # The continual loop would train it task after task (SeqLoRA, mislabelled): refuse that.
         raise ConfigError("joint trains on every task at once: run it with `jaxtree-lora run "
