@@ -15,7 +15,6 @@ from jaxtree_lora.reporting import plots, results as results_lib, seeds as seeds
 from jaxtree_lora.train import backbone as backbone_lib
 from jaxtree_lora.train import joint as joint_lib
 from jaxtree_lora.train.joint import JointRun, choose, fit_probe, holdout_rows, merge_stream, probe_accuracy
-from jaxtree_lora.train.step import head_logits
 
 from test_loop import make_run, synthetic_stream, tiny_config
 

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
