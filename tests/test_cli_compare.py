@@ -87,6 +87,7 @@ def test_compare_over_seeds_gives_mean_and_spread_with_the_fix_row(tmp_path):
     assert len(per_seed) == 2 and summary["methods"]["seqlora"]["avg acc"]["mean"] == pytest.approx(np.mean(per_seed))
     assert "vs fix" in out.stdout and "± " in out.stdout, "the printed table gives mean ± std and the fix marks"
     assert (tmp_path / "cmp" / "comparison.png").exists() and (tmp_path / "cmp" / "comparison.md").exists()
+    assert (tmp_path / "cmp" / "compare.png").exists(), "the average accuracy after every task, with its seed band"
     # An interrupted comparison resumes: finished runs are reused (not run again), unfinished ones run.
     os.remove(tmp_path / "cmp" / "seed_1" / "seqlora" / "results.json")
     shutil.rmtree(tmp_path / "cmp" / "seed_1" / "seqlora" / "checkpoints", ignore_errors=True)

@@ -8,6 +8,7 @@ from jaxtree_lora.methods.base import Method, MethodNotApplicable, ModelInfo, St
 # name -> "module:Class"; modules are imported on demand so a missing optional piece never breaks the rest.
 REGISTRY = {
     "fix": "jaxtree_lora.methods.fix:Fix",
+    "joint": "jaxtree_lora.methods.joint:Joint",
     "seqlora": "jaxtree_lora.methods.seqlora:SeqLoRA",
     "inclora": "jaxtree_lora.methods.inclora:IncLoRA",
     "treelora": "jaxtree_lora.methods.treelora:TreeLoRA",

@@ -137,6 +137,9 @@ class Method:
     infer_task = None
     # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
     trains: bool = True
+    # False for the `joint` upper bound: every task's data at once, so its accuracy matrix holds one
+    # model's scores and BWT, forgetting and the incremental averages mean nothing for it.
+    continual: bool = True
     # fold_past(adapters, state) -> {site: {"a": [L, R, d_in], "b": [L, d_out, R]}}: defined by a method
     # whose forward adds a sum of per-task slots with the earlier slots frozen (IncLoRA, O-LoRA, InfLoRA):
     # the slots before state["task"] as one adapter (rank R = slots x r, the scale in B). The run merges

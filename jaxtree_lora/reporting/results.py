@@ -66,13 +66,24 @@ def _device() -> dict:
             "process_count": jax.process_count()}
 
 
+# Metrics of a sequence of models: undefined for a run that trains one model on every task at once.
+SEQUENCE_METRICS = ("average_incremental_accuracy", "bwt_trace", "bwt_paper", "forgetting", "fwt", "all_average")
+
+
+def not_continual_summary(matrix, reference=None) -> dict:
+    """`continual.summary` of a matrix that repeats one model's scores, with the sequence metrics None."""
+    metrics = continual.summary(matrix, reference)
+    metrics.update({key: None for key in SEQUENCE_METRICS})
+    return metrics
+
+
 def build_results(*, matrix, task_names: Sequence[str], method: str, method_config: Mapping, config: Mapping,
                   timings: Mapping[str, Sequence[float]], wall_seconds: float, trainable_parameters: int,
                   backbone_parameters: int, peak_memory_mb: Optional[float], stream: str,
                   reference: Optional[Sequence[float]] = None, seed: Optional[int] = None,
                   protocol: Optional[Mapping] = None, ncm_matrix=None,
                   recomputed_prototype_scores: Optional[Sequence[float]] = None,
-                  task_identity: Optional[Sequence[float]] = None) -> dict:
+                  task_identity: Optional[Sequence[float]] = None, continual_run: bool = True) -> dict:
     """The results dict (JSON-ready) of one continual run.
 
     Args:
@@ -89,6 +100,8 @@ def build_results(*, matrix, task_names: Sequence[str], method: str, method_conf
         prototype recomputed by the final model (a diagnostic that is not rehearsal-free).
       task_identity: per task, after the last task, the share (0-100) of its test examples whose task
         was inferred right (methods that infer it: HiDe-LoRA's TII, `eval.task_identity=inferred`).
+      continual_run: False for the `joint` upper bound, whose matrix holds one model's scores in every
+        column: the metrics of a sequence (BWT, forgetting, FWT, incremental averages) are null.
     """
     matrix = continual.as_matrix(matrix)
     if len(task_names) != matrix.shape[0]:
@@ -101,16 +114,18 @@ def build_results(*, matrix, task_names: Sequence[str], method: str, method_conf
     per_task_throughput = [t / s if s > 0 else None for t, s in zip(tokens, train_seconds)]
     if seed is None and isinstance(config, Mapping):
         seed = config.get("seed")
+    summarise = continual.summary if continual_run else not_continual_summary
     return to_jsonable({
         "format": RESULTS_FORMAT,
         "method": method,
         "stream": stream,
+        "continual": bool(continual_run),
         "tasks": list(task_names),
         "accuracy_matrix": matrix,
-        "metrics": continual.summary(matrix, reference),
+        "metrics": summarise(matrix, reference),
         "protocol": protocol,
         "ncm": None if ncm_matrix is None else {"accuracy_matrix": continual.as_matrix(ncm_matrix),
-                                                "metrics": continual.summary(continual.as_matrix(ncm_matrix))},
+                                                "metrics": summarise(continual.as_matrix(ncm_matrix))},
         "recomputed_prototypes": None if recomputed_prototype_scores is None else {
             "scores": list(recomputed_prototype_scores),
             "average_accuracy": float(np.mean(recomputed_prototype_scores)),

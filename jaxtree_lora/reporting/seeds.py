@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from jaxtree_lora.reporting.tables import _escape_markdown, _lookup, render
+from jaxtree_lora.reporting.tables import NOT_CONTINUAL, _escape_markdown, _lookup, beside_fix, headroom_line, render
 
 # (column, path in a results dict, digits)
 SEED_METRICS = (
@@ -47,7 +47,8 @@ def aggregate(per_method: Mapping[str, Sequence[Mapping]]) -> dict:
         reasons = [r.get("not_applicable") for r in runs if r.get("not_applicable")]
         identities = {(r.get("protocol") or {}).get("task_identity") for r in runs} - {None}
         entry = {"seeds": [r.get("seed") for r in runs], "not_applicable": reasons[0] if reasons else None,
-                 "task_identity": "/".join(sorted(identities)) or None}
+                 "task_identity": "/".join(sorted(identities)) or None,
+                 "continual": not any(r.get("continual") is False for r in runs)}
         for column, path, _ in SEED_METRICS:
             mean, std, values = mean_std([_lookup(r, path) for r in runs])
             entry[column] = {"mean": mean, "std": std, "values": values}
@@ -57,9 +58,11 @@ def aggregate(per_method: Mapping[str, Sequence[Mapping]]) -> dict:
 
 def differs(entry: Mapping, reference: Mapping, column: str = "avg acc") -> Optional[str]:
     """'+' (above the reference by more than both spreads), '-' (below by more), '=' (within); None if
-    either has no value."""
+    either has no value, or fewer than two seeds (its spread is unknown)."""
     a, b = entry.get(column) or {}, reference.get(column) or {}
     if a.get("mean") is None or b.get("mean") is None:
+        return None
+    if len(a.get("values", [])) < 2 or len(b.get("values", [])) < 2:
         return None
     gap = a["mean"] - b["mean"]
     spread = (a["std"] or 0.0) + (b["std"] or 0.0)
@@ -84,21 +87,36 @@ def format_seed_table(aggregated: Mapping[str, Mapping], markdown: bool = False)
     header = (["method", "task identity"] + [column for column, _, _ in SEED_METRICS]
               + [f"vs {r}" for r in REFERENCES])
     rows, notes = [], []
+    aggregated = {name: aggregated[name] for name in beside_fix(list(aggregated))}
     for method, entry in aggregated.items():
         if entry.get("not_applicable"):
             rows.append([method] + ["n/a"] * (len(header) - 1))
             notes.append(f"n/a {method}: {entry['not_applicable']}")
             continue
+        label = method + (NOT_CONTINUAL if entry.get("continual") is False else "")
         cells = [_cell(entry.get(column), digits) for column, _, digits in SEED_METRICS]
         for reference in REFERENCES:
             mark = None if reference == method or reference not in aggregated else \
                 differs(entry, aggregated[reference])
             cells.append(mark or "")
-        rows.append([method, entry.get("task_identity") or "-"] + cells)
+        rows.append([label, entry.get("task_identity") or "-"] + cells)
     table = render(header, rows, markdown=markdown)
     seeds = sorted({s for e in aggregated.values() for s in e.get("seeds", []) if s is not None})
-    legend = [f"mean ± sample std over seeds {', '.join(map(str, seeds))}; vs fix / vs seqlora: '+' above, '-' below "
-              f"by more than the two spreads added, '=' within them (avg acc)"]
+    several = any(len((e.get("avg acc") or {}).get("values", [])) > 1 for e in aggregated.values())
+    if several:
+        legend = [f"mean ± sample std over seeds {', '.join(map(str, seeds))}; vs fix / vs seqlora: '+' above, '-' "
+                  f"below by more than the two spreads added, '=' within them (avg acc)"]
+    else:
+        legend = [f"one seed ({', '.join(map(str, seeds)) or '?'}): no +/-/= marks (the spread over seeds is unknown)"]
+    for name in ("joint", "fix"):
+        if name not in aggregated or aggregated[name].get("not_applicable"):
+            break
+    else:
+        joint, fix = aggregated["joint"]["avg acc"], aggregated["fix"]["avg acc"]
+        spread = f" (joint {_cell(joint, 2)}, fix {_cell(fix, 2)})" if several else ""
+        line = headroom_line(joint.get("mean"), fix.get("mean"), spread)
+        if line:
+            legend.insert(0, line)
     if "fix" in aggregated:
         behind = [m for m, e in aggregated.items() if m != "fix" and not e.get("not_applicable")
                   and differs(e, aggregated["fix"]) in ("=", "-")]

@@ -107,10 +107,39 @@ COMPARISON_HEADER = ("method", "avg acc", "avg inc acc", "NCM avg acc", "BWT (TR
                      "trainable %", "train time (s)", "peak MiB")
 
 
+NOT_CONTINUAL = " (not continual)"
+
+
+def method_label(results: Mapping) -> str:
+    """The method's name, marked where its results say it is not continual (the `joint` upper bound)."""
+    return str(results.get("method", "?")) + (NOT_CONTINUAL if results.get("continual") is False else "")
+
+
+def beside_fix(names: Sequence[str]) -> list[str]:
+    """`names` with the upper bound `joint` moved right after `fix` (the two reference rows together)."""
+    names = list(names)
+    if "joint" in names and "fix" in names:
+        names.remove("joint")
+        names.insert(names.index("fix") + 1, "joint")
+    return names
+
+
+def headroom_line(joint: Any, fix: Any, detail: str = "") -> str:
+    """The line under a table: what the stream leaves to learn, joint − fix (avg acc points); "" when
+    either is missing."""
+    try:
+        gap = float(joint) - float(fix)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(gap):
+        return ""
+    return f"headroom (joint − fix, avg acc): {gap:+.2f} points{detail}; joint trains on every task at once"
+
+
 def comparison_row(results: Mapping) -> list[str]:
     """One row of the comparison table. A results dict with `not_applicable` (a reason) shows n/a cells;
     `format_comparison` prints the reason under the table."""
-    method = str(results.get("method", "?"))
+    method = method_label(results)
     if results.get("not_applicable"):
         return [method] + ["n/a"] * (len(COMPARISON_HEADER) - 1)
     return [method,
@@ -133,10 +162,18 @@ def format_comparison(results_list: Sequence[Mapping], markdown: bool = False) -
     """Methods side by side: average accuracy (final, and average incremental), the rehearsal-free
     nearest-class-mean average accuracy (classification), BWT in both forms, forgetting, trainable share, train
     time and peak memory. Plain text for the terminal, or Markdown for RESULTS.md. Methods that could
-    not run on the stream (`not_applicable`) are listed with their reason below the table."""
+    not run on the stream (`not_applicable`) are listed with their reason below the table; `joint` sits
+    beside `fix`, and the line under the table gives the stream's headroom (joint − fix)."""
+    by_name = {str(results.get("method", "?")): results for results in results_list}
+    order = beside_fix(list(by_name)) if len(by_name) == len(results_list) else None
+    results_list = [by_name[name] for name in order] if order else list(results_list)
     table = render(COMPARISON_HEADER, comparison_rows(results_list), markdown=markdown)
     notes = [f"n/a {results.get('method', '?')}: {results['not_applicable']}"
              for results in results_list if results.get("not_applicable")]
+    if "joint" in by_name and "fix" in by_name:
+        average = lambda name: _lookup(by_name[name], ("metrics", "average_accuracy"))
+        line = headroom_line(average("joint"), average("fix"))
+        notes = ([line] if line else []) + notes
     if not notes:
         return table
     if markdown:
