@@ -532,7 +532,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except Exception as error:  # only bad input is turned into one line; bugs keep their traceback
         if isinstance(error, _user_errors()):
-            print(f"jaxtree-lora: error: {error}", file=sys.stderr)
+            # One line even where the message quotes user text holding line breaks (an override's value).
+            print("jaxtree-lora: error: " + " ".join(str(error).splitlines()), file=sys.stderr)
             return USAGE_ERROR
         raise
 
