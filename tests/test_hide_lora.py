@@ -1,6 +1,7 @@
 """HiDe-LoRA and TreeLoRA in HiDe's decomposition: slot copy and momentum merge, class statistics and
 Gaussian-replay alignment, task-identity inference, TreeLoRA's regulariser on the current slot only,
 one compiled step for every task, and resume equivalence."""
+import dataclasses
 import json
 import math
 
@@ -280,6 +281,16 @@ def test_one_pass_evaluation_scores_as_one_forward_per_slot(tmp_path, monkeypatc
                          consts=run.consts, frozen=run.frozen, host_batch=evaluator.host_batch,
                          out_sharding=evaluator._out_sharding, identity=run.identity, batches=evaluator.batches)
     assert [per_slot.evaluate(state, task, 2) for task in range(3)] == gathered
+    # RESULTS.md: "the TII column depends only on the pre-trained features". Other adapters (every slot
+    # shifted and scaled) change the scores, never the identity accuracy.
+    leaves, tree = jax.tree.flatten(state.trainable["adapters"])
+    noise = [5.0 * jax.random.normal(jax.random.PRNGKey(i), leaf.shape, leaf.dtype) for i, leaf in enumerate(leaves)]
+    other = jax.tree.unflatten(tree, [leaf + n for leaf, n in zip(leaves, noise)])
+    changed = dataclasses.replace(state, trainable={**state.trainable, "adapters": other})
+    moved = [run.evaluator.evaluate(changed, task, 2) for task in range(3)]
+    assert [m["identity"] for m in moved] == [g["identity"] for g in gathered], "the TII column moved with the adapters"
+    assert [(m["score"], m["ncm"]) for m in moved] != [(g["score"], g["ncm"]) for g in gathered], \
+        "the other adapters changed nothing: the check would prove nothing"
 
 
 @pytest.mark.slow
