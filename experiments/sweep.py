@@ -51,6 +51,7 @@ def measure(width: int, rank: int, tasks: int, batch: int, seq: int, repeats: in
                      + analysis.temp_size_in_bytes - getattr(analysis, "alias_size_in_bytes", 0))
     state, metrics = step(state, frozen, consts, data, jax.random.PRNGKey(0))  # warm-up
     jax.block_until_ready(metrics)
+    first_loss = float(metrics["loss"])
     times = []
     for index in range(repeats):
         start = time.perf_counter()
@@ -60,6 +61,8 @@ def measure(width: int, rank: int, tasks: int, batch: int, seq: int, repeats: in
     return {"width": width, "layers": backbone.info.num_layers, "rank": rank, "tasks": tasks,
             "parameters": int(sum(np.prod(l.shape) for l in jax.tree.leaves(backbone.params))),
             "step_seconds": statistics.median(times), "step_memory_bytes": memory,
+            # The timed step trains: its loss on the repeated batch, at the first and the last step.
+            "loss_first": first_loss, "loss_last": float(metrics["loss"]),
             "device": jax.devices()[0].device_kind}
 
 
