@@ -33,12 +33,16 @@ def get_config(arg=""):
 
 
 def assert_training_loss_falls(metrics_path):
-    """Each task's mean training loss over its last two epochs is below its first epoch's (8 epochs at
-    lr 1e-2 on the same 8 rows): the method learned, which finite numbers alone do not show."""
+    """Every task's mean training loss over its last two epochs (8 epochs at lr 1e-2 on the same 8 rows)
+    is at least 15% below the first task's first epoch, the untrained model's loss on this kind of data:
+    the method learned. Without updates each task's loss stays near that start (the tasks' data have the
+    same form) and only dropout noise moves it."""
     steps = [r for r in map(json.loads, open(metrics_path)) if r["type"] == "step"]
+    loss = lambda task, epochs: np.mean([r["loss"] for r in steps if r["task"] == task and r["epoch"] in epochs])
+    start = loss(0, {0})
     for task in sorted({r["task"] for r in steps}):
-        loss = lambda epochs: np.mean([r["loss"] for r in steps if r["task"] == task and r["epoch"] in epochs])
-        assert loss({6, 7}) < loss({0}), f"{metrics_path.parent.name}, task {task}: the training loss did not fall"
+        assert loss(task, {6, 7}) < 0.85 * start, \
+            f"{metrics_path.parent.name}, task {task}: training loss {loss(task, {6, 7}):.3f}, untrained {start:.3f}"
 
 
 def test_compare_runs_each_method_in_its_own_process_and_tabulates(tmp_path):
