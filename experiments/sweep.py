@@ -49,6 +49,7 @@ def measure(width: int, rank: int, tasks: int, batch: int, seq: int, repeats: in
     if analysis is not None:
         memory = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                      + analysis.temp_size_in_bytes - getattr(analysis, "alias_size_in_bytes", 0))
+    initial = jax.tree.map(np.asarray, state.trainable)  # host copies: the step may donate its input
     state, metrics = step(state, frozen, consts, data, jax.random.PRNGKey(0))  # warm-up
     jax.block_until_ready(metrics)
     times = []
@@ -60,6 +61,9 @@ def measure(width: int, rank: int, tasks: int, batch: int, seq: int, repeats: in
     return {"width": width, "layers": backbone.info.num_layers, "rank": rank, "tasks": tasks,
             "parameters": int(sum(np.prod(l.shape) for l in jax.tree.leaves(backbone.params))),
             "step_seconds": statistics.median(times), "step_memory_bytes": memory,
+            # The timed step trains: how far its updates moved the trainable parameters (0 for a no-op step).
+            "update_norm": float(np.sqrt(sum(np.sum((np.asarray(after, np.float64) - before) ** 2) for after, before
+                                             in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(initial))))),
             "device": jax.devices()[0].device_kind}
 
 

@@ -13,13 +13,41 @@ save is complete, so an interrupted save never shows up as a checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxtree_lora.faults import kill_point
+
+
+def _orbax_error_reported_by_caller(record: logging.LogRecord) -> bool:
+    """Logging filter: drops Orbax's own ERROR records (with their tracebacks: a failed background
+    write logs one before the failure reaches `save`/`wait`), since that same failure is raised to
+    the caller here and reported there, in one line. Everything else is logged as before."""
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+
+
+logging.getLogger("absl").addFilter(_orbax_error_reported_by_caller)
+
+
+def _quiet_closed_loop_callbacks(hook):
+    """sys.excepthook wrapper: after a failed write Orbax closes its event loop while TensorStore's
+    other writes still finish and call back into it; each prints an 'Event loop is closed' traceback
+    from a native thread. The failure itself is reported by `save`/`wait`: those echoes are dropped,
+    every other exception goes to the previous hook."""
+    def excepthook(kind, value, traceback):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, traceback)
+
+    return excepthook
+
+
+sys.excepthook = _quiet_closed_loop_callbacks(sys.excepthook)
 
 
 class CheckpointMismatch(ValueError):

@@ -255,7 +255,12 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator == "auto":
-        jax.distributed.initialize()  # TPU pods, SLURM, Open MPI: the environment names the processes
+        try:
+            jax.distributed.initialize()  # TPU pods, SLURM, Open MPI: the environment names the processes
+        except ValueError as error:  # no such environment: jax cannot tell the coordinator
+            raise UsageError(f"--coordinator auto found no cluster environment (TPU pod, SLURM, Open MPI) to name "
+                             f"the processes ({error}): on one machine leave --coordinator out; elsewhere give "
+                             f"--coordinator HOST:PORT --num_processes N --process_id I") from None
         return
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():

@@ -84,6 +84,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         current = node[last]
         # A None default may be a typed placeholder (config_dict.placeholder(list)): coerce to its type.
         kind = type(current) if current is not None else _declared_type(node, last)
+        if value is None and isinstance(current, (int, float)) and not isinstance(current, bool):
+            # ml_collections lets None replace any value; a number read later (int(), float()) would crash.
+            raise ConfigFileError(f"--config.{dotted}={text}: expected a value of type {type(current).__name__}, "
+                                  f"not None")
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if kind in (list, tuple) and isinstance(value, (int, float, str)) and not isinstance(value, bool):

@@ -263,6 +263,19 @@ def test_remat_and_bfloat16(tiny):
     high = model.features(jnp.asarray(IDS), jnp.asarray(MASK))
     assert low.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(low), np.asarray(high), atol=0.1)
+    # The compute really ran in bfloat16: every projection's input is bfloat16 inside the blocks (an
+    # ignored compute_dtype leaves them float32), and the rounding shows in the output.
+    sites = model.lora_sites()
+    inputs = {}
+
+    def delta(site, adapter, x, key):
+        inputs[site] = x.dtype
+        return jnp.zeros(x.shape[:-1] + (sites[site].d_out,), x.dtype)
+
+    adapters = {site: {"unused": jnp.zeros((LAYERS, 1))} for site in sites}
+    model.features(jnp.asarray(IDS), jnp.asarray(MASK), adapters=adapters, delta=delta, compute_dtype=jnp.bfloat16)
+    assert inputs == {site: jnp.bfloat16 for site in sites}, f"site inputs under bfloat16 compute: {inputs}"
+    assert np.abs(np.asarray(low) - np.asarray(high)).max() > 1e-3, "bfloat16 compute gave float32's features"
 
 
 def test_too_long_input_is_refused(tiny):

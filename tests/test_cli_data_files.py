@@ -25,6 +25,26 @@ def bert(tmp_path_factory):
             "--config.data.max_len=12"]
 
 
+# A budget at which the tiny encoder learns each task of these streams (the default 1e-4 for one epoch does not).
+LEARNS = ["--config.optimizer.learning_rate=1e-2", "--config.train.epochs=3", "--config.train.batch_size=4"]
+
+
+def assert_learned(results, chance, margin=25.0):
+    """Right after training, each task's classes are told apart well above chance (the diagonal of the
+    accuracy matrix): a run that learned nothing, or whose labels or texts were mixed up, stays near chance."""
+    learned = np.diag(np.asarray(results["accuracy_matrix"], float))
+    assert (learned >= np.asarray(chance) + margin).all(), f"tasks not learned: diagonal {learned}, chance {chance}"
+
+
+def assert_png(path):
+    from PIL import Image
+
+    assert path.is_file(), f"the run did not write {path.name}"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= 100, f"{path.name}: {image.format} {image.size}"
+        image.verify()  # a truncated or corrupt file fails here
+
+
 def run(argv, workdir, capsys):
     status = cli.main(["run", "--workdir", str(workdir), *argv])
     out = capsys.readouterr()
@@ -66,11 +86,12 @@ def test_task_column_without_test_file_holds_out_and_trains(bert, tmp_path, caps
     data = write_jsonl(tmp_path / "all.jsonl", records)
     status, out, err = run([*bert, *FAST, "--config.data.name=files", f"--config.data.train={data}",
                             "--config.data.task_column=domain", "--config.data.test_fraction=0.25",
-                            "--config.method.name=seqlora"], tmp_path / "run", capsys)
+                            "--config.method.name=lilora", *LEARNS], tmp_path / "run", capsys)
     assert status == 0, err[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["tasks"] == ["films", "news"], "one task per value of the task column, in order"
     assert "2. news" in out
+    assert_learned(results, chance=[50.0, 100 / 3])  # LiLoRA's protocol scores each task among its own classes
 
 
 def test_sequence_of_two_files_trains_each_source_as_its_own_tasks(bert, tmp_path, capsys):
@@ -79,13 +100,20 @@ def test_sequence_of_two_files_trains_each_source_as_its_own_tasks(bert, tmp_pat
     sources = json.dumps([{"name": "files", "train": sentiment},
                           {"name": "files", "train": topics, "num_tasks": 2}])
     status, out, err = run([*bert, *FAST, "--config.data.name=sequence", f"--config.data.sources={sources}",
-                            "--config.method.name=seqlora"], tmp_path / "run", capsys)
+                            "--config.method.name=treelora", "--config.method.treelora.form=llm", *LEARNS],
+                           tmp_path / "run", capsys)
     assert status == 0, err[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["tasks"]) == 3, "three tasks: one from the first source, two from the second"
     assert sorted(results["tasks"][0].split("+")) == ["neg", "pos"], "the sentiment file is the first task"
     assert "3. " in out
     assert results["stream"].startswith("sequence(files:sentiment.csv+files:topics.jsonl")
+    # Scored over every seen class, later tasks compete with the earlier ones' classes: the first task,
+    # alone when it is scored, is the one whose diagonal tells learning apart from none.
+    assert_learned({"accuracy_matrix": [[results["accuracy_matrix"][0][0]]]}, chance=[50.0])
+    # The run's pictures (README): the accuracy matrix, and TreeLoRA's tree.
+    for name in ("accuracy_matrix.png", "tree.png"):
+        assert_png(tmp_path / "run" / name)
 
 
 @pytest.mark.slow  # ~30 s on a shared 2-core CPU: a decoder's train step and its generation loop compile

@@ -83,3 +83,33 @@ def test_two_processes_end_with_the_results_of_one(tmp_path):
     expected, got = final_adapters(single, tmp_path, "single"), final_adapters(shared, tmp_path, "two")
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=f"adapter {name} differs")
+
+
+def cli_in_child(argv, **environment):
+    """`jaxtree-lora run` in a child process whose environment names no cluster (plus `environment`)."""
+    clean = {key: value for key, value in os.environ.items()
+             if not key.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_", "CLOUD_TPU", "MEGASCALE"))}
+    return subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", "run", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**clean, "JAX_PLATFORMS": "cpu", **environment})
+
+
+def test_coordinator_auto_without_a_cluster_is_one_line_naming_the_fix(tmp_path):
+    """--coordinator auto on a machine whose environment names no processes (no TPU pod, SLURM or MPI):
+    one line naming what to do instead, exit 2, nothing written; not jax's traceback."""
+    out = cli_in_child(["--coordinator", "auto", "--workdir", str(tmp_path / "run")])
+    assert out.returncode == 2, f"exit {out.returncode}\n{out.stderr[-2000:]}"
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "--coordinator auto found no cluster environment" in lines[0] and "leave --coordinator out" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_coordinator_auto_joins_the_processes_a_cluster_environment_names(tmp_path):
+    """Under a (one-task) SLURM allocation, auto takes the processes from the environment and the run
+    goes on past the join: here to the next check, a model path that does not exist."""
+    slurm = dict(SLURM_JOB_ID="1", SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0",
+                 SLURM_STEP_NODELIST="localhost")
+    out = cli_in_child(["--coordinator", "auto", "--workdir", str(tmp_path / "run"), "--config.model.name=hf",
+                        f"--config.model.path={tmp_path / 'absent'}"], **slurm)
+    assert out.returncode == 2 and "found no cluster environment" not in out.stderr, out.stderr[-2000:]
+    assert "does not exist: set --config.model.path" in out.stderr, "the run stopped before its model check"

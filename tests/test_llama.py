@@ -321,6 +321,19 @@ def test_pure_apply_under_jit_remat_and_bfloat16(model):
     low = model(tokens, compute_dtype=jnp.bfloat16)
     assert low.dtype == jnp.float32, "logits must be float32 under bf16 compute"
     assert np.abs(np.asarray(low) - eager).max() < 0.05 * np.abs(eager).max(), "bf16 compute far from float32"
+    # The compute really ran in bfloat16: every projection's input is bfloat16 inside the blocks (an
+    # ignored compute_dtype leaves them float32), and the rounding shows in the logits.
+    sites = model.lora_sites()
+    inputs = {}
+
+    def delta(site, adapter, x, key):
+        inputs[site] = x.dtype
+        return jnp.zeros(x.shape[:-1] + (sites[site].d_out,), x.dtype)
+
+    model(tokens, adapters={site: {"unused": jnp.zeros((2, 1))} for site in sites}, delta=delta,
+          compute_dtype=jnp.bfloat16)
+    assert inputs == {site: jnp.bfloat16 for site in sites}, f"site inputs under bfloat16 compute: {inputs}"
+    assert np.abs(np.asarray(low) - eager).max() > 1e-4 * np.abs(eager).max(), "bfloat16 compute gave float32's logits"
 
 
 def test_cached_prefill_and_steps_equal_the_full_forward(model):

