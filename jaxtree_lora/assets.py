@@ -224,9 +224,13 @@ def _find_deb(asset: Asset, directory: str) -> Optional[str]:
 def _download_deb(asset: Asset, directory: str) -> str:
     """`apt-get download NAME=VERSION` into `directory` (no root needed); the .deb's path."""
     fix = f"or put {asset.deb_name} (from a Debian mirror) in a folder and set JAXTREE_LORA_WHEELS to it"
+    command = ["apt-get", "download", f"{asset.package}={asset.version}"]
     try:
-        done = subprocess.run(["apt-get", "download", f"{asset.package}={asset.version}"], cwd=directory,
-                              capture_output=True, text=True)
+        done = subprocess.run(command, cwd=directory, capture_output=True, text=True)
+        if done.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            # A fresh machine's package lists may be missing or stale; root can refresh them (once) itself.
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            done = subprocess.run(command, cwd=directory, capture_output=True, text=True)
     except FileNotFoundError as error:
         raise AssetMissing(f"apt-get is not available to fetch {asset.origin}: {fix}") from error
     if done.returncode != 0:
