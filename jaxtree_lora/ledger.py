@@ -117,13 +117,16 @@ class Ledger:
             yield item
 
     def table(self) -> dict:
-        """{"wall_seconds", "phases": {name: seconds} (largest first, "other" last), "calls"}: the
-        phases sum to the wall."""
+        """{"wall_seconds", "phases": {name: seconds} (largest first, "other" last), "calls",
+        "process_cpu_seconds"}: the phases sum to the wall."""
         wall = self._credit() - self._origin
         phases = {name: seconds for name, seconds in sorted(self.seconds.items(), key=lambda item: -item[1])
                   if name != "other"}
         phases["other"] = self.seconds.get("other", 0.0)
-        return {"wall_seconds": wall, "phases": phases, "calls": dict(self.calls)}
+        # CPU seconds of the whole process (all threads, from its start): on a shared machine the wall
+        # stretches with other load, this much less.
+        return {"wall_seconds": wall, "phases": phases, "calls": dict(self.calls),
+                "process_cpu_seconds": time.process_time()}
 
     def close(self) -> None:
         if self._listening:
@@ -141,6 +144,8 @@ def format_table(table: dict) -> str:
     for name, seconds in table["phases"].items():
         lines.append(f"{name:<{width}}  {seconds:8.1f}  {100 * seconds / wall:5.1f}%")
     lines.append(f"{'wall':<{width}}  {wall:8.1f}")
+    if "process_cpu_seconds" in table:
+        lines.append(f"{'(process CPU)':<{width}}  {float(table['process_cpu_seconds']):8.1f}")
     if table.get("note"):
         lines.append(table["note"])
     return "\n".join(lines)

@@ -76,7 +76,9 @@ class Evaluator:
         self.infer_identity = method.task_identity_at_inference and (identity == "inferred" or self.own_identity)
         self.identity_hits = [0.0, 0.0]  # examples whose task was inferred right, examples (one evaluate call)
         self._features = jax.jit(self._features_fn, out_shardings=out_sharding)
-        self._predict = jax.jit(self._predict_fn, out_shardings=out_sharding)
+        # With the features of its one forward (kept for the last column); `_predict`: predictions alone.
+        self._predict_and_features = jax.jit(self._predict_fn, out_shardings=out_sharding)
+        self._predict = jax.jit(lambda *args: self._predict_fn(*args)[0], out_shardings=out_sharding)
         self._classify = jax.jit(self._classify_fn, out_shardings=out_sharding)
         pretrained = jax.jit(lambda frozen, batch: backbone.features(frozen, batch).astype(jnp.float32),
                              out_shardings=out_sharding)
@@ -347,8 +349,9 @@ class Evaluator:
             else:
                 batch = self.host_batch(batch)
                 self.forward_count += len(weight)
-                predictions, features = self._predict(state.trainable, weights, self.consts, state.method_state,
-                                                      state.prototypes, batch, trained_upto, example_tasks, given_task)
+                predictions, features = self._predict_and_features(
+                    state.trainable, weights, self.consts, state.method_state, state.prototypes, batch, trained_upto,
+                    example_tasks, given_task)
                 predictions = np.asarray(predictions)
                 if keep:
                     kept.append(np.asarray(features))
