@@ -17,7 +17,9 @@ adapters (task-identity free), one forward per task slot with each class scored 
 features (`per_task_inference`, CL-LoRA), the evaluated task's slot (`task_identity_at_inference`,
 LiLoRA), the slot of the task inferred from pre-trained class means (`identity="inferred"`), or the
 slot of the task the method infers itself (`Method.infer_task`, HiDe-LoRA's TII head).
-Instruction streams generate answers and score them with each task's metric.
+Instruction streams generate answers and score them with each task's metric, decoding no further
+than the metric reads (`decode_limit`). Features that never change (the pre-trained model's, all of
+`fix`'s) are computed once per example per run and kept on the host (`_cached_features`).
 """
 from __future__ import annotations
 
@@ -101,9 +103,9 @@ class Evaluator:
         # Generated answers of a model that never trains (`fix`) do not depend on how many tasks were
         # seen: with greedy decoding each task's score is computed once, not after every task.
         self._untrained_scores: dict[int, float] = {}
-        self._limits: dict[int, int] = {}
+        self._limits: dict[int, int] = {}  # tokens each task's answers need (`decode_limit`)
         # (the arrays of the state scored in the last column, [per task: its test batches' features])
-        self._final: Optional[tuple] = None  # tokens each task's answers need (`decode_limit`)
+        self._final: Optional[tuple] = None
 
     # -- features and classifiers (pure, jitted) -----------------------------------------------
     def _features_fn(self, trainable, frozen, method_state, batch):
