@@ -125,22 +125,31 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
 
     import jax
 
+    from jaxtree_lora import ledger as ledger_lib
+
     primary = jax.process_index() == 0  # with several processes, the first one writes the results
     started = time.perf_counter()
-    backbone = backbone_lib.build(config)
-    # Bad data is refused before the work directory holds anything (not even config.json).
-    stream = data_lib.checked_stream(config.data, backbone.tokenizer, int(getattr(backbone, "vocab_size", 0) or 0))
+    ledger = ledger_lib.Ledger()  # every second of the run, from the process start, on one line each
+    with ledger.phase("weights"):
+        backbone = backbone_lib.build(config)
+    with ledger.phase("data"):
+        # Bad data is refused before the work directory holds anything (not even config.json).
+        stream = data_lib.checked_stream(config.data, backbone.tokenizer, int(getattr(backbone, "vocab_size", 0) or 0))
     _prepare_workdir(workdir, resume)
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     from jaxtree_lora.methods import MethodNotApplicable
 
+    run_class = Run
     if config.method.name == "joint":  # the upper bound: every task at once, its own selection (train/joint.py)
-        from jaxtree_lora.train.joint import JointRun as Run
+        from jaxtree_lora.train.joint import JointRun as run_class
     try:
-        run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=progress)
+        with ledger.phase("setup"):
+            run = run_class(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=progress,
+                      ledger=ledger)
     except MethodNotApplicable as reason:
+        ledger.close()
         results = {"method": config.method.name, "stream": stream.name, "not_applicable": str(reason)}
         results_lib.write_results(os.path.join(workdir, "results.json"), results)
         print(f"jaxtree-lora: {config.method.name} does not apply to {stream.name}: {reason}")
@@ -148,45 +157,68 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
     if not quiet and jax.process_index() == 0:
         print(describe_protocol(run_protocol(run)), flush=True)
     outcome = run.fit(resume=resume)
-    wall = time.perf_counter() - started
-    state = outcome["state"]
-    trainable_count = run.method.trainable_count(state.trainable, state.method_state)
-    from jaxtree_lora import lora as lora_lib
+    with ledger.phase("reports"):  # results, plots
+        wall = time.perf_counter() - started
+        state = outcome["state"]
+        trainable_count = run.method.trainable_count(state.trainable, state.method_state)
+        from jaxtree_lora import lora as lora_lib
 
-    backbone_count = lora_lib.count(backbone.params)
-    results = results_lib.build_results(
-        matrix=outcome["matrix"],
-        task_names=[task.name for task in stream.tasks],
-        method=run.method.name,
-        method_config=run.method.describe(),
-        config=config.to_dict(),
-        timings=outcome["timings"],
-        wall_seconds=wall,
-        trainable_parameters=trainable_count,
-        backbone_parameters=backbone_count,
-        peak_memory_mb=peak_memory_mb(),
-        stream=stream.name,
-        protocol=run_protocol(run),
-        ncm_matrix=outcome.get("ncm_matrix"),
-        recomputed_prototype_scores=outcome.get("recomputed_prototype_scores"),
-        task_identity=outcome.get("task_identity_accuracy"),
-        continual_run=getattr(run.method, "continual", True),
-    )
-    if "selection" in outcome:
-        results["selection"] = results_lib.to_jsonable(outcome["selection"])
+        backbone_count = lora_lib.count(backbone.params)
+        results = results_lib.build_results(
+            matrix=outcome["matrix"],
+            task_names=[task.name for task in stream.tasks],
+            method=run.method.name,
+            method_config=run.method.describe(),
+            config=config.to_dict(),
+            timings=outcome["timings"],
+            wall_seconds=wall,
+            trainable_parameters=trainable_count,
+            backbone_parameters=backbone_count,
+            peak_memory_mb=peak_memory_mb(),
+            stream=stream.name,
+            protocol=run_protocol(run),
+            ncm_matrix=outcome.get("ncm_matrix"),
+            recomputed_prototype_scores=outcome.get("recomputed_prototype_scores"),
+            task_identity=outcome.get("task_identity_accuracy"),
+            continual_run=getattr(run.method, "continual", True),
+        )
+        if "selection" in outcome:
+            results["selection"] = results_lib.to_jsonable(outcome["selection"])
+        if primary:
+            plots.plot_accuracy_matrix(outcome["matrix"], [task.name for task in stream.tasks],
+                                       os.path.join(workdir, "accuracy_matrix.png"),
+                                       title=f"{run.method.name} on {stream.name}")
+            if hasattr(run.method, "draw_tree"):
+                run.method.draw_tree(state.method_state, os.path.join(workdir, "tree.png"))
+    results["time"] = {**results["time"], **ledger_time(ledger, resume)}
+    frozen = outcome.get("frozen_ncm_scores")
+    if frozen:  # the frozen model's nearest class mean on the same stream, from features the run computed anyway
+        results["frozen_ncm"] = {"scores": [float(v) for v in frozen],
+                                 "average_accuracy": float(sum(frozen) / len(frozen))}
+    ledger.close()
     if not primary:
         return results
     results_lib.write_results(os.path.join(workdir, "results.json"), results)
-    plots.plot_accuracy_matrix(outcome["matrix"], [task.name for task in stream.tasks],
-                               os.path.join(workdir, "accuracy_matrix.png"),
-                               title=f"{run.method.name} on {stream.name}")
-    if hasattr(run.method, "draw_tree"):
-        run.method.draw_tree(state.method_state, os.path.join(workdir, "tree.png"))
     if not quiet:
         print(tables.format_matrix(outcome["matrix"], [task.name for task in stream.tasks]))
         print(tables.format_summary(results))
+        if frozen:
+            own = (results.get("metrics") or {}).get("average_accuracy")
+            print(f"average accuracy: {run.method.name} {'-' if own is None else f'{own:.2f}'} | "
+                  f"fix (frozen NCM) {results['frozen_ncm']['average_accuracy']:.2f}")
+        print(ledger_lib.format_table(results["time"]["ledger"]))
         print(f"wrote {workdir}")
     return results
+
+
+def ledger_time(ledger, resume: bool) -> dict:
+    """results.json `time` entries from the run's ledger: the wall from the process start and every
+    phase of it (`jaxtree_lora.ledger`). A resumed run's ledger covers the resumed process only."""
+    table = ledger.table()
+    if resume:
+        table["note"] = ("resumed run: the ledger covers this process only (per-task train and eval "
+                         "seconds include the earlier part)")
+    return {"ledger": table, "process_wall_seconds": table["wall_seconds"]}
 
 
 def run_protocol(run) -> dict:

@@ -114,7 +114,7 @@ def test_generation_draws_from_the_generate_purpose(tmp_path):
     class Drawn(Exception):
         pass
 
-    def generate(trainable, frozen, method_state, prompt_ids, prompt_mask, key, max_new):
+    def generate(trainable, frozen, method_state, prompt_ids, prompt_mask, key, *limits):  # limit, max_new_tokens
         drawn.append(key)
         raise Drawn
 

@@ -17,7 +17,9 @@ adapters (task-identity free), one forward per task slot with each class scored 
 features (`per_task_inference`, CL-LoRA), the evaluated task's slot (`task_identity_at_inference`,
 LiLoRA), the slot of the task inferred from pre-trained class means (`identity="inferred"`), or the
 slot of the task the method infers itself (`Method.infer_task`, HiDe-LoRA's TII head).
-Instruction streams generate answers and score them with each task's metric.
+Instruction streams generate answers and score them with each task's metric, decoding no further
+than the metric reads (`decode_limit`). Features that never change (the pre-trained model's, all of
+`fix`'s) are computed once per example per run and kept on the host (`_cached_features`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ from jaxtree_lora.evaluation import prototypes as prototypes_lib
 from jaxtree_lora.evaluation.identity import TaskIdentity
 from jaxtree_lora.faults import kill_point
 from jaxtree_lora.train.step import head_logits
+
+
+# Metrics that read only the start of a prediction, so decoding may stop after the longest reference.
+PREFIX_METRICS = ("accuracy", "first_char")
 
 
 def classification_arrays(split) -> dict:
@@ -72,21 +78,34 @@ class Evaluator:
         self.infer_identity = method.task_identity_at_inference and (identity == "inferred" or self.own_identity)
         self.identity_hits = [0.0, 0.0]  # examples whose task was inferred right, examples (one evaluate call)
         self._features = jax.jit(self._features_fn, out_shardings=out_sharding)
-        self._predict = jax.jit(self._predict_fn, out_shardings=out_sharding)
+        # With the features of its one forward (kept for the last column); `_predict`: predictions alone.
+        self._predict_and_features = jax.jit(self._predict_fn, out_shardings=out_sharding)
+        self._predict = jax.jit(lambda *args: self._predict_fn(*args)[0], out_shardings=out_sharding)
+        self._classify = jax.jit(self._classify_fn, out_shardings=out_sharding)
         pretrained = jax.jit(lambda frozen, batch: backbone.features(frozen, batch).astype(jnp.float32),
                              out_shardings=out_sharding)
-        self.identity = TaskIdentity(self._pretrained_task_means,
-                                     lambda batch: np.asarray(pretrained(self.frozen, batch)))
         self._pretrained = pretrained
+        # Features that never change within a run, computed once per example and kept on the host:
+        # {(kind, task, split): [per evaluation batch: [B, d] float32]}; kind "pretrained" (task identity,
+        # HiDe-LoRA's TII head) or "fixed" (the features of a method that trains nothing: `fix`).
+        self._frozen_features: dict[tuple, list] = {}
+        self.forward_count = 0  # examples (rows, padding included) forwarded through the backbone
+        self.identity = TaskIdentity(self._pretrained_task_means, None)
         if self.own_identity:
-            self._infer_task = jax.jit(lambda method_state, frozen, batch, seen_upto: method.infer_task(
-                method_state, backbone.features(frozen, batch).astype(jnp.float32), seen_upto),
-                out_shardings=out_sharding)
+            self._infer_task = jax.jit(lambda method_state, features, seen_upto: method.infer_task(
+                method_state, features, seen_upto), out_shardings=out_sharding)
+        # A method that trains nothing, has no adapters and no per-slot inference: its features are the
+        # pre-trained ones, whatever the state, so each example is forwarded once per run (`fix`).
+        self.fixed_features = (not method.trains and self.kind == "classification"
+                               and not method.per_task_inference and not method.task_identity_at_inference)
         self._generate = None
         self._out_sharding = out_sharding
         # Generated answers of a model that never trains (`fix`) do not depend on how many tasks were
         # seen: with greedy decoding each task's score is computed once, not after every task.
         self._untrained_scores: dict[int, float] = {}
+        self._limits: dict[int, int] = {}  # tokens each task's answers need (`decode_limit`)
+        # (the arrays of the state scored in the last column, [per task: its test batches' features])
+        self._final: Optional[tuple] = None
 
     # -- features and classifiers (pure, jitted) -----------------------------------------------
     def _features_fn(self, trainable, frozen, method_state, batch):
@@ -103,15 +122,14 @@ class Evaluator:
         stands in for a given one, among every seen class where the method infers it itself (HiDe-LoRA's
         TII: the slot is chosen by the identity head, the aligned head scores every seen class). `given_task` (the
         identity is given): only that task's classes compete, as a method told the task knows its label
-        space."""
-        protocol = self.protocol
-
+        space. Returns (predictions, features [B, d] of the one forward where a single forward scores the
+        batch, else None)."""
         def both_logits(method_state):  # [2, B, C]
+            return self._logits_fn(trainable, prototypes, self._features_fn(trainable, frozen, method_state, batch))
+
+        def one_forward(method_state):  # ([2, B, C], [B, d])
             features = self._features_fn(trainable, frozen, method_state, batch)
-            ncm = prototypes_lib.ncm_logits(features, prototypes)
-            own = ncm if protocol["classifier"] == "prototype" else head_logits(
-                trainable["head"], features, protocol["head"], protocol["head_scale"])
-            return jnp.stack([own, ncm])
+            return self._logits_fn(trainable, prototypes, features), features
 
         def per_slot():  # [K, 2, B, C]: one forward per task slot learned so far (<= seen_upto), zeros after
             skipped = jax.eval_shape(both_logits, method_state)
@@ -122,15 +140,33 @@ class Evaluator:
 
             return jax.lax.map(slot, jnp.arange(consts["task_classes"].shape[0]))
 
+        features = None
         if example_tasks is not None and self.method.per_example_task:
-            logits = both_logits({**method_state, "task": example_tasks})  # each example through its own slot
+            # each example through its own slot
+            logits, features = one_forward({**method_state, "task": example_tasks})
         elif example_tasks is not None:
             logits = jnp.take_along_axis(per_slot(), example_tasks[None, None, :, None], axis=0)[0]
         elif self.method.per_task_inference:
             # Each task's classes are scored with that task's features (CL-LoRA's forward_test).
             logits = jnp.sum(jnp.where(consts["task_classes"][:, None, None, :], per_slot(), 0.0), axis=0)
         else:
-            logits = both_logits(method_state)
+            logits, features = one_forward(method_state)
+        return self._choose(logits, consts, seen_upto, example_tasks, given_task), features
+
+    def _logits_fn(self, trainable, prototypes, features):
+        """[2, B, C] logits from features [B, d]: the method's protocol, then the nearest class mean."""
+        protocol = self.protocol
+        ncm = prototypes_lib.ncm_logits(features, prototypes)
+        own = ncm if protocol["classifier"] == "prototype" else head_logits(
+            trainable["head"], features, protocol["head"], protocol["head_scale"])
+        return jnp.stack([own, ncm])
+
+    def _classify_fn(self, trainable, consts, prototypes, features, seen_upto):
+        """`_predict_fn` for features computed beforehand (a method whose features never change)."""
+        return self._choose(self._logits_fn(trainable, prototypes, features), consts, seen_upto, None, None)
+
+    def _choose(self, logits, consts, seen_upto, example_tasks, given_task):
+        """[2, B] argmax of logits [2, B, C] over the classes allowed (see `_predict_fn`)."""
         if example_tasks is not None and not self.own_identity:
             # A task inferred for a method whose protocol is told it (LiLoRA): its classes compete, as for a given one.
             allowed = consts["task_classes"][example_tasks][None, :, :]
@@ -153,7 +189,12 @@ class Evaluator:
         task_data = self.stream.tasks[task]
         method_state = self._feature_state(state, task)
         weights = self.weights(state.trainable, method_state)
-        features = lambda batch: self._features(state.trainable, weights, method_state, self.host_batch(batch))
+        if self.fixed_features:
+            features = self._cached_features("fixed", task, "train", state)
+        else:
+            def features(batch):
+                self.forward_count += int(next(iter(batch.values())).shape[0])
+                return self._features(state.trainable, weights, method_state, self.host_batch(batch))
         means, _ = prototypes_lib.class_means(features, self.batches(classification_arrays(task_data.train), task),
                                               state.prototypes.shape[0], state.prototypes.shape[1])
         return means
@@ -171,20 +212,95 @@ class Evaluator:
         """Diagnostic, NOT rehearsal-free: every class's prototype recomputed with this (final) model over
         its training data, then every task scored by nearest class mean. Its gap to the rehearsal-free
         NCM is prototype staleness; its gap to `fix` is what the features gained or lost."""
+        last = len(self.stream.tasks) - 1
         prototypes = np.asarray(state.prototypes).copy()
         for task in range(len(self.stream.tasks)):
+            if task == last and self._same_model(state):
+                continue  # the last task's prototypes were taken with this model when it ended
             rows = list(self.stream.tasks[task].classes)
             prototypes[rows] = self._task_class_means(state, task)[rows]
-        state = state.replace(prototypes=self.host_batch(prototypes))
-        last = len(self.stream.tasks) - 1
-        return [self.evaluate(state, task, last)["ncm"] for task in range(len(self.stream.tasks))]
+        prototypes = self.host_batch(prototypes)
+        if not self._same_model(state) or len(self._final[1]) <= last:
+            state = state.replace(prototypes=prototypes)
+            return [self.evaluate(state, task, last)["ncm"] for task in range(len(self.stream.tasks))]
+        # The last column's forwards were made with this model: their features, the new prototypes.
+        scores = []
+        for task in range(len(self.stream.tasks)):
+            correct, total = 0.0, 0.0
+            kept = iter(self._final[1][task])
+            for batch in self.batches(classification_arrays(self.stream.tasks[task].test), task):
+                weight, labels = np.asarray(batch.pop("weight")), np.asarray(batch.pop("labels"))
+                predictions = np.asarray(self._classify(state.trainable, self.consts, prototypes,
+                                                        self.host_batch(next(kept)), last))
+                correct += float(np.sum((predictions[1] == labels) * weight))
+                total += float(np.sum(weight))
+            scores.append(100.0 * correct / max(total, 1.0))
+        return scores
+
+    def _same_model(self, state) -> bool:
+        """Whether `state` is the one whose last column `_final` holds (the very same arrays)."""
+        if self._final is None:
+            return False
+        leaves = jax.tree.leaves((state.trainable, state.method_state, state.prototypes))
+        return len(leaves) == len(self._final[0]) and all(a is b for a, b in zip(leaves, self._final[0]))
+
+    def frozen_ncm_scores(self, train_features: dict) -> Optional[list]:
+        """Per task, the score (0-100) of the pre-trained model by nearest class mean over every class of
+        the stream (`fix` after the last task), from `train_features` {task: [(features [B, d], labels
+        [B], weight [B])]} the run kept, and the test splits' pre-trained features where the evaluator
+        kept them (None when some test split was never forwarded: nothing is computed for this)."""
+        tasks = range(len(self.stream.tasks))
+        if any(("pretrained", task, "test") not in self._frozen_features for task in tasks):
+            return None
+        batches = (dict(labels=labels, weight=weight, features=features)
+                   for task in tasks for features, labels, weight in train_features[task])
+        means, _ = prototypes_lib.class_means(lambda batch: batch["features"], batches,
+                                              int(self.stream.num_classes), int(self.backbone.info.feature_dim))
+        scores = []
+        for task in tasks:
+            features = self._cached_features("pretrained", task, "test")
+            correct = total = 0.0
+            for batch in self.batches(classification_arrays(self.stream.tasks[task].test), task):
+                weight, labels = np.asarray(batch.pop("weight")), np.asarray(batch.pop("labels"))
+                predicted = prototypes_lib.nearest(np.asarray(features(batch), np.float64), means,
+                                                   np.arange(len(means)))
+                correct += float(np.sum((predicted == labels) * weight))
+                total += float(np.sum(weight))
+            scores.append(100.0 * correct / max(total, 1.0))
+        return scores
 
     def _pretrained_task_means(self, task: int) -> np.ndarray:
         task_data = self.stream.tasks[task]
-        features = lambda batch: np.asarray(self._pretrained(self.frozen, self.host_batch(batch)))
-        means, _ = prototypes_lib.class_means(features, self.batches(classification_arrays(task_data.train), task),
+        means, _ = prototypes_lib.class_means(self._cached_features("pretrained", task, "train"),
+                                              self.batches(classification_arrays(task_data.train), task),
                                               int(self.stream.num_classes), int(self.backbone.info.feature_dim))
         return means[list(task_data.classes)]
+
+    def _cached_features(self, kind: str, task: int, split: str, state=None) -> Callable[[dict], np.ndarray]:
+        """features(batch) -> [B, d] for the evaluation batches of task `task`'s `split`, taken in order:
+        each batch's features computed on the first pass over the split and read back on later ones.
+        kind "pretrained": the pre-trained backbone's; "fixed": `_features` of `state` (a method whose
+        features never change). The batches of a split are the same on every pass (fixed order, no
+        shuffling), so the n-th call of a pass is the n-th batch."""
+        stored = self._frozen_features.setdefault((kind, task, split), [])
+        position = [0]
+
+        def features(batch: dict) -> np.ndarray:
+            number = position[0]
+            position[0] += 1
+            if number < len(stored):
+                return stored[number]
+            batch = self.host_batch(batch)
+            if kind == "pretrained":
+                values = self._pretrained(self.frozen, batch)
+            else:
+                values = self._features(state.trainable, self.weights(state.trainable, state.method_state),
+                                        state.method_state, batch)
+            self.forward_count += int(next(iter(batch.values())).shape[0])
+            stored.append(np.asarray(values))
+            return stored[-1]
+
+        return features
 
     # -- scoring -------------------------------------------------------------------------------
     def evaluate(self, state, task: int, trained_upto: int, key: Optional[jax.Array] = None) -> dict:
@@ -206,24 +322,46 @@ class Evaluator:
         correct = np.zeros((2,), np.float64)
         total, hits = 0.0, 0.0
         weights = self.weights(state.trainable, state.method_state)
+        pretrained = self._cached_features("pretrained", task, "test") if self.infer_identity else None
+        fixed = self._cached_features("fixed", task, "test", state) if self.fixed_features else None
+        # The last column's features, for the recomputed-prototype diagnostic that follows (same model),
+        # where one forward scores each example among every seen class (`_classify`'s rule).
+        last = trained_upto == len(self.stream.tasks) - 1
+        keep = last and fixed is None and given_task is None and not self.method.per_task_inference and (
+            not self.infer_identity or (self.own_identity and self.method.per_example_task))
+        if last and not self._same_model(state):
+            self._final = (jax.tree.leaves((state.trainable, state.method_state, state.prototypes)), [])
+        kept = []
         for batch in self.batches(classification_arrays(self.stream.tasks[task].test), task):
             weight = np.asarray(batch.pop("weight"))
             labels = np.asarray(batch.pop("labels"))
-            batch = self.host_batch(batch)
             example_tasks = None
             if self.infer_identity:
+                features = pretrained(batch)
                 if self.own_identity:
-                    inferred = np.asarray(self._infer_task(state.method_state, self.frozen, batch,
+                    inferred = np.asarray(self._infer_task(state.method_state, self.host_batch(features),
                                                            jnp.asarray(trained_upto, jnp.int32)))
                 else:
-                    inferred = self.identity.infer(batch, trained_upto)
+                    inferred = self.identity.infer(features, trained_upto)
                 hits += float(np.sum((inferred == task) * weight))
                 example_tasks = self.host_batch(inferred.astype(np.int32))
-            predictions = np.asarray(self._predict(state.trainable, weights, self.consts, state.method_state,
-                                                   state.prototypes, batch, trained_upto, example_tasks, given_task))
+            if fixed is not None:
+                predictions = np.asarray(self._classify(state.trainable, self.consts, state.prototypes,
+                                                        self.host_batch(fixed(batch)), trained_upto))
+            else:
+                batch = self.host_batch(batch)
+                self.forward_count += len(weight)
+                predictions, features = self._predict_and_features(
+                    state.trainable, weights, self.consts, state.method_state, state.prototypes, batch, trained_upto,
+                    example_tasks, given_task)
+                predictions = np.asarray(predictions)
+                if keep:
+                    kept.append(np.asarray(features))
             correct += np.sum((predictions == labels[None, :]) * weight[None, :], axis=1)
             total += float(np.sum(weight))
             kill_point("evaluation")
+        if keep and len(self._final[1]) == task:
+            self._final[1].append(kept)
         scores = 100.0 * correct / max(total, 1.0)
         out = {"score": float(scores[0]), "ncm": float(scores[1])}
         if self.infer_identity:
@@ -237,18 +375,19 @@ class Evaluator:
 
         method, backbone, tokenizer = self.method, self.backbone, self.backbone.tokenizer
         if self._generate is None:
-            def generate_fn(trainable, frozen, method_state, prompt_ids, prompt_mask, key, max_new_tokens):
+            def generate_fn(trainable, frozen, method_state, prompt_ids, prompt_mask, key, limit, max_new_tokens):
                 delta = lambda site, adapter, x, k: method.delta(method_state, site, adapter, x, k)
                 model = nnx.merge(backbone.graphdef, frozen)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 return generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                 temperature=self.temperature, key=key, eos_id=int(tokenizer.eos_token_id),
                                 pad_id=int(pad), adapters=method.forward_adapters(trainable["adapters"], method_state),
-                                delta=delta)
+                                delta=delta, limit=limit)
 
-            self._generate = jax.jit(generate_fn, static_argnums=(6,), out_shardings=self._out_sharding)
+            self._generate = jax.jit(generate_fn, static_argnums=(7,), out_shardings=self._out_sharding)
         max_new = max(int(t.max_new_tokens) for t in self.stream.tasks)
         task_data = self.stream.tasks[task]
+        limit = jnp.asarray(self.decode_limit(task), jnp.int32)
         arrays = {"prompt_ids": task_data.test.arrays["prompt_ids"], "prompt_mask": task_data.test.arrays["prompt_mask"]}
         key = jax.random.PRNGKey(0) if key is None else key
         weights = self.weights(state.trainable, state.method_state)
@@ -256,9 +395,26 @@ class Evaluator:
         def run(batch, number):
             batch = self.host_batch(batch)
             return self._generate(state.trainable, weights, state.method_state, batch["prompt_ids"],
-                                  batch["prompt_mask"], jax.random.fold_in(key, number), max_new)
+                                  batch["prompt_mask"], jax.random.fold_in(key, number), limit, max_new)
 
         score, _ = generation_lib.generate_and_score(
             task_data, self.batches(arrays, task), run,
             lambda ids: tokenizer.decode(ids, skip_special_tokens=True), lambda: kill_point("evaluation"))
         return score
+
+    def decode_limit(self, task: int) -> int:
+        """Tokens generated for task `task`'s prompts: its budget (`max_new_tokens`), and for a metric that
+        reads only the answer's first characters (accuracy: the stripped prediction cut to the target's
+        length; first_char) the longest reference in tokens plus one for EOS. Computed once per task."""
+        if task not in self._limits:
+            task_data = self.stream.tasks[task]
+            limit = int(task_data.max_new_tokens)
+            if task_data.metric in PREFIX_METRICS and len(task_data.test.answers):
+                tokenizer = self.backbone.tokenizer
+                # An answer after "Answer:" may start with a space, which tokenises differently: the longer.
+                longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                              for answer in task_data.test.answers for text in (str(answer), " " + str(answer)))
+                limit = min(limit, longest + 1)
+            self._limits[task] = max(limit, 1)
+        return self._limits[task]
+

@@ -12,7 +12,6 @@ Dinov2Embeddings.interpolate_pos_encoding does (vit.interpolate_position_embeddi
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re

@@ -8,7 +8,8 @@ Jittable end to end (`max_new_tokens` and `temperature` are Python values, fixed
 The prompt is LEFT-padded ([batch, prompt] with its mask), so every row's last prompt token sits in
 the same column and its next token is written to the same cache slot. The cache is preallocated
 [num_layers, batch, prompt + max_new_tokens, kv_heads, head_dim]; the decode loop is a
-`lax.while_loop` that stops early once every row has produced an EOS.
+`lax.while_loop` that stops early once every row has produced an EOS, or at `limit` tokens (a traced
+value: one compiled program serves tasks whose answers need different lengths).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
 
 def generate(model, prompt_ids: jax.Array, prompt_mask: Optional[jax.Array] = None, *, max_new_tokens: int,
              temperature: float = 0.0, key: Optional[jax.Array] = None, eos_id: Union[int, Sequence[int]],
-             pad_id: int, adapters=None, delta=None, compute_dtype=None) -> jax.Array:
+             pad_id: int, adapters=None, delta=None, compute_dtype=None,
+             limit: Optional[jax.Array] = None) -> jax.Array:
     """Continuations [batch, max_new_tokens] int32 of left-padded prompts.
 
     Args:
@@ -41,6 +43,8 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: Optional[jax.Array] = No
       key: PRNG key for sampling (step i uses fold_in(key, i)); unused when greedy.
       eos_id: one id or several; a row's EOS is kept and everything after it is `pad_id`.
       adapters, delta: LoRA adapters and delta function, as in `LlamaDecoder.__call__`.
+      limit: int32 scalar <= max_new_tokens (None: max_new_tokens): tokens produced per row; the columns
+        after it are `pad_id`. The tokens before it are those an unlimited run produces.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -61,9 +65,11 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: Optional[jax.Array] = No
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = is_stop(first)
 
+    limit = max_new_tokens if limit is None else jnp.minimum(jnp.asarray(limit, jnp.int32), max_new_tokens)
+
     def unfinished(state):
         step, _, done, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+        return (step < limit) & ~jnp.all(done)
 
     def decode(state):
         step, previous, done, cache, tokens = state

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxtree_lora import assemble
 from jaxtree_lora import checkpoint as checkpoint_lib
+from jaxtree_lora import ledger as ledger_lib
 from jaxtree_lora.data import batching as batching_lib
 from jaxtree_lora.data.stream import check_stream
 from jaxtree_lora.errors import ConfigError
@@ -179,9 +180,14 @@ class Run:
     progress: bool = True
     logger: Optional[Callable[[dict], None]] = None
     stop_after_steps: Optional[int] = None  # for tests: stop (as if killed) after this many steps
+    ledger: Any = None  # where the run's time goes (`jaxtree_lora.ledger.Ledger`); its own when not given
 
     def __post_init__(self):
         from jaxtree_lora.data import batching, tokenize
+
+        self._own_ledger = self.ledger is None
+        if self._own_ledger:
+            self.ledger = ledger_lib.Ledger(since_process_start=False)
 
         self.batching = batching
         config = self.config
@@ -236,6 +242,7 @@ class Run:
         answer_window = (tokenize.answer_window([split.arrays["loss_mask"] for task in self.stream.tasks
                                                  for split in (task.train, task.test)]) or None
                          if self.kind == "instruction" else None)
+        self.pretrained_train: dict[int, list] = {}  # task -> the pre-trained features of its training data
         self._plan_fold()
         self.task_loss = make_task_loss(self.backbone, self.train_method, self.kind, self.protocol["train_mask"],
                                         self.protocol["head"], self.protocol["head_scale"], answer_window)
@@ -416,19 +423,36 @@ class Run:
     def task_context(self, task_index: int, arrays: dict, steps_per_epoch: int) -> TaskContext:
         """Host-side access to a task's data for `Method.prepare_task` and `Method.end_task`."""
         seed = int(self.config.seed)
+        ledger = self.ledger
+
+        def timed(name, function):  # each extra pass over the task's data is a line of the time ledger
+            def call(*args):
+                with ledger.phase(name):
+                    return function(*args)
+            return call
+
         return TaskContext(
             task=task_index, steps_per_epoch=steps_per_epoch,
             batches=lambda: self.batching.batches(arrays, self.micro_batch, seed=seed, task=task_index, epoch=0,
                                                   shuffle=False),
-            fisher=lambda trainable, method_state: self.fisher(trainable, method_state, arrays, task_index),
-            site_moments=lambda trainable, method_state: self.site_moments(trainable, method_state, arrays,
-                                                                           task_index),
-            features=lambda trainable, method_state: self.task_features(arrays, task_index, trainable, method_state),
-            pretrained_features=lambda: self.task_features(arrays, task_index))
+            fisher=timed("pass: fisher", lambda trainable, method_state: self.fisher(
+                trainable, method_state, arrays, task_index)),
+            site_moments=timed("pass: site statistics", lambda trainable, method_state: self.site_moments(
+                trainable, method_state, arrays, task_index)),
+            features=lambda trainable, method_state: ledger.timed("pass: features", self.task_features(
+                arrays, task_index, trainable, method_state)),
+            pretrained_features=lambda: ledger.timed("pass: pre-trained features",
+                                                     self.task_features(arrays, task_index)))
 
     def task_features(self, arrays: dict, task_index: int, trainable=None, method_state=None):
         """Yields (features [B, d], labels [B], weight [B]) numpy arrays over a classification task's
-        training data: with these adapters and method state, or the pre-trained backbone's (None)."""
+        training data: with these adapters and method state, or the pre-trained backbone's (None).
+        The pre-trained ones never change: kept after the first full pass (`pretrained_train`) and
+        read back on later ones."""
+        if trainable is None and task_index in self.pretrained_train:
+            yield from self.pretrained_train[task_index]
+            return
+        kept = []
         for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
             weight, labels = np.asarray(batch.pop("weight")), np.asarray(batch.pop("labels"))
             batch = self._host_batch(batch)
@@ -437,7 +461,11 @@ class Run:
             else:
                 features = self.evaluator._features(trainable, self.forward_weights(trainable, method_state),
                                                     method_state, batch)
-            yield np.asarray(features), labels, weight
+            self.evaluator.forward_count += len(weight)
+            kept.append((np.asarray(features), labels, weight))
+            yield kept[-1]
+        if trainable is None:
+            self.pretrained_train[task_index] = kept
 
     def _host_batch(self, batch: dict) -> dict:
         """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""
@@ -483,10 +511,12 @@ class Run:
         Returns {"matrix", "timings", "state"} (+ "ncm_matrix", "recomputed_prototype_scores" on
         classification streams)."""
         config = self.config
+        ledger = self.ledger
         os.makedirs(self.workdir, exist_ok=True)
         books = _Books(self, resume)
-        state = books.start(self.initial_state())
-        self._refold(state)
+        with ledger.phase("checkpoint restore" if resume else "setup"):
+            state = books.start(self.initial_state())
+            self._refold(state)
         try:
             for task_index in range(books.position["task"], self.num_tasks):
                 task = self.stream.tasks[task_index]
@@ -497,20 +527,25 @@ class Run:
                 resumed_here = task_index == position["task"] and (position["epoch"] or position["batch"])
                 if not resumed_here:
                     # Host work first (subspaces from the new task's inputs, ...), then the jitted begin_task.
-                    trainable, method_state = self._on_mesh(self.method.prepare_task(
-                        state.trainable, state.method_state, self.task_context(task_index, arrays, steps_per_epoch)))
-                    state = state.replace(trainable=trainable, method_state=method_state)
-                    state = self.begin_task(state, jnp.asarray(task_index, jnp.int32))
-                    self._refold(state)
+                    with ledger.phase(f"prepare_task: {self.method.name}"):
+                        trainable, method_state = self._on_mesh(self.method.prepare_task(
+                            state.trainable, state.method_state,
+                            self.task_context(task_index, arrays, steps_per_epoch)))
+                    with ledger.phase("train"):
+                        state = state.replace(trainable=trainable, method_state=method_state)
+                        state = self.begin_task(state, jnp.asarray(task_index, jnp.int32))
+                        self._refold(state)
                 task_start = time.perf_counter()
-                state = self._train_task(state, task_index, arrays, steps_per_epoch, books)
-                jax.block_until_ready(state)
+                with ledger.phase("train"):
+                    state = self._train_task(state, task_index, arrays, steps_per_epoch, books)
+                    jax.block_until_ready(state)
                 books.timings["train_seconds"][task_index] += time.perf_counter() - task_start
                 state = self._end_task(state, task_index, arrays, steps_per_epoch, books)
                 books.position = {"task": task_index + 1, "epoch": 0, "batch": 0}
                 books.save(state, books.position, wait=True)
         finally:
-            books.close()
+            with ledger.phase("checkpoint"):
+                books.close()
         self.final_state = state
         outcome = {"matrix": books.matrix, "timings": books.timings, "state": state}
         if books.identity is not None:
@@ -519,7 +554,16 @@ class Run:
             outcome["ncm_matrix"] = books.ncm_matrix
             if bool(config.eval.get("recomputed_prototypes", True)):
                 # Diagnostic, not rehearsal-free: every class's prototype from the final model.
-                outcome["recomputed_prototype_scores"] = self.evaluator.recomputed_prototype_scores(state)
+                with ledger.phase("evaluation: recomputed prototypes"):
+                    outcome["recomputed_prototype_scores"] = self.evaluator.recomputed_prototype_scores(state)
+            if self.method.trains and len(self.pretrained_train) == self.num_tasks:
+                # The frozen model's nearest-class-mean score (what `fix` scores) from the pre-trained
+                # features this run computed anyway (HiDe-LoRA's task identity): printed beside its own.
+                with ledger.phase("evaluation: frozen NCM"):
+                    outcome["frozen_ncm_scores"] = self.evaluator.frozen_ncm_scores(self.pretrained_train)
+        if self._own_ledger:
+            outcome["time"] = ledger.table()
+            ledger.close()
         return outcome
 
     def _train_task(self, state, task_index: int, arrays: dict, steps_per_epoch: int, books: "_Books"):
@@ -585,18 +629,23 @@ class Run:
         """The method's end-of-task host work, the task's prototypes, then one column of the accuracy
         matrices: every task seen so far scored with the state after this task."""
         context = self.task_context(task_index, arrays, steps_per_epoch)
-        trainable, method_state = self._on_mesh(self.method.end_task(state.trainable, state.method_state, context))
-        state = state.replace(trainable=trainable, method_state=method_state)
+        ledger = self.ledger
+        with ledger.phase(f"end_task: {self.method.name}"):
+            trainable, method_state = self._on_mesh(self.method.end_task(state.trainable, state.method_state,
+                                                                         context))
+            state = state.replace(trainable=trainable, method_state=method_state)
         if self.kind == "classification":
-            state = self.evaluator.update_prototypes(state, task_index)
+            with ledger.phase("prototypes"):
+                state = self.evaluator.update_prototypes(state, task_index)
         eval_start = time.perf_counter()
         identity = []
-        for seen in range(task_index + 1):
-            scores = self.evaluator.evaluate(state, seen, task_index,
-                                             keys.generation_key(self.config.seed, task_index, seen))
-            books.matrix[seen, task_index] = scores["score"]
-            books.ncm_matrix[seen, task_index] = scores.get("ncm", np.nan)
-            identity.append(scores.get("identity"))
+        with ledger.phase("evaluation"):
+            for seen in range(task_index + 1):
+                scores = self.evaluator.evaluate(state, seen, task_index,
+                                                 keys.generation_key(self.config.seed, task_index, seen))
+                books.matrix[seen, task_index] = scores["score"]
+                books.ncm_matrix[seen, task_index] = scores.get("ncm", np.nan)
+                identity.append(scores.get("identity"))
         if self.infer_identity:
             books.identity = identity
         books.timings["eval_seconds"][task_index] = time.perf_counter() - eval_start
@@ -663,12 +712,13 @@ class _Books:
             self.run.logger(record)
 
     def save(self, state, position: dict, wait: bool = False) -> None:
-        loop = {"position": position, "fingerprint": self.fingerprint, "timings": self.timings,
-                "matrix": _none_for_nan(self.matrix), "ncm_matrix": _none_for_nan(self.ncm_matrix),
-                "state_digest": state_digest(state)}
-        self.checkpoints.save(self.host_step, state, loop)
-        if wait:
-            self.checkpoints.wait()
+        with self.run.ledger.phase("checkpoint"):
+            loop = {"position": position, "fingerprint": self.fingerprint, "timings": self.timings,
+                    "matrix": _none_for_nan(self.matrix), "ncm_matrix": _none_for_nan(self.ncm_matrix),
+                    "state_digest": state_digest(state)}
+            self.checkpoints.save(self.host_step, state, loop)
+            if wait:
+                self.checkpoints.wait()
 
     def log_steps(self, fetched: list, elapsed: float, task_index: int, epoch: int, batch_index: int) -> dict:
         """One step record from the metrics of the steps since the last one (fetched from the device)."""
