@@ -23,6 +23,8 @@ than the metric reads (`decode_limit`). Features that never change (the pre-trai
 """
 from __future__ import annotations
 
+import copy
+
 from typing import Callable, Optional
 
 import jax
@@ -106,6 +108,15 @@ class Evaluator:
         self._limits: dict[int, int] = {}  # tokens each task's answers need (`decode_limit`)
         # (the arrays of the state scored in the last column, [per task: its test batches' features])
         self._final: Optional[tuple] = None
+
+    def reading(self, stream) -> "Evaluator":
+        """This evaluator (its compiled functions) over another stream's tasks, with none of the
+        per-task values it kept for its own stream (frozen features, untrained scores, decode limits)."""
+        other = copy.copy(self)
+        other.stream, other._frozen_features, other._untrained_scores = stream, {}, {}
+        other._limits, other._final = {}, None
+        other.identity = TaskIdentity(other._pretrained_task_means, None)
+        return other
 
     # -- features and classifiers (pure, jitted) -----------------------------------------------
     def _features_fn(self, trainable, frozen, method_state, batch):

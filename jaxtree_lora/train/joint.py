@@ -14,7 +14,6 @@ No checkpoints are written: an interrupted joint run starts again.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import os
@@ -216,7 +215,8 @@ class JointRun(Run):
     def _features(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
         """Pre-trained features [N, d] and labels [N] of a classification split (padding rows dropped)."""
         features, labels = [], []
-        for batch_features, batch_labels, weight in self.task_features(split_arrays(split, "classification"), 0):
+        for batch_features, batch_labels, weight in self.task_features(split_arrays(split, "classification"), 0,
+                                                                         remember=False):
             keep = np.asarray(weight) > 0
             features.append(batch_features[keep])
             labels.append(batch_labels[keep])
@@ -231,9 +231,7 @@ class JointRun(Run):
 
     def _evaluator_on(self, stream: Stream):
         """The run's evaluator reading `stream`'s tasks (the classes of the merged task, every class, compete)."""
-        evaluator = copy.copy(self.evaluator)
-        evaluator.stream, evaluator._untrained_scores = stream, {}
-        return evaluator
+        return self.evaluator.reading(stream)
 
     def _scores(self, evaluator, state) -> list[dict]:
         seed = int(self.config.seed)

@@ -444,12 +444,14 @@ class Run:
             pretrained_features=lambda: ledger.timed("pass: pre-trained features",
                                                      self.task_features(arrays, task_index)))
 
-    def task_features(self, arrays: dict, task_index: int, trainable=None, method_state=None):
+    def task_features(self, arrays: dict, task_index: int, trainable=None, method_state=None, remember: bool = True):
         """Yields (features [B, d], labels [B], weight [B]) numpy arrays over a classification task's
         training data: with these adapters and method state, or the pre-trained backbone's (None).
         The pre-trained ones never change: kept after the first full pass (`pretrained_train`) and
-        read back on later ones."""
-        if trainable is None and task_index in self.pretrained_train:
+        read back on later ones, by task index; `remember=False` for arrays that are not that task's
+        training data (neither read nor kept)."""
+        remember = remember and trainable is None
+        if remember and task_index in self.pretrained_train:
             yield from self.pretrained_train[task_index]
             return
         kept = []
@@ -464,7 +466,7 @@ class Run:
             self.evaluator.forward_count += len(weight)
             kept.append((np.asarray(features), labels, weight))
             yield kept[-1]
-        if trainable is None:
+        if remember:
             self.pretrained_train[task_index] = kept
 
     def _host_batch(self, batch: dict) -> dict:
