@@ -23,7 +23,7 @@ RUN_FIELDS = ("lora", "max_tasks")
 # The kind of stream each data source gives ("sequence": its sources').
 STREAM_KINDS = {"offline-text-cil": "classification", "offline-lang-cil": "classification", "tfds": "classification",
                 "files": "classification", "image_folder": "classification", "offline-trace": "instruction",
-                "trace": "instruction", "instruction_files": "instruction"}
+                "trace": "instruction", "instruction_files": "instruction", "offline-fashion-cil": "classification"}
 
 
 def _as_dict(node) -> dict:

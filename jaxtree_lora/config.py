@@ -86,8 +86,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         kind = type(current) if current is not None else _declared_type(node, last)
         if value is None and isinstance(current, (int, float)) and not isinstance(current, bool):
             # ml_collections lets None replace any value; a number read later (int(), float()) would crash.
-            raise ConfigFileError(f"--config.{dotted}={text}: expected a value of type {type(current).__name__}, "
-                                  f"not None")
+            raise ConfigFileError(f"--config.{dotted}={text}: expected a value of type {kind.__name__}, not None")
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if kind in (list, tuple) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -99,5 +98,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         except (TypeError, ValueError) as error:
             reason = " ".join(str(error).split())  # ml_collections' message spans lines; the user gets one
             raise ConfigFileError(
-                f"--config.{dotted}={text}: expected a value of type {type(current).__name__} ({reason})") from error
+                f"--config.{dotted}={text}: expected a value of type "
+                f"{kind.__name__ if kind is not None else type(current).__name__} ({reason})") from error
     return config

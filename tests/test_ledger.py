@@ -135,7 +135,7 @@ def test_generation_stopped_at_a_limit_keeps_the_tokens_before_it():
 def test_decode_limit_follows_the_metric():
     from types import SimpleNamespace
 
-    from jaxtree_lora.evaluation.evaluator import Evaluator
+    from jaxtree_lora.evaluation.evaluator import DECODE_MARGIN, Evaluator
 
     tokenizer = lambda text, add_special_tokens=False: {"input_ids": text.split()}
     tasks = [SimpleNamespace(max_new_tokens=16, metric="accuracy", test=SimpleNamespace(answers=["a b", "c"])),
@@ -144,8 +144,9 @@ def test_decode_limit_follows_the_metric():
     evaluator = Evaluator.__new__(Evaluator)
     evaluator.stream, evaluator.backbone, evaluator._limits = SimpleNamespace(tasks=tasks), \
         SimpleNamespace(tokenizer=tokenizer), {}
-    assert [evaluator.decode_limit(task) for task in range(3)] == [3, 16, 2], (
-        "accuracy reads the longest reference (2 tokens) + EOS; rouge_l reads everything; never above the budget")
+    assert [evaluator.decode_limit(task) for task in range(3)] == [2 + DECODE_MARGIN, 16, 2], (
+        "accuracy reads the longest reference (2 tokens) + EOS and a margin for leading whitespace; "
+        "rouge_l reads everything; never above the budget")
 
 
 @pytest.mark.slow  # three CLI processes of a tiny model

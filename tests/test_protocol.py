@@ -256,3 +256,12 @@ def test_fix_generates_each_tasks_answers_once_on_an_instruction_stream(tmp_path
     assert calls == ["FOMC", "C-STANCE"], calls
     matrix = outcome["matrix"]
     assert matrix[0, 0] == matrix[0, 1], "fix's score on a task cannot change while nothing trains"
+
+
+def test_every_data_source_has_a_stream_kind_for_the_assembly():
+    """A source missing from assemble.STREAM_KINDS is validated before its method's form is resolved
+    (TreeLoRA's HiDe options went unchecked on offline-fashion-cil until its first task)."""
+    from jaxtree_lora import assemble, data
+
+    missing = [name for name in data.NAMES if name != "sequence" and name not in assemble.STREAM_KINDS]
+    assert not missing, f"data sources with no stream kind in assemble.STREAM_KINDS: {missing}"

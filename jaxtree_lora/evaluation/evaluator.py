@@ -48,6 +48,10 @@ def classification_arrays(split) -> dict:
     return arrays
 
 
+# Tokens decoded past the longest reference for a prefix metric: EOS plus up to three tokens of the
+# leading whitespace or line breaks a model may emit first (the metric strips them).
+DECODE_MARGIN = 4
+
 class Evaluator:
     """Scores a state on the stream's tasks under the method's protocol (see the module docstring).
 
@@ -416,7 +420,8 @@ class Evaluator:
     def decode_limit(self, task: int) -> int:
         """Tokens generated for task `task`'s prompts: its budget (`max_new_tokens`), and for a metric that
         reads only the answer's first characters (accuracy: the stripped prediction cut to the target's
-        length; first_char) the longest reference in tokens plus one for EOS. Computed once per task."""
+        length; first_char) the longest reference in tokens plus DECODE_MARGIN: EOS, and leading
+        whitespace or newline tokens the metric strips before it reads. Computed once per task."""
         if task not in self._limits:
             task_data = self.stream.tasks[task]
             limit = int(task_data.max_new_tokens)
@@ -425,7 +430,7 @@ class Evaluator:
                 # An answer after "Answer:" may start with a space, which tokenises differently: the longer.
                 longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"])
                               for answer in task_data.test.answers for text in (str(answer), " " + str(answer)))
-                limit = min(limit, longest + 1)
+                limit = min(limit, longest + DECODE_MARGIN)
             self._limits[task] = max(limit, 1)
         return self._limits[task]
 

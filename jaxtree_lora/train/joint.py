@@ -288,9 +288,14 @@ class JointRun(Run):
         os.makedirs(self.workdir, exist_ok=True)
         self._log = MetricsWriter(os.path.join(self.workdir, "metrics.jsonl"))
         try:
-            return self._fit(method, seed, tasks)
+            outcome = self._fit(method, seed, tasks)
+            if self._own_ledger:
+                outcome["time"] = self.ledger.table()
+            return outcome
         finally:
             self._log.close()
+            if self._own_ledger:
+                self.ledger.close()
 
     def _fit(self, method, seed: int, tasks) -> dict:
         max_epochs = int(method.max_epochs) or epochs_for(self.config, 0)
@@ -307,7 +312,8 @@ class JointRun(Run):
             heldout = dataclasses.replace(self.task_stream, tasks=[
                 dataclasses.replace(task, test=take_rows(task.train, held))
                 for task, (_, held) in zip(tasks, parts) if len(held)])
-            selection = self.select(fit_split, heldout, rates, max_epochs)
+            with self.ledger.phase("joint: selection"):
+                selection = self.select(fit_split, heldout, rates, max_epochs)
         else:
             selection = {"candidates": [], "chosen": {"candidate": "lp-ft" if method.probe_first else "ft",
                                                        "learning_rate": rates[0],
@@ -320,22 +326,25 @@ class JointRun(Run):
         train_start = time.perf_counter()
         merged = self.stream.tasks[0].train
         head = {}
-        if self.kind == "classification" and (method.probe_first or chosen["candidate"] == "probe"):
-            features, labels = self._features(merged)
-            head = self._probe(features, labels, chosen.get("probe_l2", 0.0))
-        if chosen["candidate"] in FINE_TUNED:
-            state, tokens = self._train(split_arrays(merged, self.kind), head, chosen["learning_rate"], chosen["epochs"])
-        else:
-            # Nothing fine-tuned: the protocol's record keeps the config's rate, not the last one tried.
-            self._use_rate(configured_rate)
-            state, tokens = self._start(head), 0.0
-        jax.block_until_ready(state)
+        with self.ledger.phase("train"):
+            if self.kind == "classification" and (method.probe_first or chosen["candidate"] == "probe"):
+                features, labels = self._features(merged)
+                head = self._probe(features, labels, chosen.get("probe_l2", 0.0))
+            if chosen["candidate"] in FINE_TUNED:
+                state, tokens = self._train(split_arrays(merged, self.kind), head, chosen["learning_rate"],
+                                            chosen["epochs"])
+            else:
+                # Nothing fine-tuned: the protocol's record keeps the config's rate, not the last one tried.
+                self._use_rate(configured_rate)
+                state, tokens = self._start(head), 0.0
+            jax.block_until_ready(state)
         train_seconds = time.perf_counter() - train_start
 
         eval_start = time.perf_counter()
-        if self.kind == "classification":
-            state = self.evaluator.update_prototypes(state, 0)  # every class's mean, from the final model
-        scores = self._scores(self._evaluator_on(self.task_stream), state)
+        with self.ledger.phase("evaluation"):
+            if self.kind == "classification":
+                state = self.evaluator.update_prototypes(state, 0)  # every class's mean, from the final model
+            scores = self._scores(self._evaluator_on(self.task_stream), state)
         eval_seconds = time.perf_counter() - eval_start
         count = len(tasks)
         matrix, ncm = np.full((count, count), np.nan), np.full((count, count), np.nan)
