@@ -210,7 +210,8 @@ def test_sequence_refuses_mixing_classification_and_instruction(tmp_path, tokeni
 
 
 def write_images(root, classes=3, per_class=4, size=(20, 12)):
-    """root/<class>/<i>.png (and one .jpg): class c is mostly the colour channel c."""
+    """root/<class>/<i>.png (and one .jpg): class c is mostly the colour channel c % 3, and from class 3 on
+    also half of channel (c + 1) % 3 (class 3 is orange, not class 0's red), so every class is told apart."""
     from PIL import Image
 
     for c in range(classes):
@@ -219,6 +220,8 @@ def write_images(root, classes=3, per_class=4, size=(20, 12)):
         for i in range(per_class):
             pixels = np.zeros(size[::-1] + (3,), np.uint8)
             pixels[..., c % 3] = 200 + i
+            if c >= 3:
+                pixels[..., (c + 1) % 3] = 100 * (c // 3)
             Image.fromarray(pixels).save(os.path.join(folder, f"{i}.{'jpg' if i == 0 else 'png'}"))
         open(os.path.join(folder, "notes.txt"), "w").write("not an image: skipped as ImageFolder does")
 
