@@ -190,7 +190,7 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
                                        title=f"{run.method.name} on {stream.name}")
             if hasattr(run.method, "draw_tree"):
                 run.method.draw_tree(state.method_state, os.path.join(workdir, "tree.png"))
-    results["time"] = {**results["time"], **ledger_time(ledger, resume)}
+    results["time"] = {**results["time"], **ledger_time(ledger, outcome.get("restored", resume))}
     frozen = outcome.get("frozen_ncm_scores")
     if frozen:  # the frozen model's nearest class mean on the same stream, from features the run computed anyway
         results["frozen_ncm"] = {"scores": [float(v) for v in frozen],
@@ -211,11 +211,11 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
     return results
 
 
-def ledger_time(ledger, resume: bool) -> dict:
+def ledger_time(ledger, restored: bool) -> dict:
     """results.json `time` entries from the run's ledger: the wall from the process start and every
-    phase of it (`jaxtree_lora.ledger`). A resumed run's ledger covers the resumed process only."""
+    phase of it (`jaxtree_lora.ledger`). A run restored from a checkpoint: the resumed process only."""
     table = ledger.table()
-    if resume:
+    if restored:
         table["note"] = ("resumed run: the ledger covers this process only (per-task train and eval "
                          "seconds include the earlier part)")
     return {"ledger": table, "process_wall_seconds": table["wall_seconds"]}

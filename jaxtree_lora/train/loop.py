@@ -549,7 +549,7 @@ class Run:
             with ledger.phase("checkpoint"):
                 books.close()
         self.final_state = state
-        outcome = {"matrix": books.matrix, "timings": books.timings, "state": state}
+        outcome = {"matrix": books.matrix, "timings": books.timings, "state": state, "restored": books.restored}
         if books.identity is not None:
             outcome["task_identity_accuracy"] = books.identity  # after the last task, per task
         if self.kind == "classification":
@@ -677,6 +677,7 @@ class _Books:
     def __init__(self, run: Run, resume: bool):
         config = run.config
         self.run, self.resume = run, resume
+        self.restored = False  # set by start(): whether a checkpoint was restored
         self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(run.workdir, "checkpoints"),
                                                        keep=int(config.train.get("keep_checkpoints", 2)))
         self.fingerprint = fingerprint(config)
@@ -698,7 +699,8 @@ class _Books:
     def start(self, state):
         """The state to start from: `state` (fresh), or the newest good checkpoint with `resume`. Installs
         the SIGTERM handler (a pre-emption saves the position at the next step)."""
-        if self.resume and self.checkpoints.latest() is not None:
+        self.restored = self.resume and self.checkpoints.latest() is not None
+        if self.restored:
             state, loop = self.run._restore_newest_good(self.checkpoints, state, self.fingerprint)
             self.position = loop["position"]
             self.matrix, self.ncm_matrix = _nan_for_none(loop["matrix"]), _nan_for_none(loop["ncm_matrix"])
