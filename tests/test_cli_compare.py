@@ -82,6 +82,7 @@ def test_a_method_for_another_kind_of_stream_is_not_applicable(tmp_path):
         loop.method_from_config = original
 
 
+@pytest.mark.slow  # seven CLI processes (~60 s); the fast test above covers compare's table
 def test_compare_over_seeds_gives_mean_and_spread_with_the_fix_row(tmp_path):
     llama, trace = write_tiny_llama_and_trace(tmp_path, tasks=("FOMC", "Py150"), train_rows=8)
     config = tmp_path / "tiny_trace.py"

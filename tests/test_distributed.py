@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jaxtree_lora.data import batching
 
@@ -49,6 +50,7 @@ def test_batch_shards_of_processes_are_disjoint_and_make_the_batch():
                                       batch["weight"])
 
 
+@pytest.mark.slow  # two CLI processes joined through jax.distributed, then one alone (~60 s)
 def test_two_processes_end_with_the_results_of_one(tmp_path):
     config = write_config(tmp_path)
     single = str(tmp_path / "single")
