@@ -292,15 +292,6 @@ def strip_prefix(tensors: dict) -> dict:
     return {(name[len("bert."):] if name.startswith("bert.") else name): value for name, value in tensors.items()}
 
 
-def assign(model: nnx.Module, mapped: dict, dtype) -> None:
-    """Writes mapped numpy arrays into the (abstract) module's Params, cast to `dtype`."""
-    for path, value in mapped.items():
-        node = model
-        for key in path[:-1]:
-            node = getattr(node, key)
-        getattr(node, path[-1]).set_value(jnp.asarray(hf.to_dtype(value, dtype)))
-
-
 def load_hf(directory: str, dtype=jnp.float32, pooling: str = "mean"):
     """(BertEncoder, tokenizer) from a Hugging Face BERT checkpoint directory.
 
@@ -316,7 +307,7 @@ def load_hf(directory: str, dtype=jnp.float32, pooling: str = "mean"):
     tensors = strip_prefix(hf.read_tensors(directory))
     mapped = hf.map_checkpoint(tensors, RULES, expected_shapes(config), config.num_layers, ignore=IGNORED)
     model = nnx.eval_shape(lambda: BertEncoder(config, rngs=nnx.Rngs(0), param_dtype=dtype))
-    assign(model, mapped, dtype)
+    hf.assign(model, mapped, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as error:  # transformers raises several types for missing tokenizer files

@@ -152,11 +152,7 @@ def build(tensors: dict, source: str, image_size: int = DEFAULT_IMAGE_SIZE, dtyp
     mapped[("position_embeddings",)] = np.asarray(
         vit.interpolate_position_embeddings(mapped[("position_embeddings",)].astype(np.float32), config.grid))
     model = nnx.eval_shape(lambda: vit.ViT(config, rngs=nnx.Rngs(0), param_dtype=dtype))
-    for path, value in mapped.items():
-        node = model
-        for key in path[:-1]:
-            node = getattr(node, key)
-        getattr(node, path[-1]).set_value(jnp.asarray(hf.to_dtype(value, dtype)))
+    hf.assign(model, mapped, dtype)
     return model
 
 

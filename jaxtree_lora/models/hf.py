@@ -163,3 +163,15 @@ def nested_set(tree: dict, path: Sequence[str], value) -> None:
 def optional_file(directory: str, name: str) -> Optional[str]:
     path = os.path.join(directory, name)
     return path if os.path.isfile(path) else None
+
+
+def assign(model, mapped: Mapping[tuple, np.ndarray], dtype) -> None:
+    """Writes mapped numpy arrays ({path of attribute names: array}) into the (abstract) module's
+    Params, cast to `dtype`."""
+    import jax.numpy as jnp
+
+    for path, value in mapped.items():
+        node = model
+        for key in path[:-1]:
+            node = getattr(node, key)
+        getattr(node, path[-1]).set_value(jnp.asarray(to_dtype(np.asarray(value), dtype)))

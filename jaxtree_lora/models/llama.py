@@ -435,10 +435,7 @@ def from_arrays(config: LlamaConfig, mapped: dict, dtype=jnp.float32) -> LlamaDe
     for path, value in mapped.items():
         if path not in expected:
             raise hf.CheckpointError(f"{'.'.join(path)} is not a parameter of this decoder")
-        node = model
-        for name in path[:-1]:
-            node = getattr(node, name)
-        getattr(node, path[-1]).set_value(jnp.asarray(hf.to_dtype(np.asarray(value), dtype)))
+    hf.assign(model, mapped, dtype)
     return model
 
 

@@ -347,9 +347,5 @@ def load_hf(directory: str, dtype=jnp.float32, image_size: Optional[int] = None)
         mapped[("position_embeddings",)] = np.asarray(
             interpolate_position_embeddings(mapped[("position_embeddings",)].astype(np.float32), config.grid))
     model = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0), param_dtype=dtype))
-    for path, value in mapped.items():
-        node = model
-        for key in path[:-1]:
-            node = getattr(node, key)
-        getattr(node, path[-1]).set_value(jnp.asarray(hf.to_dtype(value, dtype)))
+    hf.assign(model, mapped, dtype)
     return model

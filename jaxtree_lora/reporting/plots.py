@@ -50,9 +50,9 @@ def accuracy_matrix_figure(matrix, task_names: Sequence[str], title: str = ""):
     return figure
 
 
-def plot_accuracy_matrix(matrix, task_names: Sequence[str], path: str, title: str = "", dpi: int = 110) -> str:
-    """Writes the heat map of `accuracy_matrix_figure` as a PNG at `path` (atomically); returns `path`."""
-    figure = accuracy_matrix_figure(matrix, task_names, title)
+def save_png(figure, path: str, dpi: int = 110) -> str:
+    """Writes `figure` as a PNG at `path` atomically (a temporary file beside it, then renamed, so a
+    crash never leaves half a picture); returns `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".png")
@@ -64,6 +64,12 @@ def plot_accuracy_matrix(matrix, task_names: Sequence[str], path: str, title: st
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
+
+
+def plot_accuracy_matrix(matrix, task_names: Sequence[str], path: str, title: str = "", dpi: int = 110) -> str:
+    """Writes the heat map of `accuracy_matrix_figure` as a PNG at `path` (atomically); returns `path`."""
+    figure = accuracy_matrix_figure(matrix, task_names, title)
+    return save_png(figure, path, dpi)
 
 
 def average_accuracy_curve(results) -> np.ndarray:
@@ -113,14 +119,4 @@ def plot_average_accuracy(per_method, path: str, title: str = "", dpi: int = 110
                    fontsize=9)
     axes.legend(loc="best", fontsize=7)
     figure.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=dpi, format="png")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    return save_png(figure, path, dpi)
