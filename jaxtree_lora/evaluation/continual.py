@@ -9,9 +9,8 @@ evaluated entries R[0..j, j] are all finite. A column being filled (evaluation u
 column after it are ignored, so every metric of a partial matrix describes the run as it stood after
 its last completed task. Formulas use 0-based indices.
 
-Sources: TRACE / TreeLoRA `inference/collect_results.py` (OP, BWT, "All Average"; see
-reference/treelora.md §5.1), Lopez-Paz & Ranzato 2017 (GEM: BWT, FWT), Chaudhry et al. 2018
-(RWalk: forgetting), Rebuffi et al. 2017 (iCaRL: average incremental accuracy).
+Sources: TRACE / TreeLoRA `inference/collect_results.py` (OP, BWT, "All Average"), Lopez-Paz &
+Ranzato 2017 (GEM: BWT, FWT), Chaudhry et al. 2018 (RWalk: forgetting), Rebuffi et al. 2017 (iCaRL: average incremental accuracy).
 """
 from __future__ import annotations
 

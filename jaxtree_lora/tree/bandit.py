@@ -3,7 +3,7 @@
 State per epoch (official) or per task: S [K, D], the running sums of NEGATIVE L1 distances between
 the current task vector and each past task's, per module; N [K, D], selection counts.
 
-Official selection (ZinYY/TreeLoRA `utils/kd_lora_tree.py` L192-262, reference/treelora.md §2.5), at
+Official selection (ZinYY/TreeLoRA `utils/kd_lora_tree.py` L192-262), at
 micro-step t of an epoch of T micro-steps, with n past tasks:
 
   mu    = S / N where N > 0, else S (0 in training)     (minus the mean L1 distance)
@@ -18,8 +18,7 @@ micro-step t of an epoch of T micro-steps, with n past tasks:
 and the update after the step, with c the running task vector INCLUDING the step:
   N[p_l, l] += 1;  S[p_l, l] -= ||c_l - G[p_l, l]||_1.
 
-Paper selection (arXiv 2506.10355 §3, Eq. 2; a RECONSTRUCTION from the garbled extracted text,
-reference/treelora.md §3): per module the task minimising LCB_k = mu_hat_k - 2 sqrt(log t / n_k),
+Paper selection (arXiv 2506.10355 §3, Eq. 2; a RECONSTRUCTION from the garbled extracted text): per module the task minimising LCB_k = mu_hat_k - 2 sqrt(log t / n_k),
 mu_hat the mean L1 distance (smaller is more similar), unexplored arms first; deterministic. With
 `tree_bound` the smooth (BAST-style) bound of an internal node is max(min over its children's bounds,
 LCB of the node's pooled statistics - delta) and the choice descends into the child of smaller bound.

@@ -1,6 +1,6 @@
 """TreeLoRA's gradient-similarity tree, held as fixed-shape arrays and built under jit.
 
-The official rule (ZinYY/TreeLoRA `utils/kd_lora_tree.py` L10-57, L146-163; reference/treelora.md §2.4;
+The official rule (ZinYY/TreeLoRA `utils/kd_lora_tree.py` L10-57, L146-163;
 checked against the official code itself in tests/fixtures/tree_partition.json), over the n
 stored task vectors G[0..n-1] ([K, D, F] bank, K = max_tasks):
 
