@@ -10,7 +10,8 @@ column after it are ignored, so every metric of a partial matrix describes the r
 its last completed task. Formulas use 0-based indices.
 
 Sources: TRACE / TreeLoRA `inference/collect_results.py` (OP, BWT, "All Average"), Lopez-Paz &
-Ranzato 2017 (GEM: BWT, FWT), Chaudhry et al. 2018 (RWalk: forgetting), Rebuffi et al. 2017 (iCaRL: average incremental accuracy).
+Ranzato 2017 (GEM: BWT, FWT), Chaudhry et al. 2018 (RWalk: forgetting), Rebuffi et al. 2017 (iCaRL:
+average incremental accuracy).
 """
 from __future__ import annotations
 
