@@ -34,20 +34,34 @@ def _orbax_error_reported_by_caller(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_orbax_error_reported_by_caller)
 
 
+def _closed_loop_echo(kind, value) -> bool:
+    return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
 def _quiet_closed_loop_callbacks(hook):
     """sys.excepthook wrapper: after a failed write Orbax closes its event loop while TensorStore's
     other writes still finish and call back into it; each prints an 'Event loop is closed' traceback
     from a native thread. The failure itself is reported by `save`/`wait`: those echoes are dropped,
     every other exception goes to the previous hook."""
     def excepthook(kind, value, traceback):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        hook(kind, value, traceback)
+        if not _closed_loop_echo(kind, value):
+            hook(kind, value, traceback)
 
     return excepthook
 
 
+def _quiet_closed_loop_unraisable(hook):
+    """The same echoes reach sys.unraisablehook when TensorStore's native thread reports the callback
+    as unraisable (which of the two paths it takes depends on timing): dropped there too."""
+    def unraisablehook(unraisable):
+        if not _closed_loop_echo(unraisable.exc_type, unraisable.exc_value):
+            hook(unraisable)
+
+    return unraisablehook
+
+
 sys.excepthook = _quiet_closed_loop_callbacks(sys.excepthook)
+sys.unraisablehook = _quiet_closed_loop_unraisable(sys.unraisablehook)
 
 
 class CheckpointMismatch(ValueError):
