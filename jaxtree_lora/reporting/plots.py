@@ -5,12 +5,11 @@ global backend of a caller (a notebook, say) is left alone.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
+from jaxtree_lora import atomic
 from jaxtree_lora.evaluation import continual
 
 
@@ -51,19 +50,8 @@ def accuracy_matrix_figure(matrix, task_names: Sequence[str], title: str = ""):
 
 
 def save_png(figure, path: str, dpi: int = 110) -> str:
-    """Writes `figure` as a PNG at `path` atomically (a temporary file beside it, then renamed, so a
-    crash never leaves half a picture); returns `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=dpi, format="png")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    """Writes `figure` as a PNG at `path` atomically (`atomic.save_figure`); returns `path`."""
+    return atomic.save_figure(figure, path, dpi)
 
 
 def plot_accuracy_matrix(matrix, task_names: Sequence[str], path: str, title: str = "", dpi: int = 110) -> str:

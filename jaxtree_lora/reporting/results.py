@@ -14,12 +14,12 @@ import json
 import math
 import os
 import platform
-import tempfile
 import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxtree_lora import atomic
 from jaxtree_lora.evaluation import continual
 
 RESULTS_FORMAT = 1
@@ -151,22 +151,8 @@ def build_results(*, matrix, task_names: Sequence[str], method: str, method_conf
 
 
 def atomic_write(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file in the same folder and `os.replace`.
-
-    A crash leaves either the old file or the new one, never a half-written file.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """Writes `text` to `path` atomically (`atomic.write_text`): the old file or the new one, never half."""
+    atomic.write_text(path, text)
 
 
 def write_results(path: str, results: Mapping) -> None:

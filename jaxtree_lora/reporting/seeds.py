@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxtree_lora import atomic
 from jaxtree_lora.reporting.tables import NOT_CONTINUAL, _escape_markdown, _lookup, beside_fix, headroom_line, render
 
 # (column, path in a results dict, digits)
@@ -153,5 +154,4 @@ def plot_seed_bars(aggregated: Mapping[str, Mapping], path: str, column: str = "
     axes.set_ylabel(column)
     axes.set_title(title or f"{column}, mean ± std over seeds", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return atomic.save_figure(figure, path)

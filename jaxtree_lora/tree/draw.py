@@ -1,6 +1,7 @@
 """A picture of the task tree: tasks at the leaves, the split's module and median at internal nodes."""
 from __future__ import annotations
 
+from jaxtree_lora import atomic
 from jaxtree_lora.tree.tree import Tree, to_nested
 
 
@@ -47,5 +48,7 @@ def draw(tree: Tree, path: str, title: str = "task tree") -> None:
     ax.axis("off")
     ax.margins(0.15)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic.save_figure(fig, path)
+    finally:
+        plt.close(fig)
