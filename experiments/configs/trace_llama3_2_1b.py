@@ -1,7 +1,7 @@
 """TreeLoRA on TRACE with Llama-3.2-1B-Instruct, as the official scripts run it.
 
 Official settings (ZinYY/TreeLoRA `scripts/lora_based_methods/Tree_LoRA.sh`, `training/main.py`;
-reference/treelora.md §4): the 8 TRACE tasks in order C-STANCE, FOMC, MeetingBank, Py150, ScienceQA,
+docs/METHODS.md, TreeLoRA): the 8 TRACE tasks in order C-STANCE, FOMC, MeetingBank, Py150, ScienceQA,
 NumGLUE-cm, NumGLUE-ds, 20Minuten; epochs 2,1,3,2,1,2,2,3; Adam(0.9, 0.95), weight decay 0, constant
 lr 1e-4, gradient clipping 1.0; 4 data-parallel ranks x micro-batch 1 x accumulation 8 (32 samples
 per update; here `train.batch_size=4` split over the `data` axis, `accumulation=8`); lambda 0.5;

@@ -1,6 +1,6 @@
 """TreeLoRA on Split CIFAR-100 (10 tasks x 10 classes) with ViT-B/16, the paper's ViT setting.
 
-Paper (arXiv 2506.10355, App. A.3, Table 6; reference/treelora.md §4): TreeLoRA built into HiDe-LoRA's
+Paper (arXiv 2506.10355, App. A.3, Table 6; docs/METHODS.md): TreeLoRA built into HiDe-LoRA's
 task decomposition (per-task LoRA slots on k and v of the first 5 blocks, task-identity inference from
 the pre-trained model, classifier alignment on class statistics; `method.treelora.form` "auto" picks
 it on this classification stream); Adam(0.9, 0.999); batch 192; constant lr 0.005; 20 epochs per
@@ -13,7 +13,7 @@ config loads whatever `model.path` holds in the `google/vit-base-patch16-224-in2
 Hugging Face checkpoint is the supervised ImageNet-21K ViT-B/16, not iBOT, so numbers from it are not
 the paper's. An iBOT-21K checkpoint converted to the same layout (safetensors + config.json) runs as is.
 
-Data: a tfds `cifar100` prepared as array_record under `data.data_dir` (see offline.md §5: place
+Data: a tfds `cifar100` prepared as array_record under `data.data_dir` (see docs/DATA.md: place
 cifar-100-binary.tar.gz in <data_dir>/downloads/manual and prepare once with the `tf` extra).
 Weights: a `google/vit-base-patch16-224-in21k`-layout checkpoint directory at `model.path`.
 """

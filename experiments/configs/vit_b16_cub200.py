@@ -4,7 +4,7 @@
         --config.model.path=/path/to/vit-base-patch16-224-in21k --config.data.data_dir=/path/to/tfds
 
 The benchmark of LoDA (`exps/dlora/cub10.json`: 20 classes per task, 10 tasks, SGD 0.005, r 32) and
-of the PILOT-family papers (reference/methods.md §0.4, §4.7): tfds `caltech_birds2011` train/test
+of the PILOT-family papers (docs/METHODS.md, vision protocol): tfds `caltech_birds2011` train/test
 splits read through `data_source` from `data.data_dir`; 224x224 inputs; seeded class order;
 evaluation over every class seen so far. Method settings as in `vit_b16_cifar100.py` (TreeLoRA in
 HiDe-LoRA's decomposition, its checkpoint note included), with the paper's 50 epochs on CUB; other

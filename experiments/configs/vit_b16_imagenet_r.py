@@ -3,7 +3,7 @@
     jaxtree-lora run --config experiments/configs/vit_b16_imagenet_r.py:20 \
         --config.model.path=/path/to/vit-base-patch16-224-in21k --config.data.data_dir=/path/to/tfds
 
-Protocol of the LoRA continual-learning papers (reference/methods.md §0.4; InfLoRA, SD-LoRA, CL-LoRA,
+Protocol of the LoRA continual-learning papers (docs/METHODS.md, vision protocol; InfLoRA, SD-LoRA, CL-LoRA,
 LoDA): ImageNet-R has no official train/test split, so 80% of each class trains and 20% tests
 (seeded); classes in a seeded order, 200 / T per task; 224x224 inputs; task-identity-free evaluation
 over every class seen so far. tfds `imagenet_r` ships one split ("test", 30,000 images), read here
@@ -12,7 +12,7 @@ through `data_source` from `data.data_dir` (prepared once with the `tf` extra).
 Method settings follow the TreeLoRA ViT setting (TreeLoRA in HiDe-LoRA's decomposition, HiDe's
 slots at rank 5 as its ImageNet-R script, lambda 0.1, Adam lr 0.005, batch 192, 50 epochs on
 ImageNet-R, tree depth 5; the checkpoint note of vit_b16_cifar100.py applies); each other method keeps its own options under config.method.<name>; the papers' own
-optimisers for this benchmark are listed in reference/methods.md (e.g. SD-LoRA SGD 1e-2, InfLoRA Adam
+optimisers for this benchmark are listed in docs/METHODS.md (e.g. SD-LoRA SGD 1e-2, InfLoRA Adam
 5e-4 for 50 epochs, LoDA SGD 0.02 with r 64 and rho 0.7).
 """
 import ml_collections

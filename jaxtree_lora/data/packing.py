@@ -1,24 +1,11 @@
 """Sequence packing for encoder classification batches: several short texts share one row.
 
-A right-padded text batch of B examples [B, S] spends most of its columns on padding when the texts are
-short (offline-text-cil: 23 real tokens of 64). Packing lays the examples end to end in rows of width
-W = 2 S, first fit in batch order, so the same B examples take R rows, at most ceil(B / 2) (any two
-examples fit one row) and about real tokens / W:
-
-    input_ids, attention_mask   [R, W]   the tokens, 1 where a real token sits
-    position_ids                [R, W]   each token's position inside its own example (0, 1, ...)
-    segment_ids                 [R, W]   1 + the example's index in the batch; 0 on padding
-    examples                    [B]      1 + arange(B): the segment each example's features pool over
-    labels, weight, ...         [B]      per-example arrays, unchanged
-
-An encoder given `segment_ids` lets a token attend only to tokens of its own segment and pools each
-example's features over its segment (`models.bert`), so a packed batch computes the same features as
-the padded one, up to floating-point order, with R x W token slots instead of B x S. Rows twice as wide
-as the texts waste less at their ends; attention, the only cost that grows with W, is a few percent of
-an encoder layer at these widths.
-
-R is rounded up to one of at most 8 row counts (`row_choices`), so a run compiles the train step at
-most once per choice (2 or 3 of them in practice: the batches of one stream hold similar token counts). Packing is a pure function of the batch: a resumed run packs the same rows the same way.
+Short texts padded to a common length waste most of a batch on padding. Packing lays the examples
+end to end in rows twice as wide, first fit in batch order, with per-token positions and segment
+ids; the encoder attends and pools within each segment (`models.bert`), so the features equal the
+padded batch's up to floating-point order. The row count is rounded up to one of a few choices, so
+the train step compiles at most once per choice. Packing is a pure function of the batch (a resumed
+run packs the same rows). The arrays and their shapes: docs/DATA.md.
 """
 from __future__ import annotations
 

@@ -1,18 +1,11 @@
 """Class-incremental image streams read from PREPARED tfds datasets through `tfds.data_source`.
 
 `tfds.data_source` reads array_record files by random access, with no TensorFlow at read time. The
-dataset must be prepared once in array_record format (cifar100, imagenet_r, caltech_birds2011, ...):
-place the original archives in `<data_dir>/downloads/manual/` and run
-`tfds.builder(name, data_dir=DIR).download_and_prepare(file_format="array_record")` on a machine with
-the `tf` extra (reference/offline.md §5), or copy a prepared `<data_dir>/<name>/<version>/` folder.
-
-Images come out as [N, S, S, 3] at `image_size` (bilinear resize on load; image_size=0 keeps the
-stored size when every image has the same one). They stay uint8 by default, a quarter of float32's
-host memory (CIFAR-100 at 224 px: 7.5 GB against 30 GB); the ViT backbone scales uint8 to [0, 1]
-inside the jitted step. `image_dtype="float32"` gives float32 in [0, 1] instead.
-
-Datasets with a single labelled split (imagenet_r has only "test") take `test_split=""`: a seeded,
-per-class `test_fraction` of the train split is held out for testing.
+dataset must be prepared once in array_record format (cifar100, imagenet_r, caltech_birds2011, ...)
+on a machine with the `tf` extra, or copied as a prepared `<data_dir>/<name>/<version>/` folder; the
+steps are in docs/DATA.md. Images come out uint8 [N, S, S, 3] at `image_size` by default (a quarter
+of float32's host memory; the ViT scales them inside the jitted step). A dataset with one labelled
+split takes `test_split=""`: a seeded per-class `test_fraction` of the train split is held out.
 """
 from __future__ import annotations
 

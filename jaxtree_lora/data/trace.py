@@ -1,10 +1,10 @@
 """TRACE benchmark loader: `root/<task>/{train,eval,test}.json`, each a list of {"prompt", "answer"}.
 
 TRACE (Wang et al., 2023) ships LLM-CL-Benchmark_500 / _5000 in this layout; the files are not
-bundled here, so `data.root` must point at an unpacked copy. Task metrics follow TRACE's evaluation
-code (reference/treelora.md §5.1): accuracy (the stripped prediction truncated to the target's length
-must equal it) for C-STANCE, FOMC, NumGLUE-cm/ds; first-character accuracy for ScienceQA; ROUGE-L for
-MeetingBank; fuzzy ratio for Py150; SARI for 20Minuten. Other task names are scored by accuracy.
+bundled here, so `data.root` must point at an unpacked copy. Each task is scored by the metric
+TRACE's evaluation code uses for it (`METRICS` below; docs/DATA.md and docs/METRICS.md): accuracy
+for C-STANCE, FOMC, NumGLUE-cm/ds; first-character accuracy for ScienceQA; ROUGE-L for MeetingBank;
+fuzzy ratio for Py150; SARI for 20Minuten. Other task names are scored by accuracy.
 """
 from __future__ import annotations
 

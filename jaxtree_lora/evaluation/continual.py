@@ -1,17 +1,10 @@
 """Continual-learning metrics over the accuracy matrix.
 
 The accuracy matrix `R` is a numpy array [num_tasks, num_tasks]: `R[i, j]` is the score (percent,
-0-100) on task i after training task j. Entries not evaluated are NaN: the upper part j < i in the
-usual protocol, and every column not reached yet while a run is in progress.
-
-`T` below is the number of *completed* tasks: the length of the leading run of columns j whose
-evaluated entries R[0..j, j] are all finite. A column being filled (evaluation under way) and any
-column after it are ignored, so every metric of a partial matrix describes the run as it stood after
-its last completed task. Formulas use 0-based indices.
-
-Sources: TRACE / TreeLoRA `inference/collect_results.py` (OP, BWT, "All Average"), Lopez-Paz &
-Ranzato 2017 (GEM: BWT, FWT), Chaudhry et al. 2018 (RWalk: forgetting), Rebuffi et al. 2017 (iCaRL:
-average incremental accuracy).
+0-100) on task i after training task j; entries not evaluated are NaN. `T` below is the number of
+*completed* tasks: the leading columns j whose entries R[0..j, j] are all finite, so every metric
+of a partial matrix describes the run after its last completed task. Formulas use 0-based indices.
+Sources (TRACE / TreeLoRA `inference/collect_results.py`, GEM, RWalk, iCaRL): docs/METRICS.md.
 """
 from __future__ import annotations
 

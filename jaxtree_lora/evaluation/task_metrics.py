@@ -2,35 +2,10 @@
 
 Checked against the evaluation code the official TreeLoRA repository ships (ZinYY/TreeLoRA
 `metrics.py`, `evaluations/eval_*.py`, a fork of BeyonderXX/TRACE's) and its pinned requirements:
-
-- accuracy (C-STANCE, FOMC, NumGLUE-cm/ds): the prediction is stripped and cut to the target's
-  length; it must then equal the target exactly. The target is not stripped. An empty prediction or
-  target is a miss (TRACE skips it but keeps it in the denominator).
-- first_char (ScienceQA): the first character of the stripped prediction equals the first character
-  of the stripped target (TRACE's `resolve` + accuracy). TRACE maps an empty string to "N/A", so an
-  empty prediction against an empty target would count as a hit there; here any empty side is a miss.
-- exact_match: whole-string equality, by default after lower-casing and collapsing whitespace.
-- rouge_l (MeetingBank): ROUGE-L F-measure of Google's `rouge-score` (`RougeScorer(["rougeL"])`, no
-  stemming). TRACE used the `rouge` package (pltrdy), which keeps case and punctuation inside tokens;
-  `rouge-score` lower-cases and keeps only [a-z0-9] tokens, so scores can differ slightly.
-- fuzzy (Py150): fuzzywuzzy's `fuzz.ratio`, an integer 0..100 per example, after TRACE's literal
-  post-processing (`<NUM_LIT>` -> 0, `<STR_LIT:x>` -> x, ...). fuzzywuzzy computes
-  `round(100 * SequenceMatcher(None, a, b).ratio())` with python-Levenshtein's SequenceMatcher if that
-  package is installed, else difflib's. These differ: difflib's ratio counts the matches of its greedy
-  longest-block alignment (Ratcliff/Obershelp, with its "autojunk" rule for strings of 200+
-  characters), python-Levenshtein's (and rapidfuzz's `fuzz.ratio`) is the normalised Indel similarity
-  1 - indel_distance / (len a + len b), i.e. it counts a longest common subsequence. Example: "abca" vs
-  "ba" is 33 with difflib and 67 with Indel. TreeLoRA's requirements install `fuzzywuzzy` without
-  python-Levenshtein, so `matcher="difflib"` (the default) reproduces its numbers;
-  `matcher="levenshtein"` gives fuzzywuzzy[speedup]'s, computed with rapidfuzz (which equals
-  python-Levenshtein's ratio; fuzzywuzzy rounds it to an integer and so do we).
-- sari (20Minuten): SARI (Xu et al., TACL 2016) as HF `datasets.load_metric("sari")` computes it,
-  which is what TRACE's `caculate_sari` calls (with one reference per example and the prompt as the
-  source): text lower-cased and tokenised with sacrebleu's 13a rules, then split on single spaces
-  (so an empty text is one empty token); n-gram orders 1-4; per order the keep F1, the deletion
-  *precision* only and the addition F1; 0/0 counts as 1; the keep recall divides by the total count of
-  source n-grams found in the references (tensor2tensor's fix of the original code's recall); SARI is
-  the mean of the three averaged over orders, averaged over sentences.
+accuracy (C-STANCE, FOMC, NumGLUE-cm/ds), first_char (ScienceQA), exact_match, rouge_l
+(MeetingBank), fuzzy (Py150; `matcher="difflib"` reproduces TreeLoRA's fuzzywuzzy without
+python-Levenshtein, "levenshtein" the sped-up variant) and sari (20Minuten, as HF `datasets`
+computes it). Each metric's exact rules and where they differ from TRACE: docs/METRICS.md.
 """
 from __future__ import annotations
 

@@ -1,30 +1,13 @@
 """C-LoRA: continual low-rank adaptation with a routing matrix (Zhang, Bai, Yang, Liang; arXiv 2502.17920).
 
-No official code exists; this follows reference/methods.md §3 (confidence low: reconstructed from the
-abstract, a formalisation of the paper's equations and third-party notes), and says where it chose:
-
-- one LoRA per adapted projection with a learnable routing matrix between the factors,
-  delta W = B R A (A [r, d_in], B [d_out, r], R [r, r]), R = R_old + R_delta;
-- the old route counts in the forward pass and is stopped in the backward pass (Eqs. 11-12):
-      y = W x + sg(B R_old A x) + B R_delta A x,      A, B and R_delta trainable;
-- loss L = CE + lam ||U_old^T R_delta||_F^2 (Eq. 26 as formalised), U_old an orthonormal basis of
-  col(R_old) from an energy-thresholded SVD (`basis_energy`), summed over sites and layers;
-- end of task: R_old <- R_old + R_delta, R_delta <- 0 (B is non-zero by then, so R_delta learns);
-- the degenerate start the specification warns of (B = 0 and R_delta = 0 give every factor a zero
-  gradient) is avoided by starting the first task at R_delta = I: plain LoRA on task 0;
-- inference: the one adapter, task-identity free.
-
-`factors` chooses between the two readings of "gradients only through the fresh route":
-- "trained" (default, the specification's reading): A and B stay trainable; the old route is only
-  stopped in the backward pass. Adam then moves A and B under the old route without seeing it, which
-  collapses on offline-trace (RESULTS.md);
-- "frozen_after_first": A and B train on the first task (as plain LoRA) and are frozen from the
-  second on, so the old route B R_old A is exactly what it was and only R_delta learns (r x r per
-  site and layer), kept away from col(R_old) by the orthogonality term.
-
-Defaults: lam 0.01 (the third-party notes), basis_energy 0.99 [mine], factors "trained", LoRA from
-`config.lora`.
-Shapes are fixed (R_old and U_old are [L, r, r] per site), so task 2 compiles nothing new.
+No official code exists; this is reconstructed from the paper's equations (low confidence). One
+LoRA per projection with a routing matrix between the factors, delta W = B R A, R = R_old + R_delta;
+the old route counts in the forward pass and is stopped in the backward pass. Loss: CE + lam
+||U_old^T R_delta||_F^2 (U_old an energy-thresholded basis of col(R_old)). End of task: R_old +=
+R_delta, R_delta = 0; the first task starts at R_delta = I (plain LoRA) to avoid an all-zero
+gradient. `factors` "trained" (default) or "frozen_after_first" (A, B fixed after task 0).
+Inference: the one adapter, task-identity free. Shapes are fixed ([L, r, r] per site).
+Choices and defaults: docs/METHODS.md, section C-LoRA.
 """
 from __future__ import annotations
 

@@ -1,35 +1,14 @@
 """CL-LoRA: continual low-rank adaptation for rehearsal-free class-incremental learning
-(He, Duan, Zhu; CVPR 2025).
+(He, Duan, Zhu; CVPR 2025), following the official code JiangpengHe/CL-LoRA
+(`backbone/vit_cllora.py`, `models/cllora.py`).
 
-Follows the official code `JiangpengHe/CL-LoRA` (`backbone/vit_cllora.py`, `models/cllora.py`;
-reference/methods.md §1):
-
-- task-SHARED LoRA in the first half of the blocks: A_s random orthonormal (QR of a U[0, 1) matrix)
-  and frozen from the start, B_s from 0 and trained in every task;
-- task-SPECIFIC LoRA in the second half: per task a fresh A_t (random orthonormal, trainable) and B_t
-  (0), scaled by a learnable block weight w_t[layer] (U(0.5, 1.5)); kept frozen after their task;
-  all of it in `max_tasks` slots, so shapes never change;
-- no alpha/r scale (`scale` 1.0);
-- loss at task t >= 1: CE on the current task's classes + kd_weight * KD + orth_weight * L_orth with
-    KD = -mean_n sum_c softmax(z_T / tau)_c log softmax(z_S / tau)_c  (kd_weight 5, tau 2, no tau^2),
-  z_T the logits with the previous task's shared B (the teacher) and z_S with the current one; the KD
-  gradient reaches only B_s and the head, and its B_s gradient is REASSIGNED row-wise by the row norms
-  of the teacher's B_s normalised to mean 1 (the code's importance; the paper's teacher/student
-  gradient difference is not offered); L_orth = mean over k < t of |cos(vec w_t, vec w_k)| (the code
-  penalises the block weights; the paper's orthogonality of specific B's is not offered), weight 1e-4;
-- after each task the shared B becomes the next teacher; prototypes of the task's classes are the
-  mean features under that task's own adapters (the trainer's prototype classifier);
-- inference, task-identity free: each learned task's classes are scored with that task's specific
-  adapters and the final shared adapter (`per_task_inference`), and the best class wins.
-
-Differences forced by the contract, documented: (1) the code distils at an early exit (the CLS token
-after the shared half, through the final LayerNorm and the current head); here both teacher and
-student run the whole network with the same (stopped) specific half, so the KD acts on the shared
-adapter through full-network logits; (2) the code takes two optimiser steps per batch (KD, then CE +
-orth); here the gradients are summed into one step. Shared/specific split: blocks [0, L/2) and
-[L/2, L) (the code's 0-5 / 6-11 of ViT-B). Optimiser: the official one (SGD 0.03, momentum 0.9,
-weight decay 1e-4; CIFAR-100) unless the config sets its own (`default_optimizer`); r 8 on q and v.
-Classification only (prototype classifier).
+A task-shared LoRA on the first half of the blocks (A orthonormal and frozen, B trained in every
+task) and per-task LoRAs on the second half (slots scaled by learnable block weights, frozen after
+their task). From the second task on the loss adds distillation from the previous shared adapter
+(its B gradient reweighted by the teacher's row norms) and an orthogonality penalty on the block
+weights. Inference, task-identity free: each task's classes are scored with its own adapters and
+the final shared one. Classification only. Losses, defaults and the two departures forced by the
+one-step contract: docs/METHODS.md, section CL-LoRA.
 """
 from __future__ import annotations
 

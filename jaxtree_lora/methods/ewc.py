@@ -2,16 +2,11 @@
 
     L = L_t(theta) + (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2
 
-over the LoRA parameters, as reference/methods.md §9 recommends for LoRA continual learning ("apply
-it to the single continually-trained LoRA"). At the end of each task theta* is set to the adapter
-reached, and F is the diagonal empirical Fisher on that task's training data: the mean over
-examples of the squared per-example gradient of the task loss at theta*. Fishers of successive tasks
-accumulate as `gamma * F_old + F_new` (gamma = 1: the sum over tasks, the standard multi-task
-penalty with the latest anchor; gamma < 1: online EWC, Schwarz et al. 2018).
-
-Not the LiLoRA repository's variant, which uses the *current* task's running Fisher
-(reference/methods.md §9). The Fisher and the anchor are zero-initialised with the adapter's shapes,
-so the penalty is exactly 0 during the first task and the step never recompiles.
+over the LoRA parameters of the one continually trained adapter. At each task end theta* is the
+adapter reached and F the diagonal empirical Fisher on that task's training data; Fishers accumulate
+as `gamma * F_old + F_new` (gamma < 1: online EWC). The Fisher and the anchor start at zero with the
+adapter's shapes, so the penalty is 0 in the first task and the step never recompiles. Why not the
+LiLoRA repository's variant: docs/METHODS.md, section EWC.
 """
 from __future__ import annotations
 

@@ -1,19 +1,12 @@
 """Incremental LoRA (IncLoRA): a new adapter for each task, all of them summed.
 
 At task t a fresh adapter (A ~ init, B = 0) is trained while the adapters of tasks 0..t-1 stay
-frozen; the backbone sees the sum of every adapter learned so far, so inference needs no task
-identity. This is the "new LoRA per task" baseline of the TreeLoRA paper's SeqLoRA description and
-of O-LoRA/InfLoRA without their constraints.
-
-Shapes are fixed for the stream: adapters are stacked over `max_tasks` slots,
-`{"a": [L, max_tasks, r, d_in], "b": [L, max_tasks, d_out, r]}`, and slots after the current task
-are masked out of the delta, so a new task never compiles the train step again. Only the current
-slot receives gradients and optimiser updates (`update_mask`), so Adam's momentum cannot move a
-frozen adapter.
-
-The frozen slots are a constant sum during a task, so a run folds them into the frozen kernels
-(`fold_past`, `Method.fold_past`) and runs the method with `folded=True`: the delta is then the
-current slot alone, one rank-r product per site instead of `max_tasks` of them.
+frozen; the backbone sees the sum, so inference needs no task identity. Adapters are stacked over
+`max_tasks` slots, `{"a": [L, max_tasks, r, d_in], "b": [L, max_tasks, d_out, r]}`, later slots
+masked out of the delta and only the current slot updated (`update_mask`), so a new task never
+recompiles and Adam's momentum cannot move a frozen adapter. A run folds the frozen slots into the
+kernels (`Method.fold_past`) and runs with `folded=True`: one rank-r product per site. More in
+docs/METHODS.md, section IncLoRA.
 """
 from __future__ import annotations
 

@@ -1,29 +1,12 @@
 """InfLoRA: interference-free low-rank adaptation (Liang & Li, CVPR 2024).
 
-Follows the official code `liangyanshuo/InfLoRA` (`methods/inflora.py`, `models/vit_inflora.py`;
-reference/methods.md §7.1):
-
-- one new LoRA per task, summed with every earlier one (task-identity free); the down-projection A_t
-  is DESIGNED before the task and fixed, only B_t (from 0) and the head are trained;
-- designing A_t: with the model as it stands (B_t = 0), M = E[x x^T] over the task's tokens at each
-  adapted site and layer (`TaskContext.site_moments`); old-task directions are taken out with the
-  DualGPM memory U of that site and layer: `remove` memory (U spans old inputs) M_hat = (I - U U^T) M,
-  `retain` memory (U spans the free complement) M_hat = U U^T M; A_t = (top-r left singular vectors
-  of M_hat)^T / sqrt(3); at the first task M_hat = M;
-- after the task: M again with the trained model, then the DualGPM update with the energy threshold
-  eps_t = (lame - lamb) * t / T + lamb; a `remove` basis wider than d/2 becomes its `retain` complement;
-- the forward adds sum_i B_i A_i x with no alpha/r scale (`scale` option; the official code has none).
-
-Defaults: lamb 0.95 (CIFAR-100; 0.98 for ImageNet-R), lame 1.0, scale 1.0. The official LoRA sits on
-k and v of every block with rank 10 (the method's LoRA spec) and Adam lr 5e-4, betas (0.9, 0.999)
-(`default_optimizer`, the run's unless the config sets its own optimiser).
-
-The DualGPM memory is kept per site as a fixed-shape basis `[L, d_in, d_in]` (the first `size`
-columns are valid) plus its size and type per layer, so it is checkpointed and shapes never change;
-that is d_in^2 floats per layer and site (2.4 MB at d_in = 768). Eigen/SVD work runs in float64 on the
-host between tasks. M is the second moment of the inputs (the Gram matrix of the official
-representation matrix R divided by the token count): R's left singular vectors are M's eigenvectors
-and R's squared singular values are proportional to M's eigenvalues, so the energy ratios agree.
+Follows the official code liangyanshuo/InfLoRA (`methods/inflora.py`, `models/vit_inflora.py`): one
+new LoRA per task summed with the earlier ones (task-identity free). A_t is designed before the task
+from the input second moments (`TaskContext.site_moments`) with old-task directions removed by a
+per-site DualGPM memory, and stays fixed; only B_t (from 0) and the head train. After the task the
+memory grows at an energy threshold rising from lamb to lame. No alpha/r scale by default. The
+memory is a fixed-shape [L, d_in, d_in] basis per site (checkpointed; eigen/SVD work in float64 on
+the host between tasks). Details and defaults: docs/METHODS.md, section InfLoRA.
 """
 from __future__ import annotations
 

@@ -1,29 +1,14 @@
 """LiLoRA: LoRA in LoRA (Che et al., AAAI 2026, arXiv 2508.06202).
 
-Follows the official code `chanceche/LiLoRA` (`PEFT_LiLoRA/peft/tuners/lilora.py`, `train_task.sh`;
-reference/methods.md §2). At task t, every adapted projection adds
+Follows the official code chanceche/LiLoRA (`PEFT_LiLoRA/peft/tuners/lilora.py`, `train_task.sh`).
+At task t every adapted projection adds
 
     scale * [ sigmoid(f_t) B_sh + (1 - sigmoid(f_t)) B_t A_t ] A_sh dropout(x)
 
-- A_sh [r, d_in] is shared by all tasks and trained in every task (the code marks every `lora_`
-  parameter trainable); B_sh [d_out, r] is shared and trained only in the first task;
-- each task owns a "LoRA in LoRA" factorisation of its up-projection inside A_sh's r-dimensional
-  space: B_t [d_out, s] (from 0) and A_t [s, r] (Kaiming-uniform), and a fusion logit f_t (N(0, 1));
-  these live in `max_tasks` slots, so shapes never change;
-- inference uses the task's own B_t, A_t, f_t with the final A_sh and B_sh: the official evaluation
-  gives the task identity (`set_task(task_id)`). On a classification stream the trainer evaluates with
-  the classes seen so far; the branch of each task is that task's, so results with LiLoRA use task
-  identity through the branch choice — say so when comparing with task-identity-free methods.
-
-Cosine stability loss (the paper's "cosine-regularized stability loss", ABSENT from the released
-code; a reconstruction from the seed description, reference/methods.md §2.3 [mine]):
-    L_stab = mean over real tokens and adapted (site, layer) of 1 - cos(A_sh h, A_sh_prev h),
-with h each site's input and A_sh_prev the shared A at the end of the previous task (a constant);
-`stability` is its weight: 0.0 by default, as the released code (no such term).
-
-Defaults (official `train_task.sh`): sub_rank s 64 (r 128, alpha 256 there: `config.lora`), dropout
-0.05, lr 2e-5 cosine; the targets there are the MLP projections (`mlp.*`). Adapted to this contract,
-`sub_rank` must not exceed `config.lora.rank`.
+with A_sh, B_sh shared and each task's B_t, A_t, f_t in `max_tasks` slots. Inference uses the
+task's own branch: the official evaluation is given the task identity, so LiLoRA's results use it.
+`stability` (default 0, as the released code) enables a reconstruction of the paper's cosine
+stability loss. Training rules and defaults: docs/METHODS.md, section LiLoRA.
 """
 from __future__ import annotations
 

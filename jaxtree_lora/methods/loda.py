@@ -1,38 +1,14 @@
 """LoDA: task-driven subspace decomposition for LoRA-based continual learning (He et al., ICML 2026).
 
-Follows the official code `HHHLF/LoDA_ICML2026` (`models/decomposed_lora.py`, `methods/dlora.py`;
-reference/methods.md §4). Per adapted projection and task t:
-
-- statistics: S^t = mean over the task's tokens of x x^T of the projection's input (no-grad pass,
-  `TaskContext.site_moments`), M_prev = the running SUM of past tasks' S (the code adds each past task
-  twice, once with the trained LoRA and once after merging: `double_count`, default True);
-- start of task t (host, float64): general down-projection A_G = top-r eigenvectors of S^t + M_prev,
-  divided by sqrt 3; isolated A_I from the generalised eigenproblem S^t u = lambda M_prev u (Cholesky
-  of M_prev with growing jitter, eigenvectors of L^-1 S^t L^-T, u = L^-T v, QR), divided by sqrt 3;
-  task 0: A_G from S^0 and TRAINABLE, no isolated branch; B_G = B_I = 0 at every task start;
-- forward: merged past deltas + gamma_G B_G A_G x + gamma_I B_I A_I x (gamma_G 0.25, gamma_I 0.5:
-  the configs' 0.5 / 1.0 halved by `avg`);
-- end of task: S~ with the trained LoRA; per general component i, e_prev = a_i^T M_prev a_i,
-  e_cur = a_i^T S~ a_i, eta_i = e_prev / (e_prev + kappa e_cur + 1e-12) with kappa 3; merge
-  gamma_G B_G diag(1 - eta) A_G + gamma_I B_I A_I (task 0: no recalibration); B_G, B_I reset;
-- inference: the merged model, task-identity free.
-
-The merge keeps fixed shapes and never forms a dense delta: each task's merged factors are stored in
-its slot, `merged_a [L, K, 2r, d_in]`, `merged_b [L, K, d_out, 2r]` (K = max_tasks), and M_prev is
-`[L, d_in, d_in]` per site (checkpointed with the rest of the method state).
-
-Gradient-aligned optimisation (GAO, `gao`, default True): the code splits the classes of each batch
-at random into two halves B1, B2, and for (src, tgt) in ((B1, B2), (B2, B1)) takes the gradient at a
-look-ahead theta' = theta - rho u g_src / ||g_src|| (per layer of each tensor, trainable LoRA entries
-only: `lookahead_step`) of the loss on tgt, with an optimiser step after each: two steps per batch.
-Here both halves are computed in the same step and their gradients averaged into ONE optimiser step
-(the trainer takes one update per batch); the look-ahead and the class split are the code's. Batches
-with one class fall back to the plain loss (computed only then). rho 0.3 (CIFAR-100; 0.7 ImageNet-R).
-The loss is the trainer's cosine head with scale (CosFace with margin 0, the CIFAR-100 config); the
-optimiser is the official one unless the config sets its own (`default_optimizer`): SGD 0.005,
-momentum 0.9, weight decay 5e-4.
-
-Classification only: GAO splits batches by class, and the method is a class-incremental classifier.
+Follows the official code HHHLF/LoDA_ICML2026 (`models/decomposed_lora.py`, `methods/dlora.py`). Per
+adapted projection, each task's down-projections come from input statistics: a general one from the
+top eigenvectors of current plus past second moments, an isolated one from the generalised
+eigenproblem of current against past; only the up-projections train. At the task end the general
+branch is recalibrated by an energy ratio and both are merged into the task's slot
+(`merged_a [L, K, 2r, d_in]`, `merged_b [L, K, d_out, 2r]`); inference is the merged model,
+task-identity free. Gradient-aligned optimisation (`gao`) splits each batch's classes in two; here
+both look-ahead directions are averaged into one optimiser step. Classification only.
+Formulas, defaults and departures: docs/METHODS.md, section LoDA.
 """
 from __future__ import annotations
 

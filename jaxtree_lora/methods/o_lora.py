@@ -1,18 +1,12 @@
 """O-LoRA: orthogonal subspace learning (Wang et al., EMNLP Findings 2023), with a working penalty.
 
-Follows the official code `cmnfriend/O-LoRA` (reference/methods.md §6):
-
-- each task trains a new LoRA (A Kaiming-uniform, B = 0); the adapters of earlier tasks are frozen and
-  summed with it, so inference needs no task identity;
-- the loss adds `lambda_1 * sum_modules sum_{j,k} |(A_old A_new^T)_{jk}|`, the absolute entries of the
-  product of the *down-projections* of all earlier tasks with the new one (`src/uie_trainer_lora.py`,
-  `training_step`; the paper writes a squared sum on the up-projection: `penalty="squared"`), plus
-  `lambda_2 * sum ||new params||_2` (0 in the official scripts);
-- defaults from `scripts/order_*.sh`: lambda_1 = 0.5, lambda_2 = 0, r = 8, alpha = 32, dropout 0.1.
-
-The TreeLoRA repository's O-LoRA copy has an empty old adapter (r_sum = 0), so its penalty is always 0
-(reference/treelora.md §8.9); here the old adapters are the learned slots of this run, so it is not.
-Adapters live in `max_tasks` slots exactly like IncLoRA, so shapes never change between tasks.
+Follows the official code cmnfriend/O-LoRA: each task trains a new LoRA next to the frozen, summed
+adapters of earlier tasks (task-identity free), and the loss adds `lambda_1` times the absolute
+entries of A_old A_new^T summed over modules (`src/uie_trainer_lora.py`, `training_step`; the
+paper's squared sum on the up-projection is `penalty="squared"`) plus `lambda_2` times the new
+parameters' norm. Defaults from `scripts/order_*.sh`: lambda_1 0.5, lambda_2 0, r 8, alpha 32,
+dropout 0.1. The TreeLoRA repository's copy has an empty old adapter, so its penalty is always 0;
+here the old adapters are this run's learned slots (IncLoRA's layout). More: docs/METHODS.md.
 """
 from __future__ import annotations
 

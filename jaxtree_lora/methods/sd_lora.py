@@ -1,28 +1,13 @@
 """SD-LoRA: scalable decoupled LoRA (Wu et al., ICLR 2025).
 
-Follows the upstream code (reference/methods.md §7.2, `backbone/lora.py` `_LoRA_qkv_timm_train`,
-`models/sdlora.py`):
-
-- each task trains a new LoRA (A Kaiming-uniform, B = 0); earlier LoRAs are frozen DIRECTIONS with a
-  learnable MAGNITUDE each: at task t the delta is
-      sum_{i<t} alpha_i * B_i A_i x / (||B_i||_F ||A_i||_F) + alpha_t * B_t A_t x,
-  the current LoRA un-normalised while it trains;
-- one magnitude per task, shared by every layer and site (a single global scalar), initialised at 0.8;
-  trainable at task t: A_t, B_t, alpha_1..alpha_t and the head;
-- no alpha/r scale (`scale` option, default 1.0); inference sums every learned direction with its
-  magnitude, task-identity free.
-
-Code versus paper, as options:
-  normalise     "product" (code: ||B_i||_F ||A_i||_F, per layer and site) | "paper" (||B_i A_i||_F)
-  persist_alpha True (a reimplementation keeps the learned magnitudes) | False (the code's behaviour:
-                every alpha_i is reset to 0.8 at each new task, because they are never saved)
-SD-LoRA-RR (decreasing ranks) is commented out upstream and SD-LoRA-KD is not released: not offered.
-The official optimiser is SGD with momentum 0.9 (lr 8e-3 CIFAR-100, 1e-2 ImageNet-R): the run's
-unless the config sets its own (`default_optimizer`); LoRA r = 10 on q and v (the method's LoRA spec).
-
-Magnitudes live in the trainable adapters as `{"magnitudes": [max_tasks]}`; `forward_adapters`
-broadcasts them into every site's pytree, so the backbone sees only per-layer leaves and gradients
-from every layer and site flow into the one shared scalar per task.
+Follows the authors' code (`backbone/lora.py`, `models/sdlora.py`): each task trains a new LoRA;
+earlier LoRAs become frozen, normalised DIRECTIONS with one learnable MAGNITUDE per task (shared by
+every layer and site, initialised at 0.8). Inference sums every direction times its magnitude,
+task-identity free. Options for the code-versus-paper differences: `normalise` ("product" of the
+factors' norms, the code, or "paper") and `persist_alpha` (False reproduces the code's reset of
+the magnitudes at each task). Magnitudes live in the trainable adapters as
+`{"magnitudes": [max_tasks]}` and `forward_adapters` broadcasts them into every site's pytree.
+Formula and defaults: docs/METHODS.md, section SD-LoRA.
 """
 from __future__ import annotations
 

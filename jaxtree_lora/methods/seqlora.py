@@ -5,7 +5,7 @@ the same rank-r adapter continues from task to task with no reset, no merge and 
 inference uses the last adapter without a task identity. It is the lower bound every continual
 method must beat on forgetting.
 
-Defaults (official TreeLoRA scripts, `reference/treelora.md` §4): rank 8, alpha 32, dropout 0.1,
+Defaults (the official TreeLoRA scripts; docs/METHODS.md): rank 8, alpha 32, dropout 0.1,
 targets q_proj and v_proj, A ~ kaiming_uniform(a=sqrt 5), B = 0.
 """
 from __future__ import annotations

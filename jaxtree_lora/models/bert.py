@@ -1,26 +1,15 @@
 """A BERT-style encoder in Flax NNX (post-LayerNorm blocks), e.g. all-MiniLM-L6-v2.
 
-Per-layer weights are stacked with a leading `num_layers` axis and the blocks run under
-`jax.lax.scan` (common.scan_layers), so a deep encoder compiles one block. Kernels are stored
-[d_in, d_out] (a PyTorch nn.Linear weight transposed). LoRA sites, called through the delta hook after
-each frozen projection:
-
-    "attn.query", "attn.key", "attn.value"   [hidden -> hidden]
-    "attn.output"                             [hidden -> hidden]   (attention.output.dense)
-    "mlp.intermediate"                        [hidden -> intermediate]
-    "mlp.output"                              [intermediate -> hidden]
+Per-layer weights are stacked and the blocks run under `jax.lax.scan` (common.scan_layers); kernels
+are [d_in, d_out]. LoRA sites: "attn.query", "attn.key", "attn.value", "attn.output",
+"mlp.intermediate", "mlp.output". With `segment_ids` (packed batches) a token attends only within
+its segment and each example pools over its own.
 
     model, tokenizer = load_hf(directory)                           # config.json + safetensors
-    hidden = model(input_ids, attention_mask)                       # [batch, seq, hidden]
     pooled = model.features(input_ids, attention_mask)              # [batch, hidden], mean pooling
 
-As a pure function (frozen weights as an argument, never baked into the compiled program):
-
-    graphdef, params = nnx.split(model)
-    pooled = jax.jit(lambda p, ids, mask: nnx.merge(graphdef, p).features(ids, mask))(params, ids, mask)
-
-Only absolute-position BERT checkpoints are read. RoBERTa-family checkpoints are refused rather than
-run wrongly: their position ids start after the padding index and skip padding tokens.
+Only absolute-position BERT checkpoints are read: RoBERTa-family ones are refused rather than run
+wrongly (their position ids skip padding). Pure use and site shapes: docs/MODELS.md.
 """
 from __future__ import annotations
 

@@ -1,24 +1,15 @@
 """What every backbone shares: LoRA sites, the delta hook, and small pure layers.
 
-Every backbone keeps its transformer blocks *stacked*: each per-layer weight has a leading
-`num_layers` axis and the blocks run under `jax.lax.scan`, so a 30-layer model compiles one block.
-
-LoRA sites
-----------
-A *site* is one frozen projection whose output a continual-learning method may change, named
-`"<group>.<projection>"` (for example `"attn.q_proj"`, `"mlp.down_proj"`). Every backbone lists its
-sites with their shapes through `lora_sites()`:
-
-    {"attn.q_proj": Site(d_in=576, d_out=576), ...}       # one entry per projection kind
-
-The layer index is not part of the name: adapters are stacked over layers too. An *adapter pytree*
-is a dict `site name -> pytree` whose leaves all have a leading `num_layers` axis. The backbone slices
-it layer by layer inside its scan and, at every site present in the dict, calls the delta hook:
+Every backbone keeps its transformer blocks *stacked* (a leading `num_layers` axis, run under
+`jax.lax.scan`), so a 30-layer model compiles one block. A *site* is one frozen projection a method
+may change, named "<group>.<projection>" ("attn.q_proj"); `lora_sites()` lists them with their
+shapes. An adapter pytree maps site names to leaves with a leading `num_layers` axis; inside its
+scan the backbone slices it per layer and, at each present site, adds
 
     dy = delta(site_name, adapter_slice, x, key)    # x: [..., d_in] -> dy: [..., d_out]
 
-`key` is a per-layer, per-site PRNG key for adapter dropout, or None in deterministic mode. The
-backbone adds `dy` to the frozen projection's output. Sites absent from the dict cost nothing.
+to the projection's output (`key`: adapter dropout, or None). Absent sites cost nothing. More in
+docs/MODELS.md.
 """
 from __future__ import annotations
 

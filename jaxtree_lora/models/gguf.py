@@ -1,17 +1,11 @@
 """Llama-family GGUF files (llama.cpp's format): dequantised weights, config and tokenizer.
 
-Weights: `gguf.GGUFReader` + `gguf.quants.dequantize` give float32 arrays in PyTorch's [out, in]
-layout for every type the gguf package implements (F32, F16, BF16, Q4_0, Q4_1, Q5_*, Q8_0, K-quants).
-llama.cpp's converter permutes the rows of q and k to pair rotary dimensions (i, i+1) instead of
-Hugging Face's (i, i + head_dim/2); `unpermute` restores the Hugging Face order, which is what
-`llama.decoder_block`'s rotate-half rotary embedding expects.
-
-Config: the `llama.*` metadata keys. Llama 3.x rope scaling arrives as the `rope_freqs` tensor
-(per-frequency divisors) and is kept as `LlamaConfig.rope_frequency_factors`.
-
-Tokenizer: rebuilt from `tokenizer.ggml.*` metadata with the `tokenizers` library (byte-level BPE
-vocabulary + merges, the pre-tokenizer named by `tokenizer.ggml.pre`, control tokens special) and
-wrapped as a transformers `PreTrainedTokenizerFast`, with the file's chat template.
+Weights: the `gguf` package's reader and dequantiser give float32 [out, in] arrays for every type it
+implements; `unpermute` undoes llama.cpp's pairing of rotary dimensions in q and k, back to the
+Hugging Face order `llama.decoder_block` expects. Config: the `llama.*` metadata keys (Llama 3.x rope
+scaling as `rope_freqs`, kept as `LlamaConfig.rope_frequency_factors`). Tokenizer: rebuilt from the
+`tokenizer.ggml.*` metadata with `tokenizers` and wrapped as a transformers
+`PreTrainedTokenizerFast` with the file's chat template. More in docs/MODELS.md.
 """
 from __future__ import annotations
 

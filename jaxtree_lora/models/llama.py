@@ -1,33 +1,15 @@
 """A Llama-family decoder in Flax NNX: Llama 2/3.x, Mistral, SmolLM2, Qwen2 (q/k/v biases).
 
-Layout
-------
-Per-layer weights are stacked with a leading `num_layers` axis and the blocks run under
-`common.scan_layers`, so a deep model compiles one block. Kernels are stored [d_in, d_out]
-(Hugging Face's nn.Linear [out, in] is transposed on load). Grouped-query attention with rotary
-embeddings in Hugging Face's rotate-half convention, RMSNorm, SwiGLU MLP.
+Stacked blocks under `common.scan_layers` (one compiled block), kernels [d_in, d_out]; grouped-query
+attention with rotate-half rotary embeddings, RMSNorm, SwiGLU. Rotary positions are
+`cumsum(mask) - 1`, so left padding (generation) and right padding (training) both see the unpadded
+positions. LoRA sites: "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"; after each frozen projection (bias included) the
+block calls `hook(site, x, y)`. `init_cache(batch, length)` preallocates the KV cache; a call with
+`cache=` writes at the next slot (see `generate.py`). Pure use:
 
-Masks and positions
--------------------
-`attention_mask` [batch, seq] marks real tokens with 1. Padding may be on the left (generation) or
-on the right (training): rotary positions are `cumsum(mask) - 1`, so a left-padded sequence sees
-exactly the positions of the unpadded one, and padded keys are never attended to.
-
-LoRA sites
-----------
-"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-"mlp.down_proj". After each frozen projection (bias included) the block calls `hook(site, x, y)`.
-
-Pure use
---------
     graphdef, params = nnx.split(model)
     logits = jax.jit(lambda p, ids, mask: apply(graphdef, p, ids, mask))(params, ids, mask)
-
-KV cache
---------
-`init_cache(batch, length)` preallocates [num_layers, batch, length, kv_heads, head_dim] keys and
-values plus the slot mask; a call with `cache=` writes its tokens at the cache's next slot and
-attends to every filled slot (see `generate.py`).
 """
 from __future__ import annotations
 

@@ -1,42 +1,13 @@
 """A Vision Transformer in Flax NNX (pre-LayerNorm blocks), loadable from the layout of
 `google/vit-base-patch16-224-in21k` (Hugging Face ViTModel).
 
-Stacked blocks under `jax.lax.scan` (common.scan_layers); kernels [d_in, d_out]. LoRA sites, called
-through the delta hook after each frozen projection:
-
-    "attn.query", "attn.key", "attn.value", "attn.output"    [hidden -> hidden]
-    "mlp.fc1"                                                  [hidden -> intermediate]
-    "mlp.fc2"                                                  [intermediate -> hidden]
-
-Input normalisation
--------------------
-`ViT.__call__` takes images [batch, height, width, channels], channels last:
-
-- uint8 pixels are scaled to [0, 1]; float images are taken to be in [0, 1] already;
-- images whose size differs from `config.image_size` are resized bilinearly (antialiased when
-  shrinking), as the Hugging Face ViTImageProcessor does;
-- pixels are normalised with `(x - mean) / std`, mean = std = 0.5 per channel for the in21k
-  checkpoints (their preprocessor_config.json), which maps [0, 1] to [-1, 1].
-
-Pass `preprocessed=True` to feed already-normalised images at exactly `config.image_size`.
-
-Then: non-overlapping `patch_size` patches are flattened (row, column, channel) and embedded by one
-matmul (the checkpoint's stride-`patch_size` convolution, rewritten as a [P*P*C, hidden] kernel),
-[CLS] is prepended, learned position embeddings are added, the blocks run, and a final LayerNorm
-follows. `features` returns the [CLS] row.
-
-Another image size
-------------------
-`load_hf(directory, image_size=S)` builds the model for S-pixel images: the checkpoint's
-[grid, grid] patch-position embeddings are resized to [S/P, S/P] bicubically (jax.image.resize with
-PyTorch's bicubic kernel, A = -0.75, half-pixel centres, no antialiasing), the [CLS] position is kept.
-This is what transformers' ViTModel computes with `interpolate_pos_encoding=True`, done once at load
-time instead of at every call.
-
-DINOv2
-------
-`ViTConfig(family="dinov2")` is the same network with DINOv2's LayerScale (each residual branch's
-output times a learned per-channel vector); models/dinov2.py loads it (eps 1e-6, ImageNet mean/std).
+Stacked blocks under `jax.lax.scan`; kernels [d_in, d_out]. LoRA sites: "attn.query", "attn.key",
+"attn.value", "attn.output", "mlp.fc1", "mlp.fc2". `ViT.__call__` takes channels-last images:
+uint8 is scaled to [0, 1], another size is resized bilinearly, pixels are normalised with the
+checkpoint's mean and std (`preprocessed=True` skips all this); `features` returns the [CLS] row.
+`load_hf(directory, image_size=S)` resizes the patch-position embeddings once at load time, as
+transformers' `interpolate_pos_encoding=True` does at every call. `ViTConfig(family="dinov2")` adds
+DINOv2's LayerScale (models/dinov2.py). Normalisation and resizing rules: docs/MODELS.md.
 """
 from __future__ import annotations
 

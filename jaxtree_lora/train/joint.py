@@ -1,16 +1,12 @@
 """The run of the `joint` upper bound: every task's training data at once, rate and epochs chosen on held-out data.
 
 `JointRun` is a `Run` over a one-task stream merging every task's training split (one head over every
-class; on instruction streams the union). `fit`:
-  1. holds out a seeded share of each task's training rows (per class on classification streams);
-  2. selection: the linear probe (head only, on frozen features cached once, its L2 weight chosen on
-     the held-out part), then LP-FT (LoRA + head from the probe's head) at each rate, every epoch scored
-     on the held-out part; the probe alone is a candidate (instruction streams: the pre-trained model);
-  3. the chosen setting retrained on all the training data (the probe first, as in selection);
-  4. every task's test set scored by the run's evaluator over every class.
-The probe comes first because a head starting from zero pulls the features hard in its first steps
-(LP-FT's argument); the selection makes the bound at least the probe on held-out data.
-No checkpoints are written: an interrupted joint run starts again.
+class; on instruction streams the union). `fit` holds out a seeded share of each task's training rows,
+selects between the linear probe alone and LP-FT (LoRA + head from the probe's head) at each rate and
+epoch on the held-out part, retrains the chosen setting on all the training data (the probe first, as
+in selection), and scores every task's test set with the run's evaluator over every class. The probe
+comes first because a head starting from zero pulls the features hard in its first steps (LP-FT's
+argument). No checkpoints are written: an interrupted joint run starts again. docs/METHODS.md, JOINT.
 """
 from __future__ import annotations
 

@@ -2,28 +2,11 @@
 
 State per epoch (official) or per task: S [K, D], the running sums of NEGATIVE L1 distances between
 the current task vector and each past task's, per module; N [K, D], selection counts.
-
-Official selection (ZinYY/TreeLoRA `utils/kd_lora_tree.py` L192-262), at
-micro-step t of an epoch of T micro-steps, with n past tasks:
-
-  mu    = S / N where N > 0, else S (0 in training)     (minus the mean L1 distance)
-  beta  = sqrt(log(2 T (t+1)(t+2))) / sqrt(2 N + 1e-5)
-  s     = -(mu - beta)                                    (mean distance + bonus: LARGER is likelier)
-  s    += min(s)                                          (the code ADDS the minimum; option: subtract)
-  f     ~ Categorical(softmax(sum_l s[:, l]))             (one task for the tree reweight)
-  s[C] *= min(median_similarity(C), 1.5)                  (C: the root child holding f; 1.0 if a leaf)
-  s     = s / (max(s) - min(s) + 1e-5)                    (global range over valid entries)
-  p_l   ~ Categorical(softmax(s[:, l])) for each module l
-
-and the update after the step, with c the running task vector INCLUDING the step:
-  N[p_l, l] += 1;  S[p_l, l] -= ||c_l - G[p_l, l]||_1.
-
-Paper selection (arXiv 2506.10355 §3, Eq. 2; a RECONSTRUCTION from the garbled extracted text): per module the task minimising LCB_k = mu_hat_k - 2 sqrt(log t / n_k),
-mu_hat the mean L1 distance (smaller is more similar), unexplored arms first; deterministic. With
-`tree_bound` the smooth (BAST-style) bound of an internal node is max(min over its children's bounds,
-LCB of the node's pooled statistics - delta) and the choice descends into the child of smaller bound.
-The paper's delta is "the median L1 similarity" of the split; the official tree keeps a dot-product
-median per node, so delta = |median similarity| here.
+`select_official` is the official rule (ZinYY/TreeLoRA `utils/kd_lora_tree.py`): a bonus-adjusted score where
+a larger distance is likelier, a tree reweight of the root child holding one sampled task, then one
+softmax draw per module; `update` adds the step's L1 distances. The paper's rule (arXiv 2506.10355
+Eq. 2, a reconstruction from garbled text; `select_paper`) takes the lowest confidence bound per module, optionally
+through the smooth tree bound. Formulas, step by step: docs/METHODS.md, section TreeLoRA.
 """
 from __future__ import annotations
 

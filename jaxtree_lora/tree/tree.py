@@ -1,21 +1,13 @@
 """TreeLoRA's gradient-similarity tree, held as fixed-shape arrays and built under jit.
 
-The official rule (ZinYY/TreeLoRA `utils/kd_lora_tree.py` L10-57, L146-163;
-checked against the official code itself in tests/fixtures/tree_partition.json), over the n
-stored task vectors G[0..n-1] ([K, D, F] bank, K = max_tasks):
-
-1. differences of consecutive task vectors: Delta_0 = G_0, Delta_i = G_i - G_{i-1};
-2. the root holds tasks 0..n-1 at depth 0; a node is a leaf at depth >= D (or the depth limit) or
-   with at most one task;
-3. an internal node at depth d looks at module d only: V = Delta[members, d], mu = mean(V),
-   s_i = <V_i, mu>; m = the LOWER median of s (sort(s)[(count-1)//2], torch.median's choice);
-   s_i >= m goes left, s_i < m right; if a side is empty the members split by position (the first
-   floor(count/2) left); the node keeps m as its median_similarity.
-
-Nodes live in slots of a breadth-first array of size 2K-1 (a binary tree with at most K leaves);
-children always get higher slots than their parent, so one `fori_loop` over slots builds the tree
-and the shapes never depend on n: building for 2 tasks and for 50 compiles once. Per node the arrays
-hold its member mask [nodes, K], parent, left and right slot (-1: none), depth and median similarity.
+The official rule (ZinYY/TreeLoRA `utils/kd_lora_tree.py`; checked against the official code in
+tests/fixtures/tree_partition.json) splits the stored task vectors' consecutive differences one
+module per depth: each member's dot product with the node's mean, the lower median as threshold,
+>= goes left, a positional split when a side is empty (docs/METHODS.md, section TreeLoRA).
+Nodes live in slots of a breadth-first array of size 2K-1 (K = max_tasks); children always get
+higher slots than their parent, so one `fori_loop` over slots builds the tree and building for 2
+tasks and for 50 compiles once. Per node the arrays hold its member mask [nodes, K], parent, left
+and right slot (-1: none), depth and median similarity.
 """
 from __future__ import annotations
 
