@@ -1,5 +1,7 @@
+"""`python -m jaxtree_lora` is the `jaxtree-lora` command; importing this module runs nothing."""
 import sys
 
 from jaxtree_lora.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
