@@ -89,7 +89,12 @@ def _load_config(spec: str, overrides: list[str], tpu_config: str = ""):
         import tpu_configs
 
         config = tpu_configs.apply(config, tpu_configs.load(tpu_config))
-    return config_lib.apply_overrides(config, overrides)
+    config = config_lib.apply_overrides(config, overrides)
+    if "data" in config:  # a data key its source lacks, or a value of the wrong type: refused before any loading
+        from jaxtree_lora.data import sources
+
+        sources.check(config.data)
+    return config
 
 
 def _new_workdir(method: str) -> str:
