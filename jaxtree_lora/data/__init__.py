@@ -10,7 +10,14 @@ each, are its dataclass in sources.py (the registry; README.md lists them). An o
 from __future__ import annotations
 
 from jaxtree_lora.data.stream import DataError, Split, Stream, Task, check_stream, class_incremental  # noqa: F401
-from jaxtree_lora.data.sources import NAMES  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name == "NAMES":  # the registry's names, imported on use (`python -m jaxtree_lora.data.sources` runs it)
+        from jaxtree_lora.data.sources import NAMES
+
+        return NAMES
+    raise AttributeError(name)
 
 
 def get_stream(config, tokenizer=None) -> Stream:
