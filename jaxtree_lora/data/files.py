@@ -593,6 +593,9 @@ def parse_sources(value) -> list[dict]:
     """data.sources as a list of dicts: ml_collections lists, or JSON text from the command line."""
     if isinstance(value, str):
         value = [value]
+    if value is not None and not isinstance(value, (list, tuple)):
+        raise DataError(f"data.sources must be a list of data configs (or JSON text of one), got {value!r}: write "
+                        f"--config.data.sources='[{{\"name\": \"files\", \"train\": \"a.csv\"}}]'")
     sources = []
     for item in list(value or []):
         if isinstance(item, str):
