@@ -131,6 +131,9 @@ def test_the_keys_users_already_set_still_work(tmp_path, capsys):
     instruction = ["--config", os.path.join(REPO, "experiments", "configs", "offline_trace.py"),
                    "--config.data.name=instruction_files", "--config.data.train=a.jsonl,b.jsonl"]
     assert _cli(capsys, *instruction) == (0, ""), "the README's instruction_files command is refused"
+    images = ["--config", os.path.join(REPO, "experiments", "configs", "vit_b16_cifar100.py"),
+              "--config.data.name=image_folder", "--config.data.data_dir=/photos"]
+    assert _cli(capsys, *images) == (0, ""), "the README's image_folder command is refused"
     chosen = sources.options(cli._load_config(instruction[1], [item[len("--config."):] for item in instruction[2:]]).data)
     assert (chosen.chat_template, chosen.max_prompt_len, chosen.max_answer_len) == (True, 96, 8), \
         "instruction files under offline_trace.py lost the config's chat template and lengths"
