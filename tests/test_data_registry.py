@@ -179,3 +179,16 @@ def test_the_default_main_jobs_stream_is_unchanged_by_the_registry():
     assert stream_digest(stream) == stream_digest(before), "the default stream differs from the builder's"
     assert stream_digest(stream) == DEFAULT_STREAM_BEFORE_REGISTRY, \
         "the default main job's tasks, classes or examples changed"
+
+
+def test_a_run_recorded_before_the_registry_is_rebuilt_from_its_config_json():
+    """config.json of a run made with the old default config: offline-text-cil beside the other sources'
+    keys it held. Export rebuilds the stream from it (sources.recorded); a new config is refused."""
+    from jaxtree_lora.data import DataError
+
+    old = {"name": "offline-text-cil", "num_tasks": 5, "max_len": 64, "per_class_train": 96, "per_class_test": 48,
+           "seed": 0, "classes_per_task": 0, "train": None, "test": None, "text_column": "text",
+           "label_column": "label", "task_column": "", "test_fraction": 0.2, "sources": []}
+    with pytest.raises(DataError, match="has no option.*label_column, sources, task_column, test_fraction"):
+        sources.options(old)
+    assert sources.options(sources.recorded(old)) == sources.options({"name": "offline-text-cil"})

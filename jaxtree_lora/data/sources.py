@@ -421,6 +421,15 @@ def given(data) -> dict:
     return set_keys
 
 
+def recorded(data) -> dict:
+    """A run's recorded data config (its config.json) without the keys its source lacks: a run made
+    before the registry recorded the default config's keys of other sources (text_column beside
+    offline-text-cil), which ran then and are dropped now rather than refused."""
+    values = _as_dict(data)
+    known = fields(values.get("name")) if values.get("name") in SOURCES else values
+    return {key: value for key, value in values.items() if key == "name" or key in known}
+
+
 def options(data) -> Source:
     """The options of the source a data config names: its set keys, read as each option says, over the
     source's defaults. Refuses an unknown source, a key it lacks and a value of the wrong type."""
