@@ -352,16 +352,24 @@ def seeded(config, seed: int):
     (config.seed) and the stream's class order and train/test split (config.data.seed)."""
     config = config.copy_and_resolve_references()
     config.seed = int(seed)
-    if "seed" in config.get("data", {}):
+    if _data_has_seed(config):
         config.data.seed = int(seed)
     return config
 
 
 def _seed_overrides(config, seed: int) -> list[str]:
     items = [f"seed={seed}"]
-    if "seed" in config.get("data", {}):
+    if _data_has_seed(config):
         items.append(f"data.seed={seed}")
     return items
+
+
+def _data_has_seed(config) -> bool:
+    """Whether the config's data source takes a seed (class order, held-out examples); TRACE does not."""
+    from jaxtree_lora.data import sources
+
+    name = config.get("data", {}).get("name", None)
+    return name in sources.SOURCES and "seed" in sources.fields(name)
 
 
 def _write_seed_summary(workdir: str, per_method: dict, title: str, markdown_file: str = "") -> str:

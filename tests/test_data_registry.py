@@ -192,3 +192,14 @@ def test_a_run_recorded_before_the_registry_is_rebuilt_from_its_config_json():
     with pytest.raises(DataError, match="has no option.*label_column, sources, task_column, test_fraction"):
         sources.options(old)
     assert sources.options(sources.recorded(old)) == sources.options({"name": "offline-text-cil"})
+
+
+def test_seeds_reach_the_data_only_where_the_source_takes_one():
+    """`run --seeds` / `compare --seeds` set data.seed too; a TRACE directory has no seed and is not refused."""
+    from jaxtree_lora.config import load
+
+    trace = cli.seeded(load(os.path.join(REPO, "experiments", "configs", "trace_llama3_2_1b.py")), 3)
+    assert trace.seed == 3 and trace.data.seed is None
+    sources.check(trace.data)
+    offline = cli.seeded(default.get_config(), 3)
+    assert offline.data.seed == 3 and cli._seed_overrides(default.get_config(), 3) == ["seed=3", "data.seed=3"]
