@@ -57,7 +57,8 @@ CASES = {  # case -> (data.name and settings from a tmp folder, what the one lin
         lambda d: ["files", f"train={rows(d / 'tr.csv', 'text,label', 'w1,c0', 'w2,c0', 'w3,c1', 'w4,c1')}",
                    f"test={rows(d / 'te.csv', 'text,label', 'w1,c0')}", "num_tasks=2"], "has no test examples"),
     "a task with no test example (task column)": (
-        lambda d: ["files", "task_column=task", f"train={rows(d / 'tasks.csv', 'text,label,task', 'w1,c0,a', 'w2,c0,a', 'w3,c1,b')}"],
+        lambda d: ["files", "task_column=task",
+                   f"train={rows(d / 'tasks.csv', 'text,label,task', 'w1,c0,a', 'w2,c0,a', 'w3,c1,b')}"],
         "has no test examples to hold out"),
     "a split left empty by holding out (test_fraction 0)": (
         lambda d: ["files", f"train={rows(d / 'two.csv', 'text,label', 'w1,c0', 'w2,c0')}", "test_fraction=0.0"],

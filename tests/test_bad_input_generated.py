@@ -290,7 +290,8 @@ def test_generated_data_config_values_pass_or_are_refused_in_one_line():
 
 # -- the cases of issue 24, each one line and exit status 2 from a real `jaxtree-lora run` ---------------
 
-@pytest.mark.slow  # three real processes (~45 s on 2 shared cores); tests/test_bad_input_cli.py runs the cases in-process
+# Three real processes (~45 s on 2 shared cores); tests/test_bad_input_cli.py runs the cases in-process.
+@pytest.mark.slow
 def test_one_row_files_and_lonely_classes_are_one_line_and_exit_2_from_the_command_line(tmp_path, tokenizer):
     from test_bert import make_checkpoint
 

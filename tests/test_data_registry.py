@@ -37,7 +37,8 @@ def test_the_default_config_holds_every_option_unset_and_names_the_default_sourc
     renamed = {old for cls in sources.SOURCES.values() for old in cls.renamed}
     assert set(data.keys()) == every | renamed | {"name"}, "the data section is not the registry's options"
     assert data.name == "offline-text-cil"
-    assert all(data[key] is None for key in every | renamed), "an option is set in default.py: it belongs in the registry"
+    assert all(data[key] is None for key in every | renamed), \
+        "an option is set in default.py: its default belongs in the registry"
 
 
 BUILDERS = {  # source -> (module, builder, the registry option each builder parameter is under)
@@ -134,7 +135,8 @@ def test_the_keys_users_already_set_still_work(tmp_path, capsys):
     images = ["--config", os.path.join(REPO, "experiments", "configs", "vit_b16_cifar100.py"),
               "--config.data.name=image_folder", "--config.data.data_dir=/photos"]
     assert _cli(capsys, *images) == (0, ""), "the README's image_folder command is refused"
-    chosen = sources.options(cli._load_config(instruction[1], [item[len("--config."):] for item in instruction[2:]]).data)
+    config = cli._load_config(instruction[1], [item[len("--config."):] for item in instruction[2:]])
+    chosen = sources.options(config.data)
     assert (chosen.chat_template, chosen.max_prompt_len, chosen.max_answer_len) == (True, 96, 8), \
         "instruction files under offline_trace.py lost the config's chat template and lengths"
 

@@ -196,7 +196,8 @@ class OfflineTrace(Source):
         from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS, TRACE_TASKS
 
         # offline_trace gives each task max(max_answer_len, its max_new_tokens) answer columns.
-        budgets = [TRACE_TASKS[task].max_new_tokens for task in self.tasks or DEFAULT_TRACE_TASKS if task in TRACE_TASKS]
+        tasks = self.tasks or DEFAULT_TRACE_TASKS
+        budgets = [TRACE_TASKS[task].max_new_tokens for task in tasks if task in TRACE_TASKS]
         return max([self.max_answer_len] + budgets)
 
 
@@ -348,26 +349,31 @@ INHERITED = ("max_len", "seed", "max_prompt_len", "max_answer_len", "chat_templa
              "test_fraction", "text_column", "label_column", "prompt_column", "answer_column")
 
 
+def inherited(cast):
+    """An option of a sequence that its sources take unless they set their own (unset by default)."""
+    return option(None, "given to every source that has this option, unless the source sets its own", cast)
+
+
 @dataclasses.dataclass(frozen=True)
-class Sequence(Source):
+class SourceSequence(Source):
     name: ClassVar[str] = "sequence"
     kind: ClassVar[Optional[str]] = None
     summary: ClassVar[str] = ("tasks chained from several sources (files.sequence_stream); classification "
                               "sources get disjoint class ids, instruction sources' tasks are concatenated")
     sources: Any = option((), "a list of data configs (dicts, or JSON text), each one task by default (num_tasks 1)")
     # INHERITED, each unset by default: a source takes its own default.
-    max_len: Optional[int] = option(None, "for every source that has it, unless the source sets it", int)
-    seed: Optional[int] = option(None, "the same", int)
-    max_prompt_len: Optional[int] = option(None, "the same", int)
-    max_answer_len: Optional[int] = option(None, "the same", int)
-    chat_template: Optional[bool] = option(None, "the same", bool)
-    image_size: Optional[int] = option(None, "the same", int)
-    image_dtype: Optional[str] = option(None, "the same", str)
-    test_fraction: Optional[float] = option(None, "the same", float)
-    text_column: Optional[str] = option(None, "the same", str)
-    label_column: Optional[str] = option(None, "the same", str)
-    prompt_column: Optional[str] = option(None, "the same", str)
-    answer_column: Optional[str] = option(None, "the same", str)
+    max_len: Optional[int] = inherited(int)
+    seed: Optional[int] = inherited(int)
+    max_prompt_len: Optional[int] = inherited(int)
+    max_answer_len: Optional[int] = inherited(int)
+    chat_template: Optional[bool] = inherited(bool)
+    image_size: Optional[int] = inherited(int)
+    image_dtype: Optional[str] = inherited(str)
+    test_fraction: Optional[float] = inherited(float)
+    text_column: Optional[str] = inherited(str)
+    label_column: Optional[str] = inherited(str)
+    prompt_column: Optional[str] = inherited(str)
+    answer_column: Optional[str] = inherited(str)
 
     def build(self, tokenizer):
         from jaxtree_lora.data.files import sequence_stream
@@ -375,8 +381,9 @@ class Sequence(Source):
         return sequence_stream(self.values(), tokenizer, build)
 
 
-SOURCES: dict[str, type] = {cls.name: cls for cls in (OfflineTextCil, OfflineLangCil, OfflineFashionCil, OfflineTrace,
-                                                        Trace, Tfds, Files, InstructionFiles, ImageFolder, Sequence)}
+SOURCES: dict[str, type] = {cls.name: cls for cls in (
+    OfflineTextCil, OfflineLangCil, OfflineFashionCil, OfflineTrace, Trace, Tfds, Files, InstructionFiles, ImageFolder,
+    SourceSequence)}
 NAMES = tuple(SOURCES)
 
 
@@ -449,7 +456,7 @@ def check(data) -> None:
     """Refuses, before anything is loaded, a data config with an unknown source, a key its source lacks
     or a value of the wrong type (a sequence: each of its sources too)."""
     chosen = options(data)
-    if isinstance(chosen, Sequence):
+    if isinstance(chosen, SourceSequence):
         from jaxtree_lora.data.files import parse_sources, source_configs
 
         for index, source in enumerate(source_configs(chosen.values(), parse_sources(chosen.sources))):
