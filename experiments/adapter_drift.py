@@ -25,13 +25,14 @@ def restored_run(workdir: str):
     state, that checkpoint's loop record, its step)."""
     from jaxtree_lora import checkpoint as checkpoint_lib
     from jaxtree_lora import data as data_lib
+    from jaxtree_lora.data import sources
     from jaxtree_lora.train import backbone as backbone_lib
     from jaxtree_lora.train.loop import Run
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     backbone = backbone_lib.build(config)
-    stream = data_lib.get_stream(config.data, backbone.tokenizer)
+    stream = data_lib.get_stream(sources.recorded(config.data), backbone.tokenizer)  # as the run read it
     run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=False)
     initial = run.initial_state()
     checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))

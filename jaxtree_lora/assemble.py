@@ -15,15 +15,14 @@ from typing import Optional
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora import methods as methods_lib
+from jaxtree_lora.data import sources as data_sources
 from jaxtree_lora.errors import ConfigError
 
 LORA_KEYS = ("targets", "rank", "alpha", "dropout", "init", "max_modules")
 # Fields of a method that the run sets, never the user.
 RUN_FIELDS = ("lora", "max_tasks")
-# The kind of stream each data source gives ("sequence": its sources').
-STREAM_KINDS = {"offline-text-cil": "classification", "offline-lang-cil": "classification", "tfds": "classification",
-                "files": "classification", "image_folder": "classification", "offline-trace": "instruction",
-                "trace": "instruction", "instruction_files": "instruction", "offline-fashion-cil": "classification"}
+# The kind of stream each data source gives ("sequence": its sources'), from the data registry.
+STREAM_KINDS = {name: cls.kind for name, cls in data_sources.SOURCES.items() if cls.kind}
 
 
 def _as_dict(node) -> dict:
@@ -81,17 +80,7 @@ def build_method(config, max_tasks: int):
 def stream_kind(data) -> Optional[str]:
     """"classification" or "instruction": the kind of stream a data config describes, from the config
     alone; None where it cannot be told (an unknown source, sources of both kinds)."""
-    name = data.get("name", "")
-    if name != "sequence":
-        return STREAM_KINDS.get(name)
-    from jaxtree_lora.data import DataError
-    from jaxtree_lora.data.files import parse_sources
-
-    try:
-        kinds = {STREAM_KINDS.get(source["name"]) for source in parse_sources(data.get("sources", None))}
-    except DataError:
-        return None
-    return kinds.pop() if len(kinds) == 1 else None
+    return data_sources.stream_kind(data)
 
 
 def method_from_config(config, kind: Optional[str], max_tasks: int):

@@ -89,7 +89,12 @@ def _load_config(spec: str, overrides: list[str], tpu_config: str = ""):
         import tpu_configs
 
         config = tpu_configs.apply(config, tpu_configs.load(tpu_config))
-    return config_lib.apply_overrides(config, overrides)
+    config = config_lib.apply_overrides(config, overrides)
+    if "data" in config:  # a data key its source lacks, or a value of the wrong type: refused before any loading
+        from jaxtree_lora.data import sources
+
+        sources.check(config.data)
+    return config
 
 
 def _new_workdir(method: str) -> str:
@@ -347,16 +352,24 @@ def seeded(config, seed: int):
     (config.seed) and the stream's class order and train/test split (config.data.seed)."""
     config = config.copy_and_resolve_references()
     config.seed = int(seed)
-    if "seed" in config.get("data", {}):
+    if _data_has_seed(config):
         config.data.seed = int(seed)
     return config
 
 
 def _seed_overrides(config, seed: int) -> list[str]:
     items = [f"seed={seed}"]
-    if "seed" in config.get("data", {}):
+    if _data_has_seed(config):
         items.append(f"data.seed={seed}")
     return items
+
+
+def _data_has_seed(config) -> bool:
+    """Whether the config's data source takes a seed (class order, held-out examples); TRACE does not."""
+    from jaxtree_lora.data import sources
+
+    name = config.get("data", {}).get("name", None)
+    return name in sources.SOURCES and "seed" in sources.fields(name)
 
 
 def _write_seed_summary(workdir: str, per_method: dict, title: str, markdown_file: str = "") -> str:

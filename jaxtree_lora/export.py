@@ -23,6 +23,7 @@ class ExportError(ValueError):
 
 def export_run(workdir: str, out: str) -> list[str]:
     from jaxtree_lora import data as data_lib
+    from jaxtree_lora.data import sources
     from jaxtree_lora.train import backbone as backbone_lib
     from jaxtree_lora.train.loop import Run
 
@@ -35,7 +36,7 @@ def export_run(workdir: str, out: str) -> list[str]:
     if checkpoints.latest() is None:
         raise ExportError(f"{workdir}/checkpoints holds no checkpoint: the run saved nothing yet")
     backbone = backbone_lib.build(config)
-    stream = data_lib.get_stream(config.data, backbone.tokenizer)
+    stream = data_lib.get_stream(sources.recorded(config.data), backbone.tokenizer)  # as the run read it
     run = Run(config=config, backbone=backbone, stream=stream, workdir=workdir, progress=False)
     state, loop, _ = checkpoints.restore(checkpoint_lib.abstract(run.initial_state()))
     checkpoints.close()

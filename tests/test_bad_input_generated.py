@@ -1,10 +1,14 @@
 """Generated bad input (hypothesis): malformed CSV, TSV, JSONL and Parquet files, instruction files,
-sequences of sources and image folders, with generated data config values, go through what
-`jaxtree-lora run` does before it trains (the overrides applied, `validate`, the stream read and
-checked by `data.checked_stream`), in-process with a word-level tokenizer. Each input either gives a
-stream or is refused in one line by an error the CLI turns into exit status 2; any other exception
-(a traceback for the user) fails the test. A few real `jaxtree-lora run` processes check the exit
-status and the single line on stderr for the cases issue 24 names."""
+sequences of sources, image folders and data config values of every source go through what
+`jaxtree-lora run` does before it trains (the config read as the CLI reads it, with its check of the
+data keys, `validate`, the stream read and checked by `data.checked_stream`), in-process with a
+word-level tokenizer. Each input either gives a stream or is refused in one line by an error the CLI
+turns into exit status 2; any other exception (a traceback for the user) fails the test. Each test
+counts what it fed and checks it: 1,010 examples of files (the files and instruction-files tests
+alone bring over 1,000 CSV, TSV, JSONL and Parquet files past the config checks to the reader, at
+least 90 of each format per test) and 300 of config values. Real `jaxtree-lora run` processes for
+issue 24's cases are in the slow set (tests/test_bad_input_cli.py runs them in-process)."""
+import collections
 import csv
 import io
 import itertools
@@ -19,7 +23,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from experiments.configs import default  # noqa: E402
-from jaxtree_lora import cli, config as config_lib, data as data_lib  # noqa: E402
+from jaxtree_lora import cli, data as data_lib  # noqa: E402
 from jaxtree_lora.train.loop import validate  # noqa: E402
 
 from test_data_files import WORDS  # noqa: E402
@@ -44,23 +48,43 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("generated")
 
 
-def refused_or_read(overrides, tokenizer, data=None):
-    """What `run` does before training, on the default config with `overrides` (and the `data` keys
-    that the default config lacks set as a config file would): None when the input gives a stream,
-    else the error the CLI reports in one line (exit status 2). Any other exception propagates and
-    fails the test with its traceback."""
+# What a generated test fed: files written by format, files that reached the reader ("reached FORMAT":
+# the config around them passed the CLI's checks), and outcomes (read, refused, refused reading).
+FED = collections.Counter()
+WRITTEN = []  # formats of the files written for the current example
+
+
+def refused_or_read(overrides, tokenizer, data=None, read=True):
+    """What `run` does before training, on the default config with `overrides` and the `data` keys
+    (more overrides, under data.): None when the input gives a stream (`read` False: passes the
+    config's checks), else the error the CLI reports in one line (exit status 2). Any other
+    exception propagates and fails the test with its traceback."""
+    overrides = list(overrides) + [f"data.{key}={value}" for key, value in (data or {}).items()]
+    written, stage = list(WRITTEN), "refused"
+    WRITTEN.clear()
     try:
-        config = config_lib.apply_overrides(default.get_config(), overrides)
-        for key, value in (data or {}).items():
-            config.data[key] = config_lib.parse_value(value)
+        config = cli._load_config("", overrides)
         validate(config)
-        data_lib.checked_stream(config.data, tokenizer, len(WORDS))
+        if read:
+            stage = "refused reading"
+            FED.update(f"reached {fmt}" for fmt in written)
+            data_lib.checked_stream(config.data, tokenizer, len(WORDS))
+        FED["read"] += 1
         return None
     except cli._user_errors() as error:
         message = str(error)
         assert message.strip() and "\n" not in message and "\r" not in message, \
             f"{overrides} {data}: not one line: {message!r}"
+        FED[stage] += 1
         return error
+
+
+def fed_by(check, *args) -> collections.Counter:
+    """Runs the hypothesis test `check` and returns what it fed."""
+    FED.clear()
+    WRITTEN.clear()
+    check(*args)
+    return collections.Counter(FED)
 
 
 # -- generated files -------------------------------------------------------------------------------
@@ -78,7 +102,8 @@ SOUND = st.lists(st.fixed_dictionaries({"text": st.sampled_from(["w1 w20", "w2 w
                                         "task": st.sampled_from(["a", "b", "a"]),
                                         "prompt": st.sampled_from(["w1 w2", "w3"]),
                                         "answer": st.sampled_from(["w20", "w21"])}), min_size=1, max_size=14)
-FILE = st.tuples(st.sampled_from(["csv", "tsv", "jsonl", "parquet"]),
+FORMATS = ("csv", "tsv", "jsonl", "parquet")
+FILE = st.tuples(st.sampled_from(FORMATS),
                  st.one_of(SOUND, SOUND, SOUND, SOUND, RECORDS, st.binary(max_size=48)))
 
 
@@ -90,6 +115,8 @@ def mostly(good, bad):
 def write(folder, fmt: str, content) -> str:
     """`content` (records, or raw bytes) written as one file of format `fmt`; returns its path."""
     path = str(folder / f"f{next(_names)}.{fmt}")
+    FED[fmt] += 1
+    WRITTEN.append(fmt)
     if isinstance(content, bytes):
         with open(path, "wb") as file:
             file.write(content)
@@ -126,20 +153,31 @@ COLUMN = mostly(["text"], ["label", "task", "prompt", "sentence", "''"])
 LABEL_COLUMN = mostly(["label"], ["text", "task", "answer", "''", "None"])
 
 
+FILES_SETTINGS = dict(num_tasks=VALUE, classes_per_task=mostly(["0"], ["1", "2", "-1", "5"]), test_fraction=FRACTION,
+                      max_len=mostly(["8", "16"], ["2", "1", "0", "-3"]),
+                      task_column=mostly(["''"], ["task", "task", "nosuch"]), text_column=COLUMN,
+                      label_column=LABEL_COLUMN)
+# Half the examples set every value well, so that the file itself is what gets read or refused.
+SOUND_FILES_SETTINGS = st.fixed_dictionaries({"num_tasks": st.sampled_from(["1", "2"]),
+                                              "test_fraction": st.sampled_from(["0.2", "0.5"]),
+                                              "task_column": st.sampled_from(["''", "''", "task"])})
+
+
 @settings(max_examples=600, **SETTINGS)
-@given(train=FILE, test=st.one_of(st.none(), st.none(), st.none(), FILE), num_tasks=VALUE,
-       classes_per_task=mostly(["0"], ["1", "2", "-1", "5"]), test_fraction=FRACTION,
-       max_len=mostly(["8", "16"], ["2", "1", "0", "-3"]), task_column=mostly(["''"], ["task", "task", "nosuch"]),
-       text_column=COLUMN, label_column=LABEL_COLUMN)
-def test_generated_classification_files_are_read_or_refused_in_one_line(
-        folder, tokenizer, train, test, num_tasks, classes_per_task, test_fraction, max_len, task_column,
-        text_column, label_column):
+@given(train=FILE, test=st.one_of(st.none(), st.none(), st.none(), FILE),
+       values=st.one_of(SOUND_FILES_SETTINGS, st.fixed_dictionaries(FILES_SETTINGS)))
+def classification_files(folder, tokenizer, train, test, values):
     overrides = ["data.name=files", f"data.train={write(folder, *train)}",
-                 f"data.test={write(folder, *test) if test else ''}", f"data.num_tasks={num_tasks}",
-                 f"data.classes_per_task={classes_per_task}", f"data.test_fraction={test_fraction}",
-                 f"data.max_len={max_len}", f"data.task_column={task_column}",
-                 f"data.text_column={text_column}", f"data.label_column={label_column}"]
-    refused_or_read(overrides, tokenizer)
+                 f"data.test={write(folder, *test) if test else ''}"]
+    refused_or_read(overrides, tokenizer, values)
+
+
+def test_generated_classification_files_are_read_or_refused_in_one_line(folder, tokenizer):
+    fed = fed_by(classification_files, folder, tokenizer)
+    assert fed["read"] + fed["refused"] + fed["refused reading"] == 600, fed
+    assert fed["read"] >= 30 and fed["refused reading"] >= 150 and fed["refused"] >= 100, fed
+    reached = [fed[f"reached {fmt}"] for fmt in FORMATS]
+    assert sum(reached) >= 600 and min(reached) >= 120, f"too few files of some format reach the reader: {fed}"
 
 
 @settings(max_examples=200, **SETTINGS)
@@ -148,14 +186,21 @@ def test_generated_classification_files_are_read_or_refused_in_one_line(
        answer=mostly(["answer"], ["prompt", "label", "''"]),
        metrics=mostly(["accuracy", "''"], ["rouge_l,accuracy", "nosuch", "[]", "3"]),
        lengths=mostly([("16", "4")], [("1", "1"), ("0", "0"), ("-1", "2"), ("4", "0")]))
-def test_generated_instruction_files_are_read_or_refused_in_one_line(folder, tokenizer, trains, tests, test_fraction,
-                                                                    prompt, answer, metrics, lengths):
+def instruction_files(folder, tokenizer, trains, tests, test_fraction, prompt, answer, metrics, lengths):
     train = ",".join(write(folder, *file) for file in trains)
     test = ",".join(write(folder, *file) for file in tests) if tests else "''"
     overrides = ["data.name=instruction_files", f"data.train={train}", f"data.test={test}",
                  f"data.test_fraction={test_fraction}"]
     refused_or_read(overrides, tokenizer, {"metrics": metrics, "prompt_column": prompt, "answer_column": answer,
                                            "max_prompt_len": lengths[0], "max_answer_len": lengths[1]})
+
+
+def test_generated_instruction_files_are_read_or_refused_in_one_line(folder, tokenizer):
+    fed = fed_by(instruction_files, folder, tokenizer)
+    assert fed["read"] + fed["refused"] + fed["refused reading"] == 200, fed
+    assert fed["read"] >= 5 and fed["refused reading"] >= 50, fed
+    reached = [fed[f"reached {fmt}"] for fmt in FORMATS]
+    assert sum(reached) >= 450 and min(reached) >= 90, f"too few files of some format reach the reader: {fed}"
 
 
 SOURCE = st.fixed_dictionaries({"name": mostly(["files", "instruction_files"], ["sequence", "nosuch", ""])},
@@ -167,10 +212,16 @@ SOURCE = st.fixed_dictionaries({"name": mostly(["files", "instruction_files"], [
 @settings(max_examples=150, **SETTINGS)
 @given(sources=st.lists(st.tuples(SOURCE, FILE), max_size=3), raw=mostly([""], ["[", "3", "[1]", "{}", "[[]]"]),
        max_len=mostly(["8"], ["1"]))
-def test_generated_sequences_of_sources_are_read_or_refused_in_one_line(folder, tokenizer, sources, raw, max_len):
+def sequences(folder, tokenizer, sources, raw, max_len):
     listed = [dict(source, train=write(folder, *file)) for source, file in sources]
     text = raw or json.dumps(listed)
     refused_or_read(["data.name=sequence", f"data.sources={text}", f"data.max_len={max_len}"], tokenizer)
+
+
+def test_generated_sequences_of_sources_are_read_or_refused_in_one_line(folder, tokenizer):
+    fed = fed_by(sequences, folder, tokenizer)
+    # The generated sequences are nearly all refused (a bad source among up to three, or bad JSON).
+    assert fed["read"] + fed["refused"] + fed["refused reading"] == 150 and fed["refused reading"] >= 30, fed
 
 
 IMAGE = mostly(["png"], ["empty", "garbage", "text"])
@@ -196,8 +247,7 @@ def write_image(path, what: str) -> None:
 @given(classes=st.lists(st.lists(IMAGE, max_size=4), max_size=3), test=st.one_of(st.none(), st.lists(
     st.lists(IMAGE, max_size=2), max_size=3)), test_fraction=FRACTION, num_tasks=VALUE,
        image_size=mostly(["4"], ["0", "-1"]))
-def test_generated_image_folders_are_read_or_refused_in_one_line(folder, tokenizer, classes, test, test_fraction,
-                                                                num_tasks, image_size):
+def image_folders(folder, tokenizer, classes, test, test_fraction, num_tasks, image_size):
     root = folder / f"images{next(_names)}"
     for split, listed in (("train", classes), ("test", test)):
         if listed is None:
@@ -212,8 +262,36 @@ def test_generated_image_folders_are_read_or_refused_in_one_line(folder, tokeniz
                      f"data.num_tasks={num_tasks}"], tokenizer, {"image_size": image_size})
 
 
+def test_generated_image_folders_are_read_or_refused_in_one_line(folder, tokenizer):
+    fed = fed_by(image_folders, folder, tokenizer)
+    assert fed["read"] + fed["refused"] + fed["refused reading"] == 60 and fed["read"] >= 3, fed
+
+
+# -- generated config values for every source, through the CLI's reading of the config and `validate` --------
+
+DATA_KEYS = sorted(set(default.get_config().data.keys()) - {"name"})
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(name=st.sampled_from(list(data_lib.NAMES) + ["nosuch", "''", "3"]),
+       settings_=st.lists(st.tuples(st.sampled_from(DATA_KEYS + ["nosuch", "name"]),
+                                    st.sampled_from(["1", "0", "-1", "2.5", "nan", "abc", "true", "None", "''", "[]",
+                                                     "[1]", "[a,b]", "{}", "1e9", "a.csv,b.csv", '"[{\\"name\\": 1}]"'])),
+                          max_size=4))
+def config_values(name, settings_):
+    overrides = [f"data.name={name}"] + [f"data.{key}={value}" for key, value in settings_]
+    refused_or_read(overrides, None, read=False)
+
+
+def test_generated_data_config_values_pass_or_are_refused_in_one_line():
+    fed = fed_by(config_values)
+    assert fed["read"] + fed["refused"] == 300 and fed["read"] >= 10 and fed["refused"] >= 100, fed
+
+
 # -- the cases of issue 24, each one line and exit status 2 from a real `jaxtree-lora run` ---------------
 
+# Three real processes (~45 s on 2 shared cores); tests/test_bad_input_cli.py runs the cases in-process.
+@pytest.mark.slow
 def test_one_row_files_and_lonely_classes_are_one_line_and_exit_2_from_the_command_line(tmp_path, tokenizer):
     from test_bert import make_checkpoint
 

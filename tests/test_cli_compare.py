@@ -24,7 +24,7 @@ from experiments.configs import default
 def get_config(arg=""):
     config = default.get_config()
     config.model.name, config.model.kind, config.model.path = "hf", "decoder", {llama!r}
-    config.data = dict(name="trace", root={trace!r}, tasks=["FOMC", "Py150"], max_train=0, max_test=0,
+    config.data = dict(name="trace", root={trace!r}, tasks=["FOMC", "Py150"], max_train=0, max_eval=0,
                        max_prompt_len=8, max_answer_len=2, chat_template=False)
     config.lora.targets, config.lora.rank = ["attn.q_proj", "attn.v_proj"], 2
     config.train.batch_size, config.train.epochs, config.eval.batch_size = 4, 1, 4

@@ -174,8 +174,9 @@ def test_sequence_gives_each_source_its_own_classes(tmp_path, tokenizer):
     topics = write_jsonl(tmp_path / "topics.jsonl", rows(classes=4, per_class=6, label=lambda c: f"t{c}"))
     sources = json.dumps([{"name": "files", "train": sentiment},
                           {"name": "files", "train": topics, "num_tasks": 2}])
-    stream = get_stream({"name": "sequence", "sources": [sources], "max_len": 8, "test_fraction": 0.34,
-                         "num_tasks": 5}, tokenizer)
+    with pytest.raises(DataError, match="'sequence' has no option.*num_tasks.*its options are: sources"):
+        get_stream({"name": "sequence", "sources": [sources], "num_tasks": 5}, tokenizer)  # each source's own
+    stream = get_stream({"name": "sequence", "sources": [sources], "max_len": 8, "test_fraction": 0.34}, tokenizer)
     assert stream.kind == "classification" and stream.num_classes == 6
     assert len(stream.tasks) == 3, "one task from the sentiment file (default), two from the topics file"
     assert sorted(stream.tasks[0].classes) == [0, 1], "the first source keeps ids 0..1"

@@ -69,7 +69,7 @@ def test_trace_errors_name_the_fix(tmp_path):
 def test_get_stream_dispatches_and_rejects_unknown_names(tmp_path):
     write_trace(tmp_path, ("FOMC", "ScienceQA"))
     config = ml_collections.ConfigDict({"name": "trace", "root": str(tmp_path), "tasks": ["ScienceQA", "FOMC"],
-                                        "max_train": 2, "max_test": 1, "max_prompt_len": 8, "max_answer_len": 2})
+                                        "max_train": 2, "max_eval": 1, "max_prompt_len": 8, "max_answer_len": 2})
     stream = get_stream(config, word_tokenizer())
     assert [t.name for t in stream.tasks] == ["ScienceQA", "FOMC"] and len(stream.tasks[0].test) == 1
     with pytest.raises(DataError, match="choose one of"):

@@ -102,8 +102,11 @@ def test_config_changes_only_the_data_source_and_sizes():
     from jaxtree_lora.train import memory
 
     config, base = lang_config.get_config(), default.get_config()
-    assert (config.data.name, config.data.num_tasks, config.data.per_class_train,
-            config.data.per_class_test) == ("offline-lang-cil", 10, 40, 20)
+    from jaxtree_lora.data import sources
+
+    chosen = sources.options(config.data)  # the source's own defaults (the config sets only its name)
+    assert (chosen.name, chosen.num_tasks, chosen.per_class_train, chosen.per_class_test) == \
+        ("offline-lang-cil", 10, 40, 20)
     for field in ("model", "method", "optimizer", "train", "eval", "lora"):
         assert config[field].to_dict() == base[field].to_dict(), f"config.{field} differs from default.py"
     assert memory.stream_shape(config.data) == ("classification", 10, 20, 64), "the planner knows the stream"

@@ -7,7 +7,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from experiments.configs import vit_b16_cifar100, vit_b16_cub200, vit_b16_imagenet_r  # noqa: E402
-from jaxtree_lora.data import get_stream  # noqa: E402
+from jaxtree_lora.data import get_stream, sources  # noqa: E402
 from jaxtree_lora.train import backbone as backbone_lib  # noqa: E402
 from jaxtree_lora.train.loop import Run, StopRequested  # noqa: E402
 
@@ -43,20 +43,21 @@ def data_dir(tmp_path_factory):
 
 def test_configs_carry_the_papers_settings():
     cifar = vit_b16_cifar100.get_config()
-    assert (cifar.data.dataset, cifar.data.num_tasks) == ("cifar100", 10)
+    data = sources.options(cifar.data)  # what the tfds source reads: the config's keys over its defaults
+    assert (data.dataset, data.num_tasks, data.train_split, data.test_split) == ("cifar100", 10, "train", "test")
     assert (cifar.method.treelora.lam, cifar.method.treelora.tree_depth) == (0.1, 5), "TreeLoRA's ViT setting"
     assert (cifar.optimizer.learning_rate, cifar.train.batch_size, cifar.train.epochs) == (0.005, 192, 20)
     assert cifar.method.treelora.form == "hide" and cifar.lora.targets is None, \
         "the paper's ViT method: TreeLoRA in HiDe's decomposition, with HiDe's own slots"
     assert vit_b16_imagenet_r.get_config("10").train.epochs == vit_b16_cub200.get_config().train.epochs == 50
     for tasks in ("10", "20"):
-        imr = vit_b16_imagenet_r.get_config(tasks)
-        assert (imr.data.dataset, imr.data.num_tasks) == ("imagenet_r", int(tasks))
-        assert imr.data.test_split == "" and imr.data.test_fraction == 0.2, "ImageNet-R: 80/20 split per class"
+        imr = sources.options(vit_b16_imagenet_r.get_config(tasks).data)
+        assert (imr.dataset, imr.num_tasks) == ("imagenet_r", int(tasks))
+        assert imr.test_split == "" and imr.test_fraction == 0.2, "ImageNet-R: 80/20 split per class"
     with pytest.raises(ValueError, match="10 or 20"):
         vit_b16_imagenet_r.get_config("7")
-    cub = vit_b16_cub200.get_config()
-    assert (cub.data.dataset, cub.data.num_tasks, cub.data.test_split) == ("caltech_birds2011", 10, "test")
+    cub = sources.options(vit_b16_cub200.get_config().data)
+    assert (cub.dataset, cub.num_tasks, cub.test_split) == ("caltech_birds2011", 10, "test")
 
 
 @pytest.mark.parametrize("module,arg", [(vit_b16_cifar100, ""), (vit_b16_imagenet_r, "10"),

@@ -9,6 +9,8 @@ TreeLoRA on all-MiniLM-L6-v2 (a real pre-trained BERT-style encoder, from a PyPI
 """
 import ml_collections
 
+from jaxtree_lora.data import sources as data_sources
+
 
 def method_options() -> ml_collections.ConfigDict:
     """Every registered method's options, each a typed placeholder (None: the method's own default,
@@ -36,14 +38,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "name": "minilm", "path": "", "kind": "encoder", "compute_dtype": "float32", "remat": False,
         "tiny": {},
     })
-    config.data = ml_collections.ConfigDict({
-        "name": "offline-text-cil", "num_tasks": 5, "max_len": 64,
-        "per_class_train": 96, "per_class_test": 48, "seed": 0, "classes_per_task": 0,
-        # Your own files (data.name files / image_folder / sequence, see jaxtree_lora/data/__init__.py);
-        # None: any type may be given (a path, or a list of paths).
-        "train": None, "test": None, "text_column": "text", "label_column": "label", "task_column": "",
-        "test_fraction": 0.2, "sources": [],
-    })
+    # Every data source's options (jaxtree_lora/data/sources.py), each unset: the source's own default
+    # (offline-text-cil: 5 tasks, 96 / 48 texts per class, 64 tokens, seed 0); any one can be set:
+    # `--config.data.name=files --config.data.train=a.csv`. A key the source lacks is refused.
+    config.data = data_sources.config_section("offline-text-cil")
     config.method = method_options()
     config.method.name = "treelora"
     # Each method runs with its own LoRA spec (its dataclass default, e.g. InfLoRA k and v at rank 10);

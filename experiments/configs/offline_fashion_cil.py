@@ -31,6 +31,7 @@ the first task, whose 1.7 s is compilation.
 import ml_collections
 
 from experiments.configs import default
+from jaxtree_lora.data import sources as data_sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -38,12 +39,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict({
         "name": "dinov2_small", "path": "", "kind": "vit", "compute_dtype": "float32", "remat": False, "tiny": {},
     })
-    config.data = ml_collections.ConfigDict({
-        "name": "offline-fashion-cil", "data_dir": "", "num_tasks": 5, "classes_per_task": 0,
-        "per_class_train": 160, "per_class_test": 50, "seed": 0,
-        # The backbone's input size, a multiple of the patch (14): 112 px = 8 x 8 patches + [CLS] = 65 tokens.
-        "image_size": 112,
-    })
+    # offline-fashion-cil's defaults (data/sources.py): 5 tasks, 160 / 50 images per class, seed 0.
+    # The backbone's input size, a multiple of the patch (14): 112 px = 8 x 8 patches + [CLS] = 65 tokens.
+    config.data = data_sources.config_section("offline-fashion-cil", image_size=112)
     config.method.name = "treelora"  # form "auto": HiDe-LoRA's decomposition on this classification stream
     config.train.epochs = 2
     config.train.batch_size = 16

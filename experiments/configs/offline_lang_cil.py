@@ -21,8 +21,5 @@ from experiments.configs import default
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = default.get_config(arg)
-    config.data.name = "offline-lang-cil"
-    config.data.num_tasks = 10
-    config.data.per_class_train = 40
-    config.data.per_class_test = 20
+    config.data.name = "offline-lang-cil"  # its defaults: 10 tasks, 40 / 20 texts per class (data/sources.py)
     return config

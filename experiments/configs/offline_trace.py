@@ -7,21 +7,19 @@ real instruction tasks, scored on generated answers. Fully offline; minutes per 
 import ml_collections
 
 from experiments.configs import default
+from jaxtree_lora.data import sources as data_sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = default.get_config()
     config.model.name = "smollm2"
     config.model.kind = "decoder"
-    # 48 test examples per task: one example is 2 points of a task's score (with 24 it was 4, coarser
-    # than the differences between methods); RESULTS.md's offline-trace table uses these.
-    config.data = ml_collections.ConfigDict({
-        "name": "offline-trace", "per_task_train": 48, "per_task_test": 48, "max_prompt_len": 96,
-        "max_answer_len": 8, "chat_template": True, "seed": 0,
-        # Your own instruction files (data.name instruction_files / sequence, see jaxtree_lora/data/__init__.py).
-        "train": None, "test": None, "prompt_column": "prompt", "answer_column": "answer", "metrics": None,
-        "test_fraction": 0.2, "sources": [],
-    })
+    # offline-trace's defaults (data/sources.py): 48 training and 48 test examples per task (one example
+    # is 2 points of a task's score; with 24 it was 4, coarser than the differences between methods);
+    # RESULTS.md's offline-trace table uses these. The lengths and the chat template are set here so
+    # that instruction_files run with this config (README) get them too, as SmolLM2-Instruct needs.
+    config.data = data_sources.config_section("offline-trace", max_prompt_len=96, max_answer_len=8,
+                                              chat_template=True)
     # Each method keeps its own LoRA spec: q and v (q_proj, v_proj here) for the LLM baselines and
     # TreeLoRA (the official scripts, PEFT's llama default), k and v for InfLoRA.
     config.optimizer.learning_rate = 5e-4

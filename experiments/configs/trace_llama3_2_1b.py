@@ -14,6 +14,7 @@ LoRA r=8, alpha=32, dropout 0.1 on q_proj and v_proj of every layer; answer-only
 import ml_collections
 
 from experiments.configs import default
+from jaxtree_lora.data import sources as data_sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -22,11 +23,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict({
         "name": "hf", "path": "", "kind": "decoder", "compute_dtype": "bfloat16", "remat": True, "tiny": {},
     })
-    config.data = ml_collections.ConfigDict({
-        "name": "trace", "root": "",
-        "tasks": ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"],
-        "max_train": 0, "max_test": 0, "max_prompt_len": 1024, "max_answer_len": 512, "chat_template": False,
-    })
+    config.data = data_sources.config_section(
+        "trace", root="",
+        tasks=["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"],
+        max_train=0, max_eval=0, max_prompt_len=1024, max_answer_len=512, chat_template=False)
     config.method.name = "treelora"
     config.method.treelora.lam = 0.5
     config.lora = ml_collections.ConfigDict({

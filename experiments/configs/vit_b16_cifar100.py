@@ -20,6 +20,7 @@ Weights: a `google/vit-base-patch16-224-in21k`-layout checkpoint directory at `m
 import ml_collections
 
 from experiments.configs import default
+from jaxtree_lora.data import sources as data_sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -27,10 +28,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict({
         "name": "hf", "path": "", "kind": "vit", "compute_dtype": "bfloat16", "remat": False, "tiny": {},
     })
-    config.data = ml_collections.ConfigDict({
-        "name": "tfds", "dataset": "cifar100", "data_dir": "", "num_tasks": 10, "image_size": 224, "seed": 0,
-        "train_split": "train", "test_split": "test",
-    })
+    # tfds's defaults (data/sources.py): dataset cifar100, splits train / test. The keys set here are ones
+    # image_folder shares, so `--config.data.name=image_folder --config.data.data_dir=...` (README) runs
+    # your own images under the same protocol: 10 tasks, 224 px.
+    config.data = data_sources.config_section("tfds", data_dir="", num_tasks=10, image_size=224, seed=0)
     config.method.name = "treelora"
     config.method.treelora.lam = 0.1
     config.method.treelora.tree_depth = 5  # the paper's tree depth for ViTs (Table 6)

@@ -13,13 +13,13 @@ methods keep their options under config.method.<name>.
 import ml_collections
 
 from experiments.configs import vit_b16_cifar100
+from jaxtree_lora.data import sources as data_sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = vit_b16_cifar100.get_config()
-    config.data = ml_collections.ConfigDict({
-        "name": "tfds", "dataset": "caltech_birds2011", "data_dir": "", "num_tasks": 10, "image_size": 224,
-        "seed": 0, "train_split": "train", "test_split": "test",
-    })
+    config.data = data_sources.config_section(
+        "tfds", dataset="caltech_birds2011", data_dir="", num_tasks=10, image_size=224, seed=0,
+        train_split="train", test_split="test")
     config.train.epochs = 50  # the paper's CUB setting (Table 6)
     return config

@@ -18,6 +18,7 @@ optimisers for this benchmark are listed in docs/METHODS.md (e.g. SD-LoRA SGD 1e
 import ml_collections
 
 from experiments.configs import vit_b16_cifar100
+from jaxtree_lora.data import sources as data_sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -25,10 +26,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if tasks not in (10, 20):
         raise ValueError(f"vit_b16_imagenet_r takes 10 or 20 tasks, got {arg!r}: use the config file as FILE.py:10 or :20")
     config = vit_b16_cifar100.get_config()
-    config.data = ml_collections.ConfigDict({
-        "name": "tfds", "dataset": "imagenet_r", "data_dir": "", "num_tasks": tasks, "image_size": 224, "seed": 0,
-        "train_split": "test", "test_split": "", "test_fraction": 0.2,
-    })
+    config.data = data_sources.config_section(
+        "tfds", dataset="imagenet_r", data_dir="", num_tasks=tasks, image_size=224, seed=0, train_split="test",
+        test_split="", test_fraction=0.2)
     config.train.epochs = 50  # the paper's ImageNet-R setting (Table 6)
     config.lora.rank = 5  # HiDe-LoRA's ImageNet-R script (`--lora_rank 5`)
     return config

@@ -56,14 +56,6 @@ def first_occurrences(*image_sets: np.ndarray) -> list[np.ndarray]:
     return [keep[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
 
 
-def stream_shape(classes: Sequence[str] = (), num_tasks=None, classes_per_task: int = 0) -> tuple[int, int]:
-    """(tasks, classes) of the stream from its options alone (the memory planner)."""
-    count = len(classes) if classes else len(FASHION_CLASSES)
-    if classes_per_task:
-        return -(-count // classes_per_task), count
-    return (5 if num_tasks is None else int(num_tasks)), count
-
-
 def offline_fashion_cil(data_dir: str = "", num_tasks: int = 5, per_class_train: int = PER_CLASS_TRAIN,
                         per_class_test: int = PER_CLASS_TEST, seed: int = 0, classes: Sequence[str] = (),
                         classes_per_task: int = 0) -> Stream:

@@ -587,16 +587,15 @@ def image_folder_stream(root: str = "", train: str = "", test: str = "", image_s
 # sequences across sources
 # ---------------------------------------------------------------------------------------------------
 
-# Settings a source takes from the top-level data config unless it sets its own: the ones that must
-# agree for every task to share one input shape (one compiled step), and column names.
-INHERITED = ("max_len", "seed", "max_prompt_len", "max_answer_len", "chat_template", "image_size", "image_dtype",
-             "test_fraction", "text_column", "label_column", "prompt_column", "answer_column")
 
 
 def parse_sources(value) -> list[dict]:
     """data.sources as a list of dicts: ml_collections lists, or JSON text from the command line."""
     if isinstance(value, str):
         value = [value]
+    if value is not None and not isinstance(value, (list, tuple)):
+        raise DataError(f"data.sources must be a list of data configs (or JSON text of one), got {value!r}: write "
+                        f"--config.data.sources='[{{\"name\": \"files\", \"train\": \"a.csv\"}}]'")
     sources = []
     for item in list(value or []):
         if isinstance(item, str):
@@ -622,23 +621,36 @@ def parse_sources(value) -> list[dict]:
     return out
 
 
+def source_configs(config, sources: list[dict]) -> list[dict]:
+    """Each source's data config: the settings of sources.INHERITED that the sequence's level sets and
+    the source has (num_tasks 1 where it has one), then the source's own keys on top."""
+    from jaxtree_lora.data.sources import INHERITED, SOURCES, fields
+
+    configs = []
+    for index, source in enumerate(sources):
+        if source["name"] == "sequence":
+            raise DataError(f"data.sources[{index}] is itself a sequence: list its sources directly")
+        own = fields(source["name"]) if source["name"] in SOURCES else {}
+        merged = {key: config.get(key) for key in INHERITED if key in own and config.get(key, None) is not None}
+        if "num_tasks" in own:
+            merged["num_tasks"] = 1
+        merged.update(source)
+        configs.append(merged)
+    return configs
+
+
 def sequence_stream(config, tokenizer, get_stream) -> Stream:
     """The tasks of every source in `config.sources`, in order, as one Stream.
 
     A source is a data config of its own (name, files, columns; one task by default); the settings in
-    INHERITED come from the top-level data config. Classification sources keep disjoint label spaces:
+    sources.INHERITED come from the top-level data config. Classification sources keep disjoint label spaces:
     each source's class ids are offset by the classes before it. Instruction sources' tasks are
     concatenated and padded to one length. Classification and instruction sources cannot share one
     stream: the trainer learns either a class head or generated answers per run.
     """
-    sources = parse_sources(config.get("sources", None))
     streams = []
-    for index, source in enumerate(sources):
-        if source["name"] == "sequence":
-            raise DataError(f"data.sources[{index}] is itself a sequence: list its sources directly")
-        merged = {key: config.get(key) for key in INHERITED if config.get(key, None) is not None}
-        merged.setdefault("num_tasks", 1)
-        merged.update(source)
+    for index, merged in enumerate(source_configs(config, parse_sources(config.get("sources", None)))):
+        source = merged
         try:
             streams.append(get_stream(merged, tokenizer))
         except DataError as error:

@@ -31,7 +31,6 @@ import csv
 import dataclasses
 import functools
 import gzip
-import inspect
 import io
 import os
 import re
@@ -355,21 +354,6 @@ def offline_lang_cil(tokenizer, max_len: int = 64, num_tasks: int = 10, per_clas
                                key_of=language_key, what="languages")
 
 
-# The offline class-incremental streams by data.name (their builders' defaults are the streams').
-CLASS_STREAMS: dict[str, Callable[..., Stream]] = {"offline-text-cil": offline_text_cil,
-                                                   "offline-lang-cil": offline_lang_cil}
-
-
-def class_stream_shape(name: str, classes: Sequence[str] = (), num_tasks=None, classes_per_task: int = 0):
-    """(tasks, classes) of an offline class-incremental stream from its options alone (the memory planner)."""
-    build = CLASS_STREAMS[name]
-    count = len(classes) if classes else len(TEXT_CLASSES if name == "offline-text-cil" else DEFAULT_LANGUAGES)
-    if classes_per_task:
-        return -(-count // classes_per_task), count
-    tasks = inspect.signature(build).parameters["num_tasks"].default if num_tasks is None else int(num_tasks)
-    return tasks, count
-
-
 # ---------------------------------------------------------------------------------------------------
 # TRACE-style instruction tasks
 # ---------------------------------------------------------------------------------------------------
@@ -492,7 +476,7 @@ def choose_examples(task_name: str, task: InstructionTask, train_count: int, tes
     return train, test
 
 
-def offline_trace(tokenizer, per_task_train: int = 48, per_task_test: int = 24, max_prompt_len: int = 96,
+def offline_trace(tokenizer, per_task_train: int = 48, per_task_test: int = 48, max_prompt_len: int = 96,
                   max_answer_len: int = 8, chat_template: bool = True, seed: int = 0,
                   tasks: Sequence[str] = DEFAULT_TRACE_TASKS) -> Stream:
     """A TRACE-style stream of heterogeneous instruction tasks over real text (TRACE_TASKS).

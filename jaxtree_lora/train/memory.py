@@ -116,59 +116,27 @@ def refuse_if_too_big(result: MemoryPlan, headroom: float = 0.92) -> None:
 
 # -- a plan for a run config, without loading weights or data -----------------------------------
 
-TFDS_CLASSES = {"cifar100": 100, "imagenet_r": 200, "caltech_birds2011": 200, "cifar10": 10}
-
-
 def stream_shape(data) -> tuple[str, int, int, int]:
-    """(kind, tasks, classes, sequence length) a data config describes, read from the config alone."""
-    name = data.get("name", "")
-    if name in ("offline-text-cil", "offline-lang-cil"):
-        from jaxtree_lora.data.offline import class_stream_shape
+    """(kind, tasks, classes, sequence length) a data config describes, read from the config alone
+    (the source's options in the data registry, data/sources.py; images: length 0, the ViT's token
+    count comes from the model's config)."""
+    from jaxtree_lora.data import DataError, sources
 
-        tasks, classes = class_stream_shape(name, data.get("classes", None) or (), data.get("num_tasks", None),
-                                            int(data.get("classes_per_task", 0) or 0))
-        return "classification", tasks, classes, int(data.get("max_len", 64))
-    if name == "offline-fashion-cil":  # images: the ViT's token count comes from the model's config
-        from jaxtree_lora.data.fashion import stream_shape as fashion_shape
-
-        tasks, classes = fashion_shape(data.get("classes", None) or (), data.get("num_tasks", None),
-                                       int(data.get("classes_per_task", 0) or 0))
-        return "classification", tasks, classes, 0
-    if name == "offline-trace":
-        from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS
-
-        tasks = len(data.get("tasks", None) or DEFAULT_TRACE_TASKS)
-        return "instruction", tasks, 0, int(data.get("max_prompt_len", 96)) + int(data.get("max_answer_len", 8))
-    if name == "trace":
-        from jaxtree_lora.data.trace import TRACE_ORDER
-
-        tasks = len(data.get("tasks", None) or TRACE_ORDER)
-        return "instruction", tasks, 0, int(data.get("max_prompt_len", 1024)) + int(data.get("max_answer_len", 512))
-    if name == "tfds":
-        classes = int(data.get("num_classes", 0) or TFDS_CLASSES.get(data.get("dataset", "cifar100"), 100))
-        per_task = int(data.get("classes_per_task", 0) or 0)
-        tasks = -(-classes // per_task) if per_task else int(data.get("num_tasks", 10))
-        return "classification", tasks, classes, 0
-    from jaxtree_lora.data import DataError
-
-    raise DataError(f"unknown data.name {name!r}: the planner knows offline-text-cil, offline-lang-cil, "
-                    f"offline-fashion-cil, offline-trace, trace and tfds")
+    chosen = sources.options(data)
+    shape = chosen.shape()
+    if shape is None:
+        knows = ", ".join(name for name, cls in sources.SOURCES.items() if cls.shape is not sources.Source.shape)
+        raise DataError(f"the planner cannot tell the shape of data source {chosen.name!r} from its config alone: "
+                        f"it knows {knows}")
+    return (chosen.kind, *shape)
 
 
 def answer_length(data) -> int:
     """The longest answer (plus EOS) an instruction data config allows: the window the loss takes
     logits over. 0 for classification streams."""
-    name = data.get("name", "")
-    if name == "offline-trace":
-        from jaxtree_lora.data.offline import DEFAULT_TRACE_TASKS, TRACE_TASKS
+    from jaxtree_lora.data import sources
 
-        tasks = data.get("tasks", None) or DEFAULT_TRACE_TASKS
-        # offline_trace gives each task max(max_answer_len, its max_new_tokens) answer columns.
-        budgets = [TRACE_TASKS[task].max_new_tokens for task in tasks if task in TRACE_TASKS]
-        return max([int(data.get("max_answer_len", 8))] + budgets)
-    if name == "trace":
-        return int(data.get("max_answer_len", 512))
-    return 0
+    return sources.options(data).answer_length()
 
 
 def folded_kernel_bytes(config, method, module, frozen, compute: str) -> float:
