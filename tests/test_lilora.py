@@ -72,7 +72,7 @@ def test_run_learns_with_its_own_branch_per_task(stability, tmp_path):
     outcome = run.fit()
     assert run.train_step._cache_size() == 1, "a new task compiled the train step again"
     assert_learns(run, outcome)
-    assert run.method.describe()["task_identity_at_inference"] is True
+    assert run.method.describe()["inference_rule"] == "GIVEN_TASK_SLOT"
     state = outcome["state"]
     a_sh = np.asarray(state.trainable["adapters"]["attn.query"]["a_sh"])
     np.testing.assert_array_equal(np.asarray(state.method_state["a_sh_prev"]["attn.query"]), a_sh,

@@ -20,7 +20,7 @@ reference/methods.md §1):
 - after each task the shared B becomes the next teacher; prototypes of the task's classes are the
   mean features under that task's own adapters (the trainer's prototype classifier);
 - inference, task-identity free: each learned task's classes are scored with that task's specific
-  adapters and the final shared adapter (`per_task_inference`), and the best class wins.
+  adapters and the final shared adapter (InferenceRule.PER_SLOT_SCORING), and the best class wins.
 
 Differences forced by the contract, documented: (1) the code distils at an early exit (the CLS token
 after the shared half, through the final LayerNorm and the current head); here both teacher and
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.methods.base import Method
+from jaxtree_lora.methods.base import InferenceRule, Method
 
 
 def random_orthonormal(key, shape):
@@ -62,7 +62,7 @@ class CLLoRA(Method):
     name = "cl_lora"
     default_head = "cosine"  # per-task proxy (cosine) heads for training
     default_classifier = "prototype"  # inference: cosine to each task's class prototypes, own-task features
-    per_task_inference = True
+    inference_rule = InferenceRule.PER_SLOT_SCORING
     stream_kinds = ("classification",)
     not_applicable_reason = "CL-LoRA is a class-incremental method with a prototype classifier"
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec(dropout=0.0)
