@@ -11,7 +11,10 @@ REGISTRY = {
     "joint": "jaxtree_lora.methods.joint:Joint",
     "seqlora": "jaxtree_lora.methods.seqlora:SeqLoRA",
     "inclora": "jaxtree_lora.methods.inclora:IncLoRA",
+    # The user-facing name: its options only; a run trains one of its two forms (jaxtree_lora.assemble).
     "treelora": "jaxtree_lora.methods.treelora:TreeLoRA",
+    "treelora_llm": "jaxtree_lora.methods.treelora_llm:TreeLoRALLM",
+    "treelora_hide": "jaxtree_lora.methods.treelora_hide:TreeLoRAHiDe",
     "o_lora": "jaxtree_lora.methods.o_lora:OLoRA",
     "ewc": "jaxtree_lora.methods.ewc:EWC",
     "inflora": "jaxtree_lora.methods.inflora:InfLoRA",

@@ -1,45 +1,12 @@
-"""TreeLoRA (Qian, Xu, Zhang, Zhao, Zhou; ICML 2025, arXiv 2506.10355), code-faithful by default.
+"""TreeLoRA's LLM form (`treelora_llm`): ONE LoRA adapter trained through every task, the gradient
+tree over stored task vectors and the bandit-selected alignment regulariser, as the official code
+(ZinYY/TreeLoRA, `model/Regular/Tree_LoRA.py`, `utils/kd_lora_tree.py`) runs it on instruction streams.
 
-What the official code does (ZinYY/TreeLoRA at c6a9b6d; reference/treelora.md §2) and this method
-reproduces by default:
-
-- ONE LoRA adapter (q_proj, v_proj; r 8, alpha 32, dropout 0.1; A kaiming-uniform, B 0) trained on
-  through every task, never reset or merged (`model/Regular/Tree_LoRA.py`, `training/main.py` L337-348);
-- a running task vector per epoch, `c += D * sg(A) / T` over the micro-steps of the epoch: the mean of
-  the LoRA-A VALUES, times the number of modules D (the x D is `insert_grad`'s loop quirk,
-  `utils/kd_lora_tree.py` L173-181; option `d_factor`); at the end of a task G[n] = c (L126-129);
-- the tree over the stored G, rebuilt from scratch at each task end (`jaxtree_lora.tree.tree`, §2.4);
-- at each micro-step of task n > 0, one past task per module from the bandit (`jaxtree_lora.tree.
-  bandit`, §2.5), then the regulariser (§2.6, `utils/kd_lora_tree.py` L264-271)
-      R = -sum_l <A_l, G[p_l]_l>,   L_total = L - lambda_t * sg(L) * R / (sg(R) + 1e-5),
-  lambda_t = lambda * t / T ramping from 0 within every epoch (L169-171); only A receives its gradient;
-- bandit statistics reset at every epoch start (`new_epoch_init`, L117-124);
-- lambda 0.5 (`scripts/lora_based_methods/Tree_LoRA.sh`).
-
-Each code-versus-paper difference (reference/treelora.md §8) is a named option:
-
-  selection     "official" (soft, larger distance likelier) | "paper_lcb" (argmin LCB, smooth tree
-                bound) | "random" (the paper's "penalty + random search" ablation)
-  task_vector   "lora_a_average" (official) | "gradient" (running mean of dL/dA: the paper's
-                expected task gradient, taken from the step's gradient)
-  regulariser   "official" (log-alignment) | "paper_l1" (lambda_t * mean over entries |f*A - G[p]|) |
-                "none" (no penalty, selection still runs)
-  d_factor      True (official x D) | False
-  bandit_reset  "epoch" (official) | "task"
-  min_shift     "add" (official `sim += min(sim)`) | "subtract"
-  lam_ramp      True (official) | False (constant lambda)
-  tree_depth    -1 (official: leaves at depth D) | the paper's "tree depth" (5 for ViTs)
-  form          "auto" (default: "hide" on classification streams, "llm" on instruction streams) |
-                "llm" (this module: one LoRA through every task, the official LLM code) | "hide"
-                (paper App. A.3: HiDe-LoRA's per-task slots, task-identity inference and task-adaptive
-                prediction, with the tree, bandit and regulariser acting on the current slot during
-                within-task training; `jaxtree_lora.methods.treelora_hide`)
-
-The adapter is stacked over layers, {site: {"a": [L, r, d_in], "b": [L, d_out, r]}}; the D modules
-are ordered layer-major (layer0.q, layer0.v, layer1.q, ...) as the official code's named_modules()
-order, i.e. A.reshape(L * sites, r * d_in) after stacking the sites (sorted by name) on axis 1. All targeted sites
-must share d_in (the official code stacks q and v for the same reason). `lora.max_modules` (the
-official `--lora_depth`) keeps only the first modules in that order.
+Every default is the official code's; each place where code and paper differ is a named option
+(selection, task_vector, regulariser, d_factor, bandit_reset, min_shift, lam_ramp, tree_depth). The
+name `treelora` resolves to this form on instruction streams (`jaxtree_lora.assemble`). The D tree
+modules are the A matrices in layer-major order (layer0.q, layer0.v, layer1.q, ...), all targeted
+sites sharing d_in; `lora.max_modules` keeps the first ones. docs/TREELORA.md explains each part.
 """
 from __future__ import annotations
 
@@ -58,12 +25,11 @@ from jaxtree_lora.tree import bandit, tree as tree_lib
 SELECTIONS = ("official", "paper_lcb", "random")
 TASK_VECTORS = ("lora_a_average", "gradient")
 REGULARISERS = ("official", "paper_l1", "none")
-FORMS = ("auto", "llm", "hide")
 
 
 @dataclasses.dataclass(frozen=True)
-class TreeLoRA(Method):
-    """TreeLoRA on the Method contract. Every default is the official code's (ZinYY/TreeLoRA c6a9b6d):
+class TreeLoRALLM(Method):
+    """TreeLoRA's LLM form on the Method contract. Every default is the official code's (ZinYY/TreeLoRA c6a9b6d):
 
     lora          rank 8, alpha 32, dropout 0.1 (`training/main.py` L340-342), A kaiming_uniform(a=sqrt 5),
                   B 0 (`utils/my_peft/tuners/lora.py` L523-525); targets q_proj, v_proj of every layer
@@ -92,7 +58,7 @@ class TreeLoRA(Method):
     "none" (selection runs, no penalty).
     """
 
-    name = "treelora"
+    name = "treelora_llm"
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec(dropout=0.1)
     lam: float = 0.5
     max_tasks: int = 0
@@ -105,15 +71,13 @@ class TreeLoRA(Method):
     lam_ramp: bool = True
     tree_depth: int = -1
     tree_bound: bool = True
-    form: str = "auto"
 
     def __post_init__(self):
         for value, allowed, field in ((self.selection, SELECTIONS, "selection"),
                                       (self.task_vector, TASK_VECTORS, "task_vector"),
                                       (self.regulariser, REGULARISERS, "regulariser"),
                                       (self.bandit_reset, ("epoch", "task"), "bandit_reset"),
-                                      (self.min_shift, ("add", "subtract"), "min_shift"),
-                                      (self.form, FORMS, "form")):
+                                      (self.min_shift, ("add", "subtract"), "min_shift")):
             if value not in allowed:
                 raise ConfigError(f"treelora {field} must be one of {', '.join(allowed)}, got {value!r}: "
                                  f"set --config.method.treelora.{field} to one of them")
@@ -125,19 +89,6 @@ class TreeLoRA(Method):
             raise ConfigError("treelora regulariser 'paper_l1' compares the live A with stored A averages, but "
                              "task_vector 'gradient' stores gradients: use task_vector 'lora_a_average' with it, "
                              "or regulariser 'official' / 'none'")
-
-    def for_stream(self, kind: str, given: frozenset, options_of):
-        """The concrete method for a stream of `kind`: this one ("llm"), or TreeLoRA in HiDe-LoRA's
-        decomposition ("hide"; "auto" picks it for classification streams). `given` names the options
-        (and LoRA keys, as "lora.KEY") that the config sets: those keep this object's values in either
-        form, the others take the form's own defaults. `options_of("hide_lora")` gives the HiDe-LoRA
-        options the config sets."""
-        form = self.form if self.form != "auto" else ("hide" if kind == "classification" else "llm")
-        if form == "llm":
-            return dataclasses.replace(self, form="llm")
-        from jaxtree_lora.methods.treelora_hide import hide_form
-
-        return hide_form(self, options_of("hide_lora"), given)
 
     # -- layout ---------------------------------------------------------------------------------
     def modules(self, adapters) -> jax.Array:
@@ -257,7 +208,7 @@ class TreeLoRA(Method):
             sg_r = jax.lax.stop_gradient(r)
             penalty = lam_t * sg_loss * r / (sg_r + 1e-5)
             total = loss - jnp.where(active, penalty, 0.0)
-            # d(-penalty)/dA = lam_t L G_p / (R + 1e-5)  (reference/treelora.md §2.6)
+            # d(-penalty)/dA = lam_t L G_p / (R + 1e-5)  (the penalty's closed-form gradient)
             regulariser_grad = jnp.where(active, lam_t * sg_loss / (sg_r + 1e-5), 0.0) * chosen
         elif self.regulariser == "paper_l1":
             penalty = lam_t * jnp.mean(jnp.abs(self.factor(state) * a - chosen))
