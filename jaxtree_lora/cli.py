@@ -455,7 +455,9 @@ def cmd_compare(args, overrides) -> int:
 
     base = _load_config(args.config, overrides, args.tpu_config)
     seeds = parse_seeds(args.seeds)
-    names = methods_lib.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    # "all": every method, each TreeLoRA form once (not again under the name `treelora`, an alias of one).
+    names = ([name for name in methods_lib.names() if name not in methods_lib.ALIASES] if args.methods == "all"
+             else [m.strip() for m in args.methods.split(",") if m.strip()])
     for name in names:
         methods_lib.get_class(name)  # fail fast on a typo, before any training
     workdir = args.workdir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")

@@ -27,6 +27,10 @@ REGISTRY = {
 }
 
 
+# Names that stand for one of several registered methods (chosen by jaxtree_lora.assemble), not a method.
+ALIASES = ("treelora",)
+
+
 class UnknownMethod(ValueError):
     pass
 
@@ -46,4 +50,5 @@ def get(name: str, **options) -> Method:
     return get_class(name)(**options)
 
 
-__all__ = ["TaskContext", "Method", "MethodNotApplicable", "ModelInfo", "StreamInfo", "get", "get_class", "names", "REGISTRY"]
+__all__ = ["TaskContext", "Method", "MethodNotApplicable", "ModelInfo", "StreamInfo", "get", "get_class", "names", "REGISTRY",
+           "ALIASES"]
