@@ -95,8 +95,8 @@ class Evaluator:
         # INFERRED_TASK_SLOT as the method's own rule: its `infer_task` names each example's task, every
         # seen class competes and one forward applies each example's slot; as `eval.task_identity=inferred`
         # on a given-slot method: pre-trained class means name it, its classes compete, one forward per slot.
-        self.own_identity = method.inference_rule is InferenceRule.INFERRED_TASK_SLOT
-        self.one_forward_per_example = self.own_identity
+        self.method_infers_task = method.inference_rule is InferenceRule.INFERRED_TASK_SLOT
+        self.one_forward_per_example = self.method_infers_task
         self.identity_hits = [0.0, 0.0]  # examples whose task was inferred right, examples (one evaluate call)
         self._features = jax.jit(self._features_fn, out_shardings=out_sharding)
         # With the features of its one forward (kept for the last column); `_predict`: predictions alone.
@@ -202,7 +202,7 @@ class Evaluator:
         else:
             logits = jnp.take_along_axis(self._per_slot(trainable, frozen, consts, method_state, prototypes, batch,
                                                         seen_upto), example_tasks[None, None, :, None], axis=0)[0]
-        if self.own_identity:
+        if self.method_infers_task:
             return logits, consts["seen_classes"][seen_upto][None, None, :], features
         return logits, consts["task_classes"][example_tasks][None, :, :], None
 
@@ -386,7 +386,7 @@ class Evaluator:
             example_tasks = None
             if self.infer_identity:
                 features = pretrained(batch)
-                if self.own_identity:
+                if self.method_infers_task:
                     inferred = np.asarray(self._infer_task(state.method_state, self.host_batch(features),
                                                            jnp.asarray(trained_upto, jnp.int32)))
                 else:
