@@ -33,11 +33,13 @@ def final_run_and_state(workdir: str):
 
 def identity_given(workdir: str) -> dict:
     run, state = final_run_and_state(workdir)
-    if not run.method.task_identity_at_inference:
+    from jaxtree_lora.methods.base import InferenceRule
+
+    if run.method.inference_rule not in (InferenceRule.GIVEN_TASK_SLOT, InferenceRule.INFERRED_TASK_SLOT):
         raise SystemExit(f"{workdir}: {run.method.name} does not score examples with a per-task slot")
     last = len(run.stream.tasks) - 1
     evaluator = run.evaluator
-    evaluator.infer_identity = False  # the evaluated task's slot scores it, its classes compete
+    evaluator.rule = InferenceRule.GIVEN_TASK_SLOT  # the evaluated task's slot scores it, its classes compete
     given = [evaluator.evaluate(state, task, last)["score"] for task in range(last + 1)]
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)

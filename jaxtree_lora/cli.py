@@ -231,6 +231,8 @@ def run_protocol(run) -> dict:
     head, classifier and task identity. Recorded in results.json and printed before training."""
     import dataclasses
 
+    from jaxtree_lora.methods.base import InferenceRule
+
     method = run.method
     lora = dataclasses.asdict(method.lora) if method.trains and hasattr(method, "lora") else None
     if lora is not None:
@@ -242,19 +244,16 @@ def run_protocol(run) -> dict:
             "weight_decay", "clip_norm", "schedule")
         optimizer = {key: settings.get(key) for key in keys}
     rate = optimizer["learning_rate"] if optimizer else None
+    rule = run.inference_rule  # the method's, after eval.task_identity (evaluation.evaluator.effective_rule)
+    identity = {InferenceRule.GIVEN_TASK_SLOT: "given", InferenceRule.INFERRED_TASK_SLOT: "inferred"}.get(rule, "free")
     if run.kind != "classification":
         inference = "generation (greedy)" if float(run.config.eval.get("temperature", 0.0)) == 0 else "generation"
         return {"lora": lora, "learning_rate": rate, "optimizer": optimizer, "inference": inference,
-                "task_identity": "given" if method.task_identity_at_inference and not run.infer_identity else
-                ("inferred" if run.infer_identity else "free")}
-    rule = ("per-task features" if method.per_task_inference else
-            "inferred task's slot" if run.infer_identity else
-            "given task's slot" if method.task_identity_at_inference else "final adapters")
+                "task_identity": identity}
     return {"lora": lora, "learning_rate": rate, "optimizer": optimizer,
             "head": None if not method.trains else run.protocol["head"],
-            "classifier": run.protocol["classifier"], "inference": rule,
-            "task_identity": "given" if method.task_identity_at_inference and not run.infer_identity else
-            ("inferred" if run.infer_identity else "free")}
+            "classifier": run.protocol["classifier"], "inference": run.inference_rule.value,
+            "task_identity": identity}
 
 
 def describe_protocol(protocol: dict) -> str:
@@ -469,7 +468,9 @@ def cmd_compare(args, overrides) -> int:
 
     base = _load_config(args.config, overrides, args.tpu_config)
     seeds = parse_seeds(args.seeds)
-    names = methods_lib.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    # "all": every method, each TreeLoRA form once (not again under the name `treelora`, an alias of one).
+    names = ([name for name in methods_lib.names() if name not in methods_lib.ALIASES] if args.methods == "all"
+             else [m.strip() for m in args.methods.split(",") if m.strip()])
     for name in names:
         methods_lib.get_class(name)  # fail fast on a typo, before any training
     workdir = args.workdir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")

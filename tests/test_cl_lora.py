@@ -76,4 +76,4 @@ def test_run_compiles_once_learns_and_infers_without_task_identity(tmp_path):
     np.testing.assert_array_equal(np.asarray(state.method_state["teacher"]["attn.query"]),
                                   np.asarray(state.trainable["adapters"]["attn.query"]["b_s"]),
                                   err_msg="the last shared B is the next teacher")
-    assert run.method.describe()["task_identity_at_inference"] is False
+    assert run.method.describe()["inference_rule"] == "PER_SLOT_SCORING"

@@ -17,6 +17,9 @@ BAD = [
     (["--config", "experiments/configs/missing.py"], "not found"),
     (["--config.train.batch_size=abc"], "expected a value of type int"),
     (["--config.method.treelora.nosuch=1"], "unknown config key"),
+    # An option of the other TreeLoRA form than the run's (the LLM form has no HiDe-LoRA options).
+    (["--config.method.treelora.form=llm", "--config.method.treelora.reg=0.5"], "is an option of treelora_hide only"),
+    (["--config.method.treelora.form=tree"], "method.treelora.form must be auto, llm, hide"),
     (["--config.lora.init=weird"], "unknown lora init"),
     (["--config.eval.temperature=-1"], "temperature must be >= 0"),
     (["--config.data.num_tasks=20"], "20 tasks need at least as many classes, but there are 10"),

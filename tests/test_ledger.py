@@ -54,7 +54,7 @@ def test_a_run_accounts_for_every_phase(tmp_path):
     outcome = run.fit()
     table = outcome["time"]
     phases = table["phases"]
-    for name in ("setup", "compile", "train", "end_task: treelora", "pass: pre-trained features", "pass: features",
+    for name in ("setup", "compile", "train", "end_task: treelora_hide", "pass: pre-trained features", "pass: features",
                  "prototypes", "evaluation", "evaluation: recomputed prototypes", "checkpoint", "other"):
         assert name in phases, f"phase {name!r} missing from the ledger: {sorted(phases)}"
     assert sum(phases.values()) == pytest.approx(table["wall_seconds"], rel=1e-6, abs=1e-6)

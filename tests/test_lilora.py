@@ -72,7 +72,7 @@ def test_run_learns_with_its_own_branch_per_task(stability, tmp_path):
     outcome = run.fit()
     assert run.train_step._cache_size() == 1, "a new task compiled the train step again"
     assert_learns(run, outcome)
-    assert run.method.describe()["task_identity_at_inference"] is True
+    assert run.method.describe()["inference_rule"] == "GIVEN_TASK_SLOT"
     state = outcome["state"]
     a_sh = np.asarray(state.trainable["adapters"]["attn.query"]["a_sh"])
     np.testing.assert_array_equal(np.asarray(state.method_state["a_sh_prev"]["attn.query"]), a_sh,
@@ -95,9 +95,16 @@ def test_inferred_identity_scores_each_example_with_its_own_tasks_branch(tmp_pat
               "attention_mask": np.concatenate([t.test.inputs["attention_mask"][:4] for t in run.stream.tasks])}
     batch = run._host_batch(arrays)
     tasks = np.asarray([0, 2, 1, 0, 1, 2, 2, 0, 1, 1, 0, 2], np.int32)
-    predict = run.evaluator._predict
-    mixed = np.asarray(predict(state.trainable, run.frozen, run.consts, state.method_state, state.prototypes,
-                               batch, 2, jnp.asarray(tasks)))
+    from jaxtree_lora.evaluation.evaluator import Evaluator
+
+    predict = run.evaluator._predict  # the run's rule: the given task's slot
+    given_evaluator = run.evaluator
+    inferring = Evaluator(backbone=run.backbone, method=run.method, stream=run.stream, protocol=run.protocol,
+                          consts=run.consts, frozen=run.frozen, host_batch=given_evaluator.host_batch,
+                          out_sharding=given_evaluator._out_sharding, identity="inferred",
+                          batches=given_evaluator.batches)  # eval.task_identity=inferred: the inferred task's slot
+    mixed = np.asarray(inferring._predict(state.trainable, run.frozen, run.consts, state.method_state,
+                                          state.prototypes, batch, 2, jnp.asarray(tasks)))
     for k in range(3):
         given = np.asarray(predict(state.trainable, run.frozen, run.consts,
                                    {**state.method_state, "task": jnp.asarray(k, jnp.int32)},

@@ -34,7 +34,7 @@ def test_the_readme_main_job_writes_its_work_directory(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "accuracy matrix" in out.stdout, "the matrix is printed"
     results = json.loads((workdir / "results.json").read_text())
-    assert results["method"] == "treelora" and len(results["tasks"]) == 2
+    assert results["method"] == "treelora_hide" and len(results["tasks"]) == 2, "treelora runs its HiDe form here"
     matrix = np.asarray(results["accuracy_matrix"], float)
     assert matrix.shape == (2, 2)
     seen = matrix[np.triu_indices(2)]  # R[i, j]: task i after training task j >= i

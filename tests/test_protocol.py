@@ -140,7 +140,7 @@ def test_an_explicit_lora_key_wins_in_treeloras_hide_form_even_at_the_llm_defaul
     for overrides, rank in ((["lora.rank=8"], 8), ([], 4)):
         config = config_lib.apply_overrides(default.get_config("tiny"), overrides)
         run = make_run(config, tmp_path / f"rank{rank}")
-        assert type(run.method).__name__ == "TreeHiDeLoRA", "form auto on a classification stream: HiDe's"
+        assert run.method.name == "treelora_hide", "treelora on a classification stream: its HiDe form"
         line = cli.describe_protocol(cli.run_protocol(run))
         assert f"LoRA r {rank} on k, v" in line, f"{overrides}: {line}"
         adapters = run.initial_state().trainable["adapters"]
@@ -178,7 +178,7 @@ def test_the_optimiser_is_the_methods_own_unless_the_config_sets_one():
     0.03 x batch / 256; LoDA, CL-LoRA, SD-LoRA: SGD with momentum at their CIFAR-100 rates; InfLoRA: Adam
     5e-4), others with the official TreeLoRA Adam 1e-4; a name or rate the user sets applies to every
     method, whole: otherwise LoDA would run SGD at a rate chosen for Adam."""
-    from jaxtree_lora.methods.treelora_hide import TreeHiDeLoRA
+    from jaxtree_lora.methods.treelora_hide import TreeLoRAHiDe
     from jaxtree_lora.train.loop import optimizer_for
 
     def resolved(config, method=None):
@@ -187,7 +187,7 @@ def test_the_optimiser_is_the_methods_own_unless_the_config_sets_one():
     config = config_for("hide_lora")
     config.train.batch_size = 24
     assert resolved(config)["learning_rate"] == pytest.approx(0.03 * 24 / 256)
-    assert resolved(config, TreeHiDeLoRA())["learning_rate"] == pytest.approx(0.03 * 24 / 256), "TreeLoRA's HiDe form"
+    assert resolved(config, TreeLoRAHiDe())["learning_rate"] == pytest.approx(0.03 * 24 / 256), "TreeLoRA's HiDe form"
     assert resolved(config)["name"] == "adam"
     expected = {"seqlora": ("adam", 1e-4, 0.0), "treelora": ("adam", 1e-4, 0.0), "inflora": ("adam", 5e-4, 0.0),
                 "loda": ("sgd", 0.005, 5e-4), "cl_lora": ("sgd", 0.03, 1e-4), "sd_lora": ("sgd", 8e-3, 0.0)}

@@ -8,7 +8,7 @@ import pytest
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.methods.base import TaskContext, ModelInfo, StreamInfo
-from jaxtree_lora.methods.treelora import TreeLoRA
+from jaxtree_lora.methods.treelora_llm import TreeLoRALLM as TreeLoRA
 from jaxtree_lora.models.common import Site
 from jaxtree_lora.tree import tree as tree_lib
 
@@ -203,7 +203,7 @@ def test_one_compiled_step_for_every_task_end_to_end():
     """A tiny linear model through three tasks: the jitted micro-step (loss, gradient, after_step)
     compiles once, end_task compiles once, the bank and the tree grow, and the bandit counts the
     selections of tasks 1 and 2 only (D per micro-step)."""
-    from jaxtree_lora.methods import treelora as treelora_module
+    from jaxtree_lora.methods import treelora_llm as treelora_module
 
     import optax
 

@@ -1,6 +1,6 @@
 """Per-step cost of TreeLoRA's selection + regulariser against exhaustive similarity, as K grows.
 
-TreeLoRA's extra work per micro-step (the official path, jaxtree_lora.methods.treelora): the bandit
+TreeLoRA's extra work per micro-step (the official path, jaxtree_lora.methods.treelora_llm): the bandit
 picks one past task per module from [K, D] statistics, the regulariser R = -sum_l <A_l, G[p_l]_l>
 and its gradient touch only the D selected [F] rows, and the statistics update takes D L1 distances.
 That is O(K D + D F) work. The exhaustive alternative the paper argues against compares the current
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.methods.base import ModelInfo, StreamInfo
-from jaxtree_lora.methods.treelora import TreeLoRA
+from jaxtree_lora.methods.treelora_llm import TreeLoRALLM as TreeLoRA
 from jaxtree_lora.models.common import Site
 from jaxtree_lora.tree import similarity, tree as tree_lib
 

@@ -9,7 +9,7 @@ the ratio of medians.
 
     python -m experiments.benchmarks.step_overhead                     # offline decoder shape + 1B shape
     python -m experiments.benchmarks.step_overhead --models smollm2   # one of: smollm2, llama1b, tiny
-    python -m experiments.benchmarks.step_overhead --methods treelora,inclora   # the slots' cost too
+    python -m experiments.benchmarks.step_overhead --methods treelora_llm,inclora   # the slots' cost too
     python -m experiments.benchmarks.step_overhead --methods inclora,inclora:folded --dropout 0
         # ":folded": the past slots folded into the kernels (what a run does, `Method.fold_past`)
 
@@ -53,6 +53,7 @@ def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: floa
     from jaxtree_lora.methods import get_class
 
     method_name, _, variant = method_name.partition(":")
+    method_name = {"treelora": "treelora_llm"}.get(method_name, method_name)  # an instruction stream's form
     spec = lora_lib.LoraSpec(targets=("attn.q_proj", "attn.v_proj"), rank=rank, alpha=32.0, dropout=dropout)
     cls = get_class(method_name)
     fields = {f.name for f in __import__("dataclasses").fields(cls)}
@@ -96,7 +97,7 @@ def build(method_name: str, backbone, past_tasks: int, max_tasks: int, lam: floa
 
 
 def measure(model: str, batch: int, seq: int, rounds: int, past_tasks: int,
-            methods: tuple = ("treelora",), dropout: float = 0.1) -> dict:
+            methods: tuple = ("treelora_llm",), dropout: float = 0.1) -> dict:
     backbone = backbone_lib.build_tiny("tiny-llama", SHAPES[model], seed=0)
     vocab = SHAPES[model]["vocab_size"]
     rng = np.random.default_rng(0)
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--past_tasks", type=int, default=7)
-    parser.add_argument("--methods", default="treelora",
+    parser.add_argument("--methods", default="treelora_llm",
                         help="comma-separated, each timed against seqlora; NAME:folded folds the past slots")
     parser.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout of every method")
     args = parser.parse_args(argv)

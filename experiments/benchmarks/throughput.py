@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     compute = jnp.bfloat16 if args.dtype == "bfloat16" else None
     backbone = backbone_lib.build_tiny("tiny-llama", dict(shape, remat=args.remat) if args.remat else shape,
                                        seed=0, compute_dtype=compute)
-    step, state = build(args.method, backbone, past_tasks=1 if args.method == "treelora" else 0, max_tasks=2)
+    step, state = build(args.method, backbone, past_tasks=1 if args.method in ("treelora", "treelora_llm") else 0, max_tasks=2)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, shape["vocab_size"], size=(1, args.batch, args.seq)).astype(np.int32)
     data = {"input_ids": jnp.asarray(tokens), "attention_mask": jnp.ones((1, args.batch, args.seq), jnp.int32),

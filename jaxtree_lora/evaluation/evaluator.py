@@ -12,11 +12,9 @@ Classification streams are scored by two classifiers from the same forward pass:
 - "ncm", the rehearsal-free nearest class mean, for every method, so that protocol and features can
   be told apart.
 
-How an example's features are taken is the method's inference rule: one forward with the final
-adapters (task-identity free), one forward per task slot with each class scored by its own task's
-features (`per_task_inference`, CL-LoRA), the evaluated task's slot (`task_identity_at_inference`,
-LiLoRA), the slot of the task inferred from pre-trained class means (`identity="inferred"`), or the
-slot of the task the method infers itself (`Method.infer_task`, HiDe-LoRA's TII head).
+How an example's features are taken is the method's inference rule (`methods.base.InferenceRule`,
+one per method, `eval.task_identity=inferred` turning a given task's slot into an inferred one),
+dispatched from one table (`RULES`: rule -> the function that scores a batch).
 Instruction streams generate answers and score them with each task's metric, decoding no further
 than the metric reads (`decode_limit`). Features that never change (the pre-trained model's, all of
 `fix`'s) are computed once per example per run and kept on the host (`_cached_features`).
@@ -35,6 +33,7 @@ from jaxtree_lora.evaluation import generation as generation_lib
 from jaxtree_lora.evaluation import prototypes as prototypes_lib
 from jaxtree_lora.evaluation.identity import TaskIdentity
 from jaxtree_lora.faults import kill_point
+from jaxtree_lora.methods.base import InferenceRule
 from jaxtree_lora.train.step import head_logits
 
 
@@ -46,6 +45,19 @@ def classification_arrays(split) -> dict:
     arrays = dict(split.inputs)
     arrays["labels"] = np.asarray(split.labels, np.int32)
     return arrays
+
+
+def effective_rule(method, identity: str = "given") -> InferenceRule:
+    """The rule a run scores by: the method's own, except that `eval.task_identity=inferred` turns a
+    given task's slot (LiLoRA) into the slot of the task inferred from pre-trained class means."""
+    rule = method.inference_rule
+    if rule is InferenceRule.GIVEN_TASK_SLOT and identity == "inferred":
+        return InferenceRule.INFERRED_TASK_SLOT
+    return rule
+
+
+# Rules whose features for a task's classes come from that task's slot (prototypes included).
+SLOT_RULES = (InferenceRule.GIVEN_TASK_SLOT, InferenceRule.INFERRED_TASK_SLOT, InferenceRule.PER_SLOT_SCORING)
 
 
 # Tokens decoded past the longest reference for a prefix metric: EOS plus up to three tokens of the
@@ -79,9 +91,12 @@ class Evaluator:
         self.batches, self.host_batch = batches, host_batch
         self.kind = stream.kind
         self.temperature = float(temperature)
-        # The method's own task inference (`infer_task`) when it has one, else the pre-trained class means.
-        self.own_identity = getattr(method, "infer_task", None) is not None
-        self.infer_identity = method.task_identity_at_inference and (identity == "inferred" or self.own_identity)
+        self.rule = effective_rule(method, identity)
+        # INFERRED_TASK_SLOT as the method's own rule: its `infer_task` names each example's task, every
+        # seen class competes and one forward applies each example's slot; as `eval.task_identity=inferred`
+        # on a given-slot method: pre-trained class means name it, its classes compete, one forward per slot.
+        self.method_infers_task = method.inference_rule is InferenceRule.INFERRED_TASK_SLOT
+        self.one_forward_per_example = self.method_infers_task
         self.identity_hits = [0.0, 0.0]  # examples whose task was inferred right, examples (one evaluate call)
         self._features = jax.jit(self._features_fn, out_shardings=out_sharding)
         # With the features of its one forward (kept for the last column); `_predict`: predictions alone.
@@ -97,13 +112,11 @@ class Evaluator:
         self._frozen_features: dict[tuple, list] = {}
         self.forward_count = 0  # examples (rows, padding included) forwarded through the backbone
         self.identity = TaskIdentity(self._pretrained_task_means, None)
-        if self.own_identity:
+        if method.infer_task is not None:
             self._infer_task = jax.jit(lambda method_state, features, seen_upto: method.infer_task(
                 method_state, features, seen_upto), out_shardings=out_sharding)
-        # A method that trains nothing, has no adapters and no per-slot inference: its features are the
-        # pre-trained ones, whatever the state, so each example is forwarded once per run (`fix`).
-        self.fixed_features = (not method.trains and self.kind == "classification"
-                               and not method.per_task_inference and not method.task_identity_at_inference)
+        # Features that never change (`fix`, nothing trained): each example is forwarded once per run.
+        self.fixed_features = self.rule is InferenceRule.PROTOTYPES and self.kind == "classification"
         self._generate = None
         self._out_sharding = out_sharding
         # Generated answers of a model that never trains (`fix`) do not depend on how many tasks were
@@ -129,44 +142,76 @@ class Evaluator:
         adapters = method.forward_adapters(trainable["adapters"], method_state)
         return self.backbone.features(frozen, batch, adapters=adapters, delta=delta).astype(jnp.float32)
 
+    @property
+    def infer_identity(self) -> bool:
+        """Whether each test example's task is inferred (and the identity accuracy reported)."""
+        return self.rule is InferenceRule.INFERRED_TASK_SLOT
+
     def _predict_fn(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto, example_tasks=None,
                     given_task=None):
         """[2, B] predicted global classes: row 0 under the method's protocol, row 1 by the rehearsal-free
-        nearest class mean, among the classes seen up to task `seen_upto`. `example_tasks` [B] (inferred
-        identity): each example scored with its task's slot; among that task's classes where the identity
-        stands in for a given one, among every seen class where the method infers it itself (HiDe-LoRA's
-        TII: the slot is chosen by the identity head, the aligned head scores every seen class). `given_task` (the
-        identity is given): only that task's classes compete, as a method told the task knows its label
-        space. Returns (predictions, features [B, d] of the one forward where a single forward scores the
-        batch, else None)."""
-        def both_logits(method_state):  # [2, B, C]
-            return self._logits_fn(trainable, prototypes, self._features_fn(trainable, frozen, method_state, batch))
+        nearest class mean, under the run's inference rule (`RULES`). `example_tasks` [B]: the tasks
+        inferred per example (INFERRED_TASK_SLOT); `given_task`: the evaluated task (GIVEN_TASK_SLOT).
+        Returns (predictions, features [B, d] of the one forward where a single forward scores the batch
+        among every seen class, else None)."""
+        logits, allowed, features = RULES[self.rule](self, trainable, frozen, consts, method_state, prototypes,
+                                                     batch, seen_upto, example_tasks, given_task)
+        return jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1), features
 
-        def one_forward(method_state):  # ([2, B, C], [B, d])
-            features = self._features_fn(trainable, frozen, method_state, batch)
-            return self._logits_fn(trainable, prototypes, features), features
+    # Each rule's scoring of a batch: (logits [2, B, C], allowed classes broadcastable to them, features or None).
+    def _one_forward(self, trainable, frozen, method_state, prototypes, batch):
+        features = self._features_fn(trainable, frozen, method_state, batch)
+        return self._logits_fn(trainable, prototypes, features), features
 
-        def per_slot():  # [K, 2, B, C]: one forward per task slot learned so far (<= seen_upto), zeros after
-            skipped = jax.eval_shape(both_logits, method_state)
+    def _per_slot(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto):
+        """[K, 2, B, C]: one forward per task slot learned so far (<= seen_upto), zeros after."""
+        def both_logits(state):
+            return self._logits_fn(trainable, prototypes, self._features_fn(trainable, frozen, state, batch))
 
-            def slot(k):
-                return jax.lax.cond(k <= seen_upto, lambda: both_logits({**method_state, "task": k}),
-                                    lambda: jnp.zeros(skipped.shape, skipped.dtype))
+        skipped = jax.eval_shape(both_logits, method_state)
 
-            return jax.lax.map(slot, jnp.arange(consts["task_classes"].shape[0]))
+        def slot(k):
+            return jax.lax.cond(k <= seen_upto, lambda: both_logits({**method_state, "task": k}),
+                                lambda: jnp.zeros(skipped.shape, skipped.dtype))
 
+        return jax.lax.map(slot, jnp.arange(consts["task_classes"].shape[0]))
+
+    def _score_final_adapters(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto,
+                              example_tasks, given_task):
+        """One forward with the adapters as they are, every seen class competing."""
+        logits, features = self._one_forward(trainable, frozen, method_state, prototypes, batch)
+        return logits, consts["seen_classes"][seen_upto][None, None, :], features
+
+    def _score_given_task_slot(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto,
+                               example_tasks, given_task):
+        """The evaluated task's slot (`evaluate` put it in the state); only that task's classes compete, as
+        a method told the task knows its label space."""
+        logits, _ = self._one_forward(trainable, frozen, method_state, prototypes, batch)
+        return logits, consts["task_classes"][given_task][None, None, :], None
+
+    def _score_inferred_task_slot(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto,
+                                  example_tasks, given_task):
+        """Each example with its inferred task's slot. The method's own rule (HiDe-LoRA's TII): one forward
+        with per-example slots, every seen class competing (the aligned head scores them all). A given-slot
+        method under `eval.task_identity=inferred`: one forward per slot, the inferred task's classes
+        competing, as for a given one."""
         features = None
-        if example_tasks is not None and self.method.per_example_task:
-            # each example through its own slot
-            logits, features = one_forward({**method_state, "task": example_tasks})
-        elif example_tasks is not None:
-            logits = jnp.take_along_axis(per_slot(), example_tasks[None, None, :, None], axis=0)[0]
-        elif self.method.per_task_inference:
-            # Each task's classes are scored with that task's features (CL-LoRA's forward_test).
-            logits = jnp.sum(jnp.where(consts["task_classes"][:, None, None, :], per_slot(), 0.0), axis=0)
+        if self.one_forward_per_example:
+            logits, features = self._one_forward(trainable, frozen, {**method_state, "task": example_tasks},
+                                                 prototypes, batch)
         else:
-            logits, features = one_forward(method_state)
-        return self._choose(logits, consts, seen_upto, example_tasks, given_task), features
+            logits = jnp.take_along_axis(self._per_slot(trainable, frozen, consts, method_state, prototypes, batch,
+                                                        seen_upto), example_tasks[None, None, :, None], axis=0)[0]
+        if self.method_infers_task:
+            return logits, consts["seen_classes"][seen_upto][None, None, :], features
+        return logits, consts["task_classes"][example_tasks][None, :, :], None
+
+    def _score_per_slot(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto,
+                        example_tasks, given_task):
+        """Each task's classes scored with that task's slot (CL-LoRA's forward_test), every seen class competing."""
+        per_slot = self._per_slot(trainable, frozen, consts, method_state, prototypes, batch, seen_upto)
+        logits = jnp.sum(jnp.where(consts["task_classes"][:, None, None, :], per_slot, 0.0), axis=0)
+        return logits, consts["seen_classes"][seen_upto][None, None, :], None
 
     def _logits_fn(self, trainable, prototypes, features):
         """[2, B, C] logits from features [B, d]: the method's protocol, then the nearest class mean."""
@@ -178,25 +223,14 @@ class Evaluator:
 
     def _classify_fn(self, trainable, consts, prototypes, features, seen_upto):
         """`_predict_fn` for features computed beforehand (a method whose features never change)."""
-        return self._choose(self._logits_fn(trainable, prototypes, features), consts, seen_upto, None, None)
-
-    def _choose(self, logits, consts, seen_upto, example_tasks, given_task):
-        """[2, B] argmax of logits [2, B, C] over the classes allowed (see `_predict_fn`)."""
-        if example_tasks is not None and not self.own_identity:
-            # A task inferred for a method whose protocol is told it (LiLoRA): its classes compete, as for a given one.
-            allowed = consts["task_classes"][example_tasks][None, :, :]
-        elif given_task is not None:
-            allowed = consts["task_classes"][given_task][None, None, :]
-        else:
-            allowed = consts["seen_classes"][seen_upto][None, None, :]
-        logits = jnp.where(allowed, logits, -jnp.inf)
-        return jnp.argmax(logits, axis=-1)
+        logits = self._logits_fn(trainable, prototypes, features)
+        return jnp.argmax(jnp.where(consts["seen_classes"][seen_upto][None, None, :], logits, -jnp.inf), axis=-1)
 
     # -- prototypes ---------------------------------------------------------------------------
     def _feature_state(self, state, task: int):
         """The method state whose features score task `task`'s classes: that task's slot where the method's
         inference rule picks a slot per task (per-task inference, a given identity), else the state as is."""
-        if self.method.per_task_inference or self.method.task_identity_at_inference:
+        if self.rule in SLOT_RULES:
             return {**state.method_state, "task": jnp.asarray(task, jnp.int32)}
         return state.method_state
 
@@ -323,7 +357,7 @@ class Evaluator:
         {"score"} (the method's protocol), plus {"ncm"} on classification streams and {"identity"} (the
         share of examples whose task was inferred right) where the identity is inferred."""
         given_task = None
-        if self.method.task_identity_at_inference and not self.infer_identity:
+        if self.rule is InferenceRule.GIVEN_TASK_SLOT:
             # The method's protocol gives the task identity at test time (e.g. LiLoRA's set_task): its slot
             # scores the example, and only that task's classes compete (task-incremental scoring).
             given_task = jnp.asarray(task, jnp.int32)
@@ -342,8 +376,7 @@ class Evaluator:
         # The last column's features, for the recomputed-prototype diagnostic that follows (same model),
         # where one forward scores each example among every seen class (`_classify`'s rule).
         last = trained_upto == len(self.stream.tasks) - 1
-        keep = last and fixed is None and given_task is None and not self.method.per_task_inference and (
-            not self.infer_identity or (self.own_identity and self.method.per_example_task))
+        keep = last and fixed is None
         if last and not self._same_model(state):
             self._final = (jax.tree.leaves((state.trainable, state.method_state, state.prototypes)), [])
         kept = []
@@ -353,7 +386,7 @@ class Evaluator:
             example_tasks = None
             if self.infer_identity:
                 features = pretrained(batch)
-                if self.own_identity:
+                if self.method_infers_task:
                     inferred = np.asarray(self._infer_task(state.method_state, self.host_batch(features),
                                                            jnp.asarray(trained_upto, jnp.int32)))
                 else:
@@ -370,6 +403,7 @@ class Evaluator:
                     state.trainable, weights, self.consts, state.method_state, state.prototypes, batch, trained_upto,
                     example_tasks, given_task)
                 predictions = np.asarray(predictions)
+                keep = keep and features is not None  # the rule scored the batch in one forward
                 if keep:
                     kept.append(np.asarray(features))
             correct += np.sum((predictions == labels[None, :]) * weight[None, :], axis=1)
@@ -434,3 +468,14 @@ class Evaluator:
             self._limits[task] = max(limit, 1)
         return self._limits[task]
 
+
+
+# The one dispatch on the inference rule (PROTOTYPES: one forward of unchanging features, read back from
+# the host cache by `evaluate`, scored like the final adapters).
+RULES = {
+    InferenceRule.FINAL_ADAPTERS: Evaluator._score_final_adapters,
+    InferenceRule.GIVEN_TASK_SLOT: Evaluator._score_given_task_slot,
+    InferenceRule.INFERRED_TASK_SLOT: Evaluator._score_inferred_task_slot,
+    InferenceRule.PER_SLOT_SCORING: Evaluator._score_per_slot,
+    InferenceRule.PROTOTYPES: Evaluator._score_final_adapters,
+}

@@ -11,7 +11,10 @@ REGISTRY = {
     "joint": "jaxtree_lora.methods.joint:Joint",
     "seqlora": "jaxtree_lora.methods.seqlora:SeqLoRA",
     "inclora": "jaxtree_lora.methods.inclora:IncLoRA",
+    # The user-facing name: its options only; a run trains one of its two forms (jaxtree_lora.assemble).
     "treelora": "jaxtree_lora.methods.treelora:TreeLoRA",
+    "treelora_llm": "jaxtree_lora.methods.treelora_llm:TreeLoRALLM",
+    "treelora_hide": "jaxtree_lora.methods.treelora_hide:TreeLoRAHiDe",
     "o_lora": "jaxtree_lora.methods.o_lora:OLoRA",
     "ewc": "jaxtree_lora.methods.ewc:EWC",
     "inflora": "jaxtree_lora.methods.inflora:InfLoRA",
@@ -22,6 +25,10 @@ REGISTRY = {
     "cl_lora": "jaxtree_lora.methods.cl_lora:CLLoRA",
     "hide_lora": "jaxtree_lora.methods.hide_lora:HiDeLoRA",
 }
+
+
+# Names that stand for one of several registered methods (chosen by jaxtree_lora.assemble), not a method.
+ALIASES = ("treelora",)
 
 
 class UnknownMethod(ValueError):
@@ -43,4 +50,5 @@ def get(name: str, **options) -> Method:
     return get_class(name)(**options)
 
 
-__all__ = ["TaskContext", "Method", "MethodNotApplicable", "ModelInfo", "StreamInfo", "get", "get_class", "names", "REGISTRY"]
+__all__ = ["TaskContext", "Method", "MethodNotApplicable", "ModelInfo", "StreamInfo", "get", "get_class", "names", "REGISTRY",
+           "ALIASES"]

@@ -31,6 +31,7 @@ traced integer, so a new task never compiles the step again.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -92,6 +93,24 @@ class TaskContext:
 
 
 
+class InferenceRule(enum.Enum):
+    """How a method scores a classification test example: one value per method (`Method.inference_rule`),
+    dispatched by the evaluator from one table (`evaluation.evaluator.RULES`). The value is what the
+    protocol line and results.json print."""
+
+    # One forward with the adapters as they are (task-identity free): the LoRA baselines, TreeLoRA's LLM form.
+    FINAL_ADAPTERS = "final adapters"
+    # The evaluated task's slot (the protocol is told the task), only that task's classes compete: LiLoRA.
+    GIVEN_TASK_SLOT = "given task's slot"
+    # Each example through the slot of the task the method infers itself (`infer_task`; `delta` then takes
+    # state["task"] of shape [B]), every seen class competing: HiDe-LoRA, TreeLoRA's HiDe form.
+    INFERRED_TASK_SLOT = "inferred task's slot"
+    # One forward per task slot learned so far, each task's classes scored with its own slot: CL-LoRA.
+    PER_SLOT_SCORING = "per-task features"
+    # Nearest class mean of features that never change (nothing trained), each example forwarded once: fix.
+    PROTOTYPES = "unchanging features, nearest class mean"
+
+
 class MethodNotApplicable(ValueError):
     """The method cannot run on this kind of stream (e.g. a classifier-only method on instructions)."""
 
@@ -109,16 +128,9 @@ class Method:
     # measurement inside the forward pass (e.g. LiLoRA's stability term) defines it; its loss then
     # finds `aux["site_records"] = {site: [num_layers, ...]}` in what `task_loss` returns.
     record = None
-    # True when the method's own protocol is told the task at test time (the evaluation then sets
-    # state["task"] to the evaluated task); results say so.
-    task_identity_at_inference: bool = False
-    # True when inference scores each task's classes with that task's own adapters (one forward per
-    # task, no task identity needed; CL-LoRA).
-    per_task_inference: bool = False
-    # True when `delta` also takes state["task"] of shape [B] (one task per example, x [B, ..., d_in])
-    # and applies each example's own slot: the evaluator then scores examples whose tasks were inferred
-    # in one forward pass instead of one per slot (HiDe-LoRA).
-    per_example_task: bool = False
+    # How the method scores a test example (one value of InferenceRule; `eval.task_identity=inferred`
+    # turns GIVEN_TASK_SLOT into INFERRED_TASK_SLOT with the task inferred from pre-trained class means).
+    inference_rule: InferenceRule = InferenceRule.FINAL_ADAPTERS
     stream_kinds: tuple = ("classification", "instruction")
     not_applicable_reason: str = ""
     # The method's own classification protocol (its official code's), used unless the config names
@@ -130,10 +142,8 @@ class Method:
     #     (nearest class mean of the features; CL-LoRA's prototype classifier, the `fix` baseline).
     default_head: str = "linear"
     default_classifier: str = "head"
-    # infer_task(method_state, pretrained_features [B, d], seen_upto) -> [B] int32: a method that infers
-    # each test example's task itself (HiDe-LoRA's task-identity head on pre-trained features) defines
-    # it; pure and jittable. The evaluator then scores each example with its inferred task's slot and
-    # reports the identity accuracy, whatever `eval.task_identity` says.
+    # infer_task(method_state, pretrained_features [B, d], seen_upto) -> [B] int32: defined by a method whose
+    # rule is INFERRED_TASK_SLOT (HiDe-LoRA's task-identity head on pre-trained features); pure and jittable.
     infer_task = None
     # False for the `fix` baseline: the loop runs no optimiser step (the pre-trained model is evaluated).
     trains: bool = True
@@ -227,6 +237,5 @@ class Method:
                 continue
             value = getattr(self, field.name)
             out[field.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-        out["task_identity_at_inference"] = bool(self.task_identity_at_inference)
-        out["per_task_inference"] = bool(self.per_task_inference)
+        out["inference_rule"] = self.inference_rule.name
         return out

@@ -6,9 +6,9 @@ A task-shared LoRA on the first half of the blocks (A orthonormal and frozen, B 
 task) and per-task LoRAs on the second half (slots scaled by learnable block weights, frozen after
 their task). From the second task on the loss adds distillation from the previous shared adapter
 (its B gradient reweighted by the teacher's row norms) and an orthogonality penalty on the block
-weights. Inference, task-identity free: each task's classes are scored with its own adapters and
-the final shared one. Classification only. Losses, defaults and the two departures forced by the
-one-step contract: docs/METHODS.md, section CL-LoRA.
+weights. Inference, task-identity free (per-slot scoring): each task's classes are scored with its
+own adapters and the final shared one. Classification only. Losses, defaults and the two departures
+forced by the one-step contract: docs/METHODS.md, section CL-LoRA.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.methods.base import Method
+from jaxtree_lora.methods.base import InferenceRule, Method
 
 
 def random_orthonormal(key, shape):
@@ -41,7 +41,7 @@ class CLLoRA(Method):
     name = "cl_lora"
     default_head = "cosine"  # per-task proxy (cosine) heads for training
     default_classifier = "prototype"  # inference: cosine to each task's class prototypes, own-task features
-    per_task_inference = True
+    inference_rule = InferenceRule.PER_SLOT_SCORING
     stream_kinds = ("classification",)
     not_applicable_reason = "CL-LoRA is a class-incremental method with a prototype classifier"
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec(dropout=0.0)

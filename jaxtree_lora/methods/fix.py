@@ -18,7 +18,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jaxtree_lora import lora as lora_lib
-from jaxtree_lora.methods.base import Method
+from jaxtree_lora.methods.base import InferenceRule, Method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Fix(Method):
 
     name = "fix"
     default_classifier = "prototype"
+    inference_rule = InferenceRule.PROTOTYPES
     trains = False
     # Unused (no adapter is built); kept so `config.lora` overrides stay valid for every method.
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec()

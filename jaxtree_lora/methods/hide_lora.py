@@ -50,7 +50,7 @@ import optax
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.methods.base import MethodNotApplicable, ModelInfo, StreamInfo, TaskContext
+from jaxtree_lora.methods.base import InferenceRule, MethodNotApplicable, ModelInfo, StreamInfo, TaskContext
 from jaxtree_lora.methods.inclora import IncLoRA
 from jaxtree_lora.train import keys
 
@@ -354,8 +354,9 @@ class HiDeLoRA(IncLoRA):
     tii_expansion: int = 2
     centroids: int = 10
 
-    task_identity_at_inference = True  # each example is scored with one slot: its task's, from `infer_task`
-    per_example_task = True  # ... in one forward pass: `delta` gathers each example's slot
+    # Each example scored with one slot, its task's from `infer_task`, in one forward pass (`delta`
+    # gathers each example's slot).
+    inference_rule = InferenceRule.INFERRED_TASK_SLOT
     stream_kinds = ("classification",)
     not_applicable_reason = ("hide_lora infers the task from class predictions of a head on pre-trained "
                              "features: it needs a classification stream")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.methods.base import Method
+from jaxtree_lora.methods.base import InferenceRule, Method
 from jaxtree_lora.models.common import token_weight
 
 
@@ -29,7 +29,7 @@ class LiLoRA(Method):
     """Shared A, a gated mix of the shared B and a per-task low-rank B inside A's space."""
 
     name = "lilora"
-    task_identity_at_inference = True
+    inference_rule = InferenceRule.GIVEN_TASK_SLOT
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec(dropout=0.05)
     sub_rank: int = 4
     stability: float = 0.0

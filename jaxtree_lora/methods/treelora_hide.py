@@ -1,29 +1,17 @@
-"""TreeLoRA in HiDe-LoRA's decomposition (TreeLoRA paper App. A.3: "we incorporate HiDeLoRA's task
-decomposition methodology into TreeLoRA"; reference/methods.md §8b). The `treelora` option
-`form="hide"` (the default on classification streams through `form="auto"`) builds it.
+"""TreeLoRA's classification form (`treelora_hide`): TreeLoRA built into HiDe-LoRA's decomposition, as
+the TreeLoRA paper's App. A.3 does for ViTs (per-task slots, task-identity head, Gaussian replay).
 
-HiDe-LoRA's parts are kept as `jaxtree_lora.methods.hide_lora` has them: the per-task slots (copy of
-the previous slot, momentum merge), the contrastive within-task loss, the task-identity head on
-pre-trained features and the Gaussian-replay head alignment, with the options under
-`config.method.hide_lora`. TreeLoRA's parts act in the within-task stage only, on the CURRENT slot:
-
-- the tree's layers are the slot's adapted blocks: module l is block l's A matrices of every targeted
-  site (k and v), flattened together, so the default 5 adapted blocks give D = 5 and tree depth 5;
-- the task vector of task t is the running mean over each epoch's micro-steps of slot t's A values
-  (the official LLM code's `lora_a_average`, on the slot being trained), stored in the bank when task
-  t ends, before HiDe's momentum merge changes the slot (the official code stores the running mean,
-  not the final weights);
-- at each micro-step of task t > 0 the bandit selects one past task per block, and the official
-  log-alignment regulariser penalises slot t's A against the selected tasks' STORED vectors. The paper
-  leaves open whether the penalised A is the current slot's or the selected past task's slot; the
-  official LLM code has one adapter, penalised against stored vectors, and the reading closest to it
-  is the current slot against the bank. Its gradient reaches slot t only (past slots never enter it);
-- lam 0.1 and tree depth 5 (TreeLoRA Table 6, ViTs) unless the config sets them; every other tree
-  option (selection, regulariser, ...) is TreeLoRA's.
+HiDe-LoRA's parts are `methods.hide_lora`'s, with its options; TreeLoRA's task vectors, bandit and
+regulariser (`methods.treelora_llm`'s machinery) act in the within-task stage only, on the current
+slot, whose tree modules are its adapted blocks (block l: the A matrices of every targeted site).
+Defaults: HiDe-LoRA's LoRA spec, lam 0.1 and tree depth 5 (the paper's ViT settings). The name
+`treelora` resolves to this form on classification streams (`jaxtree_lora.assemble`); docs/TREELORA.md
+explains the reading of the paper this follows.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -31,21 +19,16 @@ import jax
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import ModelInfo, StreamInfo
 from jaxtree_lora.methods.hide_lora import HiDeLoRA
-from jaxtree_lora.methods.treelora import TreeLoRA
-
-# TreeLoRA's ViT settings (Table 6), used by the hide form where the config does not set them.
-HIDE_TREE_DEFAULTS = {"lam": 0.1, "tree_depth": 5}
+from jaxtree_lora.methods.treelora_llm import TreeLoRALLM
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockTree(TreeLoRA):
+class BlockTree(TreeLoRALLM):
     """TreeLoRA's task vectors, bandit and regulariser over the blocks of ONE slot.
 
     `modules(adapters)` takes one slot's adapters {site: {"a": [L, r, d_in]}} and returns [D, F]: one
     row per adapted block (D = the blocks that `lora.max_modules` leaves adapted), F = sites x r x d_in
     (the block's A matrices of every site, sites in sorted name order, each flattened row-major)."""
-
-    form: str = "llm"
 
     def blocks(self, num_layers: int, num_sites: int) -> int:
         if self.lora.max_modules < 0:
@@ -61,9 +44,13 @@ class BlockTree(TreeLoRA):
         chosen = self.lora.select(model.sites)
         d_ins = {site.d_in for site in chosen.values()}
         if len(d_ins) != 1:
-            raise ConfigError(f"treelora (hide form) stacks a block's A matrices of all targeted sites, which "
+            raise ConfigError(f"treelora_hide stacks a block's A matrices of all targeted sites, which "
                               f"needs one input width; {list(chosen)} have widths {sorted(d_ins)}")
         return self.blocks(model.num_layers, len(chosen)), len(chosen) * self.lora.rank * d_ins.pop()
+
+
+# TreeLoRALLM's options that the block tree takes from this form (lora and max_tasks are the run's).
+TREE_OPTIONS = tuple(field.name for field in dataclasses.fields(TreeLoRALLM) if field.name not in ("lora",))
 
 
 def current_slot(adapters, task):
@@ -73,18 +60,37 @@ def current_slot(adapters, task):
 
 
 @dataclasses.dataclass(frozen=True)
-class TreeHiDeLoRA(HiDeLoRA):
-    """HiDe-LoRA (the parent) with TreeLoRA's within-task selection and regulariser (`tree`)."""
+class TreeLoRAHiDe(HiDeLoRA):
+    """HiDe-LoRA (the parent, its options and LoRA spec) with TreeLoRA's within-task selection and
+    regulariser (`tree`, a BlockTree built from this form's tree options: lam 0.1, tree_depth 5, the
+    rest TreeLoRALLM's defaults)."""
 
-    name = "treelora"
-    tree: BlockTree = BlockTree(lam=HIDE_TREE_DEFAULTS["lam"], tree_depth=HIDE_TREE_DEFAULTS["tree_depth"],
-                                lora=HiDeLoRA.lora)
+    name = "treelora_hide"
+    lam: float = 0.1
+    max_tasks: int = 0
+    selection: str = "official"
+    task_vector: str = "lora_a_average"
+    regulariser: str = "official"
+    d_factor: bool = True
+    bandit_reset: str = "epoch"
+    min_shift: str = "add"
+    lam_ramp: bool = True
+    tree_depth: int = 5
+    tree_bound: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.tree  # builds (and so checks) the tree options now
+
+    @functools.cached_property
+    def tree(self) -> BlockTree:
+        return BlockTree(lora=self.lora, **{name: getattr(self, name) for name in TREE_OPTIONS})
 
     def init(self, key, model: ModelInfo, stream: StreamInfo):
         adapters, state = super().init(key, model, stream)
         blocks, features = self.tree.block_shapes(model)
         tasks = self.tree.max_tasks or stream.max_tasks
-        tree_state = TreeLoRA.tree_state(blocks, features, tasks)
+        tree_state = TreeLoRALLM.tree_state(blocks, features, tasks)
         tree_state.pop("task")  # the slot index is the task index
         return adapters, {**state, **tree_state}
 
@@ -117,22 +123,3 @@ class TreeHiDeLoRA(HiDeLoRA):
 
     def draw_tree(self, state, path: str) -> None:
         self.tree.draw_tree(state, path)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "form": "hide"}
-
-
-def hide_form(tree: TreeLoRA, hide_options: dict, given: frozenset) -> TreeHiDeLoRA:
-    """TreeLoRA's options (`tree`) and HiDe-LoRA's (`hide_options`) -> the hide form.
-
-    `given` names what the config sets: TreeLoRA option names and LoRA keys as "lora.KEY". The LoRA
-    spec is HiDe-LoRA's (k and v of the first 5 blocks, rank 4, alpha 1) with the given keys' values
-    from `tree.lora` on top; lam and tree_depth are TreeLoRA's ViT values (HIDE_TREE_DEFAULTS) unless
-    given; every other option is `tree`'s. A given key keeps its value even where it equals a default."""
-    lora_keys = {name.split(".", 1)[1] for name in given if name.startswith("lora.")}
-    spec = dataclasses.replace(HiDeLoRA.lora, **{key: getattr(tree.lora, key) for key in lora_keys})
-    options = {field.name: getattr(tree, field.name) for field in dataclasses.fields(TreeLoRA)
-               if field.name not in ("lora", "form")}
-    options.update({key: value for key, value in HIDE_TREE_DEFAULTS.items() if key not in given})
-    block_tree = BlockTree(lora=spec, **options)
-    return TreeHiDeLoRA(lora=spec, tree=block_tree, **hide_options)

@@ -30,10 +30,10 @@ from jaxtree_lora import ledger as ledger_lib
 from jaxtree_lora.data import batching as batching_lib
 from jaxtree_lora.data.stream import check_stream
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.evaluation.evaluator import classification_arrays
+from jaxtree_lora.evaluation.evaluator import classification_arrays, effective_rule
 from jaxtree_lora.faults import kill_point
 from jaxtree_lora.assemble import method_from_config
-from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskContext
+from jaxtree_lora.methods.base import InferenceRule, MethodNotApplicable, StreamInfo, TaskContext
 from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import keys
 from jaxtree_lora.train import mesh as mesh_lib
@@ -229,12 +229,11 @@ class Run:
         if not self.method.trains and self.protocol["classifier"] != "prototype" and self.kind == "classification":
             raise ConfigError(f"{self.method.name} trains nothing, so it has no trained head: its classifier is the "
                               f"nearest class mean (leave eval.classifier unset or set it to 'prototype')")
-        # Methods whose protocol gives the task identity at test time can have it inferred instead
-        # (HiDe-LoRA's way: the pre-trained model's features, nearest class mean -> that class's task).
+        # How test examples are scored (`evaluator.effective_rule`): the method's inference rule, a given
+        # task's slot turned into an inferred one by eval.task_identity=inferred (HiDe-LoRA's way).
         self.identity = config.eval.get("task_identity", "given")
-        # A method with its own task inference (`infer_task`, HiDe-LoRA's TII head) always uses it.
-        self.infer_identity = self.method.task_identity_at_inference and (
-            self.identity == "inferred" or self.method.infer_task is not None)
+        self.inference_rule = effective_rule(self.method, self.identity)
+        self.infer_identity = self.inference_rule is InferenceRule.INFERRED_TASK_SLOT
         if self.infer_identity and self.kind != "classification":
             raise ConfigError("eval.task_identity=inferred needs a classification stream (the task is inferred from "
                               "class means of pre-trained features): use eval.task_identity=given here")
