@@ -20,16 +20,9 @@ MAXIMUM_DOCSTRING_LINES = 12
 
 # Files being rewritten on branch forms/runsplit; the lead removes these after merging.
 ALLOW = {
-    "jaxtree_lora/methods/treelora.py",
-    "jaxtree_lora/methods/treelora_hide.py",
-    "jaxtree_lora/methods/hide_lora.py",
-    "jaxtree_lora/methods/base.py",
     "jaxtree_lora/evaluation/evaluator.py",
     "jaxtree_lora/train/step.py",
     "jaxtree_lora/train/keys.py",
-    "jaxtree_lora/data/__init__.py",
-    "jaxtree_lora/data/files.py",
-    "jaxtree_lora/data/offline.py",
 }
 
 _DOTS = "." + "."

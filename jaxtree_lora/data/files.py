@@ -1,19 +1,11 @@
-"""Continual streams from the files researchers already have.
-
-- `files_stream`: text classification from a CSV, TSV, JSONL or Parquet file (format from the
-  extension), a folder of Parquet shards, or a Hugging Face `datasets` folder written by
-  `save_to_disk` (read with pyarrow; `datasets` is not needed). Class-incremental over a seeded class
-  order (`num_tasks` / `classes_per_task`), or task-incremental by a `task_column`.
-- `instruction_files_stream`: one file per instruction task with prompt and answer columns, each task
-  scored by its own metric (evaluation/task_metrics.py).
-- `image_folder_stream`: class-per-subfolder image directories (torchvision's ImageFolder layout),
-  decoded with Pillow and resized to `image_size`, class-incremental.
-- `sequence_stream`: tasks chained from several sources, each with its own label space (classes get
-  global ids offset per source) and metric.
-
-Without a test file a seeded `test_fraction` of every class (every task, for instruction files) is
-held out. Every problem a run would otherwise meet late (a missing column, an empty text, a test label
-the training file lacks, undecodable bytes) is a DataError that names the file, the line and the fix.
+"""Continual streams from the files researchers already have: text classification from CSV, TSV,
+JSONL, Parquet or a `datasets` save_to_disk folder (`files_stream`, class-incremental by a seeded
+class order or task-incremental by a task column); one instruction file per task, each with its own
+metric (`instruction_files_stream`); class-per-subfolder image directories (`image_folder_stream`);
+and tasks chained from several sources (`sequence_stream`). Without a test file a seeded share of
+every class is held out. Every problem a run would otherwise meet late (a missing column, an empty
+text, a test label the training file lacks, undecodable bytes) is a DataError naming the file, the
+line and the fix. Formats and options: docs/DATA.md and the README's data options.
 """
 from __future__ import annotations
 

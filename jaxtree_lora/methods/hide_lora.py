@@ -1,41 +1,13 @@
-"""HiDe-LoRA (Wang et al., "HiDe-Prompt"/"HiDe-PET"; code thu-ml/HiDe-Prompt, `peft/lora/hide_lora.py`,
-`engines/hide_lora_wtp_and_tap_engine.py`, `engines/hide_tii_engine.py`; reference/methods.md §8b).
+"""HiDe-LoRA (Wang et al., HiDe-Prompt / HiDe-PET), following thu-ml/HiDe-Prompt
+(`peft/lora/hide_lora.py`, `engines/hide_lora_wtp_and_tap_engine.py`, `engines/hide_tii_engine.py`).
 
-The hierarchical decomposition of the class-incremental objective into three parts:
-
-- within-task prediction (WTP): a pool of per-task LoRA slots (k and v of the first 5 blocks, rank 4,
-  alpha 1, scale alpha/r); slot t starts as a copy of slot t-1 and is trained on task t with the
-  cross-entropy of the task's own classes (the trainer's `train_mask="task"`) plus `reg` times a
-  contrastive term: cross-entropy over [stored class means; batch features] x [...]^T / temperature
-  with identity targets. After task t, `LoRA_t <- (1 - m) LoRA_t + m mean(LoRA_0 .. LoRA_{t-1})`;
-- task-identity inference (TII): a separate residual MLP head on the frozen pre-trained model's
-  features (`mlp_structure [2]`: Linear(d, 2d), GELU, Linear(2d, d), + input, LayerNorm, then
-  Linear(d, classes)), trained per task with class-masked cross-entropy and aligned on Gaussian
-  samples of every seen class's pre-trained features; at test time argmax over the seen classes ->
-  class -> its task -> that task's slot (`infer_task`, used by the evaluator);
-- task-adaptive prediction (TAP): after each task the mean and covariance (+1e-4 I) of each new
-  class's features under that task's slot, computed once; for t > 0 the head alone is trained on
-  samples drawn from N(mu, Sigma) of every seen class (SGD 0.005, momentum 0.9, weight decay 5e-4,
-  cosine over the epochs, logits masked to the seen classes).
-
-Shapes are fixed for the stream (slots for max_tasks, statistics for every class of the stream, one
-mask), so the train step compiles once, and the host-side trainers (TII, alignment) compile once too.
-The slot pool, its update mask and its parameter count are IncLoRA's.
-
-Where this departs from the official code (each a choice for a continual library, named here):
-- the TII head is trained inside the run, after each task, on pre-computed pre-trained features (the
-  official code trains it in a separate run, `--train_inference_task_only`, and loads its checkpoint);
-  its step schedule (x0.1 every 30 epochs) and clipping (1.0) are kept, its label smoothing is not;
-- the WTP optimiser is the run's (`config.optimizer`: Adam, not re-initialised per task) at HiDe's own
-  learning rate unless the config sets one: 0.03 x batch / 256 (the script's `--lr 0.03` as the code
-  scales it); its per-task cosine schedule is not kept (the run's schedule applies);
-- TAP iterations per epoch are the official `crct_num` (the classes of tasks before the current one)
-  batches of `tap_samples_per_class` samples each, drawn from every seen class's Gaussian (so, as in
-  the official code, not every drawn sample is used in an epoch);
-- `statistics`: "covariance" (the HiDe-LoRA default), "variance", or "multi-centroid" (KMeans with
-  `centroids` clusters per class, each cluster's mean and diagonal variance + 1e-4; Lloyd's algorithm
-  with k-means++ seeding here, scikit-learn's KMeans there). The official TII run uses multi-centroid
-  statistics; here the TII alignment uses `statistics` too.
+Class-incremental learning split in three: within-task prediction (a pool of per-task LoRA slots,
+each started from the previous one, trained on its task's classes with a contrastive term, then
+moved towards the earlier slots' mean), task-identity inference (a residual MLP head on the frozen
+pre-trained features picks the slot at test time) and task-adaptive prediction (the head retrained on
+Gaussian samples of every seen class's features). Shapes are fixed for the stream, so the step and
+the host-side trainers compile once; the slot pool is IncLoRA's. What each part does, its defaults
+and where it departs from the official code: docs/METHODS.md, section HiDe-LoRA.
 """
 from __future__ import annotations
 
