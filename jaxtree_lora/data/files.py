@@ -613,35 +613,16 @@ def parse_sources(value) -> list[dict]:
     return out
 
 
-def source_configs(config, sources: list[dict]) -> list[dict]:
-    """Each source's data config: the settings of sources.INHERITED that the sequence's level sets and
-    the source has (num_tasks 1 where it has one), then the source's own keys on top."""
-    from jaxtree_lora.data.sources import INHERITED, SOURCES, fields
-
-    configs = []
-    for index, source in enumerate(sources):
-        if source["name"] == "sequence":
-            raise DataError(f"data.sources[{index}] is itself a sequence: list its sources directly")
-        own = fields(source["name"]) if source["name"] in SOURCES else {}
-        merged = {key: config.get(key) for key in INHERITED if key in own and config.get(key, None) is not None}
-        if "num_tasks" in own:
-            merged["num_tasks"] = 1
-        merged.update(source)
-        configs.append(merged)
-    return configs
-
-
-def sequence_stream(config, tokenizer, get_stream) -> Stream:
-    """The tasks of every source in `config.sources`, in order, as one Stream.
-
-    A source is a data config of its own (name, files, columns; one task by default); the settings in
-    sources.INHERITED come from the top-level data config. Classification sources keep disjoint label spaces:
+def sequence_stream(configs: list[dict], tokenizer, get_stream) -> Stream:
+    """The tasks of every source, in order, as one Stream: `configs` are the sources' data configs
+    (`sources.source_configs` of data.sources: name, files, columns; one task by default, with the
+    inherited settings of the top-level data config), each built with `get_stream`. Classification sources keep disjoint label spaces:
     each source's class ids are offset by the classes before it. Instruction sources' tasks are
     concatenated and padded to one length. Classification and instruction sources cannot share one
     stream: the trainer learns either a class head or generated answers per run.
     """
     streams = []
-    for index, merged in enumerate(source_configs(config, parse_sources(config.get("sources", None)))):
+    for index, merged in enumerate(configs):
         source = merged
         try:
             streams.append(get_stream(merged, tokenizer))

@@ -376,9 +376,10 @@ class SourceSequence(Source):
     answer_column: Optional[str] = inherited(str)
 
     def build(self, tokenizer):
-        from jaxtree_lora.data.files import sequence_stream
+        from jaxtree_lora.data.files import parse_sources, sequence_stream
 
-        return sequence_stream(self.values(), tokenizer, build)
+        config = self.values()
+        return sequence_stream(source_configs(config, parse_sources(config.get("sources", None))), tokenizer, build)
 
 
 SOURCES: dict[str, type] = {cls.name: cls for cls in (
@@ -457,7 +458,7 @@ def check(data) -> None:
     or a value of the wrong type (a sequence: each of its sources too)."""
     chosen = options(data)
     if isinstance(chosen, SourceSequence):
-        from jaxtree_lora.data.files import parse_sources, source_configs
+        from jaxtree_lora.data.files import parse_sources
 
         for index, source in enumerate(source_configs(chosen.values(), parse_sources(chosen.sources))):
             try:
@@ -531,6 +532,22 @@ def readme_with_sources(text: str) -> str:
     """`text` (the README) with the part between README_START and README_END replaced by `markdown()`."""
     start, end = text.index(README_START) + len(README_START), text.index(README_END)
     return text[:start] + "\n\n" + markdown() + "\n" + text[end:]
+
+
+def source_configs(config, sources: list[dict]) -> list[dict]:
+    """Each source's data config: the settings of sources.INHERITED that the sequence's level sets and
+    the source has (num_tasks 1 where it has one), then the source's own keys on top."""
+    configs = []
+    for index, source in enumerate(sources):
+        if source["name"] == "sequence":
+            raise DataError(f"data.sources[{index}] is itself a sequence: list its sources directly")
+        own = fields(source["name"]) if source["name"] in SOURCES else {}
+        merged = {key: config.get(key) for key in INHERITED if key in own and config.get(key, None) is not None}
+        if "num_tasks" in own:
+            merged["num_tasks"] = 1
+        merged.update(source)
+        configs.append(merged)
+    return configs
 
 
 if __name__ == "__main__":
