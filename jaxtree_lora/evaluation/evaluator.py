@@ -35,7 +35,7 @@ from jaxtree_lora.evaluation import generation as generation_lib
 from jaxtree_lora.evaluation import prototypes as prototypes_lib
 from jaxtree_lora.evaluation.identity import TaskIdentity
 from jaxtree_lora.faults import kill_point
-from jaxtree_lora.train.step import head_logits
+from jaxtree_lora.models.heads import head_logits
 
 
 # Metrics that read only the start of a prediction, so decoding may stop after the longest reference.

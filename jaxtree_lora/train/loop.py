@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxtree_lora import assemble
 from jaxtree_lora import checkpoint as checkpoint_lib
+from jaxtree_lora import keys
 from jaxtree_lora import ledger as ledger_lib
 from jaxtree_lora.data import batching as batching_lib
 from jaxtree_lora.data.stream import check_stream
@@ -34,10 +35,10 @@ from jaxtree_lora.evaluation.evaluator import classification_arrays
 from jaxtree_lora.faults import kill_point
 from jaxtree_lora.assemble import method_from_config
 from jaxtree_lora.methods.base import MethodNotApplicable, StreamInfo, TaskContext
+from jaxtree_lora.models.heads import init_head
 from jaxtree_lora.reporting.results import MetricsWriter
-from jaxtree_lora.train import keys
 from jaxtree_lora.train import mesh as mesh_lib
-from jaxtree_lora.train.step import (TrainState, build_optimizer, init_head, make_task_loss, make_train_step,
+from jaxtree_lora.train.step import (TrainState, build_optimizer, make_task_loss, make_train_step,
                                      optimizer_settings)
 
 
