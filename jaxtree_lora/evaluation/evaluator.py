@@ -35,6 +35,7 @@ from jaxtree_lora.evaluation import generation as generation_lib
 from jaxtree_lora.evaluation import prototypes as prototypes_lib
 from jaxtree_lora.evaluation.identity import TaskIdentity
 from jaxtree_lora.faults import kill_point
+from jaxtree_lora.methods import forward
 from jaxtree_lora.models.heads import head_logits
 
 
@@ -88,9 +89,8 @@ class Evaluator:
         self._predict_and_features = jax.jit(self._predict_fn, out_shardings=out_sharding)
         self._predict = jax.jit(lambda *args: self._predict_fn(*args)[0], out_shardings=out_sharding)
         self._classify = jax.jit(self._classify_fn, out_shardings=out_sharding)
-        pretrained = jax.jit(lambda frozen, batch: backbone.features(frozen, batch).astype(jnp.float32),
-                             out_shardings=out_sharding)
-        self._pretrained = pretrained
+        self._pretrained = jax.jit(lambda frozen, batch: forward.pretrained_features(backbone, frozen, batch),
+                                   out_shardings=out_sharding)
         # Features that never change within a run, computed once per example and kept on the host:
         # {(kind, task, split): [per evaluation batch: [B, d] float32]}; kind "pretrained" (task identity,
         # HiDe-LoRA's TII head) or "fixed" (the features of a method that trains nothing: `fix`).
@@ -122,12 +122,21 @@ class Evaluator:
         other.identity = TaskIdentity(other._pretrained_task_means, None)
         return other
 
+    # -- the forward, for the run's passes over a task's training data as well ---------------------
+    def features(self, trainable, weights, method_state, batch) -> jax.Array:
+        """[B, d] float32 features of a batch on the mesh (`host_batch`) through the method's adapters in
+        `method_state`, on `weights` (the run's forward weights); counted in `forward_count`."""
+        self.forward_count += int(next(iter(batch.values())).shape[0])
+        return self._features(trainable, weights, method_state, batch)
+
+    def pretrained_features(self, batch) -> jax.Array:
+        """[B, d] float32 features of a batch on the mesh through the pre-trained backbone alone."""
+        self.forward_count += int(next(iter(batch.values())).shape[0])
+        return self._pretrained(self.frozen, batch)
+
     # -- features and classifiers (pure, jitted) -----------------------------------------------
     def _features_fn(self, trainable, frozen, method_state, batch):
-        method = self.method
-        delta = lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key)
-        adapters = method.forward_adapters(trainable["adapters"], method_state)
-        return self.backbone.features(frozen, batch, adapters=adapters, delta=delta).astype(jnp.float32)
+        return forward.features(self.backbone, self.method, trainable, frozen, method_state, batch)
 
     def _predict_fn(self, trainable, frozen, consts, method_state, prototypes, batch, seen_upto, example_tasks=None,
                     given_task=None):

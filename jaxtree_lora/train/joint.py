@@ -216,8 +216,8 @@ class JointRun(Run):
     def _features(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
         """Pre-trained features [N, d] and labels [N] of a classification split (padding rows dropped)."""
         features, labels = [], []
-        for batch_features, batch_labels, weight in self.task_features(split_arrays(split, "classification"), 0,
-                                                                         remember=False):
+        for batch_features, batch_labels, weight in self.passes.features(split_arrays(split, "classification"), 0,
+                                                                     remember=False):
             keep = np.asarray(weight) > 0
             features.append(batch_features[keep])
             labels.append(batch_labels[keep])

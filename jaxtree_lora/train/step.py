@@ -290,3 +290,17 @@ def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransf
 
     return step
 
+
+def task_hooks(method):
+    """(begin_task(state, task), begin_epoch(state, epoch, steps_per_epoch)): the method's start of a
+    task and of an epoch on the train state, for the caller to jit."""
+
+    def begin_task(state, task):
+        adapters, method_state = method.begin_task(state.trainable["adapters"], state.method_state, task)
+        trainable = {**state.trainable, "adapters": adapters}
+        return state.replace(trainable=trainable, method_state=method_state)
+
+    def begin_epoch(state, epoch, steps_per_epoch):
+        return state.replace(method_state=method.begin_epoch(state.method_state, epoch, steps_per_epoch))
+
+    return begin_task, begin_epoch
