@@ -13,12 +13,14 @@ save is complete, so an interrupted save never shows up as a checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxtree_lora.faults import kill_point
@@ -149,3 +151,45 @@ def abstract(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a pytree of arrays, for restoring."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                         tree)
+
+
+def state_digest(state) -> str:
+    """sha256 over every array of the state (tree order, dtype, shape and bytes): saved beside each
+    checkpoint and checked on restore, so changed bytes are never loaded silently."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(state)):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def restore_newest_good(checkpoints: Checkpointer, state, fingerprint: str) -> tuple[Any, dict]:
+    """(state, loop) of the newest checkpoint that reads back whole and matches its `state_digest`,
+    shaped like `state`; a damaged one is reported on stderr and skipped. A checkpoint of another
+    config (`fingerprint`), or none readable, fails in one line naming the fix."""
+    for step in sorted(checkpoints.steps(), reverse=True):
+        try:
+            loop = checkpoints.restore_loop(step)
+        except Exception as error:
+            print(f"jaxtree-lora: checkpoint {step} is damaged ({type(error).__name__}); trying an older one",
+                  file=sys.stderr)
+            continue
+        if loop.get("fingerprint") != fingerprint:
+            raise CheckpointMismatch(
+                f"the checkpoint in {checkpoints.directory} was written by a different config (model, method, "
+                f"LoRA, data, training or optimiser changed): use a new --workdir or the original config")
+        try:
+            restored, loop, _ = checkpoints.restore(abstract(state), step)
+        except Exception as error:
+            print(f"jaxtree-lora: checkpoint {step} is damaged ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:120]}); trying an older one", file=sys.stderr)
+            continue
+        if loop.get("state_digest") not in (None, state_digest(restored)):
+            # The arrays read back but are not the ones written (bytes changed on disk).
+            print(f"jaxtree-lora: checkpoint {step} is damaged (its arrays do not match the digest "
+                  f"saved with them); trying an older one", file=sys.stderr)
+            continue
+        return restored, loop
+    raise CheckpointMismatch(
+        f"no readable checkpoint in {checkpoints.directory}: every one is damaged; start again with a new --workdir")

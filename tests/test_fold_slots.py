@@ -31,7 +31,7 @@ def test_folded_forward_equals_every_slot_summed(method, tmp_path):
     config = tiny_config(method)
     config.train.max_tasks = 5
     run = make_run(config, tmp_path / "run")
-    assert run.fold and run.forward_method.folded and not run.method.folded
+    assert run.folding.fold and run.forward_method.folded and not run.method.folded
     state = random_slots(run)
     batch = {name: np.asarray(value[:8]) for name, value in run.stream.tasks[0].test.inputs.items()}
     unfolded = features(run, run.method, run.frozen, state, batch)
@@ -76,21 +76,23 @@ def test_folded_run_ends_like_an_unfolded_one(method, dropout, tmp_path):
     folded = folded_run.fit()
     plain_run = make_run(config(False), tmp_path / "plain")
     plain = plain_run.fit()
-    assert folded_run.fold and folded_run.fold_in_training == (dropout == 0.0) and not plain_run.fold
+    assert folded_run.folding.fold and not plain_run.folding.fold
+    assert folded_run.folding.in_training == (dropout == 0.0)
     np.testing.assert_array_equal(folded["matrix"], plain["matrix"])
     np.testing.assert_array_equal(folded["ncm_matrix"], plain["ncm_matrix"])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
                  jax.device_get(folded["state"].trainable), jax.device_get(plain["state"].trainable))
-    assert folded_run.train_step._cache_size() == 1 and folded_run._fold._cache_size() == 1, \
+    assert folded_run.train_step._cache_size() == 1 and folded_run.folding.merge._cache_size() == 1, \
         "folding compiled the step or the fold again between tasks"
 
 
 def test_methods_whose_slots_are_not_a_frozen_sum_do_not_fold(tmp_path):
     for method in ("sd_lora", "hide_lora", "seqlora", "treelora"):
-        assert not make_run(tiny_config(method), tmp_path / method).fold, method
+        assert not make_run(tiny_config(method), tmp_path / method).folding.fold, method
     config = tiny_config("inclora")
     config.model.compute_dtype = "bfloat16"
-    assert not make_run(config, tmp_path / "bf16").fold, "W + dW in bfloat16 rounds the past slots to W's precision"
+    assert not make_run(config, tmp_path / "bf16").folding.fold, \
+        "W + dW in bfloat16 rounds the past slots to W's precision"
     assert dataclasses.replace(make_run(tiny_config("inclora"), tmp_path / "x").method).describe().get("folded") is None
 
 

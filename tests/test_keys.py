@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtree_lora.train import keys
+from jaxtree_lora import keys
 
 from test_loop import make_run, tiny_config
 

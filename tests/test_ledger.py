@@ -98,7 +98,7 @@ def test_kept_pretrained_features_equal_recomputed_ones(tmp_path):
         for stored, batch in zip(evaluator._frozen_features[("pretrained", task, split)],
                                  evaluator.batches(arrays, task)):
             batch.pop("weight"), batch.pop("labels")
-            fresh = np.asarray(evaluator._pretrained(evaluator.frozen, evaluator.host_batch(batch)))
+            fresh = np.asarray(evaluator.pretrained_features(evaluator.host_batch(batch)))
             np.testing.assert_array_equal(stored, fresh, err_msg=f"kept features of task {task} {split} changed")
     # The recomputed-prototype diagnostic read the last column's features; recomputed, it is the same.
     kept_scores = evaluator.recomputed_prototype_scores(run.final_state)

@@ -1,4 +1,5 @@
-"""input_moment recorded through a SiteRecorder (what Run.site_moments runs): the input statistics InfLoRA and LoDA build subspaces from.
+"""input_moment recorded through a SiteRecorder (what the site-statistics pass of train/passes.py runs):
+the input statistics InfLoRA and LoDA build subspaces from.
 
 Checked against a direct numpy computation of the inputs of the first layer's q projection (which is
 the layer-normed embedding, computable by hand), and on padding: padded tokens must not count."""

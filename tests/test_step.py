@@ -18,7 +18,8 @@ from jaxtree_lora.methods.base import ModelInfo, StreamInfo
 from jaxtree_lora.methods.inclora import IncLoRA
 from jaxtree_lora.methods.seqlora import SeqLoRA
 from jaxtree_lora.models.common import Site
-from jaxtree_lora.train.step import TrainState, init_head, make_optimizer, make_task_loss, make_train_step
+from jaxtree_lora.models.heads import init_head
+from jaxtree_lora.train.step import TrainState, make_optimizer, make_task_loss, make_train_step
 
 D_IN, D_OUT, CLASSES = 6, 5, 4
 

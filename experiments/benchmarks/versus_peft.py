@@ -58,7 +58,8 @@ def jax_runner(backbone, kind: str, targets: tuple, num_classes: int = 0, answer
     from jaxtree_lora import lora as lora_lib
     from jaxtree_lora.methods.base import StreamInfo
     from jaxtree_lora.methods.seqlora import SeqLoRA
-    from jaxtree_lora.train.step import TrainState, init_head, make_optimizer, make_task_loss, make_train_step
+    from jaxtree_lora.models.heads import init_head
+    from jaxtree_lora.train.step import TrainState, make_optimizer, make_task_loss, make_train_step
 
     method = SeqLoRA(lora=lora_lib.LoraSpec(targets=targets, rank=RANK, alpha=ALPHA, dropout=DROPOUT))
     adapters, method_state = method.init(jax.random.PRNGKey(0), backbone.info,

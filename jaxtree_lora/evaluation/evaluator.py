@@ -1,23 +1,12 @@
-"""The evaluation protocols of a run, in one place: the loop asks, this module answers.
+"""The evaluation protocols of a run, in one place: the loop asks, this module answers
+(`update_prototypes` after a task, `evaluate` for one cell of each accuracy matrix).
 
-    evaluator = Evaluator(...)
-    state = evaluator.update_prototypes(state, task)            # after a task: its classes' means
-    scores = evaluator.evaluate(state, task, trained_upto, key)  # one cell of each accuracy matrix
-    final = evaluator.recomputed_prototype_scores(state)         # diagnostic, after the last task
-
-Classification streams are scored by two classifiers from the same forward pass:
-
-- "score", the method's own protocol (`protocol["classifier"]`): "head" (argmax over the seen
-  classes' head logits; per-task heads concatenated) or "prototype" (nearest class mean);
-- "ncm", the rehearsal-free nearest class mean, for every method, so that protocol and features can
-  be told apart.
-
-How an example's features are taken is the method's inference rule (`methods.base.InferenceRule`,
-one per method, `eval.task_identity=inferred` turning a given task's slot into an inferred one),
-dispatched from one table (`RULES`: rule -> the function that scores a batch).
-Instruction streams generate answers and score them with each task's metric, decoding no further
-than the metric reads (`decode_limit`). Features that never change (the pre-trained model's, all of
-`fix`'s) are computed once per example per run and kept on the host (`_cached_features`).
+Classification is scored by two classifiers from one forward: the method's own ("head": argmax over
+the seen classes' logits, or "prototype") and the rehearsal-free nearest class mean, for every
+method, so protocol and features can be told apart. How an example's features are taken is the
+method's inference rule (`methods.base.InferenceRule`), dispatched from one table (`RULES`).
+Instruction streams generate answers, decoding no further than the task's metric reads. Features
+that never change (the pre-trained model's, all of `fix`'s) are computed once per example per run.
 """
 from __future__ import annotations
 
@@ -33,8 +22,9 @@ from jaxtree_lora.evaluation import generation as generation_lib
 from jaxtree_lora.evaluation import prototypes as prototypes_lib
 from jaxtree_lora.evaluation.identity import TaskIdentity
 from jaxtree_lora.faults import kill_point
+from jaxtree_lora.methods import forward
 from jaxtree_lora.methods.base import InferenceRule
-from jaxtree_lora.train.step import head_logits
+from jaxtree_lora.models.heads import head_logits
 
 
 # Metrics that read only the start of a prediction, so decoding may stop after the longest reference.
@@ -103,9 +93,8 @@ class Evaluator:
         self._predict_and_features = jax.jit(self._predict_fn, out_shardings=out_sharding)
         self._predict = jax.jit(lambda *args: self._predict_fn(*args)[0], out_shardings=out_sharding)
         self._classify = jax.jit(self._classify_fn, out_shardings=out_sharding)
-        pretrained = jax.jit(lambda frozen, batch: backbone.features(frozen, batch).astype(jnp.float32),
-                             out_shardings=out_sharding)
-        self._pretrained = pretrained
+        self._pretrained = jax.jit(lambda frozen, batch: forward.pretrained_features(backbone, frozen, batch),
+                                   out_shardings=out_sharding)
         # Features that never change within a run, computed once per example and kept on the host:
         # {(kind, task, split): [per evaluation batch: [B, d] float32]}; kind "pretrained" (task identity,
         # HiDe-LoRA's TII head) or "fixed" (the features of a method that trains nothing: `fix`).
@@ -135,12 +124,21 @@ class Evaluator:
         other.identity = TaskIdentity(other._pretrained_task_means, None)
         return other
 
+    # -- the forward, for the run's passes over a task's training data as well ---------------------
+    def features(self, trainable, weights, method_state, batch) -> jax.Array:
+        """[B, d] float32 features of a batch on the mesh (`host_batch`) through the method's adapters in
+        `method_state`, on `weights` (the run's forward weights); counted in `forward_count`."""
+        self.forward_count += int(next(iter(batch.values())).shape[0])
+        return self._features(trainable, weights, method_state, batch)
+
+    def pretrained_features(self, batch) -> jax.Array:
+        """[B, d] float32 features of a batch on the mesh through the pre-trained backbone alone."""
+        self.forward_count += int(next(iter(batch.values())).shape[0])
+        return self._pretrained(self.frozen, batch)
+
     # -- features and classifiers (pure, jitted) -----------------------------------------------
     def _features_fn(self, trainable, frozen, method_state, batch):
-        method = self.method
-        delta = lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key)
-        adapters = method.forward_adapters(trainable["adapters"], method_state)
-        return self.backbone.features(frozen, batch, adapters=adapters, delta=delta).astype(jnp.float32)
+        return forward.features(self.backbone, self.method, trainable, frozen, method_state, batch)
 
     @property
     def infer_identity(self) -> bool:

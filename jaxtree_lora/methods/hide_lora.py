@@ -24,7 +24,7 @@ from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import InferenceRule, MethodNotApplicable, ModelInfo, StreamInfo, TaskContext
 from jaxtree_lora.methods.inclora import IncLoRA
-from jaxtree_lora.train import keys
+from jaxtree_lora import keys
 
 STATISTICS = ("covariance", "variance", "multi-centroid")
 NEG = -1e9

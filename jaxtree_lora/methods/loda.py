@@ -21,7 +21,7 @@ import numpy as np
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import Method
-from jaxtree_lora.train import keys
+from jaxtree_lora import keys
 
 LORA_KEYS = ("a_g", "b_g", "a_i", "b_i")
 

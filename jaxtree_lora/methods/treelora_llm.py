@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxtree_lora import lora as lora_lib
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import Method, ModelInfo, StreamInfo
-from jaxtree_lora.train import keys
+from jaxtree_lora import keys
 from jaxtree_lora.tree import bandit, tree as tree_lib
 
 SELECTIONS = ("official", "paper_lcb", "random")

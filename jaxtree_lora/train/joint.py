@@ -21,14 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxtree_lora import keys
 from jaxtree_lora.data import batching as batching_lib
 from jaxtree_lora.data.stream import Split, Stream, Task
 from jaxtree_lora.errors import ConfigError
+from jaxtree_lora.models.heads import head_logits, init_head
 from jaxtree_lora.reporting.results import MetricsWriter
-from jaxtree_lora.train import keys
 from jaxtree_lora.train import mesh as mesh_lib
 from jaxtree_lora.train.loop import NonFiniteLoss, Run, epochs_for, split_arrays
-from jaxtree_lora.train.step import build_optimizer, head_logits, init_head, make_train_step
+from jaxtree_lora.train.step import build_optimizer, make_train_step
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ FINE_TUNED = ("lp-ft", "ft")  # candidates that train the adapters: from the pro
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "kind", "steps"))
 def fit_probe(features, labels, key, l2, learning_rate, scale, *, num_classes: int, kind: str, steps: int):
-    """The head (`train.step.head_logits` of `kind`) fitted to frozen features [N, d] with labels [N]:
+    """The head (`models.heads.head_logits` of `kind`) fitted to frozen features [N, d] with labels [N]:
     multinomial logistic regression, full-batch Adam for `steps` steps, plus l2 * |w|^2."""
     features = features.astype(jnp.float32)
     head = init_head(key, features.shape[1], num_classes, kind)
@@ -211,8 +212,8 @@ class JointRun(Run):
     def _features(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
         """Pre-trained features [N, d] and labels [N] of a classification split (padding rows dropped)."""
         features, labels = [], []
-        for batch_features, batch_labels, weight in self.task_features(split_arrays(split, "classification"), 0,
-                                                                         remember=False):
+        for batch_features, batch_labels, weight in self.passes.features(split_arrays(split, "classification"), 0,
+                                                                     remember=False):
             keep = np.asarray(weight) > 0
             features.append(batch_features[keep])
             labels.append(batch_labels[keep])

@@ -6,7 +6,9 @@
 Host work happens only between steps: metrics are fetched every `log_every` steps, the progress bar
 is updated then, checkpoints are written every `checkpoint_every` steps and at every task end. The
 batch order and every PRNG key are pure functions of (seed, task, epoch, batch), so a run resumed
-from any checkpoint replays exactly the steps an uninterrupted run takes.
+from any checkpoint replays exactly the steps an uninterrupted run takes. `Run` reads top to bottom;
+its pieces live beside it: the batch plan (plan.py), folded weights (fold.py), a method's passes over
+a task (passes.py), restoring the newest good checkpoint (checkpoint.py).
 """
 from __future__ import annotations
 
@@ -26,19 +28,23 @@ import numpy as np
 
 from jaxtree_lora import assemble
 from jaxtree_lora import checkpoint as checkpoint_lib
+from jaxtree_lora import keys
 from jaxtree_lora import ledger as ledger_lib
 from jaxtree_lora.data import batching as batching_lib
 from jaxtree_lora.data.stream import check_stream
 from jaxtree_lora.errors import ConfigError
-from jaxtree_lora.evaluation.evaluator import classification_arrays, effective_rule
+from jaxtree_lora.evaluation.evaluator import Evaluator, classification_arrays, effective_rule
 from jaxtree_lora.faults import kill_point
 from jaxtree_lora.assemble import method_from_config
-from jaxtree_lora.methods.base import InferenceRule, MethodNotApplicable, StreamInfo, TaskContext
+from jaxtree_lora.methods.base import InferenceRule, MethodNotApplicable, StreamInfo
+from jaxtree_lora.models.heads import init_head
 from jaxtree_lora.reporting.results import MetricsWriter
-from jaxtree_lora.train import keys
+from jaxtree_lora.train import fold as fold_lib
 from jaxtree_lora.train import mesh as mesh_lib
-from jaxtree_lora.train.step import (TrainState, build_optimizer, init_head, make_task_loss, make_train_step,
-                                     optimizer_settings)
+from jaxtree_lora.train import plan
+from jaxtree_lora.train.passes import TaskPasses
+from jaxtree_lora.train.step import (TrainState, build_optimizer, make_task_loss, make_train_step,
+                                     optimizer_settings, task_hooks)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -147,6 +153,17 @@ def peak_memory_mb() -> float:
     return peak
 
 
+def check_fits(method, kind: str, backbone) -> None:
+    """Fails in one line where `method` cannot learn this stream's kind, or its LoRA targets match
+    none of the backbone's sites (naming them)."""
+    if kind not in method.stream_kinds:
+        raise MethodNotApplicable(
+            method.not_applicable_reason
+            or f"{method.name} learns {' or '.join(method.stream_kinds)} streams, this one is {kind}")
+    if hasattr(method, "lora"):
+        method.lora.select(backbone.info.sites)
+
+
 def split_arrays(split, kind: str) -> dict:
     """Arrays the step consumes from one data split."""
     if kind == "classification":
@@ -154,24 +171,13 @@ def split_arrays(split, kind: str) -> dict:
     return {k: split.arrays[k] for k in ("input_ids", "attention_mask", "loss_mask")}
 
 
-# ----------------------------------------------------------------------------------------------
-def state_digest(state) -> str:
-    """sha256 over every array of the state (tree order, dtype, shape and bytes): saved beside each
-    checkpoint and checked on restore, so changed bytes are never loaded silently."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(state)):
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 # the run
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Run:
-    """Everything a continual run needs, built once; `fit()` drives it."""
+    """Everything a continual run needs, built once, top to bottom: the method, the mesh, the batches,
+    the weights, the compiled functions, the evaluator; `fit()` drives the loop."""
 
     config: Any
     backbone: Any
@@ -183,48 +189,42 @@ class Run:
     ledger: Any = None  # where the run's time goes (`jaxtree_lora.ledger.Ledger`); its own when not given
 
     def __post_init__(self):
-        from jaxtree_lora.data import batching, tokenize
-
+        config = self.config
         self._own_ledger = self.ledger is None
         if self._own_ledger:
             self.ledger = ledger_lib.Ledger(since_process_start=False)
 
-        self.batching = batching
-        config = self.config
+        # The stream and the method that learns it.
         self.kind = self.stream.kind
         check_stream(self.stream, int(getattr(self.backbone, "vocab_size", 0) or 0))
         self.num_tasks = len(self.stream.tasks)
         self.max_tasks = max(int(config.train.get("max_tasks", 0) or 0), self.num_tasks)
         self.method = method_from_config(config, self.kind, self.max_tasks)
-        if self.kind not in self.method.stream_kinds:
-            raise MethodNotApplicable(
-                self.method.not_applicable_reason
-                or f"{self.method.name} learns {' or '.join(self.method.stream_kinds)} streams, this one is {self.kind}")
-        if hasattr(self.method, "lora"):
-            self.method.lora.select(self.backbone.info.sites)  # fails now, naming the sites, if nothing matches
+        check_fits(self.method, self.kind, self.backbone)
         self.stream_info = StreamInfo(num_tasks=self.num_tasks, max_tasks=self.max_tasks, kind=self.kind,
                                       num_classes=int(getattr(self.stream, "num_classes", 0) or 0))
+
+        # The mesh and the batches: widths, packing, class masks.
         self.mesh = mesh_lib.make_mesh(tuple(config.train.get("mesh", ()) or ()))
         self.micro_batch = int(config.train.batch_size)
         self.accumulation = int(config.train.get("accumulation", 1))
         if self.micro_batch < 1 or self.accumulation < 1:
             raise ConfigError("train.batch_size and train.accumulation must be >= 1")
-        if config.train.get("length_buckets", True) and self.kind in ("classification", "instruction"):
-            # Every batch (train, evaluation, statistics) cut to the smallest of a few widths that holds
-            # its longest row: no compute on padding columns, a bounded number of compiles.
-            splits = [split.inputs if self.kind == "classification" else split.arrays
-                      for task in self.stream.tasks for split in (task.train, task.test)]
-            self.batching = batching.LengthBuckets.for_splits(
-                splits, "right" if self.kind == "classification" else "left",
-                self.micro_batch * self.accumulation)
+        self.batching = plan.batching(config, self.stream, self.micro_batch * self.accumulation)
         devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.packer = self._packer(devices)
+        self.packer = plan.packer(config, self.stream, self.backbone, devices, self.micro_batch, self.accumulation)
         if self.micro_batch % devices:
             raise ConfigError(f"train.batch_size={self.micro_batch} must be divisible by the "
                               f"{devices} data-parallel devices of the mesh")
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        # This process's rows of each global batch (all of them with one process).
+        self.local_rows = (None if jax.process_count() == 1 else
+                           mesh_lib.local_batch_rows(self.batch_sharding, self.accumulation, self.micro_batch))
+        self.consts = plan.stream_consts(self.stream, self.max_tasks)
+
+        # The optimiser and the protocol (head, classifier, task identity).
         self.optimizer_settings = optimizer_for(config, self.method)
         self.optimizer = build_optimizer(self.optimizer_settings)
-        self.consts = self._stream_consts()
         self.protocol = protocol_of(config, self.method)
         if not self.method.trains and self.protocol["classifier"] != "prototype" and self.kind == "classification":
             raise ConfigError(f"{self.method.name} trains nothing, so it has no trained head: its classifier is the "
@@ -237,79 +237,45 @@ class Run:
         if self.infer_identity and self.kind != "classification":
             raise ConfigError("eval.task_identity=inferred needs a classification stream (the task is inferred from "
                               "class means of pre-trained features): use eval.task_identity=given here")
-        # Instruction streams: the LM head runs only over the trailing columns that hold answers.
-        answer_window = (tokenize.answer_window([split.arrays["loss_mask"] for task in self.stream.tasks
-                                                 for split in (task.train, task.test)]) or None
-                         if self.kind == "instruction" else None)
-        self.pretrained_train: dict[int, list] = {}  # task -> the pre-trained features of its training data
-        self._plan_fold()
+
+        # The frozen weights on the mesh, and the past slots folded into them where the method allows.
+        min_size = int(config.train.get("fsdp_min_size", 2 ** 18))
+        self.frozen = mesh_lib.to_global(self.backbone.params,
+                                         mesh_lib.backbone_sharding(self.mesh, self.backbone.params, min_size))
+        self.folding = fold_lib.Folding(config, self.method, self.backbone, self.mesh, self.frozen)
+        self.forward_method, self.train_method = self.folding.forward_method, self.folding.train_method
+        self.forward_weights, self.train_frozen = self.folding.weights, self.frozen
+
+        # The compiled functions: the step, the task and epoch hooks. Every output is replicated: with
+        # several processes each one can then read it whole.
+        replicated = mesh_lib.replicated(self.mesh)
         self.task_loss = make_task_loss(self.backbone, self.train_method, self.kind, self.protocol["train_mask"],
-                                        self.protocol["head"], self.protocol["head_scale"], answer_window)
-        self._compile()
+                                        self.protocol["head"], self.protocol["head_scale"],
+                                        plan.answer_window(self.stream))
+        step = make_train_step(self.train_method, self.task_loss, self.optimizer,
+                               freeze_other_classes=config.train.get("train_mask", "task") == "task")
+        self.train_step = jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
+        begin_task, begin_epoch = task_hooks(self.method)
+        self.begin_task = jax.jit(begin_task, donate_argnums=(0,), out_shardings=replicated)
+        self.begin_epoch = jax.jit(begin_epoch, donate_argnums=(0,), out_shardings=replicated)
 
-    # -- setup ------------------------------------------------------------------------------------
-    def _packer(self, devices: int):
-        """A `data.packing.Packer` for the training batches where packing applies (`train.pack`): text
-        classification on an encoder, one device in one process (a packed row mixes examples, so it
-        cannot follow the batch's split over devices), every text's tokens at the front of its row.
-        Evaluation and the statistics passes keep one example per row."""
-        from jaxtree_lora.data import packing
-
-        if not (self.config.train.get("pack", True) and self.kind == "classification"
-                and getattr(self.backbone, "kind", "") == "encoder" and devices == 1 and jax.process_count() == 1):
-            return None
-        for task in self.stream.tasks:
-            mask = np.asarray(task.train.inputs.get("attention_mask", np.zeros((0, 0))))
-            if mask.ndim != 2 or not np.array_equal(mask > 0, np.arange(mask.shape[1])[None, :] < mask.sum(1)[:, None]):
-                return None  # not right-padded (or no mask): rows cannot be laid end to end
-        return packing.Packer(self.micro_batch, self.accumulation)
-
-    def _plan_fold(self):
-        """Whether the frozen past slots are folded into the kernels (`backbone.folds_slots`). Evaluation
-        and statistics (no dropout) then run `forward_method`, the current slot alone, on
-        `forward_weights`; training too where LoRA dropout is 0 (with dropout the past slots see the
-        dropped input, which a kernel cannot)."""
-        from jaxtree_lora.train.backbone import folds_slots
-
-        method, backbone = self.method, self.backbone
-        self.fold = folds_slots(self.config, method, backbone.params, getattr(backbone, "site_kernel", None),
-                                lambda: method.lora.select(backbone.info.sites), getattr(backbone, "compute_dtype", None))
-        self.forward_method = dataclasses.replace(method, folded=True) if self.fold else method
-        self.fold_in_training = self.fold and float(method.lora.dropout) == 0.0
-        self.train_method = self.forward_method if self.fold_in_training else method
-
-    def forward_weights(self, trainable, method_state):
-        """The weights `forward_method` runs on for this state: the frozen ones, with the slots before
-        method_state["task"] added to the kernels where the run folds (always computed from the untouched
-        weights, so a resumed run gets the same bits). The last result is kept for the same arrays."""
-        if not self.fold:
-            return self.frozen
-        leaves = jax.tree.leaves((trainable["adapters"], method_state))
-        cached = self._fold_cache
-        if cached is not None and len(cached[0]) == len(leaves) and all(a is b for a, b in zip(cached[0], leaves)):
-            return cached[1]
-        # One sharding for every call (a method's host work hands back single-device arrays), one compile.
-        adapters, method_state = mesh_lib.to_global((trainable["adapters"], method_state),
-                                                    mesh_lib.replicated(self.mesh))
-        weights = self._fold(self.frozen, adapters, method_state)
-        self._fold_cache = (leaves, weights)
-        return weights
-
-    def _refold(self, state) -> None:
-        """The train step's weights for a task (its past slots are frozen, so one fold serves every step)."""
-        self.train_frozen = (self.forward_weights(state.trainable, state.method_state) if self.fold_in_training
-                             else self.frozen)
-
-    def _stream_consts(self) -> dict:
-        classes = int(getattr(self.stream, "num_classes", 0) or 0)
-        task_classes = np.zeros((self.max_tasks, max(classes, 1)), bool)
-        if self.kind == "classification":
-            for task in self.stream.tasks:
-                task_classes[task.index, list(task.classes)] = True
-        seen = np.cumsum(task_classes, axis=0) > 0
-        return {"task_classes": jnp.asarray(task_classes), "seen_classes": jnp.asarray(seen)}
+        # The evaluator, and the passes over a task's data that a method may ask for.
+        eval_batch = int(config.eval.get("batch_size", 64))
+        self.evaluator = Evaluator(
+            backbone=self.backbone, method=self.forward_method, stream=self.stream, protocol=self.protocol,
+            consts=self.consts, frozen=self.frozen, weights=self.forward_weights, host_batch=self._host_batch,
+            out_sharding=replicated, identity=self.identity, temperature=float(config.eval.get("temperature", 0.0)),
+            batches=lambda arrays, task: self.batching.batches(arrays, eval_batch, seed=0, task=task, epoch=0,
+                                                               shuffle=False))
+        self.passes = TaskPasses(
+            backbone=self.backbone, method=self.forward_method, task_loss=self.task_loss, consts=self.consts,
+            weights=self.forward_weights, train_weights=self.folding.train_weights, evaluator=self.evaluator,
+            host_batch=self._host_batch, out_sharding=replicated, ledger=self.ledger,
+            batches=lambda arrays, task, seed: self.batching.batches(arrays, self.micro_batch, seed=seed, task=task,
+                                                                     epoch=0, shuffle=False))
 
     def initial_state(self) -> TrainState:
+        """Before the first task: the method's adapters and state, the head, the optimiser state."""
         init_key, head_key = jax.random.split(keys.for_purpose(self.config.seed, "init"))
         adapters, method_state = self.method.init(init_key, self.backbone.info, self.stream_info)
         head = init_head(head_key, self.backbone.info.feature_dim, self.stream_info.num_classes, self.protocol["head"]) \
@@ -321,153 +287,6 @@ class Run:
                            method_state=method_state, step=jnp.zeros((), jnp.int32), prototypes=prototypes)
         return mesh_lib.to_global(state, mesh_lib.replicated(self.mesh))
 
-    def _compile(self):
-        replicated = mesh_lib.replicated(self.mesh)
-        step = make_train_step(self.train_method, self.task_loss, self.optimizer,
-                               freeze_other_classes=self.config.train.get("train_mask", "task") == "task")
-        # Every output is replicated: with several processes each one can then read it whole.
-        self.train_step = jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
-        min_size = int(self.config.train.get("fsdp_min_size", 2 ** 18))
-        self.frozen = mesh_lib.to_global(self.backbone.params,
-                                         mesh_lib.backbone_sharding(self.mesh, self.backbone.params, min_size))
-        self.train_frozen, self._fold_cache = self.frozen, None
-        if self.fold:
-            from jaxtree_lora.train.backbone import merge_into_kernels
-
-            forward_method, site_kernel = self.forward_method, self.backbone.site_kernel
-            self._fold = jax.jit(
-                lambda frozen, adapters, method_state: merge_into_kernels(
-                    frozen, site_kernel, forward_method.fold_past(adapters, method_state)),
-                out_shardings=jax.tree.map(lambda leaf: leaf.sharding, self.frozen))
-        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
-        # This process's rows of each global batch (all of them with one process).
-        self.local_rows = (None if jax.process_count() == 1 else
-                           mesh_lib.local_batch_rows(self.batch_sharding, self.accumulation, self.micro_batch))
-        method = self.method
-
-        def begin_task(state, task):
-            adapters, method_state = method.begin_task(state.trainable["adapters"], state.method_state, task)
-            trainable = {**state.trainable, "adapters": adapters}
-            return state.replace(trainable=trainable, method_state=method_state)
-
-        def begin_epoch(state, epoch, steps_per_epoch):
-            return state.replace(method_state=method.begin_epoch(state.method_state, epoch, steps_per_epoch))
-
-        self.begin_task = jax.jit(begin_task, donate_argnums=(0,), out_shardings=replicated)
-        self.begin_epoch = jax.jit(begin_epoch, donate_argnums=(0,), out_shardings=replicated)
-        from jaxtree_lora.evaluation.evaluator import Evaluator
-
-        eval_batch = int(self.config.eval.get("batch_size", 64))
-        self.evaluator = Evaluator(
-            backbone=self.backbone, method=self.forward_method, stream=self.stream, protocol=self.protocol,
-            consts=self.consts, frozen=self.frozen, weights=self.forward_weights, host_batch=self._host_batch,
-            out_sharding=replicated, identity=self.identity,
-            temperature=float(self.config.eval.get("temperature", 0.0)),
-            batches=lambda arrays, task: self.batching.batches(arrays, eval_batch, seed=0, task=task, epoch=0,
-                                                               shuffle=False))
-
-    def fisher(self, trainable, method_state, arrays: dict, task_index: int):
-        """Diagonal empirical Fisher of the task loss: mean over examples of squared per-example grads."""
-        if getattr(self, "_fisher_batch", None) is None:
-            # The frozen weights are an argument, not a closure: a closed-over array becomes a
-            # compile-time constant (slow constant folding, and a copy inside the executable).
-            def one(trainable, frozen, method_state, example, key):
-                batch = jax.tree.map(lambda leaf: leaf[None], example)
-                loss, _ = self.task_loss(trainable, frozen, self.consts, method_state, batch, key)
-                return loss
-
-            def squared_sum(trainable, frozen, method_state, batch, key):
-                grads = jax.vmap(jax.grad(one), in_axes=(None, None, None, 0, None))(trainable, frozen, method_state,
-                                                                                   batch, key)
-                return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0), grads)
-
-            self._fisher_batch = jax.jit(squared_sum, out_shardings=mesh_lib.replicated(self.mesh))
-        total, count = None, 0.0
-        for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
-            count += float(np.sum(batch["weight"]))
-            weights = self.forward_weights(trainable, method_state) if self.fold_in_training else self.frozen
-            sums = self._fisher_batch(trainable, weights, method_state, self._host_batch(batch), None)
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total)
-
-    def site_moments(self, trainable, method_state, arrays: dict, task_index: int):
-        """Input statistics of every adapted site over the task's training data, with the current adapters.
-
-        Returns ({site: [num_layers, d_in, d_in] float32 mean of x x^T over real tokens}, token count).
-        """
-        if getattr(self, "_moments_batch", None) is None:
-            from jaxtree_lora.models.common import SiteRecorder, input_moment
-            from jaxtree_lora.train.step import token_weights
-
-            method, backbone = self.forward_method, self.backbone
-
-            def moments(trainable, frozen, method_state, batch):
-                weight = token_weights(batch)
-                collector = SiteRecorder(
-                    lambda site, adapter, x, key: method.delta(method_state, site, adapter, x, key), input_moment,
-                    weight)
-                adapters = method.forward_adapters(trainable["adapters"], method_state)
-                backbone.features(frozen, batch, adapters=adapters, delta=collector)
-                return collector.records, jnp.sum(weight.astype(jnp.float32))
-
-            self._moments_batch = jax.jit(moments, out_shardings=mesh_lib.replicated(self.mesh))
-        total, count = None, 0.0
-        for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
-            sums, tokens = self._moments_batch(trainable, self.forward_weights(trainable, method_state), method_state,
-                                               self._host_batch(batch))
-            count += float(tokens)
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        return jax.tree.map(lambda leaf: leaf / max(count, 1.0), total), count
-
-    def task_context(self, task_index: int, arrays: dict, steps_per_epoch: int) -> TaskContext:
-        """Host-side access to a task's data for `Method.prepare_task` and `Method.end_task`."""
-        seed = int(self.config.seed)
-        ledger = self.ledger
-
-        def timed(name, function):  # each extra pass over the task's data is a line of the time ledger
-            def call(*args):
-                with ledger.phase(name):
-                    return function(*args)
-            return call
-
-        return TaskContext(
-            task=task_index, steps_per_epoch=steps_per_epoch,
-            batches=lambda: self.batching.batches(arrays, self.micro_batch, seed=seed, task=task_index, epoch=0,
-                                                  shuffle=False),
-            fisher=timed("pass: fisher", lambda trainable, method_state: self.fisher(
-                trainable, method_state, arrays, task_index)),
-            site_moments=timed("pass: site statistics", lambda trainable, method_state: self.site_moments(
-                trainable, method_state, arrays, task_index)),
-            features=lambda trainable, method_state: ledger.timed("pass: features", self.task_features(
-                arrays, task_index, trainable, method_state)),
-            pretrained_features=lambda: ledger.timed("pass: pre-trained features",
-                                                     self.task_features(arrays, task_index)))
-
-    def task_features(self, arrays: dict, task_index: int, trainable=None, method_state=None, remember: bool = True):
-        """Yields (features [B, d], labels [B], weight [B]) numpy arrays over a classification task's
-        training data: with these adapters and method state, or the pre-trained backbone's (None).
-        The pre-trained ones never change: kept after the first full pass (`pretrained_train`) and
-        read back on later ones, by task index; `remember=False` for arrays that are not that task's
-        training data (neither read nor kept)."""
-        remember = remember and trainable is None
-        if remember and task_index in self.pretrained_train:
-            yield from self.pretrained_train[task_index]
-            return
-        kept = []
-        for batch in self.batching.batches(arrays, self.micro_batch, seed=0, task=task_index, epoch=0, shuffle=False):
-            weight, labels = np.asarray(batch.pop("weight")), np.asarray(batch.pop("labels"))
-            batch = self._host_batch(batch)
-            if trainable is None:
-                features = self.evaluator._pretrained(self.frozen, batch)
-            else:
-                features = self.evaluator._features(trainable, self.forward_weights(trainable, method_state),
-                                                    method_state, batch)
-            self.evaluator.forward_count += len(weight)
-            kept.append((np.asarray(features), labels, weight))
-            yield kept[-1]
-        if remember:
-            self.pretrained_train[task_index] = kept
-
     def _host_batch(self, batch: dict) -> dict:
         """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""
         return mesh_lib.to_global(batch, mesh_lib.replicated(self.mesh))
@@ -477,36 +296,6 @@ class Run:
         return tree if jax.process_count() == 1 else mesh_lib.to_global(tree, mesh_lib.replicated(self.mesh))
 
     # -- the loop ---------------------------------------------------------------------------------
-    def _restore_newest_good(self, checkpoints, state, fp):
-        """Restores the newest checkpoint that reads back whole; a damaged one is reported and skipped."""
-        import sys
-
-        for step in sorted(checkpoints.steps(), reverse=True):
-            try:
-                loop = checkpoints.restore_loop(step)
-            except Exception as error:
-                print(f"jaxtree-lora: checkpoint {step} is damaged ({type(error).__name__}); trying an older one",
-                      file=sys.stderr)
-                continue
-            if loop.get("fingerprint") != fp:
-                raise checkpoint_lib.CheckpointMismatch(
-                    f"the checkpoint in {checkpoints.directory} was written by a different config "
-                    f"(model, method, LoRA, data, training or optimiser changed): use a new --workdir or the original config")
-            try:
-                restored, loop, _ = checkpoints.restore(checkpoint_lib.abstract(state), step)
-            except Exception as error:
-                print(f"jaxtree-lora: checkpoint {step} is damaged ({type(error).__name__}: "
-                      f"{str(error).splitlines()[0][:120]}); trying an older one", file=sys.stderr)
-                continue
-            if loop.get("state_digest") not in (None, state_digest(restored)):
-                # The arrays read back but are not the ones written (bytes changed on disk).
-                print(f"jaxtree-lora: checkpoint {step} is damaged (its arrays do not match the digest "
-                      f"saved with them); trying an older one", file=sys.stderr)
-                continue
-            return restored, loop
-        raise checkpoint_lib.CheckpointMismatch(
-            f"no readable checkpoint in {checkpoints.directory}: every one is damaged; start again with a new --workdir")
-
     def fit(self, resume: bool = False) -> dict:
         """Trains and evaluates task after task (from the newest good checkpoint with `resume`).
         Returns {"matrix", "timings", "state"} (+ "ncm_matrix", "recomputed_prototype_scores" on
@@ -517,13 +306,12 @@ class Run:
         books = _Books(self, resume)
         with ledger.phase("checkpoint restore" if resume else "setup"):
             state = books.start(self.initial_state())
-            self._refold(state)
+            self.train_frozen = self.folding.train_weights(state.trainable, state.method_state)
         try:
             for task_index in range(books.position["task"], self.num_tasks):
-                task = self.stream.tasks[task_index]
-                arrays = split_arrays(task.train, self.kind)
-                num_rows = len(next(iter(arrays.values())))
-                steps_per_epoch = self.batching.num_batches(num_rows, self.micro_batch * self.accumulation)
+                arrays = split_arrays(self.stream.tasks[task_index].train, self.kind)
+                steps_per_epoch = self.batching.num_batches(len(next(iter(arrays.values()))),
+                                                            self.micro_batch * self.accumulation)
                 position = books.position
                 resumed_here = task_index == position["task"] and (position["epoch"] or position["batch"])
                 if not resumed_here:
@@ -531,11 +319,12 @@ class Run:
                     with ledger.phase(f"prepare_task: {self.method.name}"):
                         trainable, method_state = self._on_mesh(self.method.prepare_task(
                             state.trainable, state.method_state,
-                            self.task_context(task_index, arrays, steps_per_epoch)))
+                            self.passes.context(task_index, arrays, steps_per_epoch, int(config.seed))))
                     with ledger.phase("train"):
-                        state = state.replace(trainable=trainable, method_state=method_state)
-                        state = self.begin_task(state, jnp.asarray(task_index, jnp.int32))
-                        self._refold(state)
+                        state = self.begin_task(state.replace(trainable=trainable, method_state=method_state),
+                                                jnp.asarray(task_index, jnp.int32))
+                        # The task's past slots are frozen: one fold serves every step of it.
+                        self.train_frozen = self.folding.train_weights(state.trainable, state.method_state)
                 task_start = time.perf_counter()
                 with ledger.phase("train"):
                     state = self._train_task(state, task_index, arrays, steps_per_epoch, books)
@@ -552,16 +341,7 @@ class Run:
         if books.identity is not None:
             outcome["task_identity_accuracy"] = books.identity  # after the last task, per task
         if self.kind == "classification":
-            outcome["ncm_matrix"] = books.ncm_matrix
-            if bool(config.eval.get("recomputed_prototypes", True)):
-                # Diagnostic, not rehearsal-free: every class's prototype from the final model.
-                with ledger.phase("evaluation: recomputed prototypes"):
-                    outcome["recomputed_prototype_scores"] = self.evaluator.recomputed_prototype_scores(state)
-            if self.method.trains and len(self.pretrained_train) == self.num_tasks:
-                # The frozen model's nearest-class-mean score (what `fix` scores) from the pre-trained
-                # features this run computed anyway (HiDe-LoRA's task identity): printed beside its own.
-                with ledger.phase("evaluation: frozen NCM"):
-                    outcome["frozen_ncm_scores"] = self.evaluator.frozen_ncm_scores(self.pretrained_train)
+            outcome.update(ncm_matrix=books.ncm_matrix, **classification_diagnostics(self, state))
         if self._own_ledger:
             outcome["time"] = ledger.table()
             ledger.close()
@@ -572,13 +352,8 @@ class Run:
         position = books.position
         epochs = epochs_for(self.config, task_index) if self.method.trains else 0
         start_epoch = position["epoch"] if task_index == position["task"] else 0
-        bar = None
-        if self.progress and books.primary:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=epochs * steps_per_epoch, desc=f"task {task_index + 1}/{self.num_tasks}",
-                       initial=start_epoch * steps_per_epoch + (position["batch"] if task_index == position["task"] else 0),
-                       leave=True, dynamic_ncols=True)
+        bar = progress_bar(self.progress and books.primary, epochs * steps_per_epoch, task_index, self.num_tasks,
+                           start_epoch * steps_per_epoch + (position["batch"] if task_index == position["task"] else 0))
         for epoch in range(start_epoch, epochs):
             start_batch = position["batch"] if (task_index == position["task"] and epoch == position["epoch"]) else 0
             if start_batch == 0:
@@ -613,23 +388,17 @@ class Run:
             books.host_step += 1
             last = batch_index + 1 == steps_per_epoch
             if len(pending) >= books.log_every or last:
-                record = books.log_steps(jax.device_get(pending), time.perf_counter() - window_start,
-                                         task_index, epoch, batch_index)
-                if bar is not None:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.3f}",
-                                    tok_s=f"{record['tokens_per_second']:.0f}")
-                    bar.update(len(pending))
+                books.log_steps(jax.device_get(pending), time.perf_counter() - window_start, task_index, epoch,
+                                batch_index, bar)
                 pending = []
                 window_start = time.perf_counter()
-            after = ({"task": task_index, "epoch": epoch + 1, "batch": 0} if last else
-                     {"task": task_index, "epoch": epoch, "batch": batch_index + 1})
-            books.after_step(state, after)
+            books.after_step(state, task_index, epoch, batch_index, last)
         return state
 
     def _end_task(self, state, task_index: int, arrays: dict, steps_per_epoch: int, books: "_Books"):
         """The method's end-of-task host work, the task's prototypes, then one column of the accuracy
         matrices: every task seen so far scored with the state after this task."""
-        context = self.task_context(task_index, arrays, steps_per_epoch)
+        context = self.passes.context(task_index, arrays, steps_per_epoch, int(self.config.seed))
         ledger = self.ledger
         with ledger.phase(f"end_task: {self.method.name}"):
             trainable, method_state = self._on_mesh(self.method.end_task(state.trainable, state.method_state,
@@ -647,17 +416,34 @@ class Run:
                 books.matrix[seen, task_index] = scores["score"]
                 books.ncm_matrix[seen, task_index] = scores.get("ncm", np.nan)
                 identity.append(scores.get("identity"))
-        if self.infer_identity:
-            books.identity = identity
-        books.timings["eval_seconds"][task_index] = time.perf_counter() - eval_start
-        column = lambda matrix: [float(matrix[i, task_index]) for i in range(task_index + 1)]
-        books.emit({"type": "task", "task": task_index, "name": self.stream.tasks[task_index].name,
-                    "scores": column(books.matrix),
-                    **({"ncm_scores": column(books.ncm_matrix)} if self.kind == "classification" else {}),
-                    "train_seconds": books.timings["train_seconds"][task_index],
-                    "eval_seconds": books.timings["eval_seconds"][task_index],
-                    **({"task_identity_accuracy": identity} if self.infer_identity else {})})
+        books.end_column(task_index, self.stream.tasks[task_index].name, time.perf_counter() - eval_start,
+                         identity if self.infer_identity else None)
         return state
+
+
+def classification_diagnostics(run: Run, state) -> dict:
+    """After the last task of a classification stream: the scores printed beside the run's own."""
+    out, ledger = {}, run.ledger
+    if bool(run.config.eval.get("recomputed_prototypes", True)):
+        # Diagnostic, not rehearsal-free: every class's prototype from the final model.
+        with ledger.phase("evaluation: recomputed prototypes"):
+            out["recomputed_prototype_scores"] = run.evaluator.recomputed_prototype_scores(state)
+    if run.method.trains and len(run.passes.pretrained_train) == run.num_tasks:
+        # The frozen model's nearest-class-mean score (what `fix` scores) from the pre-trained
+        # features this run computed anyway (HiDe-LoRA's task identity): printed beside its own.
+        with ledger.phase("evaluation: frozen NCM"):
+            out["frozen_ncm_scores"] = run.evaluator.frozen_ncm_scores(run.passes.pretrained_train)
+    return out
+
+
+def progress_bar(show: bool, total: int, task_index: int, num_tasks: int, initial: int):
+    """A tqdm bar over one task's steps, or None."""
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"task {task_index + 1}/{num_tasks}", initial=initial, leave=True,
+                dynamic_ncols=True)
 
 
 def _none_for_nan(matrix) -> list:
@@ -700,7 +486,7 @@ class _Books:
         the SIGTERM handler (a pre-emption saves the position at the next step)."""
         self.restored = self.resume and self.checkpoints.latest() is not None
         if self.restored:
-            state, loop = self.run._restore_newest_good(self.checkpoints, state, self.fingerprint)
+            state, loop = checkpoint_lib.restore_newest_good(self.checkpoints, state, self.fingerprint)
             self.position = loop["position"]
             self.matrix, self.ncm_matrix = _nan_for_none(loop["matrix"]), _nan_for_none(loop["ncm_matrix"])
             self.timings = loop["timings"]
@@ -718,13 +504,28 @@ class _Books:
         with self.run.ledger.phase("checkpoint"):
             loop = {"position": position, "fingerprint": self.fingerprint, "timings": self.timings,
                     "matrix": _none_for_nan(self.matrix), "ncm_matrix": _none_for_nan(self.ncm_matrix),
-                    "state_digest": state_digest(state)}
+                    "state_digest": checkpoint_lib.state_digest(state)}
             self.checkpoints.save(self.host_step, state, loop)
             if wait:
                 self.checkpoints.wait()
 
-    def log_steps(self, fetched: list, elapsed: float, task_index: int, epoch: int, batch_index: int) -> dict:
-        """One step record from the metrics of the steps since the last one (fetched from the device)."""
+    def end_column(self, task_index: int, name: str, eval_seconds: float, identity: Optional[list]) -> None:
+        """Records the column of task `task_index` (its scores are in the matrices): the evaluation
+        time, the task-identity accuracy where the identity is inferred, one "task" line of the log."""
+        self.timings["eval_seconds"][task_index] = eval_seconds
+        if identity is not None:
+            self.identity = identity
+        column = lambda matrix: [float(matrix[i, task_index]) for i in range(task_index + 1)]
+        classification = self.run.kind == "classification"
+        self.emit({"type": "task", "task": task_index, "name": name, "scores": column(self.matrix),
+                   **({"ncm_scores": column(self.ncm_matrix)} if classification else {}),
+                   "train_seconds": self.timings["train_seconds"][task_index],
+                   "eval_seconds": self.timings["eval_seconds"][task_index],
+                   **({"task_identity_accuracy": identity} if identity is not None else {})})
+
+    def log_steps(self, fetched: list, elapsed: float, task_index: int, epoch: int, batch_index: int, bar=None) -> dict:
+        """One step record from the metrics of the steps since the last one (fetched from the device);
+        the progress bar, where there is one, moved on by those steps."""
         tokens = float(sum(m["tokens"] for m in fetched))
         loss = float(fetched[-1]["loss"])
         if not np.isfinite(loss):
@@ -736,10 +537,16 @@ class _Books:
                   "loss": loss, "accuracy": float(fetched[-1]["accuracy"]),
                   "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_second": tokens / max(elapsed, 1e-9)}
         self.emit(record)
+        if bar is not None:
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            bar.update(len(fetched))
         return record
 
-    def after_step(self, state, after: dict) -> None:
-        """Checkpoints after a step: on SIGTERM (then stop), every `checkpoint_every` steps; the test hook."""
+    def after_step(self, state, task_index: int, epoch: int, batch_index: int, last: bool) -> None:
+        """Checkpoints after a step (`last`: the epoch's last): on SIGTERM (then stop), every
+        `checkpoint_every` steps; the test hook."""
+        after = ({"task": task_index, "epoch": epoch + 1, "batch": 0} if last else
+                 {"task": task_index, "epoch": epoch, "batch": batch_index + 1})
         if self.preempted:
             self.save(state, after, wait=True)
             raise Preempted(f"SIGTERM: saved a checkpoint at step {self.host_step} (task {after['task']}, epoch "

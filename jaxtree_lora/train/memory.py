@@ -160,7 +160,7 @@ def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True)
     from jaxtree_lora.train import backbone as backbone_lib
     from jaxtree_lora.train import mesh as mesh_lib
     from jaxtree_lora.assemble import method_from_config
-    from jaxtree_lora.train.step import init_head
+    from jaxtree_lora.models.heads import init_head
 
     module, kind = backbone_lib.abstract_module(config)
     from flax import nnx

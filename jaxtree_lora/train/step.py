@@ -1,19 +1,11 @@
 """The train state, the stream-specific losses and the one jitted train step.
 
-Everything here is a pure function of pytrees. The step takes
-
-    state  = TrainState(trainable, opt_state, method_state, step)     (donated)
-    frozen = backbone parameters                                       (never differentiated)
-    consts = stream constants: per-task class masks [max_tasks, num_classes]
-    batch  = micro-batches with a leading [accumulation] axis
-    key    = the step's PRNG key (keys.train_step_key: purpose "train", then task, epoch, batch)
-
-and scans the micro-batches: for each one the method's loss (task loss plus the method's terms) is
-differentiated with respect to `trainable` only, `method.after_step` updates the method's statistics
-(bandit counts, running averages) and the gradients are summed. Then one optimiser update, masked by
-`method.update_mask` so frozen slots never move: their gradients are zeroed before clipping and the
-optimiser, and their moments (Adam's, SGD's momentum) kept. The task index lives in the method state as a traced
-integer, so the compiled step serves every task.
+A pure function of pytrees: `step(state, frozen, consts, batch, key)` scans the micro-batches (a
+leading accumulation axis), differentiates the method's loss with respect to the trainable pytree
+only, lets `method.after_step` update its statistics, sums the gradients and applies one optimiser
+update masked by `method.update_mask`, so frozen slots never move (their gradients zeroed before
+clipping, their optimiser moments kept). The task index is a traced integer in the method state, so
+the compiled step serves every task; the state is donated.
 """
 from __future__ import annotations
 
@@ -24,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtree_lora import keys
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.models.common import SiteRecorder
-from jaxtree_lora.train import keys
+from jaxtree_lora.models.heads import head_logits
 
 PyTree = Any
 
@@ -107,38 +100,6 @@ def build_optimizer(opt: dict) -> optax.GradientTransformation:
     else:
         chain.append(optax.adam(schedule, b1=b1, b2=b2))
     return optax.chain(*chain)
-
-
-def init_head(key, feature_dim: int, num_classes: int, kind: str = "cosine") -> dict:
-    """Classification head over all classes of the stream: w [feature_dim, num_classes], b [num_classes].
-
-    Each task trains only its own classes' columns (per-task heads, concatenated at inference).
-    "linear" heads start at zero: a task then says only what its own steps taught it, and the classes of
-    different tasks start level. A random start (torch's default) is noise the size of what a few dozen
-    Adam steps learn, and continual streams often give a task no more than that. "cosine" heads need a
-    direction to start from: w ~ N(0, 1/feature_dim)."""
-    if num_classes == 0:
-        return {}
-    if kind == "linear":
-        w = jnp.zeros((feature_dim, num_classes), jnp.float32)
-    else:
-        w = jax.random.normal(key, (feature_dim, num_classes), jnp.float32) / jnp.sqrt(feature_dim)
-    return {"w": w, "b": jnp.zeros((num_classes,), jnp.float32)}
-
-
-def head_logits(head: dict, features, kind: str = "cosine", scale: float = 20.0):
-    """Class logits [B, C] from features [B, d].
-
-    "cosine": scale * cos(features, w_c) (CosFace-style, as CL-LoRA and LoDA use): logits of classes
-    learned in different tasks share one scale, so evaluation over all seen classes is not dominated
-    by whichever task's head grew largest. "linear": features @ w + b.
-    """
-    features = features.astype(jnp.float32)
-    if kind == "cosine":
-        f = features / (jnp.linalg.norm(features, axis=-1, keepdims=True) + 1e-6)
-        w = head["w"] / (jnp.linalg.norm(head["w"], axis=0, keepdims=True) + 1e-6)
-        return scale * (f @ w)
-    return features @ head["w"] + head["b"]
 
 
 def masked_cross_entropy(logits, labels, class_mask, weight):
@@ -320,3 +281,18 @@ def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransf
         return new_state, metrics
 
     return step
+
+
+def task_hooks(method):
+    """(begin_task(state, task), begin_epoch(state, epoch, steps_per_epoch)): the method's start of a
+    task and of an epoch on the train state, for the caller to jit."""
+
+    def begin_task(state, task):
+        adapters, method_state = method.begin_task(state.trainable["adapters"], state.method_state, task)
+        trainable = {**state.trainable, "adapters": adapters}
+        return state.replace(trainable=trainable, method_state=method_state)
+
+    def begin_epoch(state, epoch, steps_per_epoch):
+        return state.replace(method_state=method.begin_epoch(state.method_state, epoch, steps_per_epoch))
+
+    return begin_task, begin_epoch

@@ -1,19 +1,12 @@
 """Every PRNG key of a run, derived from the seed by named purpose.
 
-Why a module: with JAX's partitionable threefry (the default), `split(key, n)[i] == fold_in(key, i)`,
-and `nnx.Rngs(seed)` draws `fold_in(PRNGKey(seed), 0)`. Small integer tags at the first level
-therefore collide with the task, epoch, batch and layer indices folded in below them: before this
-module, `fold_in(base, 7)` (generation) was task 7's step-key parent and `fold_in(base, 1)`
-(initialisation) was task 1's. Here each purpose has its own first-level tag, a stable 32-bit hash
-of its name, so it cannot equal a small index, and the indices are folded in only under it:
-
-    for_purpose(seed, "init")                                  adapters and head at the start
-    train_step_key(seed, task, epoch, batch)                   fold_in chain under "train"
-    generation_key(seed, trained_upto, task)                   fold_in chain under "generate"
-
-Inside one step the key is split the same way: `derive(key, "dropout")` for the backbone's adapter
-dropout, `derive(key, "loda_lookahead")`, `derive(key, "treelora_selection")`, so a method's own
-draws never reuse a dropout mask's key (layer indices are small integers too).
+With JAX's partitionable threefry, `split(key, n)[i] == fold_in(key, i)`, so small integer tags at
+the first level would collide with the task, epoch, batch and layer indices folded in below them
+(generation's tag 7 was once task 7's step-key parent). Each purpose therefore gets its own
+first-level tag, a stable 32-bit hash of its name, and indices are folded in only under it:
+`for_purpose(seed, "init")`, `train_step_key(seed, task, epoch, batch)`, `generation_key(...)`.
+Inside a step, `derive(key, "dropout")`, `derive(key, "treelora_selection")` and the like keep a
+X
 """
 from __future__ import annotations
 

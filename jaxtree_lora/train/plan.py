@@ -1,0 +1,65 @@
+"""What a run's batches look like, decided once per stream before anything is compiled.
+
+The widths every batch is cut to (`batching`: length buckets, or the full width), whether training
+batches are packed (`packer`), the class masks the step and the evaluator read (`stream_consts`)
+and how many trailing columns the LM head reads on instruction streams (`answer_window`). Pure
+functions of the config, the stream and the backbone.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtree_lora.data import batching as batching_lib
+from jaxtree_lora.data import packing, tokenize
+
+
+def batching(config, stream, rows: int):
+    """`data.batching` itself, or `LengthBuckets` over every split of a text stream (`train.length_buckets`):
+    every batch (train, evaluation, statistics) cut to the smallest of a few widths that holds its
+    longest row, so no compute goes to padding columns and the number of compiles stays bounded.
+    `rows`: the rows of one optimiser step."""
+    kind = stream.kind
+    if not (config.train.get("length_buckets", True) and kind in ("classification", "instruction")):
+        return batching_lib
+    splits = [split.inputs if kind == "classification" else split.arrays
+              for task in stream.tasks for split in (task.train, task.test)]
+    return batching_lib.LengthBuckets.for_splits(splits, "right" if kind == "classification" else "left", rows)
+
+
+def packer(config, stream, backbone, devices: int, micro_batch: int, accumulation: int):
+    """A `data.packing.Packer` for the training batches where packing applies (`train.pack`): text
+    classification on an encoder, one device in one process (a packed row mixes examples, so it
+    cannot follow the batch's split over devices), every text's tokens at the front of its row.
+    None otherwise. Evaluation and the statistics passes keep one example per row."""
+    if not (config.train.get("pack", True) and stream.kind == "classification"
+            and getattr(backbone, "kind", "") == "encoder" and devices == 1 and jax.process_count() == 1):
+        return None
+    for task in stream.tasks:
+        mask = np.asarray(task.train.inputs.get("attention_mask", np.zeros((0, 0))))
+        if mask.ndim != 2 or not np.array_equal(mask > 0, np.arange(mask.shape[1])[None, :] < mask.sum(1)[:, None]):
+            return None  # not right-padded (or no mask): rows cannot be laid end to end
+    return packing.Packer(micro_batch, accumulation)
+
+
+def stream_consts(stream, max_tasks: int) -> dict:
+    """{"task_classes", "seen_classes"}: [max_tasks, num_classes] bool masks of each task's classes and
+    of the classes seen up to each task (one all-False column on streams without classes)."""
+    classes = int(getattr(stream, "num_classes", 0) or 0)
+    task_classes = np.zeros((max_tasks, max(classes, 1)), bool)
+    if stream.kind == "classification":
+        for task in stream.tasks:
+            task_classes[task.index, list(task.classes)] = True
+    seen = np.cumsum(task_classes, axis=0) > 0
+    return {"task_classes": jnp.asarray(task_classes), "seen_classes": jnp.asarray(seen)}
+
+
+def answer_window(stream) -> Optional[int]:
+    """Instruction streams: the trailing columns that hold answers, the only ones the LM head runs over."""
+    if stream.kind != "instruction":
+        return None
+    return tokenize.answer_window([split.arrays["loss_mask"] for task in stream.tasks
+                                   for split in (task.train, task.test)]) or None
