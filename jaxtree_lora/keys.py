@@ -6,7 +6,7 @@ the first level would collide with the task, epoch, batch and layer indices fold
 first-level tag, a stable 32-bit hash of its name, and indices are folded in only under it:
 `for_purpose(seed, "init")`, `train_step_key(seed, task, epoch, batch)`, `generation_key(...)`.
 Inside a step, `derive(key, "dropout")`, `derive(key, "treelora_selection")` and the like keep a
-X
+method's own draws off the dropout masks' keys. More: docs/ARCHITECTURE.md, the JAX rules.
 """
 from __future__ import annotations
 
