@@ -11,9 +11,10 @@ from jaxtree_lora.models import common
     (common.gelu_exact, lambda x: jax.nn.gelu(x, approximate=False)),
     (common.silu, jax.nn.silu),
 ], ids=["gelu_exact", "silu"])
-def test_values_and_gradients_are_bit_identical_to_autodiff(ours, reference):
-    x = jnp.asarray(np.random.default_rng(0).normal(0.0, 3.0, (64, 1000)).astype(np.float32))
-    cotangent = jnp.asarray(np.random.default_rng(1).normal(0.0, 1.0, x.shape).astype(np.float32))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_values_and_gradients_are_bit_identical_to_autodiff(ours, reference, dtype):
+    x = jnp.asarray(np.random.default_rng(0).normal(0.0, 3.0, (64, 1000)), dtype)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(0.0, 1.0, x.shape), dtype)
     np.testing.assert_array_equal(np.asarray(jax.jit(ours)(x)), np.asarray(jax.jit(reference)(x)),
                                   err_msg="the forward is not jax.nn's")
     grad = lambda f: jax.jit(jax.grad(lambda v: jnp.sum(f(v) * cotangent)))(x)
