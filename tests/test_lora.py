@@ -254,6 +254,33 @@ def test_dropout_is_identity_without_key_or_rate_and_inverted_otherwise():
     assert abs(dropped.mean() - 1.0) < 0.02, "inverted dropout keeps the mean"
 
 
+def test_dropout_bits_are_uniform_16_bit_numbers_alike_for_raw_and_typed_keys():
+    raw = jax.random.PRNGKey(7)
+    bits = np.asarray(lora_lib.dropout_bits(raw, 200_001))
+    assert bits.shape == (200_001,) and bits.max() < 1 << 16, "16-bit numbers, as many as asked"
+    counts = np.bincount(bits >> 12, minlength=16)  # 16 equal bins of the 16-bit range
+    assert np.all(np.abs(counts / bits.size - 1 / 16) < 0.004), f"not uniform over the 16-bit range: {counts}"
+    low, high = bits[:100_000].astype(float), bits[100_000:200_000].astype(float)
+    assert abs(np.corrcoef(low, high)[0, 1]) < 0.02, "the two halves of one word are not independent"
+    typed = np.asarray(lora_lib.dropout_bits(jax.random.wrap_key_data(raw), 200_001))
+    np.testing.assert_array_equal(bits, typed, err_msg="a raw key and its typed form draw different masks")
+    other = np.asarray(lora_lib.dropout_bits(jax.random.PRNGKey(8), 200_001))
+    assert (bits == other).mean() < 0.01, "another key draws the same numbers"
+    rbg = np.asarray(lora_lib.dropout_bits(jax.random.key(7, impl="rbg"), 1001))
+    assert rbg.shape == (1001,) and rbg.max() < 1 << 16 and len(np.unique(rbg)) > 900, "non-threefry keys"
+
+
+def test_dropout_rate_is_rounded_to_16_bits_and_the_expectation_kept_exactly():
+    x = jnp.ones((400, 500))
+    dropped = np.asarray(lora_lib.dropout(x, 0.1, jax.random.PRNGKey(1)))
+    threshold = round(0.1 * 65536)  # 6554: rate 0.100006
+    np.testing.assert_allclose(np.unique(dropped), [0.0, 65536 / (65536 - threshold)], rtol=1e-6)
+    assert abs((dropped == 0).mean() - threshold / 65536) < 0.003
+    keys = jax.random.split(jax.random.PRNGKey(2), 64)
+    means = [float(jnp.mean(lora_lib.dropout(jnp.ones((64, 64)), 0.3, k))) for k in keys]
+    assert abs(np.mean(means) - 1.0) < 0.003, "inverted dropout is unbiased over many masks"
+
+
 def test_spec_refuses_a_non_integer_rank_and_max_modules_below_minus_one():
     with pytest.raises(lora_lib.LoraSpecError, match="integer"):
         lora_lib.LoraSpec(rank=2.5)

@@ -293,6 +293,7 @@ def main(argv=None) -> dict:
         sys.exit(2)
     _need_torch()
     import jax
+    import peft
     import torch
 
     results = []
@@ -300,7 +301,8 @@ def main(argv=None) -> dict:
         result = ROWS[name](args)
         print(json.dumps(result), flush=True)
         results.append(result)
-    summary = {"benchmark": "versus_peft", "results": results, "torch": torch.__version__, "jax": jax.__version__,
+    summary = {"benchmark": "versus_peft", "results": results, "torch": torch.__version__, "peft": peft.__version__,
+               "jax": jax.__version__,
                "torch_threads": args.threads, "device": jax.devices()[0].device_kind}
     print(json.dumps(summary))
     return summary

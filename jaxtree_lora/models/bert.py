@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import DeltaFn, Site, attention, layer_norm, scan_layers
+from jaxtree_lora.models.common import DeltaFn, Site, attention, gelu_exact, layer_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
 
 SITES = ("attn.query", "attn.key", "attn.value", "attn.output", "mlp.intermediate", "mlp.output")
@@ -91,8 +91,9 @@ class BertConfig:
 
 
 def gelu(x, kind: str):
-    """Exact (erf) GELU for "gelu", the tanh approximation for "gelu_new"."""
-    return jax.nn.gelu(x, approximate=kind != "gelu")
+    """Exact (erf) GELU for "gelu" (common.gelu_exact: its backward keeps only x), the tanh
+    approximation for "gelu_new"."""
+    return gelu_exact(x) if kind == "gelu" else jax.nn.gelu(x, approximate=True)
 
 
 def layer_shapes(config: BertConfig) -> dict:

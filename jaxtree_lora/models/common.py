@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -148,6 +149,53 @@ def attention(query: Array, key: Array, value: Array, mask: Optional[Array] = No
     """
     return jax.nn.dot_product_attention(query, key.astype(query.dtype), value.astype(query.dtype), mask=mask,
                                         implementation=None)
+
+
+# Activations whose backward pass recomputes from the input alone. Autodiff of jax.nn.gelu (exact)
+# keeps three [tokens, intermediate] arrays per layer for the backward pass (0.5 x, erfc and exp
+# terms), and of jax.nn.silu three (x, sigmoid, sigmoid (1 - sigmoid)); under the layer scan each is a
+# stacked buffer written in the forward and read in the backward, which on CPU costs more than
+# recomputing the few elementwise terms (what torch's gelu_backward / silu_backward do). The backward
+# rules below are autodiff's own operations in autodiff's order, so gradients are bit-identical
+# (tests/test_activations.py compares them with jax.grad of jax.nn.gelu / jax.nn.silu).
+@jax.custom_vjp
+def gelu_exact(x: Array) -> Array:
+    """The exact (erf) GELU, x Phi(x), as jax.nn.gelu(approximate=False); its backward keeps only x."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_exact_forward(x):
+    return gelu_exact(x), x
+
+
+def _gelu_exact_backward(x, grad):
+    # gelu(x) = (0.5 x) erfc(-x / sqrt 2); d erfc(z) / dz = -2 / sqrt(pi) exp(-z^2).
+    sqrt_half = np.sqrt(0.5).astype(x.dtype)
+    z = -x * sqrt_half
+    through_erfc = -(((np.asarray(-2 / np.sqrt(np.pi), x.dtype) * ((0.5 * x) * grad)) * jnp.exp(-jnp.square(z)))
+                     * sqrt_half)
+    return (through_erfc + 0.5 * (grad * jax.lax.erfc(z)),)
+
+
+gelu_exact.defvjp(_gelu_exact_forward, _gelu_exact_backward)
+
+
+@jax.custom_vjp
+def silu(x: Array) -> Array:
+    """x sigmoid(x), as jax.nn.silu; its backward keeps only x."""
+    return jax.nn.silu(x)
+
+
+def _silu_forward(x):
+    return silu(x), x
+
+
+def _silu_backward(x, grad):
+    sigmoid = jax.lax.logistic(x)
+    return (grad * sigmoid + (x * grad) * (sigmoid * (1.0 - sigmoid)),)
+
+
+silu.defvjp(_silu_forward, _silu_backward)
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import Site, attention, rms_norm, scan_layers
+from jaxtree_lora.models.common import Site, attention, rms_norm, scan_layers, silu
 from jaxtree_lora.models.stacked import Stacked
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -219,7 +219,7 @@ def decoder_block(x, params, hook, allowed, cos, sin, config: LlamaConfig, cache
     h = rms_norm(x, params["post_norm"], c.rms_norm_eps)
     gate = project("mlp.gate_proj", "gate_proj", h)
     up = project("mlp.up_proj", "up_proj", h)
-    x = x + project("mlp.down_proj", "down_proj", jax.nn.silu(gate) * up)
+    x = x + project("mlp.down_proj", "down_proj", silu(gate) * up)
     return x, (cache_keys, cache_values)
 
 
