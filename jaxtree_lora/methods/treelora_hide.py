@@ -19,7 +19,7 @@ import jax
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.methods.base import ModelInfo, StreamInfo
 from jaxtree_lora.methods.hide_lora import HiDeLoRA
-from jaxtree_lora.methods.treelora_llm import TreeLoRALLM
+from jaxtree_lora.methods.treelora_llm import TreeLoRALLM, TreeOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,8 @@ class BlockTree(TreeLoRALLM):
         return self.blocks(model.num_layers, len(chosen)), len(chosen) * self.lora.rank * d_ins.pop()
 
 
-# TreeLoRALLM's options that the block tree takes from this form (lora and max_tasks are the run's).
-TREE_OPTIONS = tuple(field.name for field in dataclasses.fields(TreeLoRALLM) if field.name not in ("lora",))
+# The options that the block tree takes from this form (its lora is this form's, HiDe-LoRA's).
+TREE_OPTIONS = tuple(field.name for field in dataclasses.fields(TreeOptions))
 
 
 def current_slot(adapters, task):
@@ -60,23 +60,14 @@ def current_slot(adapters, task):
 
 
 @dataclasses.dataclass(frozen=True)
-class TreeLoRAHiDe(HiDeLoRA):
+class TreeLoRAHiDe(HiDeLoRA, TreeOptions):
     """HiDe-LoRA (the parent, its options and LoRA spec) with TreeLoRA's within-task selection and
     regulariser (`tree`, a BlockTree built from this form's tree options: lam 0.1, tree_depth 5, the
     rest TreeLoRALLM's defaults)."""
 
     name = "treelora_hide"
     lam: float = 0.1
-    max_tasks: int = 0
-    selection: str = "official"
-    task_vector: str = "lora_a_average"
-    regulariser: str = "official"
-    d_factor: bool = True
-    bandit_reset: str = "epoch"
-    min_shift: str = "add"
-    lam_ramp: bool = True
     tree_depth: int = 5
-    tree_bound: bool = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -28,7 +28,25 @@ REGULARISERS = ("official", "paper_l1", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class TreeLoRALLM(Method):
+class TreeOptions:
+    """TreeLoRA's tree, bandit and regulariser options, declared once for both forms (`TreeLoRALLM`
+    below documents each; the HiDe form overrides lam and tree_depth)."""
+
+    lam: float = 0.5
+    max_tasks: int = 0
+    selection: str = "official"
+    task_vector: str = "lora_a_average"
+    regulariser: str = "official"
+    d_factor: bool = True
+    bandit_reset: str = "epoch"
+    min_shift: str = "add"
+    lam_ramp: bool = True
+    tree_depth: int = -1
+    tree_bound: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeLoRALLM(TreeOptions, Method):
     """TreeLoRA's LLM form on the Method contract. Every default is the official code's (ZinYY/TreeLoRA c6a9b6d):
 
     lora          rank 8, alpha 32, dropout 0.1 (`training/main.py` L340-342), A kaiming_uniform(a=sqrt 5),
@@ -60,17 +78,6 @@ class TreeLoRALLM(Method):
 
     name = "treelora_llm"
     lora: lora_lib.LoraSpec = lora_lib.LoraSpec(dropout=0.1)
-    lam: float = 0.5
-    max_tasks: int = 0
-    selection: str = "official"
-    task_vector: str = "lora_a_average"
-    regulariser: str = "official"
-    d_factor: bool = True
-    bandit_reset: str = "epoch"
-    min_shift: str = "add"
-    lam_ramp: bool = True
-    tree_depth: int = -1
-    tree_bound: bool = True
 
     def __post_init__(self):
         for value, allowed, field in ((self.selection, SELECTIONS, "selection"),
