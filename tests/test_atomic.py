@@ -42,3 +42,17 @@ def test_a_figure_that_cannot_be_drawn_keeps_the_old_picture(tmp_path):
     with pytest.raises(RuntimeError):
         atomic.save_figure(Broken(), str(path))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["tree.png"]
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    atomic.write_text(str(path), '{"old": true}\n')
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic.write_text(str(path), '{"new": true}\n')
+    assert path.read_text() == '{"old": true}\n', "a failed write must leave the previous file whole"
+    assert sorted(os.listdir(tmp_path)) == ["results.json"], "the temporary file must be removed"

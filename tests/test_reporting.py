@@ -64,20 +64,6 @@ def test_read_results_names_the_problem(tmp_path):
         results_lib.read_results(str(tmp_path / "other.json"))
 
 
-def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
-    path = tmp_path / "results.json"
-    results_lib.atomic_write(str(path), '{"old": true}\n')
-
-    def crash(*args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(results_lib.os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        results_lib.atomic_write(str(path), '{"new": true}\n')
-    assert path.read_text() == '{"old": true}\n', "a failed write must leave the previous file whole"
-    assert sorted(os.listdir(tmp_path)) == ["results.json"], "the temporary file must be removed"
-
-
 # -- metrics.jsonl --------------------------------------------------------------------------------------
 def test_metrics_writer_appends_flushed_records(tmp_path):
     path = tmp_path / "metrics.jsonl"

@@ -49,15 +49,10 @@ def accuracy_matrix_figure(matrix, task_names: Sequence[str], title: str = ""):
     return figure
 
 
-def save_png(figure, path: str, dpi: int = 110) -> str:
-    """Writes `figure` as a PNG at `path` atomically (`atomic.save_figure`); returns `path`."""
-    return atomic.save_figure(figure, path, dpi)
-
-
 def plot_accuracy_matrix(matrix, task_names: Sequence[str], path: str, title: str = "", dpi: int = 110) -> str:
     """Writes the heat map of `accuracy_matrix_figure` as a PNG at `path` (atomically); returns `path`."""
     figure = accuracy_matrix_figure(matrix, task_names, title)
-    return save_png(figure, path, dpi)
+    return atomic.save_figure(figure, path, dpi)
 
 
 def average_accuracy_curve(results) -> np.ndarray:
@@ -107,4 +102,4 @@ def plot_average_accuracy(per_method, path: str, title: str = "", dpi: int = 110
                    fontsize=9)
     axes.legend(loc="best", fontsize=7)
     figure.tight_layout()
-    return save_png(figure, path, dpi)
+    return atomic.save_figure(figure, path, dpi)

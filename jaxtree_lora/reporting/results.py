@@ -150,14 +150,9 @@ def build_results(*, matrix, task_names: Sequence[str], method: str, method_conf
     })
 
 
-def atomic_write(path: str, text: str) -> None:
-    """Writes `text` to `path` atomically (`atomic.write_text`): the old file or the new one, never half."""
-    atomic.write_text(path, text)
-
-
 def write_results(path: str, results: Mapping) -> None:
     """Writes a results dict as `results.json` (strict JSON: NaN becomes null), atomically."""
-    atomic_write(path, json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
+    atomic.write_text(path, json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
 
 
 def read_results(path: str) -> dict:
