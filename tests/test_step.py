@@ -192,6 +192,9 @@ class LeafMethod:
     def after_step(self, state, aux, grads):
         return state
 
+    def step_metrics(self, state):
+        return {}
+
     def update_mask(self, state, trainable):
         if "frozen" not in trainable:
             return None

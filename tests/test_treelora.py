@@ -89,6 +89,36 @@ def test_regulariser_gradient_matches_the_closed_form_and_spares_b():
                                    err_msg="B must get the task loss's gradient only")
 
 
+@pytest.mark.parametrize("regulariser", ["official", "paper_l1"])
+def test_regulariser_share_is_its_gradient_norm_over_the_task_gradient_norm(regulariser):
+    """reg_ratio (logged as treelora_reg_ratio) = ||d(L_total - L)/dA|| / ||dL/dA||, both from autodiff
+    here: wrong if the closed-form gradient in aux drifts from the penalty the loss really adds."""
+    method, adapters, state = make(lam=0.5, regulariser=regulariser)
+    bank = jax.random.normal(jax.random.PRNGKey(3), state["bank"].shape)
+    state = {**state, "bank": bank, "tree": tree_lib.build(bank, 1)}
+    _, state = method.begin_task(adapters, state, 1)
+    state = method.begin_epoch(state, 0, 4)
+    state = {**state, "t": jnp.asarray(3, jnp.int32)}
+    x = jax.random.normal(jax.random.PRNGKey(4), (5, 4))
+    trainable = {"adapters": jax.tree.map(lambda v: v + 0.1, adapters), "head": {}}
+
+    def task_loss(trainable, key):
+        return sum(jnp.sum(lora_lib.apply(jax.tree.map(lambda l: l[1], trainable["adapters"][s]), x, 1.0) ** 2)
+                   for s in trainable["adapters"]), {}
+
+    (_, aux), grads = jax.value_and_grad(lambda tr: method.loss(tr, state, {}, jax.random.PRNGKey(0), task_loss),
+                                         has_aux=True)(trainable)
+    plain = np.asarray(method.modules(jax.grad(lambda tr: task_loss(tr, None)[0])(trainable)["adapters"]))
+    penalty = np.asarray(method.modules(grads["adapters"])) - plain
+    np.testing.assert_allclose(np.asarray(aux["treelora_regulariser_grad"]), penalty, rtol=1e-4, atol=1e-6)
+    new = method.after_step(state, aux, grads)
+    expected = np.linalg.norm(penalty) / np.linalg.norm(plain)
+    assert expected > 1e-3, "the regulariser must act here, or the test proves nothing"
+    assert float(method.step_metrics(new)["treelora_reg_ratio"]) == pytest.approx(expected, rel=1e-3)
+    first = method.after_step({**state, "task": jnp.asarray(0, jnp.int32)}, aux, grads)
+    assert float(first["reg_ratio"]) == 0.0, "no regulariser (and no share) on the first task"
+
+
 def test_no_regulariser_and_no_statistics_during_the_first_task():
     method, adapters, state = make()
     _, state = method.begin_task(adapters, state, 0)

@@ -195,6 +195,10 @@ class Method:
         """Statistics after one micro-step; `grads` are that micro-step's gradients of the total loss."""
         return state
 
+    def step_metrics(self, state: PyTree) -> dict:
+        """Scalars of the method state after a step, logged with the step's loss (metrics.jsonl)."""
+        return {}
+
     def update_mask(self, state: PyTree, trainable: PyTree) -> Optional[PyTree]:
         """A pytree like `trainable` (leaves broadcastable) of 0/1: which entries the optimiser may
         change. None means everything trainable is updated."""

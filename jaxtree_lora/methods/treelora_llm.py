@@ -154,6 +154,8 @@ class TreeLoRALLM(TreeOptions, Method):
             "counts": jnp.zeros((tasks, modules), jnp.float32),
             "tree": tree_lib.empty(tasks),
             "last_choice": jnp.zeros((modules,), jnp.int32),
+            # ||regulariser's gradient on A|| / ||task loss's gradient on A|| at the last micro-step (0 on task 0).
+            "reg_ratio": jnp.zeros((), jnp.float32),
         }
 
     def begin_task(self, adapters, state, task):
@@ -195,9 +197,9 @@ class TreeLoRALLM(TreeOptions, Method):
         """L_total = L - lam_t sg(L) R / (sg(R) + 1e-5) while task > 0 (official regulariser).
 
         aux adds treelora_choice [D] int32 (the selected past task per module), treelora_a [D, F]
-        (sg(A), the live A of this step), treelora_penalty [] and, for task_vector "gradient",
-        treelora_regulariser_grad [D, F] (the penalty's closed-form gradient w.r.t. A, which
-        after_step removes from the step's gradient to leave dL/dA)."""
+        (sg(A), the live A of this step), treelora_penalty [] and treelora_regulariser_grad [D, F]
+        (the closed-form gradient of L_total - L w.r.t. A: after_step removes it from the step's
+        gradient to leave dL/dA, for task_vector "gradient" and for the regulariser's share)."""
         loss, aux = task_loss(trainable, key)
         a = self.modules(trainable["adapters"])  # [D, F], live
         if key is None:  # deterministic evaluation of the loss (e.g. a Fisher pass): a fixed draw
@@ -218,25 +220,33 @@ class TreeLoRALLM(TreeOptions, Method):
             # d(-penalty)/dA = lam_t L G_p / (R + 1e-5)  (the penalty's closed-form gradient)
             regulariser_grad = jnp.where(active, lam_t * sg_loss / (sg_r + 1e-5), 0.0) * chosen
         elif self.regulariser == "paper_l1":
-            penalty = lam_t * jnp.mean(jnp.abs(self.factor(state) * a - chosen))
+            factor = self.factor(state)
+            penalty = lam_t * jnp.mean(jnp.abs(factor * a - chosen))
             total = loss + jnp.where(active, penalty, 0.0)
+            # d(penalty)/dA = lam_t f sign(f A - G_p) / (D F)  (the mean's closed-form gradient)
+            regulariser_grad = jnp.where(active, lam_t * factor / a.size, 0.0) * jnp.sign(factor * a - chosen)
         else:
             penalty = jnp.zeros((), jnp.float32)
             total = loss
         aux = {**aux, "treelora_choice": choice, "treelora_a": jax.lax.stop_gradient(a),
-               "treelora_penalty": jnp.where(active, penalty, 0.0)}
-        if self.task_vector == "gradient":
-            aux["treelora_regulariser_grad"] = jax.lax.stop_gradient(regulariser_grad)
+               "treelora_penalty": jnp.where(active, penalty, 0.0),
+               "treelora_regulariser_grad": jax.lax.stop_gradient(regulariser_grad)}
         return total, aux
 
     def after_step(self, state, aux, grads=None):
         """c += f * v / T (v: sg(A), or dL/dA for task_vector "gradient"); while task > 0 also
-        N[p_l, l] += 1 and S[p_l, l] -= ||c_l - G[p_l, l]||_1 with the updated c; t += 1."""
+        N[p_l, l] += 1 and S[p_l, l] -= ||c_l - G[p_l, l]||_1 with the updated c; t += 1; with the
+        step's gradients, reg_ratio = ||dR/dA|| / ||dL/dA|| (the regulariser's share of the A update)."""
+        reg_ratio = state["reg_ratio"]
+        task_grad = None
+        if grads is not None:
+            task_grad = self.modules(grads["adapters"]) - aux["treelora_regulariser_grad"]  # dL/dA
+            reg_ratio = jnp.linalg.norm(aux["treelora_regulariser_grad"]) / jnp.maximum(jnp.linalg.norm(task_grad), 1e-30)
         if self.task_vector == "gradient":
-            if grads is None:
+            if task_grad is None:
                 raise TypeError("treelora task_vector 'gradient' needs the step's gradients: call "
                                  "after_step(state, aux, grads) as jaxtree_lora/train/step.py does")
-            vector = self.modules(grads["adapters"]) - aux["treelora_regulariser_grad"]
+            vector = task_grad
         else:
             vector = aux["treelora_a"]
         steps = jnp.maximum(state["steps_per_epoch"], 1).astype(jnp.float32)
@@ -245,7 +255,10 @@ class TreeLoRALLM(TreeOptions, Method):
         active = state["task"] > 0
         return {**state, "running": running, "t": state["t"] + 1,
                 "sums": jnp.where(active, sums, state["sums"]), "counts": jnp.where(active, counts, state["counts"]),
-                "last_choice": aux["treelora_choice"]}
+                "last_choice": aux["treelora_choice"], "reg_ratio": jnp.where(active, reg_ratio, 0.0)}
+
+    def step_metrics(self, state) -> dict:
+        return {"treelora_reg_ratio": state["reg_ratio"]}
 
     def end_task(self, trainable, state, context):
         """G[task] = c; the tree is rebuilt from scratch over tasks 0..task (one compiled function for

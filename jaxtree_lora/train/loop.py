@@ -421,6 +421,9 @@ class Run:
         return state
 
 
+STEP_FIELDS = ("loss", "accuracy", "tokens", "grad_norm")
+
+
 def classification_diagnostics(run: Run, state) -> dict:
     """After the last task of a classification stream: the scores printed beside the run's own."""
     out, ledger = {}, run.ledger
@@ -535,7 +538,10 @@ class _Books:
         self.timings["tokens"][task_index] += tokens
         record = {"type": "step", "task": task_index, "epoch": epoch, "batch": batch_index, "step": self.host_step,
                   "loss": loss, "accuracy": float(fetched[-1]["accuracy"]),
-                  "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_second": tokens / max(elapsed, 1e-9)}
+                  "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_second": tokens / max(elapsed, 1e-9),
+                  # the method's own step scalars (Method.step_metrics), averaged over these steps
+                  **{name: float(np.mean([float(m[name]) for m in fetched]))
+                     for name in fetched[-1] if name not in STEP_FIELDS}}
         self.emit(record)
         if bar is not None:
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")

@@ -275,7 +275,7 @@ def make_train_step(method, task_loss: Callable, optimizer: optax.GradientTransf
                                            "b": updates["head"]["b"] * columns}}
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss_sum / accum, "accuracy": acc_sum / accum, "tokens": tokens,
-                   "grad_norm": optax.tree.norm(grads)}
+                   "grad_norm": optax.tree.norm(grads), **method.step_metrics(method_state)}
         new_state = state.replace(trainable=trainable, opt_state=opt_state, method_state=method_state,
                                   step=state.step + 1)
         return new_state, metrics
