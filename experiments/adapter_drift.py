@@ -7,7 +7,8 @@ the distance between their final A and B relative to the first run's own drift.
 
     python -m experiments.adapter_drift /tmp/exp/cil/seqlora /tmp/exp/cil/treelora
 
-Last line: a JSON object {"runs": {workdir: {...}}, "versus_first": {workdir: {...}}}.
+Cosines of the A drifts and of the B factors, and their norm ratios, tell a rescaling from a change
+of direction. Last line: a JSON object {"runs": {workdir: {...}}, "versus_first": {workdir: {...}}}.
 """
 from __future__ import annotations
 
@@ -60,14 +61,18 @@ def norm(x: np.ndarray) -> float:
     return float(np.linalg.norm(x))
 
 
+def cosine(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.dot(x, y) / max(norm(x) * norm(y), 1e-30))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+")
     args = parser.parse_args(argv)
-    finals, runs = {}, {}
+    finals, initials, runs = {}, {}, {}
     for workdir in args.workdirs:
         final, initial, step = final_and_initial(workdir)
-        finals[workdir] = final
+        finals[workdir], initials[workdir] = final, initial
         a0, a1, b1 = factor(initial, "a"), factor(final, "a"), factor(final, "b")
         runs[workdir] = {"step": step, "a_norm_initial": norm(a0), "a_drift": norm(a1 - a0),
                          "a_relative_drift": norm(a1 - a0) / max(norm(a0), 1e-12), "b_norm": norm(b1)}
@@ -78,10 +83,15 @@ def main(argv=None) -> dict:
         if factor(finals[workdir], "a").shape != factor(finals[first], "a").shape:
             versus[workdir] = None  # another adapter layout (e.g. per-task slots): no distance to report
             continue
-        da = norm(factor(finals[workdir], "a") - factor(finals[first], "a"))
-        db = norm(factor(finals[workdir], "b") - factor(finals[first], "b"))
+        a, a_first = factor(finals[workdir], "a"), factor(finals[first], "a")
+        b, b_first = factor(finals[workdir], "b"), factor(finals[first], "b")
+        drift, drift_first = a - factor(initials[workdir], "a"), a_first - factor(initials[first], "a")
+        da, db = norm(a - a_first), norm(b - b_first)
+        # Cosines and norm ratios tell a rescaling (cosine ~1, ratio != 1) from another direction.
         versus[workdir] = {"a_distance": da, "a_distance_over_first_drift": da / max(runs[first]["a_drift"], 1e-12),
-                           "b_distance": db, "b_distance_over_first_b": db / max(runs[first]["b_norm"], 1e-12)}
+                           "a_drift_cosine": cosine(drift, drift_first), "a_drift_norm_ratio": norm(drift) / max(norm(drift_first), 1e-12),
+                           "b_distance": db, "b_distance_over_first_b": db / max(runs[first]["b_norm"], 1e-12),
+                           "b_cosine": cosine(b, b_first), "b_norm_ratio": norm(b) / max(norm(b_first), 1e-12)}
         print(workdir, "vs", first, json.dumps(versus[workdir]))
     out = {"runs": runs, "versus_first": versus}
     print(json.dumps(out))

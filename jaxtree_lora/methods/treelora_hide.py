@@ -103,9 +103,6 @@ class TreeLoRAHiDe(HiDeLoRA, TreeOptions):
             grads = {**grads, "adapters": current_slot(grads["adapters"], state["task"])}
         return self.tree.after_step(state, aux, grads)
 
-    def step_metrics(self, state) -> dict:
-        return self.tree.step_metrics(state)
-
     def end_task(self, trainable, state, context):
         """The task vector into the bank and the tree rebuilt (before the merge moves the slot), then
         HiDe-LoRA's end of task."""

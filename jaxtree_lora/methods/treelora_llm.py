@@ -138,7 +138,10 @@ class TreeLoRALLM(TreeOptions, Method):
         if tasks < stream.num_tasks:
             raise ConfigError(f"treelora max_tasks={tasks} cannot hold a stream of {stream.num_tasks} tasks: "
                              f"raise --config.train.max_tasks to at least {stream.num_tasks}")
-        return adapters, self.tree_state(modules, features, tasks)
+        # reg_ratio: ||regulariser's gradient on A|| / ||task loss's gradient on A|| at the last micro-step
+        # (0 on task 0), logged per step. Kept out of tree_state, which the HiDe form shares: its
+        # checkpoints from before this field restore unchanged.
+        return adapters, {**self.tree_state(modules, features, tasks), "reg_ratio": jnp.zeros((), jnp.float32)}
 
     @staticmethod
     def tree_state(modules: int, features: int, tasks: int) -> dict:
@@ -154,8 +157,6 @@ class TreeLoRALLM(TreeOptions, Method):
             "counts": jnp.zeros((tasks, modules), jnp.float32),
             "tree": tree_lib.empty(tasks),
             "last_choice": jnp.zeros((modules,), jnp.int32),
-            # ||regulariser's gradient on A|| / ||task loss's gradient on A|| at the last micro-step (0 on task 0).
-            "reg_ratio": jnp.zeros((), jnp.float32),
         }
 
     def begin_task(self, adapters, state, task):
@@ -236,12 +237,13 @@ class TreeLoRALLM(TreeOptions, Method):
     def after_step(self, state, aux, grads=None):
         """c += f * v / T (v: sg(A), or dL/dA for task_vector "gradient"); while task > 0 also
         N[p_l, l] += 1 and S[p_l, l] -= ||c_l - G[p_l, l]||_1 with the updated c; t += 1; with the
-        step's gradients, reg_ratio = ||dR/dA|| / ||dL/dA|| (the regulariser's share of the A update)."""
-        reg_ratio = state["reg_ratio"]
-        task_grad = None
+        step's gradients and a state that keeps it (this form's), reg_ratio = ||dR/dA|| / ||dL/dA||."""
+        task_grad, logged = None, {}
         if grads is not None:
             task_grad = self.modules(grads["adapters"]) - aux["treelora_regulariser_grad"]  # dL/dA
-            reg_ratio = jnp.linalg.norm(aux["treelora_regulariser_grad"]) / jnp.maximum(jnp.linalg.norm(task_grad), 1e-30)
+            if "reg_ratio" in state:
+                ratio = jnp.linalg.norm(aux["treelora_regulariser_grad"]) / jnp.maximum(jnp.linalg.norm(task_grad), 1e-30)
+                logged = {"reg_ratio": jnp.where(state["task"] > 0, ratio, 0.0)}
         if self.task_vector == "gradient":
             if task_grad is None:
                 raise TypeError("treelora task_vector 'gradient' needs the step's gradients: call "
@@ -255,10 +257,10 @@ class TreeLoRALLM(TreeOptions, Method):
         active = state["task"] > 0
         return {**state, "running": running, "t": state["t"] + 1,
                 "sums": jnp.where(active, sums, state["sums"]), "counts": jnp.where(active, counts, state["counts"]),
-                "last_choice": aux["treelora_choice"], "reg_ratio": jnp.where(active, reg_ratio, 0.0)}
+                "last_choice": aux["treelora_choice"], **logged}
 
     def step_metrics(self, state) -> dict:
-        return {"treelora_reg_ratio": state["reg_ratio"]}
+        return {"treelora_reg_ratio": state["reg_ratio"]} if "reg_ratio" in state else {}
 
     def end_task(self, trainable, state, context):
         """G[task] = c; the tree is rebuilt from scratch over tasks 0..task (one compiled function for
