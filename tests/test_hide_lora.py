@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxtree_lora.methods import hide_lora as hide
@@ -89,6 +90,55 @@ def test_gaussian_replay_aligns_a_head_whose_tasks_were_trained_apart():
                          apply=hide.linear_head, statistics="multi-centroid", epochs=30, samples=16, learning_rate=0.05,
                          valid=valid)
     assert accuracy(aligned) > 0.95, f"multi-centroid alignment must balance the tasks too: {accuracy(aligned)}"
+
+
+def reference_identity_training(params, features, labels, weight, mask, key, epochs, batch_size, learning_rate):
+    """The TII head's training as a host loop: per epoch a host permutation, per batch one jitted Adam step
+    (clip 1.0); a short last batch filled with its first row at weight 0; the rate x0.1 every 30 epochs."""
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
+
+    @jax.jit
+    def step(params, opt_state, x, y, w, rate):
+        grads = jax.grad(lambda p: hide.masked_ce(hide.identity_head(p, x), y, mask, w))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return jax.tree.map(lambda p, u: p - rate * u, params, updates), opt_state
+
+    opt_state = optimizer.init(params)
+    for epoch in range(epochs):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), len(labels)))
+        rate = np.float32(learning_rate * 0.1 ** (epoch // 30))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            real = np.ones(batch_size, np.float32)
+            real[len(rows):] = 0.0
+            rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+            params, opt_state = step(params, opt_state, features[rows], labels[rows], weight[rows] * real, rate)
+    return params
+
+
+def test_identity_head_training_in_one_call_equals_the_host_loop():
+    """The TII head trained in one jitted call (scans over epochs and batches) must end where the host
+    loop of one step per batch ends: same row order per epoch, same padding of the short last batch
+    (13 rows in batches of 4), same rate schedule (32 epochs: the x0.1 at epoch 30 is reached), same
+    Adam. A wrong order, padding or rate would move the head far more than float32 rounding."""
+    rng = np.random.default_rng(0)
+    dim, classes, count, batch_size, epochs = 5, 4, 13, 4, 32
+    params = hide.init_identity_head(jax.random.PRNGKey(0), dim, classes, expansion=2)
+    features = rng.normal(size=(count, dim)).astype(np.float32)
+    labels = rng.choice([1, 2], size=count).astype(np.int32)
+    weight = np.ones(count, np.float32)
+    weight[[3, 11]] = 0.0  # padding rows of the task's own batches
+    mask = jnp.asarray([False, True, True, False])  # this task's classes
+    key = jax.random.PRNGKey(7)
+    expected = reference_identity_training(params, features, labels, weight, mask, key, epochs, batch_size, 0.01)
+    rates = jnp.asarray([0.01 * 0.1 ** (epoch // 30) for epoch in range(epochs)], jnp.float32)
+    trained = hide.train_identity_head(params, jnp.asarray(features), jnp.asarray(labels), jnp.asarray(weight), mask,
+                                       rates, key, batch_size=batch_size)
+    moved = max(float(np.max(np.abs(np.asarray(trained[name]) - np.asarray(params[name])))) for name in params)
+    assert moved > 1e-2, "the head hardly trained: the comparison would prove nothing"
+    for name in params:
+        np.testing.assert_allclose(trained[name], expected[name], rtol=1e-6, atol=1e-6,
+                                   err_msg=f"{name}: the one-call training departs from the host loop")
 
 
 def test_multi_centroid_statistics_find_the_clusters_of_a_class():
