@@ -346,6 +346,49 @@ def test_one_pass_evaluation_scores_as_one_forward_per_slot(tmp_path, monkeypatc
         "the other adapters changed nothing: the check would prove nothing"
 
 
+def test_prototypes_reuse_the_end_of_task_pass_only_for_the_same_model(tmp_path, monkeypatch):
+    """HiDe-LoRA's class statistics under the task's slot and the task's rehearsal-free prototypes see the
+    same model (the merged slot; alignment moves heads only): the prototypes must read that pass back
+    instead of forwarding the task's data again, and equal bit for bit the means of a fresh pass. A kept
+    pass must not be read for another model (other adapters, another slot), and must be for a method state
+    that differs only where the forward never reads (the class statistics)."""
+    run = make_run(hide_config("hide_lora"), tmp_path / "run")
+    evaluator = run.evaluator
+    update_prototypes, forwards = evaluator.update_prototypes, []
+
+    def checked(state, task):
+        before = evaluator.forward_count
+        state = update_prototypes(state, task)
+        forwards.append(evaluator.forward_count - before)
+        fresh = evaluator._task_class_means(state, task)  # the kept pass was read once: this one forwards
+        assert evaluator.forward_count > before, "the fresh pass made no forward: the comparison proves nothing"
+        rows = list(run.stream.tasks[task].classes)
+        np.testing.assert_array_equal(np.asarray(state.prototypes)[rows], fresh[rows],
+                                      err_msg="prototypes from the kept pass differ from a fresh pass")
+        return state
+
+    monkeypatch.setattr(evaluator, "update_prototypes", checked)
+    final = run.fit()["state"]
+    assert forwards == [0] * run.num_tasks, "the prototypes forwarded the task's training data again"
+    last = run.num_tasks - 1
+
+    def reads_kept_pass(state, task):
+        """Whether task `task`'s prototypes in `state` read a pass kept for the last task's final model."""
+        list(evaluator.train_features(final.trainable, evaluator._feature_state(final, last), last, keep=True))
+        before = evaluator.forward_count
+        evaluator._task_class_means(state, task)
+        return evaluator.forward_count == before
+
+    assert reads_kept_pass(final, last), "the same model forwarded again"
+    shifted = jax.tree.map(lambda leaf: leaf + 1.0, final.trainable["adapters"])
+    assert not reads_kept_pass(dataclasses.replace(final, trainable={**final.trainable, "adapters": shifted}), last), \
+        "a pass kept for other adapters was read back"
+    assert not reads_kept_pass(final, last - 1), "a pass kept for another task's slot was read back"
+    statistics = {**final.method_state, "means": final.method_state["means"] + 1.0}
+    assert reads_kept_pass(dataclasses.replace(final, method_state=statistics), last), \
+        "a change the forward never reads (the class means) forced a second pass"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["hide_lora", "treelora"])
 def test_resumed_run_equals_an_uninterrupted_one(method, tmp_path):
