@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxtree_lora.methods import hide_lora as hide
@@ -89,6 +90,55 @@ def test_gaussian_replay_aligns_a_head_whose_tasks_were_trained_apart():
                          apply=hide.linear_head, statistics="multi-centroid", epochs=30, samples=16, learning_rate=0.05,
                          valid=valid)
     assert accuracy(aligned) > 0.95, f"multi-centroid alignment must balance the tasks too: {accuracy(aligned)}"
+
+
+def reference_identity_training(params, features, labels, weight, mask, key, epochs, batch_size, learning_rate):
+    """The TII head's training as a host loop: per epoch a host permutation, per batch one jitted Adam step
+    (clip 1.0); a short last batch filled with its first row at weight 0; the rate x0.1 every 30 epochs."""
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
+
+    @jax.jit
+    def step(params, opt_state, x, y, w, rate):
+        grads = jax.grad(lambda p: hide.masked_ce(hide.identity_head(p, x), y, mask, w))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return jax.tree.map(lambda p, u: p - rate * u, params, updates), opt_state
+
+    opt_state = optimizer.init(params)
+    for epoch in range(epochs):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), len(labels)))
+        rate = np.float32(learning_rate * 0.1 ** (epoch // 30))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            real = np.ones(batch_size, np.float32)
+            real[len(rows):] = 0.0
+            rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+            params, opt_state = step(params, opt_state, features[rows], labels[rows], weight[rows] * real, rate)
+    return params
+
+
+def test_identity_head_training_in_one_call_equals_the_host_loop():
+    """The TII head trained in one jitted call (scans over epochs and batches) must end where the host
+    loop of one step per batch ends: same row order per epoch, same padding of the short last batch
+    (13 rows in batches of 4), same rate schedule (32 epochs: the x0.1 at epoch 30 is reached), same
+    Adam. A wrong order, padding or rate would move the head far more than float32 rounding."""
+    rng = np.random.default_rng(0)
+    dim, classes, count, batch_size, epochs = 5, 4, 13, 4, 32
+    params = hide.init_identity_head(jax.random.PRNGKey(0), dim, classes, expansion=2)
+    features = rng.normal(size=(count, dim)).astype(np.float32)
+    labels = rng.choice([1, 2], size=count).astype(np.int32)
+    weight = np.ones(count, np.float32)
+    weight[[3, 11]] = 0.0  # padding rows of the task's own batches
+    mask = jnp.asarray([False, True, True, False])  # this task's classes
+    key = jax.random.PRNGKey(7)
+    expected = reference_identity_training(params, features, labels, weight, mask, key, epochs, batch_size, 0.01)
+    rates = jnp.asarray([0.01 * 0.1 ** (epoch // 30) for epoch in range(epochs)], jnp.float32)
+    trained = hide.train_identity_head(params, jnp.asarray(features), jnp.asarray(labels), jnp.asarray(weight), mask,
+                                       rates, key, batch_size=batch_size)
+    moved = max(float(np.max(np.abs(np.asarray(trained[name]) - np.asarray(params[name])))) for name in params)
+    assert moved > 1e-2, "the head hardly trained: the comparison would prove nothing"
+    for name in params:
+        np.testing.assert_allclose(trained[name], expected[name], rtol=1e-6, atol=1e-6,
+                                   err_msg=f"{name}: the one-call training departs from the host loop")
 
 
 def test_multi_centroid_statistics_find_the_clusters_of_a_class():
@@ -237,8 +287,11 @@ def test_one_compiled_step_for_all_tasks_and_identity_accuracy_recorded(method, 
     # `treelora` on this classification stream trains its HiDe form, under that form's name.
     assert run.method.name == {"treelora": "treelora_hide"}.get(method, method)
     assert type(run.method).__name__ in ("HiDeLoRA", "TreeLoRAHiDe")
+    compiled = hide.train_identity_head._cache_size()
     outcome = run.fit()
     assert run.train_step._cache_size() == 1, "a new task compiled the train step again"
+    # Tasks of one size: the TII head's training compiles once (at most; another test may have compiled it).
+    assert hide.train_identity_head._cache_size() - compiled <= 1, "a new task compiled the TII training again"
     assert np.all(np.isfinite(np.diag(outcome["matrix"])))
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     identity = [r["task_identity_accuracy"] for r in records if r["type"] == "task"]
@@ -291,6 +344,49 @@ def test_one_pass_evaluation_scores_as_one_forward_per_slot(tmp_path, monkeypatc
     assert [m["identity"] for m in moved] == [g["identity"] for g in gathered], "the TII column moved with the adapters"
     assert [(m["score"], m["ncm"]) for m in moved] != [(g["score"], g["ncm"]) for g in gathered], \
         "the other adapters changed nothing: the check would prove nothing"
+
+
+def test_prototypes_reuse_the_end_of_task_pass_only_for_the_same_model(tmp_path, monkeypatch):
+    """HiDe-LoRA's class statistics under the task's slot and the task's rehearsal-free prototypes see the
+    same model (the merged slot; alignment moves heads only): the prototypes must read that pass back
+    instead of forwarding the task's data again, and equal bit for bit the means of a fresh pass. A kept
+    pass must not be read for another model (other adapters, another slot), and must be for a method state
+    that differs only where the forward never reads (the class statistics)."""
+    run = make_run(hide_config("hide_lora"), tmp_path / "run")
+    evaluator = run.evaluator
+    update_prototypes, forwards = evaluator.update_prototypes, []
+
+    def checked(state, task):
+        before = evaluator.forward_count
+        state = update_prototypes(state, task)
+        forwards.append(evaluator.forward_count - before)
+        fresh = evaluator._task_class_means(state, task)  # the kept pass was read once: this one forwards
+        assert evaluator.forward_count > before, "the fresh pass made no forward: the comparison proves nothing"
+        rows = list(run.stream.tasks[task].classes)
+        np.testing.assert_array_equal(np.asarray(state.prototypes)[rows], fresh[rows],
+                                      err_msg="prototypes from the kept pass differ from a fresh pass")
+        return state
+
+    monkeypatch.setattr(evaluator, "update_prototypes", checked)
+    final = run.fit()["state"]
+    assert forwards == [0] * run.num_tasks, "the prototypes forwarded the task's training data again"
+    last = run.num_tasks - 1
+
+    def reads_kept_pass(state, task):
+        """Whether task `task`'s prototypes in `state` read a pass kept for the last task's final model."""
+        list(evaluator.train_features(final.trainable, evaluator._feature_state(final, last), last, keep=True))
+        before = evaluator.forward_count
+        evaluator._task_class_means(state, task)
+        return evaluator.forward_count == before
+
+    assert reads_kept_pass(final, last), "the same model forwarded again"
+    shifted = jax.tree.map(lambda leaf: leaf + 1.0, final.trainable["adapters"])
+    assert not reads_kept_pass(dataclasses.replace(final, trainable={**final.trainable, "adapters": shifted}), last), \
+        "a pass kept for other adapters was read back"
+    assert not reads_kept_pass(final, last - 1), "a pass kept for another task's slot was read back"
+    statistics = {**final.method_state, "means": final.method_state["means"] + 1.0}
+    assert reads_kept_pass(dataclasses.replace(final, method_state=statistics), last), \
+        "a change the forward never reads (the class means) forced a second pass"
 
 
 @pytest.mark.slow

@@ -10,13 +10,13 @@ Why these sizes: one method in at most ~10 minutes on 2 CPU cores. A ViT-S forwa
 2.8 GFLOP per image. Measured here on a ViT-S/14-shaped ViT (random weights): 100 images at 112 px
 take 3.7 CPU-seconds (73 GFLOP per CPU-second); a training pass (forward, then the backward down to
 block 0, the first adapted one) costs 3.0 forwards. The run's image forwards: training 2 epochs x
-1,600 x 3 = 9.6k; per task the pre-trained features, the class statistics under the slot and the NCM
-prototypes, 3 x 1,600 = 4.8k; evaluation after each task, 15 task-evaluations x 100 images x 2 passes
+1,600 x 3 = 9.6k; per task the pre-trained features and the class statistics under the slot (which the
+NCM prototypes reuse), 2 x 1,600 = 3.2k; evaluation after each task, 15 task-evaluations x 100 images x 2 passes
 (pre-trained features for the task identity, then the slot's) = 3k; the final recomputed prototypes
-2.6k. 20k forwards = 55 TFLOP: 9.2 minutes at 100 GFLOP/s, 6.3 at the measured rate with both cores
+2.6k. 18.4k forwards = 52 TFLOP: 8.6 minutes at 100 GFLOP/s, 5.9 at the measured rate with both cores
 busy, plus ~30 CPU-seconds of compilation and host work (a proxy run of that ViT, 40 / 10 per class,
 1 epoch, 6.8k forwards counting evaluation padded to batches of 100, took 278 CPU-seconds). 200
-images per class would take 11 minutes at 100 GFLOP/s; 224 px (257 tokens) over 4x as long.
+images per class would take 10 minutes at 100 GFLOP/s; 224 px (257 tokens) over 4x as long.
 Resizing 28 -> 112 px in the forward costs nothing measurable (3.68 vs 3.78 CPU-seconds per 100
 images fed at 28 or at 112 px) and keeps the host copy 16x smaller (2.4 KB an image).
 

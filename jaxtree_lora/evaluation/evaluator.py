@@ -114,13 +114,17 @@ class Evaluator:
         self._limits: dict[int, int] = {}  # tokens each task's answers need (`decode_limit`)
         # (the arrays of the state scored in the last column, [per task: its test batches' features])
         self._final: Optional[tuple] = None
+        # A method's end-of-task pass over a task's training data, kept for that task's prototypes:
+        # (task, the forward's inputs: structure and leaves, which leaves it reads, [(features, labels, weight)]).
+        self._kept_pass: Optional[tuple] = None
+        self._reads: dict = {}  # input structure -> [whether the forward reads each input]
 
     def reading(self, stream) -> "Evaluator":
         """This evaluator (its compiled functions) over another stream's tasks, with none of the
         per-task values it kept for its own stream (frozen features, untrained scores, decode limits)."""
         other = copy.copy(self)
         other.stream, other._frozen_features, other._untrained_scores = stream, {}, {}
-        other._limits, other._final = {}, None
+        other._limits, other._final, other._kept_pass = {}, None, None
         other.identity = TaskIdentity(other._pretrained_task_means, None)
         return other
 
@@ -135,6 +139,40 @@ class Evaluator:
         """[B, d] float32 features of a batch on the mesh through the pre-trained backbone alone."""
         self.forward_count += int(next(iter(batch.values())).shape[0])
         return self._pretrained(self.frozen, batch)
+
+    def train_features(self, trainable, method_state, task: int, keep: bool = False):
+        """Yields (features [B, d], labels [B], weight [B]) numpy arrays over task `task`'s training data in
+        evaluation batches, through these adapters in `method_state`. `keep`: the pass is kept for the
+        task's prototypes, which read it back instead of forwarding again where every input the forward
+        reads is the same (HiDe-LoRA's class statistics under the task's slot are taken with the model
+        whose prototypes follow). Bit-equal to a fresh pass: the same program on the same batches."""
+        weights = self.weights(trainable, method_state)
+        inputs, structure = jax.tree.flatten((trainable, weights, method_state))
+        kept = self._kept_pass
+        self._kept_pass = None  # read at most once: no arrays are held past the task's prototypes
+        if kept is not None and kept[:2] == (task, structure) and _same_reads(kept[2], inputs, kept[3]):
+            yield from kept[4]
+            return
+        passed = []
+        for batch in self.batches(classification_arrays(self.stream.tasks[task].train), task):
+            weight, labels = np.asarray(batch.pop("weight")), np.asarray(batch.pop("labels"))
+            batch = self.host_batch(batch)
+            passed.append((np.asarray(self.features(trainable, weights, method_state, batch)), labels, weight))
+            yield passed[-1]
+        if keep and passed:
+            reads = self._forward_reads(trainable, weights, method_state, batch)
+            self._kept_pass = (task, structure, inputs, reads, passed)
+
+    def _forward_reads(self, trainable, weights, method_state, batch) -> list:
+        """Per leaf of (trainable, weights, method_state): whether the compiled forward reads it, from its
+        traced program (a cache hit after a call). A leaf whose only use is discarded counts as read."""
+        structure = jax.tree.structure((trainable, weights, method_state))
+        if structure not in self._reads:
+            program = self._features.trace(trainable, weights, method_state, batch).jaxpr
+            used = {var for eqn in program.eqns for var in eqn.invars if not hasattr(var, "val")}
+            used |= {var for var in program.jaxpr.outvars if not hasattr(var, "val")}
+            self._reads[structure] = [var in used for var in program.jaxpr.invars[: structure.num_leaves]]
+        return self._reads[structure]
 
     # -- features and classifiers (pure, jitted) -----------------------------------------------
     def _features_fn(self, trainable, frozen, method_state, batch):
@@ -235,15 +273,14 @@ class Evaluator:
     def _task_class_means(self, state, task: int) -> np.ndarray:
         task_data = self.stream.tasks[task]
         method_state = self._feature_state(state, task)
-        weights = self.weights(state.trainable, method_state)
         if self.fixed_features:
             features = self._cached_features("fixed", task, "train", state)
+            batches = self.batches(classification_arrays(task_data.train), task)
         else:
-            def features(batch):
-                self.forward_count += int(next(iter(batch.values())).shape[0])
-                return self._features(state.trainable, weights, method_state, self.host_batch(batch))
-        means, _ = prototypes_lib.class_means(features, self.batches(classification_arrays(task_data.train), task),
-                                              state.prototypes.shape[0], state.prototypes.shape[1])
+            features = lambda batch: batch["features"]
+            batches = (dict(features=values, labels=labels, weight=weight)
+                       for values, labels, weight in self.train_features(state.trainable, method_state, task))
+        means, _ = prototypes_lib.class_means(features, batches, state.prototypes.shape[0], state.prototypes.shape[1])
         return means
 
     def update_prototypes(self, state, task: int):
@@ -466,6 +503,18 @@ class Evaluator:
             self._limits[task] = max(limit, 1)
         return self._limits[task]
 
+
+
+def _same_reads(kept: list, inputs: list, reads: list) -> bool:
+    """Whether the leaves `inputs` give the forward what `kept` (of the same structure) gave it: each leaf
+    it reads the same array, or a scalar of the same value (a method state's task index, set afresh by
+    each caller)."""
+    for old, new, read in zip(kept, inputs, reads):
+        if not read or old is new:
+            continue
+        if np.ndim(old) or np.ndim(new) or np.asarray(old).dtype != np.asarray(new).dtype or old != new:
+            return False
+    return True
 
 
 # The one dispatch on the inference rule (PROTOTYPES: one forward of unchanging features, read back from

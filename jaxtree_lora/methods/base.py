@@ -66,7 +66,8 @@ class TaskContext:
     site_moments: Optional[Callable[[Any, Any], Any]] = None
     # features(trainable, method_state) -> iterator of (features [B, d], labels [B], weight [B]) numpy
     # arrays over the task's training data (classification): the backbone's features with these
-    # adapters and this method state (HiDe-LoRA's class statistics under the task's slot).
+    # adapters and this method state (HiDe-LoRA's class statistics under the task's slot), in evaluation
+    # batches; the task's prototypes reuse this pass where the forward reads the same inputs.
     features: Optional[Callable[[Any, Any], Any]] = None
     # pretrained_features() -> the same iterator with the frozen pre-trained backbone (no adapters).
     pretrained_features: Optional[Callable[[], Any]] = None

@@ -111,13 +111,44 @@ def masked_ce(logits, labels, mask, weight):
 _IDENTITY_OPTIMIZER = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
 
 
-@jax.jit
-def identity_step(params, opt_state, features, labels, weight, mask, learning_rate):
+def identity_update(params, opt_state, features, labels, weight, mask, learning_rate):
     """One Adam step (clip 1.0) of the TII head on a batch of pre-trained features, logits masked."""
     grads = jax.grad(lambda p: masked_ce(identity_head(p, features), labels, mask, weight))(params)
     updates, opt_state = _IDENTITY_OPTIMIZER.update(grads, opt_state, params)
     params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
     return params, opt_state
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def train_identity_head(params, features, labels, weight, mask, rates, key, *, batch_size: int):
+    """The TII head trained on one task's pre-trained features, one jitted call (scans over epochs and batches).
+
+    features [N, d], labels [N], weight [N] (0: padding); mask [C]: the classes whose logits compete;
+    rates [E]: each epoch's learning rate (E epochs). A fresh Adam (clip 1.0). Epoch e visits the rows in
+    the order `permutation(fold_in(key, e), N)`, `batch_size` at a time; a short last batch is filled
+    with its first row at weight 0, so every step has one shape. Compiles once per (N, batch_size, E)."""
+    count = labels.shape[0]
+    steps = -(-count // batch_size)
+    offsets = jnp.arange(batch_size)
+
+    def epoch_body(carry, epoch_and_rate):
+        epoch, rate = epoch_and_rate
+        order = jax.random.permutation(jax.random.fold_in(key, epoch), count)
+        order = jnp.concatenate([order, jnp.zeros((steps * batch_size - count,), order.dtype)])
+
+        def step_body(carry, step):
+            params, opt_state = carry
+            rows = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
+            real = step * batch_size + offsets < count
+            rows = jnp.where(real, rows, rows[0])
+            return identity_update(params, opt_state, features[rows], labels[rows],
+                                   weight[rows] * real.astype(weight.dtype), mask, rate), None
+
+        return jax.lax.scan(step_body, carry, jnp.arange(steps))[0], None
+
+    epochs = jnp.arange(rates.shape[0])
+    (params, _), _ = jax.lax.scan(epoch_body, (params, _IDENTITY_OPTIMIZER.init(params)), (epochs, rates))
+    return params
 
 
 def sampling_factor(spread, stored, statistics: str):
@@ -469,25 +500,14 @@ class HiDeLoRA(IncLoRA):
         features = np.concatenate([b[0] for b in batches])
         labels = np.concatenate([b[1] for b in batches])
         weight = np.concatenate([b[2] for b in batches])
-        size = len(batches[0][1])
         mask = jnp.asarray(np.asarray(state["class_task"]) == task)
-        params = state["identity_head"]
-        opt_state = _IDENTITY_OPTIMIZER.init(params)
+        # Each epoch's rate in float32 as the host computes it: x0.1 every 30 epochs.
+        rates = np.array([self.tii_learning_rate * 0.1 ** (epoch // 30) for epoch in range(self.tii_epochs)],
+                         np.float32)
         key = jax.random.fold_in(keys.derive(state["host_key"], "tii_order"), task)
-        for epoch in range(self.tii_epochs):
-            order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), len(labels)))
-            rate = jnp.float32(self.tii_learning_rate * 0.1 ** (epoch // 30))
-            for start in range(0, len(order), size):
-                rows = order[start:start + size]
-                if len(rows) < size:  # a short last batch: padding rows of weight 0 keep the shape
-                    rows = np.concatenate([rows, np.full(size - len(rows), rows[0])])
-                    pad = np.zeros(size, np.float32)
-                    pad[: len(order) - start] = 1.0
-                else:
-                    pad = np.ones(size, np.float32)
-                params, opt_state = identity_step(params, opt_state, jnp.asarray(features[rows]),
-                                                  jnp.asarray(labels[rows]), jnp.asarray(weight[rows] * pad), mask,
-                                                  rate)
+        params = train_identity_head(state["identity_head"], jnp.asarray(features), jnp.asarray(labels),
+                                     jnp.asarray(weight), mask, jnp.asarray(rates), key,
+                                     batch_size=len(batches[0][1]))
         stats, state = self._statistics(state, batches, classes, "identity_", task)
         means, spread, _ = write_statistics(state["identity_means"], state["identity_spread"], state["stored"], stats)
         class_task = np.asarray(state["class_task"])

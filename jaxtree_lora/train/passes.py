@@ -2,7 +2,8 @@
 
 Fisher (EWC): the diagonal empirical Fisher of the task loss. Site statistics (InfLoRA, LoDA): each
 adapted site's input second moment, recorded through the layer scan. Features (HiDe-LoRA): the
-task's features with given adapters, or the pre-trained backbone's, kept after the first full pass.
+task's features with given adapters (the evaluator's pass, which the task's prototypes then reuse),
+or the pre-trained backbone's, kept after the first full pass.
 Every pass reads the training data in order, one micro-batch at a time, with no dropout and nothing
 trained; the features come from the evaluator's public forward, the statistics from the same
 `methods.forward.features` it runs. Each pass is a line of the run's time ledger.
@@ -117,23 +118,21 @@ class TaskPasses:
     def features(self, arrays: dict, task_index: int, trainable=None, method_state=None, remember: bool = True):
         """Yields (features [B, d], labels [B], weight [B]) numpy arrays over a classification task's
         training data: with these adapters and method state, or the pre-trained backbone's (None).
+        With adapters, `arrays` are the task's training split: the evaluator's pass over it, kept for
+        the task's prototypes (`Evaluator.train_features`: one pass where they see the same model).
         The pre-trained ones never change: kept after the first full pass (`pretrained_train`) and
         read back on later ones, by task index; `remember=False` for arrays that are not that task's
         training data (neither read nor kept)."""
-        remember = remember and trainable is None
+        if trainable is not None:
+            yield from self.evaluator.train_features(trainable, method_state, task_index, keep=True)
+            return
         if remember and task_index in self.pretrained_train:
             yield from self.pretrained_train[task_index]
             return
         kept = []
         for batch in self.batches(arrays, task_index, 0):
             weight, labels = np.asarray(batch.pop("weight")), np.asarray(batch.pop("labels"))
-            batch = self.host_batch(batch)
-            if trainable is None:
-                features = self.evaluator.pretrained_features(batch)
-            else:
-                features = self.evaluator.features(trainable, self.weights(trainable, method_state), method_state,
-                                                   batch)
-            kept.append((np.asarray(features), labels, weight))
+            kept.append((np.asarray(self.evaluator.pretrained_features(self.host_batch(batch))), labels, weight))
             yield kept[-1]
         if remember:
             self.pretrained_train[task_index] = kept
