@@ -161,3 +161,17 @@ def test_run_profile_quick_prints_json(tmp_path):
     table = json.loads(completed.stdout.strip().splitlines()[-1])["stream10"]["fix"]
     assert "evaluation" in table["phases"] and "startup" in table["phases"]
     assert sum(table["phases"].values()) == pytest.approx(table["wall_seconds"], abs=1e-3)
+
+
+def test_a_run_that_raises_leaves_no_monitoring_listener(tmp_path):
+    """Run.fit with its own ledger unregisters the ledger's jax.monitoring listener when it raises too:
+    otherwise every failed fit in a process (a notebook, a sweep) leaves one more listener behind."""
+    from jax._src import monitoring
+    from jaxtree_lora.train.loop import StopRequested
+
+    before = len(monitoring.get_event_time_span_listeners())
+    run = make_run(tiny_config("seqlora"), tmp_path / "run", stop_after_steps=1)
+    assert len(monitoring.get_event_time_span_listeners()) == before + 1, "the run's own ledger listens"
+    with pytest.raises(StopRequested):
+        run.fit()
+    assert len(monitoring.get_event_time_span_listeners()) == before

@@ -333,6 +333,10 @@ class Run:
                 state = self._end_task(state, task_index, arrays, steps_per_epoch, books)
                 books.position = {"task": task_index + 1, "epoch": 0, "batch": 0}
                 books.save(state, books.position, wait=True)
+        except BaseException:
+            if self._own_ledger:
+                ledger.close()  # its jax.monitoring listener goes with it, as on success
+            raise
         finally:
             with ledger.phase("checkpoint"):
                 books.close()
