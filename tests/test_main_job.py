@@ -1,8 +1,11 @@
-"""The README's first line, `jaxtree-lora run`, on its real weights (all-MiniLM-L6-v2) and real text,
-over a shortened stream: the work directory it promises (results.json with a learned accuracy matrix,
-accuracy_matrix.png, tree.png, restorable checkpoints). Needs the offline assets."""
+"""The README's main job (TreeLoRA on the real DINOv2 ViT-S/14 over Fashion-MNIST) and `jaxtree-lora run`
+(its default config: all-MiniLM-L6-v2 on real text), each over a shortened stream: the work directory
+they promise (results.json with a learned accuracy matrix, accuracy_matrix.png, tree.png, restorable
+checkpoints) and the frozen model's score printed beside the run's. Needs the offline assets."""
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -64,3 +67,36 @@ def test_the_readme_main_job_writes_its_work_directory(tmp_path):
             "the checkpointed adapters and head restore whole and finite"
     finally:
         checkpoints.close()
+
+
+def readme_main_job() -> list[str]:
+    """The arguments after `jaxtree-lora` on the README's first command line (its install-and-run line)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as file:
+        block = file.read().split("```")[1]
+    line = next(line for line in block.splitlines() if "jaxtree-lora" in line)
+    return shlex.split(line.split("jaxtree-lora", 1)[1])
+
+
+@pytest.mark.assets
+@pytest.mark.slow  # real DINOv2 ViT-S/14: loading from ONNX, two tasks trained and evaluated
+def test_the_readme_main_job_runs_treelora_on_the_real_vit_and_prints_the_frozen_score(tmp_path):
+    for name in ("dinov2_small", "fashion_mnist"):
+        try:
+            assets.path(name)
+        except assets.AssetMissing:
+            pytest.skip(f"asset {name} not installed (run `jaxtree-lora assets`)")
+    args = readme_main_job()
+    assert args[:3] == ["run", "--config", "experiments/configs/offline_fashion_cil.py:quick"], args
+    workdir = tmp_path / "run"
+    short = ["--config.data.num_tasks=2", "--config.data.per_class_train=16", "--config.data.per_class_test=8",
+             "--config.train.epochs=1", "--config.method.hide_lora.tii_epochs=5", "--config.method.hide_lora.tap_epochs=5"]
+    out = subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", *args, "--workdir", str(workdir), "--no-progress",
+                          *short], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert (results["method"], results["stream"]) == ("treelora_hide", "offline-fashion-cil"), "TreeLoRA's ViT form"
+    matrix = np.asarray(results["accuracy_matrix"], float)
+    assert np.all(np.diag(matrix) >= 100.0 / 5 + 20), f"the real ViT learned nothing: {matrix} (5 classes a task)"
+    line = re.search(r"average accuracy: treelora_hide ([0-9.]+) \| fix \(frozen NCM\) ([0-9.]+)", out.stdout)
+    assert line, "the run prints its score beside the frozen model's"
+    assert float(line.group(1)) == pytest.approx(results["metrics"]["average_accuracy"], abs=0.01)

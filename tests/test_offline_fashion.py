@@ -114,6 +114,9 @@ def test_config_and_planner_shapes():
     assert stream_shape(config.data) == ("classification", 4, 10, 0)
     tiny = offline_fashion_cil.get_config("tiny")
     assert tiny.model.name == "tiny-vit" and tiny.data.image_size == tiny.model.tiny["image_size"]
+    quick = offline_fashion_cil.get_config("quick")
+    assert (quick.model.name, quick.method.name) == ("dinov2_small", "treelora"), "the main job: real ViT, TreeLoRA"
+    assert quick.data.image_size % 14 == 0 and quick.data.image_size < config.data.image_size
     with pytest.raises(ValueError, match="'tiny'"):
         offline_fashion_cil.get_config("huge")
 

@@ -20,11 +20,16 @@ images per class would take 10 minutes at 100 GFLOP/s; 224 px (257 tokens) over 
 Resizing 28 -> 112 px in the forward costs nothing measurable (3.68 vs 3.78 CPU-seconds per 100
 images fed at 28 or at 112 px) and keeps the host copy 16x smaller (2.4 KB an image).
 
+`get_config("quick")`, the README's main job: 84 px (37 tokens), 128 training images per class, no
+recomputed-prototype diagnostic. TreeLoRA 79.3 +- 0.3 against the frozen model's 60.4 +- 1.2 (seeds 0-2,
+RESULTS.md); 263-287 process CPU-seconds a run (344-605 s wall with other jobs on the 2 cores).
+
 `get_config("tiny")`: a random 2-layer ViT at 42 px (patch 14), 8 / 4 images per class, 1 epoch. Measured
 (2 shared cores, XLA compile cache warm): the whole run 10.4 s; one epoch (2 steps of 8) 6-20 ms after
 the first task, whose 1.7 s is compilation.
 
     jaxtree-lora run --config experiments/configs/offline_fashion_cil.py
+    jaxtree-lora run --config experiments/configs/offline_fashion_cil.py:quick   # the README's main job
     jaxtree-lora run --config experiments/configs/offline_fashion_cil.py --config.data.data_dir=/my/mnist
     jaxtree-lora run --config experiments/configs/offline_fashion_cil.py:tiny   # tiny random ViT, tests
 """
@@ -57,6 +62,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.eval.batch_size = 16
         config.method.hide_lora.tap_epochs = 2
         config.method.hide_lora.tii_epochs = 2
+    elif arg == "quick":  # the README's main job: 84 px (6 x 6 patches + [CLS] = 37 tokens), 128 images a class
+        config.data.image_size = 84
+        config.data.per_class_train = 128
+        config.eval.recomputed_prototypes = False  # a diagnostic pass over every class's training data
     elif arg:
-        raise ValueError(f"offline_fashion_cil takes '' or 'tiny', got {arg!r}")
+        raise ValueError(f"offline_fashion_cil takes '', 'quick' or 'tiny', got {arg!r}")
     return config
