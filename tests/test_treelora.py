@@ -24,6 +24,27 @@ def make(lam=0.5, **options):
     return method, adapters, state
 
 
+def second_task_step(method, adapters, state):
+    """From `make`'s adapters and state: a micro-step of task 1 (a random stored vector for task 0, t = 3 of T = 4: lam_t = 0.375, the
+    regulariser on) on a quadratic task loss of the layer-1 adapters: (state, aux, the step's gradients
+    of the total loss, the task loss's own gradients)."""
+    bank = jax.random.normal(jax.random.PRNGKey(3), state["bank"].shape)
+    state = {**state, "bank": bank, "tree": tree_lib.build(bank, 1)}
+    _, state = method.begin_task(adapters, state, 1)
+    state = method.begin_epoch(state, 0, 4)
+    state = {**state, "t": jnp.asarray(3, jnp.int32)}
+    x = jax.random.normal(jax.random.PRNGKey(4), (5, 4))
+    trainable = {"adapters": jax.tree.map(lambda v: v + 0.1, adapters), "head": {}}
+
+    def task_loss(trainable, key):
+        return sum(jnp.sum(lora_lib.apply(jax.tree.map(lambda l: l[1], trainable["adapters"][s]), x, 1.0) ** 2)
+                   for s in trainable["adapters"]), {}
+
+    (_, aux), grads = jax.value_and_grad(lambda tr: method.loss(tr, state, {}, jax.random.PRNGKey(0), task_loss),
+                                         has_aux=True)(trainable)
+    return state, aux, grads, jax.grad(lambda tr: task_loss(tr, None)[0])(trainable)
+
+
 def test_modules_are_layer_major():
     method, adapters, _ = make()
     a = method.modules(adapters)
@@ -94,21 +115,8 @@ def test_regulariser_share_is_its_gradient_norm_over_the_task_gradient_norm(regu
     """reg_ratio (logged as treelora_reg_ratio) = ||d(L_total - L)/dA|| / ||dL/dA||, both from autodiff
     here: wrong if the closed-form gradient in aux drifts from the penalty the loss really adds."""
     method, adapters, state = make(lam=0.5, regulariser=regulariser)
-    bank = jax.random.normal(jax.random.PRNGKey(3), state["bank"].shape)
-    state = {**state, "bank": bank, "tree": tree_lib.build(bank, 1)}
-    _, state = method.begin_task(adapters, state, 1)
-    state = method.begin_epoch(state, 0, 4)
-    state = {**state, "t": jnp.asarray(3, jnp.int32)}
-    x = jax.random.normal(jax.random.PRNGKey(4), (5, 4))
-    trainable = {"adapters": jax.tree.map(lambda v: v + 0.1, adapters), "head": {}}
-
-    def task_loss(trainable, key):
-        return sum(jnp.sum(lora_lib.apply(jax.tree.map(lambda l: l[1], trainable["adapters"][s]), x, 1.0) ** 2)
-                   for s in trainable["adapters"]), {}
-
-    (_, aux), grads = jax.value_and_grad(lambda tr: method.loss(tr, state, {}, jax.random.PRNGKey(0), task_loss),
-                                         has_aux=True)(trainable)
-    plain = np.asarray(method.modules(jax.grad(lambda tr: task_loss(tr, None)[0])(trainable)["adapters"]))
+    state, aux, grads, plain_grads = second_task_step(method, adapters, state)
+    plain = np.asarray(method.modules(plain_grads["adapters"]))
     penalty = np.asarray(method.modules(grads["adapters"])) - plain
     np.testing.assert_allclose(np.asarray(aux["treelora_regulariser_grad"]), penalty, rtol=1e-4, atol=1e-6)
     new = method.after_step(state, aux, grads)
@@ -177,21 +185,7 @@ def test_gradient_task_vector_accumulates_the_task_loss_gradient_only():
     """task_vector 'gradient': c += D * dL/dA / T, with the regulariser's share of the step's gradient
     removed (the paper's expected task gradient, not the gradient of the total loss)."""
     method, adapters, state = make(lam=0.5, task_vector="gradient")
-    bank = jax.random.normal(jax.random.PRNGKey(3), state["bank"].shape)
-    state = {**state, "bank": bank, "tree": tree_lib.build(bank, 1)}
-    _, state = method.begin_task(adapters, state, 1)
-    state = method.begin_epoch(state, 0, 4)
-    state = {**state, "t": jnp.asarray(3, jnp.int32)}  # lam_t = 0.375: the regulariser is on
-    x = jax.random.normal(jax.random.PRNGKey(4), (5, 4))
-    trainable = {"adapters": jax.tree.map(lambda v: v + 0.1, adapters), "head": {}}
-
-    def task_loss(trainable, key):
-        return sum(jnp.sum(lora_lib.apply(jax.tree.map(lambda l: l[1], trainable["adapters"][s]), x, 1.0) ** 2)
-                   for s in trainable["adapters"]), {}
-
-    (_, aux), grads = jax.value_and_grad(lambda tr: method.loss(tr, state, {}, jax.random.PRNGKey(0), task_loss),
-                                         has_aux=True)(trainable)
-    plain_grads = jax.grad(lambda tr: task_loss(tr, None)[0])(trainable)
+    state, aux, grads, plain_grads = second_task_step(method, adapters, state)
     change = jnp.abs(method.modules(grads["adapters"]) - method.modules(plain_grads["adapters"]))
     assert float(jnp.max(change)) > 1e-4, \
         "the regulariser should change the step's gradient here, or the test proves nothing"
