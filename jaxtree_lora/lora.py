@@ -201,12 +201,17 @@ def apply(adapter: Mapping[str, Array], x: Array, scale: float) -> Array:
     return scale * jnp.einsum("...r,or->...o", h, b.astype(x.dtype))
 
 
-def apply_per_example(adapter: Mapping[str, Array], x: Array, scale: float) -> Array:
-    """`apply` with one adapter per example: adapter {"a": [B, r, d_in], "b": [B, d_out, r]},
-    x: [B, ..., d_in] -> [B, ..., d_out] (example b through adapter b)."""
+def apply_selected(adapter: Mapping[str, Array], x: Array, slots: Array, scale: float) -> Array:
+    """`apply` with each token through its own slot of a slot stack: adapter {"a": [K, r, d_in],
+    "b": [K, d_out, r]}, x: [..., d_in], slots: int, broadcastable to x's leading axes from the left
+    ([B] per example of x [B, T, d_in], [B, T] per token of packed rows) -> [..., d_out].
+    All K slots' rank products in one [K * r]-wide product, masked to each token's slot: no per-token
+    copies of A and B (K * r stays small beside d_in)."""
     a, b = adapter["a"], adapter["b"]
-    h = jnp.einsum("b...i,bri->b...r", x, a.astype(x.dtype))
-    return scale * jnp.einsum("b...r,bor->b...o", h, b.astype(x.dtype))
+    slots = jnp.reshape(slots, jnp.shape(slots) + (1,) * (x.ndim - 1 - jnp.ndim(slots)))
+    h = jnp.einsum("...i,kri->...kr", x, a.astype(x.dtype))
+    h = h * (slots[..., None] == jnp.arange(a.shape[0]))[..., None].astype(x.dtype)
+    return scale * jnp.einsum("...kr,kor->...o", h, b.astype(x.dtype))
 
 
 def delta_weight(adapter: Mapping[str, Array], scale: float) -> Array:

@@ -286,3 +286,20 @@ def test_spec_refuses_a_non_integer_rank_and_max_modules_below_minus_one():
         lora_lib.LoraSpec(rank=2.5)
     with pytest.raises(lora_lib.LoraSpecError, match="max_modules"):
         lora_lib.LoraSpec(max_modules=-2)
+
+
+def test_apply_selected_runs_each_token_through_its_own_slot():
+    """Against a hand loop: token (b, t) through slot slots[b, t] (per token) or slots[b] (per example)."""
+    rng = np.random.default_rng(0)
+    k, r, d_in, d_out = 3, 2, 5, 4
+    adapter = {"a": rng.normal(size=(k, r, d_in)).astype(np.float32), "b": rng.normal(size=(k, d_out, r)).astype(np.float32)}
+    x = rng.normal(size=(2, 6, d_in)).astype(np.float32)
+    per_token = rng.integers(0, k, (2, 6))
+    per_example = np.array([2, 0])
+    for slots, slot_of in ((per_token, lambda b, t: per_token[b, t]), (per_example, lambda b, t: per_example[b])):
+        expected = np.zeros((2, 6, d_out), np.float32)
+        for b in range(2):
+            for t in range(6):
+                s = slot_of(b, t)
+                expected[b, t] = 0.5 * adapter["b"][s] @ (adapter["a"][s] @ x[b, t])
+        np.testing.assert_allclose(np.asarray(lora_lib.apply_selected(adapter, x, slots, 0.5)), expected, rtol=1e-5, atol=1e-5)

@@ -97,3 +97,43 @@ def test_per_token_records_weigh_each_token_by_its_own_example(tmp_path):
         fn = loss if name == "loss" else jax.grad(loss)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=name),
                      jax.device_get(fn(trainable, packed)), jax.device_get(fn(trainable, batch)))
+
+
+def test_feature_batches_pack_within_half_the_rows_and_pass_unpackable_ones_through():
+    packer = packing.FeaturePacker()
+    batch = right_padded(np.random.default_rng(4).integers(1, 24, 12), 24)
+    packed = packer(batch)
+    assert packed["input_ids"].shape[1] == 48 and packed["input_ids"].shape[0] in packing.row_choices(6, 4)
+    np.testing.assert_array_equal(packed["labels"], batch["labels"])  # per-example arrays unchanged
+    assert packer(packed) is packed, "a packed batch was packed again"
+    left = {**batch, "attention_mask": batch["attention_mask"][:, ::-1].copy()}
+    assert packer(left) is left, "a left-padded batch cannot be laid end to end and must pass through"
+
+
+def test_packed_evaluation_takes_each_examples_own_slot(tmp_path):
+    """HiDe-LoRA scores each example with the slot of its inferred task in one forward: on packed rows
+    each token takes its own example's slot. Independent reference: the padded batch forwarded once per
+    slot (a scalar task), each example's row read from its own slot's pass."""
+    config = tiny_config("hide_lora")
+    run = make_run(config, tmp_path / "run")
+    assert run.feature_packer is not None
+    state = run.initial_state()
+    key = jax.random.PRNGKey(5)
+    trainable = jax.tree.map(lambda leaf: leaf + 0.3 * jax.random.normal(jax.random.fold_in(key, leaf.size), leaf.shape),
+                             state.trainable)
+    evaluator = run.evaluator
+    batch = right_padded(np.random.default_rng(6).integers(1, 12, 8), 12)
+    batch.pop("labels"), batch.pop("weight")
+    tasks = np.array([0, 1, 1, 0, 1, 0, 0, 1], np.int32)
+    packed = run.feature_packer(dict(batch))
+    assert packed["input_ids"].shape[0] < 8, "nothing was packed: the comparison shows nothing"
+    weights = evaluator.weights(trainable, state.method_state)
+    _, features = evaluator._predict_and_features(trainable, weights, evaluator.consts, state.method_state,
+                                                  state.prototypes, evaluator.host_batch(packed), 1,
+                                                  jax.numpy.asarray(tasks), None)
+    per_slot = [np.asarray(evaluator._features(trainable, weights, {**state.method_state, "task": jax.numpy.int32(k)},
+                                               evaluator.host_batch(batch))) for k in (0, 1)]
+    expected = np.stack([per_slot[k][row] for row, k in enumerate(tasks)])
+    assert not np.allclose(per_slot[0], per_slot[1], atol=1e-3), "the two slots agree: the test shows nothing"
+    np.testing.assert_allclose(np.asarray(features), expected, atol=2e-5,
+                               err_msg="a packed token went through another example's slot")

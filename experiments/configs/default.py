@@ -69,9 +69,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "log_every": 4, "checkpoint_every": 0, "keep_checkpoints": 2, "mesh": [],
         # Cut each text batch to the smallest of a few widths holding its longest row (data.batching).
         "length_buckets": True,
-        # Encoder classification training on one device: several short texts per row (data.packing,
-        # rows twice the texts' width), attention and pooling kept within each text; the same features
-        # on fewer token slots.
+        # Encoder classification: several short texts per row (data.packing, rows twice the texts'
+        # width), attention and pooling kept within each text; the same features on fewer token slots.
+        # Training batches on one device; evaluation and the feature passes on any mesh.
         "pack": True,
         # Methods with frozen per-task slots summed in the forward (IncLoRA, O-LoRA, InfLoRA): add the
         # past slots to the frozen kernels at each task start and run only the current slot (exact; in

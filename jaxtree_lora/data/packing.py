@@ -70,6 +70,12 @@ def pack(batch: dict, rows: int, width: int = 0) -> dict:
     return out
 
 
+def right_padded(mask) -> bool:
+    """Whether every row's real tokens (mask > 0) sit at its front, as `pack` needs."""
+    mask = np.asarray(mask)
+    return mask.ndim == 2 and bool(np.array_equal(mask > 0, np.arange(mask.shape[1])[None, :] < mask.sum(1)[:, None]))
+
+
 def rows_needed(batch: dict, width: int = 0) -> int:
     mask = np.asarray(batch["attention_mask"])
     return first_fit(mask.sum(axis=1), int(width) or mask.shape[1])[2]
@@ -93,3 +99,24 @@ class Packer:
         rows = next(choice for choice in self.choices if choice >= need)
         packed = [pack(part, rows, width) for part in micro]
         return {key: np.concatenate([part[key] for part in packed], axis=0) for key in packed[0]}
+
+
+class FeaturePacker:
+    """Packs the batches of forwards that only take features (evaluation, the statistics and feature
+    passes): one feature row per example, as from the padded batch up to floating-point order. Rows
+    twice the batch's width; the row count rounded up to one of `count` choices up to half the batch
+    (every pair of texts fits a row), so each compiled forward sees a few shapes. A batch that is
+    already packed, has no attention mask or is not right-padded passes through unchanged."""
+
+    def __init__(self, count: int = 4):
+        self.count = int(count)
+
+    def __call__(self, batch: dict) -> dict:
+        mask = batch.get("attention_mask")
+        if mask is None or "segment_ids" in batch or not right_padded(mask):
+            return batch
+        width = 2 * np.asarray(mask).shape[1]
+        need = rows_needed(batch, width)
+        rows = next(choice for choice in row_choices(-(-np.asarray(mask).shape[0] // 2), self.count) + (need,)
+                    if choice >= need)
+        return pack(batch, rows, width)

@@ -37,6 +37,21 @@ def classification_arrays(split) -> dict:
     return arrays
 
 
+def examples_in(batch: dict) -> int:
+    """Examples a batch holds (padding examples included): one per row, or `examples` of packed rows."""
+    if "examples" in batch:
+        return int(np.shape(batch["examples"])[0])
+    return int(next(iter(batch.values())).shape[0])
+
+
+def token_tasks(batch: dict, example_tasks):
+    """Each example's task where the backbone reads it: [B] as given, or per token [R, W] of packed rows
+    (`data.packing`: segment s + 1 is example s; padding tokens take task 0 and count for nothing)."""
+    if "segment_ids" not in batch:
+        return example_tasks
+    return jnp.concatenate([jnp.zeros((1,), example_tasks.dtype), example_tasks])[batch["segment_ids"]]
+
+
 def effective_rule(method, identity: str = "given") -> InferenceRule:
     """The rule a run scores by: the method's own, except that `eval.task_identity=inferred` turns a
     given task's slot (LiLoRA) into the slot of the task inferred from pre-trained class means."""
@@ -99,7 +114,7 @@ class Evaluator:
         # {(kind, task, split): [per evaluation batch: [B, d] float32]}; kind "pretrained" (task identity,
         # HiDe-LoRA's TII head) or "fixed" (the features of a method that trains nothing: `fix`).
         self._frozen_features: dict[tuple, list] = {}
-        self.forward_count = 0  # examples (rows, padding included) forwarded through the backbone
+        self.forward_count = 0  # examples (padding examples included) forwarded through the backbone
         self.identity = TaskIdentity(self._pretrained_task_means, None)
         if method.infer_task is not None:
             self._infer_task = jax.jit(lambda method_state, features, seen_upto: method.infer_task(
@@ -132,12 +147,12 @@ class Evaluator:
     def features(self, trainable, weights, method_state, batch) -> jax.Array:
         """[B, d] float32 features of a batch on the mesh (`host_batch`) through the method's adapters in
         `method_state`, on `weights` (the run's forward weights); counted in `forward_count`."""
-        self.forward_count += int(next(iter(batch.values())).shape[0])
+        self.forward_count += examples_in(batch)
         return self._features(trainable, weights, method_state, batch)
 
     def pretrained_features(self, batch) -> jax.Array:
         """[B, d] float32 features of a batch on the mesh through the pre-trained backbone alone."""
-        self.forward_count += int(next(iter(batch.values())).shape[0])
+        self.forward_count += examples_in(batch)
         return self._pretrained(self.frozen, batch)
 
     def train_features(self, trainable, method_state, task: int, keep: bool = False):
@@ -233,7 +248,8 @@ class Evaluator:
         competing, as for a given one."""
         features = None
         if self.one_forward_per_example:
-            logits, features = self._one_forward(trainable, frozen, {**method_state, "task": example_tasks},
+            logits, features = self._one_forward(trainable, frozen,
+                                                 {**method_state, "task": token_tasks(batch, example_tasks)},
                                                  prototypes, batch)
         else:
             logits = jnp.take_along_axis(self._per_slot(trainable, frozen, consts, method_state, prototypes, batch,
@@ -380,7 +396,7 @@ class Evaluator:
             else:
                 values = self._features(state.trainable, self.weights(state.trainable, state.method_state),
                                         state.method_state, batch)
-            self.forward_count += int(next(iter(batch.values())).shape[0])
+            self.forward_count += examples_in(batch)
             stored.append(np.asarray(values))
             return stored[-1]
 

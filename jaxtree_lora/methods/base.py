@@ -56,6 +56,8 @@ class TaskContext:
 
     task: int
     steps_per_epoch: int
+    # The rows of one training micro-batch (what a method's own host-side trainer batches by); 0: unknown.
+    batch_size: int = 0
     # batches() -> iterator over the task's training batches (fixed shapes, "weight" marks padding).
     batches: Optional[Callable[[], Any]] = None
     # fisher(trainable, method_state) -> pytree like trainable: mean over the task's training examples
@@ -69,7 +71,8 @@ class TaskContext:
     # adapters and this method state (HiDe-LoRA's class statistics under the task's slot), in evaluation
     # batches; the task's prototypes reuse this pass where the forward reads the same inputs.
     features: Optional[Callable[[Any, Any], Any]] = None
-    # pretrained_features() -> the same iterator with the frozen pre-trained backbone (no adapters).
+    # pretrained_features() -> the same iterator with the frozen pre-trained backbone (no adapters), also
+    # in evaluation batches.
     pretrained_features: Optional[Callable[[], Any]] = None
 
 

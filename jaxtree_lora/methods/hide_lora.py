@@ -440,12 +440,12 @@ class HiDeLoRA(IncLoRA):
     # -- inside the step ----------------------------------------------------------------------
     def delta(self, state, site, adapter, x, key):
         """Only the current task's slot: adapter {"a": [K, r, d_in], "b": [K, d_out, r]} -> its row `task`.
-        With state["task"] of shape [B] (tasks inferred per example), example b takes slot task[b]."""
+        With state["task"] of shape [B] (tasks inferred per example), example b takes slot task[b]; of
+        shape [B, T] (packed rows: each token its own example's task), token (b, t) takes task[b, t]."""
         x = lora_lib.dropout(x, self.lora.dropout, key)
         task = state["task"]
-        if jnp.ndim(task) == 1:
-            return lora_lib.apply_per_example({name: jnp.take(value, task, axis=0) for name, value in adapter.items()},
-                                              x, self.lora.scale)
+        if jnp.ndim(task) >= 1:
+            return lora_lib.apply_selected(adapter, x, task, self.lora.scale)
         slot = {name: jax.lax.dynamic_index_in_dim(value, task, axis=0, keepdims=False)
                 for name, value in adapter.items()}
         return lora_lib.apply(slot, x, self.lora.scale)
@@ -483,7 +483,7 @@ class HiDeLoRA(IncLoRA):
         stats, state = self._statistics(state, context.features(trainable, state), classes, "", task)
         means, spread, stored = write_statistics(state["means"], state["spread"], state["stored"], stats)
         state = {**state, "means": means, "spread": spread, "stored": stored}
-        state = self._train_identity(state, pretrained, classes, task)
+        state = self._train_identity(state, pretrained, classes, task, context.batch_size)
         seen = jnp.asarray(class_task >= 0)
         earlier = int(np.sum((class_task >= 0) & (class_task < task)))  # the official crct_num
         if task > 0:
@@ -493,13 +493,15 @@ class HiDeLoRA(IncLoRA):
             trainable = {**trainable, "head": head}
         return trainable, state
 
-    def _train_identity(self, state, batches, classes, task: int):
+    def _train_identity(self, state, batches, classes, task: int, batch_size: int = 0):
         """The TII head: class-masked CE on this task's pre-trained features (`batches` of (features
-        [B, d], labels [B], weight [B])), a fresh Adam per task (as `reinit_optimizer`); the classes'
+        [B, d], labels [B], weight [B])) in batches of `batch_size` real examples (the training micro-batch;
+        0: the size of `batches`), a fresh Adam per task (as `reinit_optimizer`); the classes'
         pre-trained statistics; for t > 0 its alignment on every seen class."""
-        features = np.concatenate([b[0] for b in batches])
-        labels = np.concatenate([b[1] for b in batches])
-        weight = np.concatenate([b[2] for b in batches])
+        real = np.concatenate([b[2] for b in batches]) > 0  # padding rows out: the trainer fills its own batches
+        features = np.concatenate([b[0] for b in batches])[real]
+        labels = np.concatenate([b[1] for b in batches])[real]
+        weight = np.concatenate([b[2] for b in batches])[real]
         mask = jnp.asarray(np.asarray(state["class_task"]) == task)
         # Each epoch's rate in float32 as the host computes it: x0.1 every 30 epochs.
         rates = np.array([self.tii_learning_rate * 0.1 ** (epoch // 30) for epoch in range(self.tii_epochs)],
@@ -507,7 +509,7 @@ class HiDeLoRA(IncLoRA):
         key = jax.random.fold_in(keys.derive(state["host_key"], "tii_order"), task)
         params = train_identity_head(state["identity_head"], jnp.asarray(features), jnp.asarray(labels),
                                      jnp.asarray(weight), mask, jnp.asarray(rates), key,
-                                     batch_size=len(batches[0][1]))
+                                     batch_size=int(batch_size) or len(batches[0][1]))
         stats, state = self._statistics(state, batches, classes, "identity_", task)
         means, spread, _ = write_statistics(state["identity_means"], state["identity_spread"], state["stored"], stats)
         class_task = np.asarray(state["class_task"])

@@ -261,16 +261,20 @@ class Run:
 
         # The evaluator, and the passes over a task's data that a method may ask for.
         eval_batch = int(config.eval.get("batch_size", 64))
+        # Forwards that only take features pack their texts (`plan.feature_packer`): no compute on padding.
+        self.feature_packer = plan.feature_packer(config, self.stream, self.backbone)
+        packed = (lambda batches: batches) if self.feature_packer is None else (
+            lambda batches: map(self.feature_packer, batches))
         self.evaluator = Evaluator(
             backbone=self.backbone, method=self.forward_method, stream=self.stream, protocol=self.protocol,
             consts=self.consts, frozen=self.frozen, weights=self.forward_weights, host_batch=self._host_batch,
             out_sharding=replicated, identity=self.identity, temperature=float(config.eval.get("temperature", 0.0)),
-            batches=lambda arrays, task: self.batching.batches(arrays, eval_batch, seed=0, task=task, epoch=0,
-                                                               shuffle=False))
+            batches=lambda arrays, task: packed(self.batching.batches(arrays, eval_batch, seed=0, task=task, epoch=0,
+                                                                      shuffle=False)))
         self.passes = TaskPasses(
             backbone=self.backbone, method=self.forward_method, task_loss=self.task_loss, consts=self.consts,
             weights=self.forward_weights, train_weights=self.folding.train_weights, evaluator=self.evaluator,
-            host_batch=self._host_batch, out_sharding=replicated, ledger=self.ledger,
+            host_batch=self._host_batch, out_sharding=replicated, ledger=self.ledger, batch_size=self.micro_batch,
             batches=lambda arrays, task, seed: self.batching.batches(arrays, self.micro_batch, seed=seed, task=task,
                                                                      epoch=0, shuffle=False))
 

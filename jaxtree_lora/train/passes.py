@@ -33,13 +33,15 @@ class TaskPasses:
       train_weights: the same for the task loss (folded only where training folds).
       evaluator: its `features` and `pretrained_features` (one compile shared with evaluation).
       batches: batches(arrays, task, seed) -> the task's training data in order, one micro-batch each.
+      batch_size: the rows of one training micro-batch (`TaskContext.batch_size`).
       host_batch: a host batch -> arrays every process holds whole.
       out_sharding: the sharding of every jitted output (replicated).
     """
 
     def __init__(self, *, backbone, method, task_loss: Callable, consts: dict, weights: Callable,
                  train_weights: Callable, evaluator, batches: Callable, host_batch: Callable, out_sharding,
-                 ledger):
+                 ledger, batch_size: int = 0):
+        self.batch_size = int(batch_size)
         self.backbone, self.method, self.task_loss, self.consts = backbone, method, task_loss, consts
         self.weights, self.train_weights, self.evaluator = weights, train_weights, evaluator
         self.batches, self.host_batch, self.out_sharding, self.ledger = batches, host_batch, out_sharding, ledger
@@ -57,7 +59,7 @@ class TaskPasses:
             return call
 
         return TaskContext(
-            task=task_index, steps_per_epoch=steps_per_epoch,
+            task=task_index, steps_per_epoch=steps_per_epoch, batch_size=self.batch_size,
             batches=lambda: self.batches(arrays, task_index, seed),
             fisher=timed("pass: fisher", lambda trainable, method_state: self.fisher(
                 trainable, method_state, arrays, task_index)),
@@ -130,7 +132,7 @@ class TaskPasses:
             yield from self.pretrained_train[task_index]
             return
         kept = []
-        for batch in self.batches(arrays, task_index, 0):
+        for batch in self.evaluator.batches(arrays, task_index):  # evaluation batches: fewer, larger forwards
             weight, labels = np.asarray(batch.pop("weight")), np.asarray(batch.pop("labels"))
             kept.append((np.asarray(self.evaluator.pretrained_features(self.host_batch(batch))), labels, weight))
             yield kept[-1]

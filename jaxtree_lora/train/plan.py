@@ -34,15 +34,26 @@ def packer(config, stream, backbone, devices: int, micro_batch: int, accumulatio
     """A `data.packing.Packer` for the training batches where packing applies (`train.pack`): text
     classification on an encoder, one device in one process (a packed row mixes examples, so it
     cannot follow the batch's split over devices), every text's tokens at the front of its row.
-    None otherwise. Evaluation and the statistics passes keep one example per row."""
+    None otherwise. Evaluation and the feature passes pack their own batches (`feature_packer`)."""
     if not (config.train.get("pack", True) and stream.kind == "classification"
             and getattr(backbone, "kind", "") == "encoder" and devices == 1 and jax.process_count() == 1):
         return None
-    for task in stream.tasks:
-        mask = np.asarray(task.train.inputs.get("attention_mask", np.zeros((0, 0))))
-        if mask.ndim != 2 or not np.array_equal(mask > 0, np.arange(mask.shape[1])[None, :] < mask.sum(1)[:, None]):
-            return None  # not right-padded (or no mask): rows cannot be laid end to end
+    if not all("attention_mask" in task.train.inputs and packing.right_padded(task.train.inputs["attention_mask"])
+               for task in stream.tasks):
+        return None  # not right-padded (or no mask): rows cannot be laid end to end
     return packing.Packer(micro_batch, accumulation)
+
+
+def feature_packer(config, stream, backbone):
+    """A `data.packing.FeaturePacker` for the forwards that only take features (evaluation, statistics
+    and feature passes) where packing applies (`train.pack`): text classification on an encoder. Those
+    batches reach every device whole, so any mesh and process count can take them. None otherwise."""
+    if not (config.train.get("pack", True) and stream.kind == "classification"
+            and getattr(backbone, "kind", "") == "encoder"):
+        return None
+    if not any("attention_mask" in split.inputs for task in stream.tasks for split in (task.train, task.test)):
+        return None
+    return packing.FeaturePacker()
 
 
 def stream_consts(stream, max_tasks: int) -> dict:
