@@ -394,3 +394,25 @@ def test_prototypes_reuse_the_end_of_task_pass_only_for_the_same_model(tmp_path,
 def test_resumed_run_equals_an_uninterrupted_one(method, tmp_path):
     whole_run, _ = interrupted_and_resumed(lambda **train: hide_config(method, **train), tmp_path)
     assert whole_run.train_step._cache_size() == 1
+
+
+def test_sampling_factors_are_memoised_by_content_never_stale():
+    """Each stored class's Cholesky factor equals the batched float64 factorisation bit for bit, on the
+    first call and from the memo; a class whose covariance changed gets a new factor, not the old one."""
+    rng = np.random.default_rng(0)
+    classes, dim = 5, 12
+    x = rng.normal(size=(classes, 40, dim))
+    spread = np.stack([np.cov(x[c].T) + 1e-4 * np.eye(dim) for c in range(classes)]).astype(np.float32)
+    stored = np.array([True, True, False, True, True])
+
+    def reference(spread):
+        factor = np.zeros(spread.shape)
+        factor[stored] = np.linalg.cholesky(spread.astype(np.float64)[stored])
+        return np.asarray(jnp.asarray(factor, jnp.float32))
+
+    for _ in range(2):  # first computed, then read back
+        np.testing.assert_array_equal(np.asarray(hide.sampling_factor(jnp.asarray(spread), jnp.asarray(stored),
+                                                                      "covariance")), reference(spread))
+    spread[3] = 2.0 * spread[3]
+    np.testing.assert_array_equal(np.asarray(hide.sampling_factor(jnp.asarray(spread), jnp.asarray(stored), "covariance")),
+                                  reference(spread), err_msg="a changed covariance got its old factor")

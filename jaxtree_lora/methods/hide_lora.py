@@ -11,8 +11,10 @@ and where it departs from the official code: docs/METHODS.md, section HiDe-LoRA.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
 import math
 
 import jax
@@ -151,16 +153,37 @@ def train_identity_head(params, features, labels, weight, mask, rates, key, *, b
     return params
 
 
+# Cholesky factors already taken, by the bytes of their covariance: a class's statistics never change
+# once stored, yet every later task's alignment draws from them again. Bounded in bytes.
+_FACTORS: "collections.OrderedDict[bytes, np.ndarray]" = collections.OrderedDict()
+_FACTOR_CACHE_BYTES = 256 * 2 ** 20
+
+
+def _cholesky(covariance: np.ndarray) -> np.ndarray:
+    """The float32 Cholesky factor of one float32 covariance [d, d], taken in float64, memoised."""
+    key = hashlib.blake2b(covariance.tobytes(), digest_size=16, person=str(covariance.shape).encode()[:16]).digest()
+    if key in _FACTORS:
+        _FACTORS.move_to_end(key)
+        return _FACTORS[key]
+    factor = np.linalg.cholesky(covariance.astype(np.float64)).astype(np.float32)
+    _FACTORS[key] = factor
+    while sum(value.nbytes for value in _FACTORS.values()) > _FACTOR_CACHE_BYTES and len(_FACTORS) > 1:
+        _FACTORS.popitem(last=False)
+    return factor
+
+
 def sampling_factor(spread, stored, statistics: str):
     """[C, d, d] Cholesky factors of the covariances, or [C, d] standard deviations (variance); zero for
     classes without statistics. Host side, in float64: a ridge of 1e-4 on features of norm ~sqrt(d)
-    leaves covariances too ill-conditioned for a float32 factorisation."""
-    spread, stored = np.asarray(spread, np.float64), np.asarray(stored)
-    factor = np.zeros_like(spread)
+    leaves covariances too ill-conditioned for a float32 factorisation. Each class's factor is taken
+    once per run (`_cholesky`), however many tasks draw from it."""
+    spread, stored = np.asarray(spread), np.asarray(stored)
+    factor = np.zeros(spread.shape, np.float32)
     if statistics == "covariance":
-        factor[stored] = np.linalg.cholesky(spread[stored])
+        for label in np.flatnonzero(stored):
+            factor[label] = _cholesky(np.ascontiguousarray(spread[label]))
     else:
-        factor[stored] = np.sqrt(np.maximum(spread[stored], 0.0))
+        factor[stored] = np.sqrt(np.maximum(spread[stored].astype(np.float64), 0.0))
     return jnp.asarray(factor, jnp.float32)
 
 

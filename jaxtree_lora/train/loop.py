@@ -411,6 +411,8 @@ class Run:
         with ledger.phase(f"end_task: {self.method.name}"):
             trainable, method_state = self._on_mesh(self.method.end_task(state.trainable, state.method_state,
                                                                          context))
+            # The work it dispatched counts here, not in the next phase that happens to wait for it.
+            jax.block_until_ready((trainable, method_state))
             state = state.replace(trainable=trainable, method_state=method_state)
         if self.kind == "classification":
             with ledger.phase("prototypes"):
