@@ -236,13 +236,11 @@ def align(params, means, factor, seen, steps, key, *, apply, statistics: str, ep
             rows = jax.lax.dynamic_slice_in_dim(order, index * samples, samples)
             grads = jax.grad(loss_fn)(params, drawn[rows], labels[rows])
             grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
-            new_velocity = jax.tree.map(lambda v, g: momentum * v + g, velocity, grads)
-            new_params = jax.tree.map(lambda p, v: p - rate * v, params, new_velocity)
-            active = index < steps
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
-            return keep(new_params, params), keep(new_velocity, velocity)
+            velocity = jax.tree.map(lambda v, g: momentum * v + g, velocity, grads)
+            return jax.tree.map(lambda p, v: p - rate * v, params, velocity), velocity
 
-        return jax.lax.fori_loop(0, classes, step_body, (params, velocity))
+        # `steps` batches (a traced count, at most `classes`): the loop runs only those, one compile.
+        return jax.lax.fori_loop(0, jnp.minimum(steps, classes), step_body, (params, velocity))
 
     velocity = jax.tree.map(jnp.zeros_like, params)
     params, _ = jax.lax.fori_loop(0, epochs, epoch_body, (params, velocity))
