@@ -411,7 +411,9 @@ def enable_compilation_cache() -> Optional[str]:
     except OSError:
         return None  # an unwritable home: compile as usual
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Every program, however quick to compile: a run loads dozens of small ones (the eager operations
+    # of setup, the per-shape forwards), and reading each back beats compiling it again.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", 2 * 2 ** 30)  # least recently used go first
     return directory
