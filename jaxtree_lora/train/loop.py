@@ -261,16 +261,12 @@ class Run:
 
         # The evaluator, and the passes over a task's data that a method may ask for.
         eval_batch = int(config.eval.get("batch_size", 64))
-        # Forwards that only take features pack their texts (`plan.feature_packer`): no compute on padding.
-        self.feature_packer = plan.feature_packer(config, self.stream, self.backbone)
-        packed = (lambda batches: batches) if self.feature_packer is None else (
-            lambda batches: map(self.feature_packer, batches))
+        self.feature_packer = plan.feature_packer(config, self.stream, self.backbone)  # no compute on padding
         self.evaluator = Evaluator(
             backbone=self.backbone, method=self.forward_method, stream=self.stream, protocol=self.protocol,
             consts=self.consts, frozen=self.frozen, weights=self.forward_weights, host_batch=self._host_batch,
             out_sharding=replicated, identity=self.identity, temperature=float(config.eval.get("temperature", 0.0)),
-            batches=lambda arrays, task: packed(self.batching.batches(arrays, eval_batch, seed=0, task=task, epoch=0,
-                                                                      shuffle=False)))
+            batches=plan.feature_batches(self.batching, self.feature_packer, eval_batch))
         self.passes = TaskPasses(
             backbone=self.backbone, method=self.forward_method, task_loss=self.task_loss, consts=self.consts,
             weights=self.forward_weights, train_weights=self.folding.train_weights, evaluator=self.evaluator,
@@ -411,8 +407,7 @@ class Run:
         with ledger.phase(f"end_task: {self.method.name}"):
             trainable, method_state = self._on_mesh(self.method.end_task(state.trainable, state.method_state,
                                                                          context))
-            # The work it dispatched counts here, not in the next phase that happens to wait for it.
-            jax.block_until_ready((trainable, method_state))
+            jax.block_until_ready((trainable, method_state))  # its dispatched work counts in this phase
             state = state.replace(trainable=trainable, method_state=method_state)
         if self.kind == "classification":
             with ledger.phase("prototypes"):

@@ -56,6 +56,16 @@ def feature_packer(config, stream, backbone):
     return packing.FeaturePacker()
 
 
+def feature_batches(batching, packer, batch_size: int):
+    """batches(arrays, task) -> a task's evaluation batches in order (fixed size, "weight" 0 on padding
+    rows), each packed by `packer` (`feature_packer`) where one is given."""
+    def batches(arrays: dict, task: int):
+        ordered = batching.batches(arrays, batch_size, seed=0, task=task, epoch=0, shuffle=False)
+        return ordered if packer is None else map(packer, ordered)
+
+    return batches
+
+
 def stream_consts(stream, max_tasks: int) -> dict:
     """{"task_classes", "seen_classes"}: [max_tasks, num_classes] bool masks of each task's classes and
     of the classes seen up to each task (one all-False column on streams without classes)."""
