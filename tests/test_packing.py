@@ -108,6 +108,8 @@ def test_feature_batches_pack_within_half_the_rows_and_pass_unpackable_ones_thro
     assert packer(packed) is packed, "a packed batch was packed again"
     left = {**batch, "attention_mask": batch["attention_mask"][:, ::-1].copy()}
     assert packer(left) is left, "a left-padded batch cannot be laid end to end and must pass through"
+    long = right_padded(np.full(12, 23), 24)
+    assert packer(long) is long, "texts filling their rows gain no slots from packing, only wider attention"
 
 
 def test_packed_evaluation_takes_each_examples_own_slot(tmp_path):

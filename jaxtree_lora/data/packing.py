@@ -106,17 +106,19 @@ class FeaturePacker:
     passes): one feature row per example, as from the padded batch up to floating-point order. Rows
     twice the batch's width; the row count rounded up to one of `count` choices up to half the batch
     (every pair of texts fits a row), so each compiled forward sees a few shapes. A batch that is
-    already packed, has no attention mask or is not right-padded passes through unchanged."""
+    already packed, has no attention mask, is not right-padded, or would keep more than `keep` of its
+    token slots (long texts: rows twice as wide only double attention's cost) passes through unchanged."""
 
-    def __init__(self, count: int = 4):
-        self.count = int(count)
+    def __init__(self, count: int = 4, keep: float = 0.75):
+        self.count, self.keep = int(count), float(keep)
 
     def __call__(self, batch: dict) -> dict:
         mask = batch.get("attention_mask")
         if mask is None or "segment_ids" in batch or not right_padded(mask):
             return batch
-        width = 2 * np.asarray(mask).shape[1]
-        need = rows_needed(batch, width)
-        rows = next(choice for choice in row_choices(-(-np.asarray(mask).shape[0] // 2), self.count) + (need,)
-                    if choice >= need)
-        return pack(batch, rows, width)
+        examples, columns = np.asarray(mask).shape
+        need = rows_needed(batch, 2 * columns)
+        rows = next(choice for choice in row_choices(-(-examples // 2), self.count) + (need,) if choice >= need)
+        if rows * 2 * columns > self.keep * examples * columns:
+            return batch
+        return pack(batch, rows, 2 * columns)
