@@ -416,3 +416,28 @@ def test_sampling_factors_are_memoised_by_content_never_stale():
     spread[3] = 2.0 * spread[3]
     np.testing.assert_array_equal(np.asarray(hide.sampling_factor(jnp.asarray(spread), jnp.asarray(stored), "covariance")),
                                   reference(spread), err_msg="a changed covariance got its old factor")
+
+
+def test_recomputed_prototypes_reuse_a_slot_that_never_changed_and_recompute_one_that_did(tmp_path):
+    """The diagnostic recomputes every class's prototype with the final model. Under HiDe-LoRA's slots a
+    finished task's slot never changes, so its features, and its prototypes, are the ones already taken:
+    no forward, the same scores as the rehearsal-free NCM. Once a slot's values change (here by hand),
+    that task's prototypes are forwarded again and move."""
+    from test_loop import make_run, tiny_config
+
+    config = tiny_config("hide_lora")
+    config.method.hide_lora.tii_epochs, config.method.hide_lora.tap_epochs = 2, 2
+    config.eval.recomputed_prototypes = False  # called below, counted
+    run = make_run(config, tmp_path / "run")
+    outcome = run.fit()
+    state, evaluator = outcome["state"], run.evaluator
+    before = evaluator.forward_count
+    scores = evaluator.recomputed_prototype_scores(state)
+    assert evaluator.forward_count == before, "unchanged slots were forwarded again"
+    np.testing.assert_allclose(scores, np.asarray(outcome["ncm_matrix"])[:, -1])
+
+    moved = jax.tree.map(lambda value: value.at[:, 0].add(0.5), state.trainable["adapters"])
+    changed = state.replace(trainable={**state.trainable, "adapters": moved})
+    before = evaluator.forward_count
+    evaluator.recomputed_prototype_scores(changed)
+    assert evaluator.forward_count > before, "a changed slot's prototypes were reused"

@@ -133,13 +133,16 @@ class Evaluator:
         # (task, the forward's inputs: structure and leaves, which leaves it reads, [(features, labels, weight)]).
         self._kept_pass: Optional[tuple] = None
         self._reads: dict = {}  # input structure -> [whether the forward reads each input]
+        # Per task, what its slot's forward read when its prototypes were taken (`Method.slot_inputs`, host
+        # copies) and the weights it ran on: the diagnostic reuses those prototypes while both still hold.
+        self._slot_taken: dict[int, tuple] = {}
 
     def reading(self, stream) -> "Evaluator":
         """This evaluator (its compiled functions) over another stream's tasks, with none of the
         per-task values it kept for its own stream (frozen features, untrained scores, decode limits)."""
         other = copy.copy(self)
         other.stream, other._frozen_features, other._untrained_scores = stream, {}, {}
-        other._limits, other._final, other._kept_pass = {}, None, None
+        other._limits, other._final, other._kept_pass, other._slot_taken = {}, None, None, {}
         other.identity = TaskIdentity(other._pretrained_task_means, None)
         return other
 
@@ -306,7 +309,28 @@ class Evaluator:
         prototypes = np.asarray(state.prototypes).copy()
         rows = list(self.stream.tasks[task].classes)
         prototypes[rows] = means[rows]
+        taken = self._slot_state(state, task)
+        if taken is not None:
+            self._slot_taken[task] = taken
         return state.replace(prototypes=self.host_batch(prototypes))
+
+    def _slot_state(self, state, task: int):
+        """(the weights' leaves, host copies of `Method.slot_inputs`) of task `task`'s slot forward in
+        `state`, or None where the method does not say what that forward reads."""
+        slot_inputs = getattr(self.method, "slot_inputs", None)
+        if slot_inputs is None or self.rule not in SLOT_RULES or self.fixed_features:
+            return None
+        weights = jax.tree.leaves(self.weights(state.trainable, state.method_state))
+        return weights, [np.asarray(leaf) for leaf in jax.tree.leaves(slot_inputs(state.trainable, state.method_state,
+                                                                                  task))]
+
+    def _slot_unchanged(self, state, task: int) -> bool:
+        """Whether task `task`'s slot forward reads now what it read when its prototypes were taken."""
+        taken, now = self._slot_taken.get(task), self._slot_state(state, task)
+        if taken is None or now is None or len(taken[0]) != len(now[0]) or len(taken[1]) != len(now[1]):
+            return False
+        return (all(a is b for a, b in zip(taken[0], now[0]))
+                and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(taken[1], now[1])))
 
     def recomputed_prototype_scores(self, state) -> list[float]:
         """Diagnostic, NOT rehearsal-free: every class's prototype recomputed with this (final) model over
@@ -317,6 +341,8 @@ class Evaluator:
         for task in range(len(self.stream.tasks)):
             if task == last and self._same_model(state):
                 continue  # the last task's prototypes were taken with this model when it ended
+            if self._slot_unchanged(state, task):
+                continue  # its slot and weights as when its prototypes were taken: the same features
             rows = list(self.stream.tasks[task].classes)
             prototypes[rows] = self._task_class_means(state, task)[rows]
         prototypes = self.host_batch(prototypes)

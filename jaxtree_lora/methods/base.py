@@ -140,6 +140,11 @@ class Method:
     # it into the frozen kernels (`lora.merge`) each time state["task"] changes and runs `dataclasses.replace(method, folded=True)`, whose delta
     # applies the current slot alone: one slot's matmuls per site instead of `max_tasks`, same function.
     fold_past = None
+    # slot_inputs(trainable, method_state, task) -> pytree: defined by a method whose features under a
+    # task's slot (a slot inference rule) read from the trainable and method state only these values
+    # (HiDe-LoRA: that slot of the adapters). Equal values, same weights: the same features, so the
+    # evaluator reuses what it took with them (the recomputed-prototype diagnostic). Pure.
+    slot_inputs = None
     lora: lora_lib.LoraSpec
 
     @property

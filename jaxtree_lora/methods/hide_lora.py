@@ -458,6 +458,13 @@ class HiDeLoRA(IncLoRA):
         adapters, state = super().begin_task(adapters, state, task)
         return copy_previous_slot(adapters, state["task"]), state
 
+    @staticmethod
+    def slot_inputs(trainable, state, task: int):
+        """What the forward under slot `task` reads from the trainable and method state: that slot of
+        every adapter ([L, K, ...] leaves -> [L, ...]; `delta` with a scalar task, `forward_adapters` the
+        identity, no dropout at evaluation)."""
+        return jax.tree.map(lambda value: value[:, task], trainable["adapters"])
+
     # -- inside the step ----------------------------------------------------------------------
     def delta(self, state, site, adapter, x, key):
         """Only the current task's slot: adapter {"a": [K, r, d_in], "b": [K, d_out, r]} -> its row `task`.
