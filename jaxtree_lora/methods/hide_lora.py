@@ -526,10 +526,11 @@ class HiDeLoRA(IncLoRA):
         [B, d], labels [B], weight [B])) in batches of `batch_size` real examples (the training micro-batch;
         0: the size of `batches`), a fresh Adam per task (as `reinit_optimizer`); the classes'
         pre-trained statistics; for t > 0 its alignment on every seen class."""
-        real = np.concatenate([b[2] for b in batches]) > 0  # padding rows out: the trainer fills its own batches
+        weight = np.concatenate([b[2] for b in batches])
+        real = weight > 0  # padding rows out: the trainer fills its own batches
         features = np.concatenate([b[0] for b in batches])[real]
         labels = np.concatenate([b[1] for b in batches])[real]
-        weight = np.concatenate([b[2] for b in batches])[real]
+        weight = weight[real]
         mask = jnp.asarray(np.asarray(state["class_task"]) == task)
         # Each epoch's rate in float32 as the host computes it: x0.1 every 30 epochs.
         rates = np.array([self.tii_learning_rate * 0.1 ** (epoch // 30) for epoch in range(self.tii_epochs)],
