@@ -143,3 +143,55 @@ def test_bad_arguments_raise(model):
         generate(model, ids, mask, max_new_tokens=0, eos_id=2, pad_id=0)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, ids, mask, max_new_tokens=2, temperature=-1.0, eos_id=2, pad_id=0)
+
+
+SHARED = [[3, 8, 11, 5, 9, 13], [3, 8, 11, 7, 1, 22, 30, 2], [3, 8, 11, 6]]
+
+
+def test_a_shared_prefix_prefilled_once_generates_what_the_whole_prompts_generate(model):
+    """Prompts [prefix + own part]: the prefix given apart (prefilled once at batch 1, copied into every
+    row's cache, left-padded to a wider width) must give the tokens of the whole prompts, each of them
+    what full recomputation chooses; the rows hold only their own parts."""
+    ids, mask = left_pad(SHARED)
+    whole = jitted_generate(model, max_new_tokens=5, temperature=0.0, eos_id=-1, pad_id=0)(ids, mask)
+    own_ids, own_mask = left_pad([prompt[3:] for prompt in SHARED])
+    prefix_ids, prefix_mask = left_pad([[0, 0] + SHARED[0][:3]])  # 2 pad columns before the prefix
+    mask_ = np.asarray(prefix_mask)[0].copy()
+    mask_[:2] = 0
+    graphdef, params = nnx.split(model)
+    run = jax.jit(lambda p, ids, mask, prefix, prefix_mask: generate(
+        nnx.merge(graphdef, p), ids, mask, max_new_tokens=5, temperature=0.0, eos_id=-1, pad_id=0,
+        prefix_ids=prefix, prefix_mask=prefix_mask))
+    split = np.asarray(run(params, own_ids, own_mask, prefix_ids[0], jnp.asarray(mask_)))
+    np.testing.assert_array_equal(split, whole, err_msg="a prefix given apart changed the generated tokens")
+    for row, prompt in enumerate(SHARED):
+        assert split[row].tolist() == greedy_by_recomputation(model, prompt, 5), f"row {row}"
+
+
+def test_shared_prompts_split_batch_by_length_and_put_the_answers_back_in_order():
+    """SharedPrompts: the prefix every row shares (each row keeping one token of its own), rows batched
+    shortest own part first, and generate_and_score puts each answer back at its prompt's index."""
+    import types
+
+    from jaxtree_lora.evaluation import generation
+
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 20 + k] + [30] * (k % 3) for k in range(5)]
+    ids, mask = (np.asarray(a) for a in left_pad(prompts))
+    assert generation.shared_prefix_length(ids, mask) == 9
+    assert generation.shared_prefix_length(ids[:1], mask[:1]) == len(prompts[0]) - 1, "one row keeps its last token"
+    split = types.SimpleNamespace(arrays={"prompt_ids": ids, "prompt_mask": mask}, answers=[str(k) for k in range(5)],
+                                  prompts=[str(p) for p in prompts])
+    task = types.SimpleNamespace(index=0, name="t", test=split, metric="accuracy")
+    shared = generation.SharedPrompts.for_stream([task], pad=0, batch_size=2)
+    assert shared.prefix_ids[0][-9:].tolist() == list(range(1, 10)) and shared.prefix_mask[0].sum() == 9
+    batches = list(shared.batches(0, 2))
+    assert [b["weight"].tolist() for b in batches] == [[1, 1], [1, 1], [1, 0]]
+    own = [b["prompt_mask"].sum(1).tolist() for b in batches]
+    assert own[0] == [1, 1] and own[1] == [2, 2], f"shortest own parts first: {own}"
+    # The "generator" answers each row with its own last token - 20 (the row's index): the answers
+    # must come back in the test split's order whatever order the batches held them in.
+    score, answers = generation.generate_and_score(
+        task, batches,
+        lambda batch, number: np.asarray([[int(r[m > 0][0]) - 20] for r, m in zip(batch["prompt_ids"], batch["prompt_mask"])]),
+        lambda tokens: str(tokens[0]))
+    assert answers == ["0", "1", "2", "3", "4"] and score == 100.0

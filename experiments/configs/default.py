@@ -87,8 +87,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # recomputed-prototype diagnostic (recomputed_prototypes; not rehearsal-free).
     # task_identity: "given" follows each method's protocol (LiLoRA's gives the identity); "inferred"
     # infers it per example as HiDe-LoRA does (pre-trained features, nearest class mean -> its task).
+    # share_prefix (instruction streams): the prefix a task's test prompts share (chat template, the
+    # task's instruction) is prefilled once per batch, not once per prompt.
     config.eval = ml_collections.ConfigDict({"batch_size": 96, "temperature": 0.0, "classifier": "",
-                                             "task_identity": "given", "recomputed_prototypes": True})
+                                             "task_identity": "given", "recomputed_prototypes": True,
+                                             "share_prefix": True})
     if arg == "tiny":  # shapes for tests: random tiny encoder, synthetic data never used in a main job
         config.model.name = "tiny-bert"
     return config

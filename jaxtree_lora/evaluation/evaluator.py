@@ -89,7 +89,7 @@ class Evaluator:
 
     def __init__(self, *, backbone, method, stream, protocol: dict, consts: dict, frozen, batches: Callable,
                  host_batch: Callable, out_sharding, identity: str = "given", temperature: float = 0.0,
-                 weights: Optional[Callable] = None):
+                 weights: Optional[Callable] = None, share_prefix: bool = True, batch_size: int = 0):
         self.backbone, self.method, self.stream = backbone, method, stream
         self.protocol, self.consts, self.frozen = protocol, consts, frozen
         self.weights = weights or (lambda trainable, method_state: frozen)
@@ -123,6 +123,9 @@ class Evaluator:
         self.fixed_features = self.rule is InferenceRule.PROTOTYPES and self.kind == "classification"
         self._generate = None
         self._out_sharding = out_sharding
+        # Generation: each task's shared prompt prefix prefilled once per batch (`SharedPrompts`).
+        self.share_prefix, self.batch_size = bool(share_prefix), int(batch_size)
+        self._shared_prompts = False  # not built yet (None: nothing shared)
         # Generated answers of a model that never trains (`fix`) do not depend on how many tasks were
         # seen: with greedy decoding each task's score is computed once, not after every task.
         self._untrained_scores: dict[int, float] = {}
@@ -501,32 +504,53 @@ class Evaluator:
 
         method, backbone, tokenizer = self.method, self.backbone, self.backbone.tokenizer
         if self._generate is None:
-            def generate_fn(trainable, frozen, method_state, prompt_ids, prompt_mask, key, limit, max_new_tokens):
+            def generate_fn(trainable, frozen, method_state, prompt_ids, prompt_mask, key, limit, max_new_tokens,
+                            prefix_ids=None, prefix_mask=None):
                 delta = lambda site, adapter, x, k: method.delta(method_state, site, adapter, x, k)
                 model = nnx.merge(backbone.graphdef, frozen)
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 return generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                 temperature=self.temperature, key=key, eos_id=int(tokenizer.eos_token_id),
-                                pad_id=int(pad), adapters=method.forward_adapters(trainable["adapters"], method_state),
-                                delta=delta, limit=limit)
+                                pad_id=self._pad_id(), adapters=method.forward_adapters(trainable["adapters"], method_state),
+                                delta=delta, limit=limit, prefix_ids=prefix_ids, prefix_mask=prefix_mask)
 
             self._generate = jax.jit(generate_fn, static_argnums=(7,), out_shardings=self._out_sharding)
         max_new = max(int(t.max_new_tokens) for t in self.stream.tasks)
         task_data = self.stream.tasks[task]
         limit = jnp.asarray(self.decode_limit(task), jnp.int32)
-        arrays = {"prompt_ids": task_data.test.arrays["prompt_ids"], "prompt_mask": task_data.test.arrays["prompt_mask"]}
+        shared = self.shared_prompts()
+        if shared is not None:
+            batches = shared.batches(task, self.batch_size)
+        else:
+            batches = self.batches({"prompt_ids": task_data.test.arrays["prompt_ids"],
+                                    "prompt_mask": task_data.test.arrays["prompt_mask"]}, task)
         key = jax.random.PRNGKey(0) if key is None else key
         weights = self.weights(state.trainable, state.method_state)
 
         def run(batch, number):
             batch = self.host_batch(batch)
             return self._generate(state.trainable, weights, state.method_state, batch["prompt_ids"],
-                                  batch["prompt_mask"], jax.random.fold_in(key, number), limit, max_new)
+                                  batch["prompt_mask"], jax.random.fold_in(key, number), limit, max_new,
+                                  batch.get("prefix_ids"), batch.get("prefix_mask"))
 
         score, _ = generation_lib.generate_and_score(
-            task_data, self.batches(arrays, task), run,
+            task_data, batches, run,
             lambda ids: tokenizer.decode(ids, skip_special_tokens=True), lambda: kill_point("evaluation"))
         return score
+
+    def _pad_id(self) -> int:
+        tokenizer = self.backbone.tokenizer
+        return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+    def shared_prompts(self) -> Optional[generation_lib.SharedPrompts]:
+        """The stream's test prompts split into each task's shared prefix and the rows' own parts, built
+        once per run; None where sharing is off (`eval.share_prefix`), the model has a sliding
+        attention window, no batch size was given, or no task's prompts share enough tokens."""
+        if self._shared_prompts is False:
+            window = getattr(getattr(self.backbone.module(), "config", None), "sliding_window", None)
+            usable = self.share_prefix and self.batch_size > 0 and window is None
+            self._shared_prompts = (generation_lib.SharedPrompts.for_stream(
+                self.stream.tasks, self._pad_id(), self.batch_size) if usable else None)
+        return self._shared_prompts
 
     def decode_limit(self, task: int) -> int:
         """Tokens generated for task `task`'s prompts: its budget (`max_new_tokens`), and for a metric that

@@ -4,12 +4,12 @@ Jittable end to end (`max_new_tokens` and `temperature` are Python values, fixed
 
     tokens = jax.jit(lambda p, ids, mask, key: generate(nnx.merge(graphdef, p), ids, mask, max_new_tokens=32,
                                                         temperature=0.0, key=key, eos_id=2, pad_id=2))(...)
-
 The prompt is LEFT-padded ([batch, prompt] with its mask), so every row's last prompt token sits in
 the same column and its next token is written to the same cache slot. The cache is preallocated
 [num_layers, batch, prompt + max_new_tokens, kv_heads, head_dim]; the decode loop is a
 `lax.while_loop` that stops early once every row has produced an EOS, or at `limit` tokens (a traced
-value: one compiled program serves tasks whose answers need different lengths).
+value: one compiled program serves tasks whose answers need different lengths). A shared prefix can
+be given apart (`prefix_ids`): prefilled once, copied into each row's cache.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
 def generate(model, prompt_ids: jax.Array, prompt_mask: Optional[jax.Array] = None, *, max_new_tokens: int,
              temperature: float = 0.0, key: Optional[jax.Array] = None, eos_id: Union[int, Sequence[int]],
              pad_id: int, adapters=None, delta=None, compute_dtype=None,
-             limit: Optional[jax.Array] = None) -> jax.Array:
+             limit: Optional[jax.Array] = None, prefix_ids: Optional[jax.Array] = None,
+             prefix_mask: Optional[jax.Array] = None) -> jax.Array:
     """Continuations [batch, max_new_tokens] int32 of left-padded prompts.
 
     Args:
@@ -45,6 +46,9 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: Optional[jax.Array] = No
       adapters, delta: LoRA adapters and delta function, as in `LlamaDecoder.__call__`.
       limit: int32 scalar <= max_new_tokens (None: max_new_tokens): tokens produced per row; the columns
         after it are `pad_id`. The tokens before it are those an unlimited run produces.
+      prefix_ids, prefix_mask: [prefix] int32, left-padded: tokens that come before every row's prompt
+        (the rows then hold only their own part), prefilled once. Not with a sliding attention window
+        (its slot arithmetic assumes a row's tokens are contiguous).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -57,7 +61,10 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: Optional[jax.Array] = No
     is_stop = lambda tokens: jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
     kwargs = dict(adapters=adapters, delta=delta, compute_dtype=compute_dtype)
 
-    cache = model.init_cache(batch, prompt_length + max_new_tokens, dtype=compute_dtype)
+    head = 0 if prefix_ids is None else int(prefix_ids.shape[-1])
+    cache = model.init_cache(batch, head + prompt_length + max_new_tokens, dtype=compute_dtype)
+    if prefix_ids is not None:
+        cache = shared_prefix_cache(model, cache, prefix_ids, prefix_mask, **kwargs)
     # Only the last prompt position's logits are read: the prefill skips the LM head elsewhere.
     logits, cache = model(prompt_ids, prompt_mask, cache=cache, logits_window=(prompt_length - 1, prompt_length),
                           **kwargs)
@@ -81,3 +88,24 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: Optional[jax.Array] = No
 
     state = (jnp.ones((), jnp.int32), first, done, cache, tokens)
     return jax.lax.while_loop(unfinished, decode, state)[-1]
+
+
+def shared_prefix_cache(model, cache: dict, prefix_ids: jax.Array, prefix_mask: Optional[jax.Array] = None,
+                        **kwargs) -> dict:
+    """`cache` (empty, [.., batch, slots, ..]) with `prefix_ids` [prefix] prefilled once (batch 1) and its
+    keys and values copied into every row's first `prefix` slots; mask, next slot and each row's next
+    rotary position follow it. The rows' own parts then go in the next slots, positions counted on from
+    the prefix's real tokens; attention masks the gap, so a row computes what its whole prompt computes,
+    up to float rounding (other matmul shapes)."""
+    if getattr(model.config, "sliding_window", None) is not None:
+        raise ValueError("a shared prompt prefix needs full attention: this model has a sliding window")
+    head = prefix_ids.shape[-1]
+    prefix_mask = jnp.ones((head,), jnp.int32) if prefix_mask is None else prefix_mask.astype(jnp.int32)
+    one = model.init_cache(1, head, dtype=cache["k"].dtype)
+    _, one = model.hidden_states(prefix_ids[None], prefix_mask[None], cache=one, **kwargs)
+    batch = cache["mask"].shape[0]
+    copy = lambda full, part: full.at[:, :, :head].set(jnp.broadcast_to(part, part.shape[:1] + (batch,) + part.shape[2:]))
+    return {"k": copy(cache["k"], one["k"]), "v": copy(cache["v"], one["v"]),
+            "mask": cache["mask"].at[:, :head].set(jnp.broadcast_to(prefix_mask, (batch, head))),
+            "index": jnp.asarray(head, jnp.int32),
+            "positions": jnp.full((batch,), jnp.sum(prefix_mask), jnp.int32)}

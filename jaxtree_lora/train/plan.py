@@ -56,6 +56,13 @@ def feature_packer(config, stream, backbone):
     return packing.FeaturePacker()
 
 
+def evaluation_options(config) -> dict:
+    """The Evaluator's options the config's `eval` section sets (generation's temperature and shared
+    prompt prefixes, the evaluation batch size)."""
+    return {"temperature": float(config.eval.get("temperature", 0.0)), "batch_size": int(config.eval.get("batch_size", 64)),
+            "share_prefix": bool(config.eval.get("share_prefix", True))}
+
+
 def feature_batches(batching, packer, batch_size: int):
     """batches(arrays, task) -> a task's evaluation batches in order (fixed size, "weight" 0 on padding
     rows), each packed by `packer` (`feature_packer`) where one is given."""
