@@ -265,7 +265,7 @@ class Run:
         self.evaluator = Evaluator(
             backbone=self.backbone, method=self.forward_method, stream=self.stream, protocol=self.protocol,
             consts=self.consts, frozen=self.frozen, weights=self.forward_weights, host_batch=self._host_batch,
-            out_sharding=replicated, identity=self.identity, temperature=float(config.eval.get("temperature", 0.0)),
+            out_sharding=replicated, identity=self.identity, **plan.evaluation_options(config),
             batches=plan.feature_batches(self.batching, self.feature_packer, eval_batch))
         self.passes = TaskPasses(
             backbone=self.backbone, method=self.forward_method, task_loss=self.task_loss, consts=self.consts,
@@ -332,7 +332,7 @@ class Run:
                 books.timings["train_seconds"][task_index] += time.perf_counter() - task_start
                 state = self._end_task(state, task_index, arrays, steps_per_epoch, books)
                 books.position = {"task": task_index + 1, "epoch": 0, "batch": 0}
-                books.save(state, books.position, wait=True)
+                books.save(state, books.position)  # written while the next task trains (next save / close waits)
         except BaseException:
             if self._own_ledger:
                 ledger.close()  # its jax.monitoring listener goes with it, as on success

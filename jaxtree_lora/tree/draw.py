@@ -22,16 +22,15 @@ def _layout(node, depth, next_x, positions, edges, parent=None):
 
 
 def draw(tree: Tree, path: str, title: str = "task tree") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     root = to_nested(tree)
     positions, edges = {}, []
     width = _layout(root, 0, 0, positions, edges)
-    fig, ax = plt.subplots(figsize=(max(4, 1.4 * width + 1), 3 + 0.6 * max((-y for _, y, _ in positions.values()),
-                                                                               default=0)))
+    fig = Figure(figsize=(max(4, 1.4 * width + 1), 3 + 0.6 * max((-y for _, y, _ in positions.values()), default=0)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for a, b in edges:
         (x0, y0, _), (x1, y1, _) = positions[a], positions[b]
         ax.plot([x0, x1], [y0, y1], color="0.6", zorder=1)
@@ -48,7 +47,4 @@ def draw(tree: Tree, path: str, title: str = "task tree") -> None:
     ax.axis("off")
     ax.margins(0.15)
     fig.tight_layout()
-    try:
-        atomic.save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    atomic.save_figure(fig, path)
