@@ -195,3 +195,51 @@ def test_shared_prompts_split_batch_by_length_and_put_the_answers_back_in_order(
         lambda batch, number: np.asarray([[int(r[m > 0][0]) - 20] for r, m in zip(batch["prompt_ids"], batch["prompt_mask"])]),
         lambda tokens: str(tokens[0]))
     assert answers == ["0", "1", "2", "3", "4"] and score == 100.0
+
+
+def test_evaluation_with_shared_prefixes_answers_as_whole_prompts_do(tmp_path, monkeypatch):
+    """A run's generation evaluation with `eval.share_prefix` (prefix prefilled once, rows by length)
+    must give every prompt the answer that the whole, unsplit prompts give, in the test split's order."""
+    import json
+
+    from jaxtree_lora.data import get_stream
+    from jaxtree_lora.evaluation import generation
+    from jaxtree_lora.train import backbone as backbone_lib
+    from jaxtree_lora.train.loop import Run
+    from test_llama import make_checkpoint, write_checkpoint
+    from test_loop import tiny_config
+
+    hf_config, tensors = make_checkpoint("llama")
+    write_checkpoint(str(tmp_path / "llama"), hf_config, tensors)
+    for task in ("C-STANCE", "FOMC"):
+        (tmp_path / "trace" / task).mkdir(parents=True)
+        for split in ("train", "eval", "test"):
+            # A 10-word instruction every prompt of the task shares, then 1 to 6 words of its own.
+            records = [{"prompt": " ".join([f"w{j}" for j in range(10)] + [f"w{(i * 7 + j) % 40}" for j in range(1 + i % 6)]),
+                        "answer": f"w{i % 3}"} for i in range(9)]
+            (tmp_path / "trace" / task / f"{split}.json").write_text(json.dumps(records))
+    answers = {}
+    original = generation.generate_and_score
+
+    def recording(task, *args, **kwargs):
+        score, predictions = original(task, *args, **kwargs)
+        answers.setdefault(share, []).append(predictions)
+        return score, predictions
+
+    monkeypatch.setattr(generation, "generate_and_score", recording)
+    for share in (False, True):
+        config = tiny_config("seqlora")
+        config.model.name, config.model.kind, config.model.path = "hf", "decoder", str(tmp_path / "llama")
+        config.lora.targets = ["attn.q_proj"]
+        config.data = dict(name="trace", root=str(tmp_path / "trace"), tasks=["C-STANCE", "FOMC"], max_prompt_len=20,
+                           max_answer_len=3)
+        config.eval.batch_size, config.eval.share_prefix = 4, share
+        backbone = backbone_lib.build(config)
+        run = Run(config=config, backbone=backbone, stream=get_stream(config.data, backbone.tokenizer),
+                  workdir=str(tmp_path / f"run{share}"), progress=False)
+        assert (run.evaluator.shared_prompts() is not None) == share, "the shared path must be the one tested"
+        state = run.initial_state()
+        for task in (0, 1):
+            run.evaluator._generation_score(state, task, None)
+    assert len(answers[True]) == 2 and answers[True] == answers[False]
+    assert len(set(answers[True][0])) > 1, "the prompts' answers differ: the order is checked"

@@ -6,7 +6,7 @@ Jittable end to end (`max_new_tokens` and `temperature` are Python values, fixed
                                                         temperature=0.0, key=key, eos_id=2, pad_id=2))(...)
 The prompt is LEFT-padded ([batch, prompt] with its mask), so every row's last prompt token sits in
 the same column and its next token is written to the same cache slot. The cache is preallocated
-[num_layers, batch, prompt + max_new_tokens, kv_heads, head_dim]; the decode loop is a
+[num_layers, batch, kv_heads, prompt + max_new_tokens, head_dim]; the decode loop is a
 `lax.while_loop` that stops early once every row has produced an EOS, or at `limit` tokens (a traced
 value: one compiled program serves tasks whose answers need different lengths). A shared prefix can
 be given apart (`prefix_ids`): prefilled once, copied into each row's cache.
@@ -104,7 +104,7 @@ def shared_prefix_cache(model, cache: dict, prefix_ids: jax.Array, prefix_mask: 
     one = model.init_cache(1, head, dtype=cache["k"].dtype)
     _, one = model.hidden_states(prefix_ids[None], prefix_mask[None], cache=one, **kwargs)
     batch = cache["mask"].shape[0]
-    copy = lambda full, part: full.at[:, :, :head].set(jnp.broadcast_to(part, part.shape[:1] + (batch,) + part.shape[2:]))
+    copy = lambda full, part: full.at[:, :, :, :head].set(jnp.broadcast_to(part, part.shape[:1] + (batch,) + part.shape[2:]))
     return {"k": copy(cache["k"], one["k"]), "v": copy(cache["v"], one["v"]),
             "mask": cache["mask"].at[:, :head].set(jnp.broadcast_to(prefix_mask, (batch, head))),
             "index": jnp.asarray(head, jnp.int32),

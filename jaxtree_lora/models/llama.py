@@ -179,8 +179,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
+def cached_attention(query, keys, values, allowed):
+    """Attention of query [batch, seq, heads, head_dim] over a cache's keys and values [batch, kv_heads,
+    slots, head_dim] (grouped-query: each kv head serves its group of query heads); allowed [batch, 1,
+    seq, slots]. Softmax in float32; a query with no allowed key gets a uniform softmax (never read)."""
+    batch, seq, heads, dim = query.shape
+    groups = heads // keys.shape[1]
+    query = query.reshape(batch, seq, keys.shape[1], groups, dim)
+    scores = jnp.einsum("btngh,bnsh->bngts", query, keys, preferred_element_type=jnp.float32) / np.sqrt(dim)
+    scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bngts,bnsh->btngh", weights, values)
+
+
 def decoder_block(x, params, hook, allowed, cos, sin, config: LlamaConfig, cache_keys=None,
-                  cache_values=None, cache_index=None):
+                  cache_values=None, cache_index=None, layer=None):
     """One pre-norm block.
 
     Args:
@@ -188,8 +201,8 @@ def decoder_block(x, params, hook, allowed, cos, sin, config: LlamaConfig, cache
       params: this layer's slice of the stacked parameters.
       allowed: [batch, 1, seq, keys] bool, True where a query may attend to a key (causal, window, padding).
       cos, sin: [batch, seq, 1, head_dim] rotary tables.
-      cache_keys, cache_values: this layer's cache [batch, slots, kv_heads, head_dim], or None.
-      cache_index: the slot the first of these `seq` tokens is written to.
+      cache_keys, cache_values: the whole cache [layers, batch, kv_heads, slots, head_dim], or None.
+      cache_index: the slot the first of these `seq` tokens is written to; layer: this layer's index.
     Returns (x, (cache_keys, cache_values)) with the cache updated (None without a cache).
     """
     batch, seq, _ = x.shape
@@ -209,12 +222,18 @@ def decoder_block(x, params, hook, allowed, cos, sin, config: LlamaConfig, cache
     v = project("attn.v_proj", "v_proj", h).reshape(batch, seq, c.num_kv_heads, c.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache_keys is not None:
-        start = (0, cache_index, 0, 0)
-        cache_keys = jax.lax.dynamic_update_slice(cache_keys, k.astype(cache_keys.dtype), start)
-        cache_values = jax.lax.dynamic_update_slice(cache_values, v.astype(cache_values.dtype), start)
-        k, v = cache_keys.astype(dtype), cache_values.astype(dtype)
-    # Grouped-query attention: each kv head serves its group of query heads (keys never repeated).
-    context = attention(q, k, v, allowed).reshape(batch, seq, c.num_heads * c.head_dim)
+        # The stacked cache [layers, batch, kv_heads, slots, head_dim]: this layer's new slots written in
+        # place; attention reads the layer's [batch, kv_heads, slots, head_dim] without a transpose.
+        start = (layer, 0, 0, cache_index, 0)
+        cache_keys = jax.lax.dynamic_update_slice(cache_keys, k.swapaxes(1, 2)[None].astype(cache_keys.dtype), start)
+        cache_values = jax.lax.dynamic_update_slice(cache_values, v.swapaxes(1, 2)[None].astype(cache_values.dtype),
+                                                    start)
+        read = lambda cache: jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False).astype(dtype)
+        context = cached_attention(q, read(cache_keys), read(cache_values), allowed)
+    else:
+        # Grouped-query attention: each kv head serves its group of query heads (keys never repeated).
+        context = attention(q, k, v, allowed)
+    context = context.reshape(batch, seq, c.num_heads * c.head_dim)
     x = x + project("attn.o_proj", "o_proj", context)
     h = rms_norm(x, params["post_norm"], c.rms_norm_eps)
     gate = project("mlp.gate_proj", "gate_proj", h)
@@ -272,12 +291,12 @@ class LlamaDecoder(nnx.Module):
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
         """An empty KV cache with `length` slots.
 
-        k, v: [num_layers, batch, length, kv_heads, head_dim]; mask: [batch, length] (1 = filled with a
+        k, v: [num_layers, batch, kv_heads, length, head_dim]; mask: [batch, length] (1 = filled with a
         real token); index: next slot to write; positions: [batch] next rotary position per row.
         """
         c = self.config
         dtype = dtype or c.dtype or self.embed[...].dtype
-        shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, batch, c.num_kv_heads, length, c.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                 "mask": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32),
                 "positions": jnp.zeros((batch,), jnp.int32)}
@@ -311,20 +330,24 @@ class LlamaDecoder(nnx.Module):
         cos, sin = rope_tables(positions, jnp.asarray(inverse_frequencies(c)))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         layer_params = self.layers.as_dict()
-        if cache is not None:
-            layer_params = {**layer_params, "cache_keys": cache["k"], "cache_values": cache["v"]}
-
-        def body(carry, params, hook):
-            out, layer_cache = decoder_block(carry, params, hook, allowed, cos, sin, c,
-                                             params.get("cache_keys"), params.get("cache_values"),
-                                             start if cache is not None else None)
-            return out, (layer_cache if cache is not None else None)
-
-        x, layer_caches = scan_layers(body, x, layer_params, adapters, delta, rng, c.num_layers, remat=c.remat)
-        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         if cache is None:
-            return x
-        new_cache = {"k": layer_caches[0], "v": layer_caches[1], "mask": key_mask, "index": start + seq,
+            body = lambda carry, params, hook: (decoder_block(carry, params, hook, allowed, cos, sin, c)[0], None)
+            x, _ = scan_layers(body, x, layer_params, adapters, delta, rng, c.num_layers, remat=c.remat)
+            return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+
+        # The whole cache rides in the scan's carry and each layer writes its slots in place: as the
+        # scan's per-layer input and output it would be copied whole at every call (every decode step).
+        def body(carry, params, hook):
+            x, keys, values = carry
+            x, (keys, values) = decoder_block(x, params, hook, allowed, cos, sin, c, keys, values, start,
+                                              params["layer_index"])
+            return (x, keys, values), None
+
+        layer_params = {**layer_params, "layer_index": jnp.arange(c.num_layers)}
+        (x, keys, values), _ = scan_layers(body, (x, cache["k"], cache["v"]), layer_params, adapters, delta, rng,
+                                           c.num_layers, remat=c.remat)
+        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+        new_cache = {"k": keys, "v": values, "mask": key_mask, "index": start + seq,
                      "positions": cache["positions"] + jnp.sum(attention_mask, axis=1)}
         return x, new_cache
 
