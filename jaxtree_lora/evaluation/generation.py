@@ -51,7 +51,7 @@ class SharedPrompts:
         if not lengths or max(lengths.values()) == 0:
             return None
         width = -(-max(lengths.values()) // multiple) * multiple
-        prefix_ids, prefix_mask, ids, mask, own = {}, {}, {}, {}, []
+        prefix_ids, prefix_mask, ids, mask, longest = {}, {}, {}, {}, []
         for task in tasks:
             if task.index not in lengths:
                 continue
@@ -69,9 +69,11 @@ class SharedPrompts:
                 part = row[length:]
                 ids[task.index][number, full_ids.shape[1] - len(part):] = part
                 mask[task.index][number, full_ids.shape[1] - len(part):] = 1
-                own.append(len(part))
+            # Batches take the rows shortest first: each batch's longest own part is known here.
+            own = np.sort([len(row) - length for row in rows])
+            longest += [own[min(start + batch_size, len(own)) - 1] for start in range(0, len(own), batch_size)]
         total = max(array.shape[1] for array in ids.values())
-        widths = batching.choose_buckets(np.asarray(own), total, batch_size, multiple=multiple)
+        widths = batching.choose_buckets(np.asarray(longest), total, 1, multiple=multiple)
         return cls(prefix_ids, prefix_mask, ids, mask, widths, int(pad))
 
     def batches(self, task: int, batch_size: int) -> Iterable[dict]:
