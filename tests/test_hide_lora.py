@@ -92,23 +92,6 @@ def test_gaussian_replay_aligns_a_head_whose_tasks_were_trained_apart():
     assert accuracy(aligned) > 0.95, f"multi-centroid alignment must balance the tasks too: {accuracy(aligned)}"
 
 
-def test_samples_are_drawn_for_the_seen_classes_only_and_equal_the_batched_draw_bit_for_bit():
-    """`draw_seen` transforms only the seen classes' noise; their samples must equal the batched
-    mu_c + L_c z of every class bit for bit (else the alignment, and every HiDe run's scores, change)
-    and an unseen class's rows must stay at its mean (never read: the batch order puts them last)."""
-    rng = np.random.default_rng(0)
-    classes, samples, dim = 7, 24, 48
-    means = jnp.asarray(rng.normal(size=(classes, dim)), jnp.float32)
-    noise = jnp.asarray(rng.normal(size=(classes, samples, dim)), jnp.float32)
-    factor = jnp.asarray(np.tril(rng.normal(size=(classes, dim, dim))), jnp.float32)
-    seen = jnp.asarray([True, False, True, True, False, False, True])
-    batched = np.asarray(jax.jit(lambda m, z, f: m[:, None, :] + jnp.einsum("csk,cdk->csd", z, f))(means, noise, factor))
-    drawn = np.asarray(jax.jit(hide.draw_seen)(means, noise, factor, seen))
-    np.testing.assert_array_equal(drawn[np.asarray(seen)], batched[np.asarray(seen)])
-    np.testing.assert_array_equal(drawn[~np.asarray(seen)],
-                                  np.broadcast_to(np.asarray(means)[~np.asarray(seen), None, :], (3, samples, dim)))
-
-
 def reference_identity_training(params, features, labels, weight, mask, key, epochs, batch_size, learning_rate):
     """The TII head's training as a host loop: per epoch a host permutation, per batch one jitted Adam step
     (clip 1.0); a short last batch filled with its first row at weight 0; the rate x0.1 every 30 epochs."""

@@ -187,23 +187,6 @@ def sampling_factor(spread, stored, statistics: str):
     return jnp.asarray(factor, jnp.float32)
 
 
-def draw_seen(means, noise, factor, seen):
-    """Gaussian samples mu_c + L_c z of the seen classes: means [C, d], noise [C, S, d], Cholesky factors
-    [C, d, d], seen [C] -> [C, S, d]. Only the seen classes' rows are transformed (a traced count of
-    [S, d] x [d, d] products, so early tasks of a long stream skip most of the work); an unseen class's
-    rows hold its mean and are never read."""
-    classes = means.shape[0]
-    order = jnp.nonzero(seen, size=classes, fill_value=0)[0]
-
-    def body(index, drawn):
-        label = order[index]
-        block = means[label][None, :] + noise[label] @ factor[label].T
-        return jax.lax.dynamic_update_index_in_dim(drawn, block, label, axis=0)
-
-    start = jnp.broadcast_to(means[:, None, :], noise.shape)
-    return jax.lax.fori_loop(0, jnp.sum(seen.astype(jnp.int32)), body, start)
-
-
 @functools.partial(jax.jit, static_argnames=("apply", "statistics", "epochs", "samples"))
 def align(params, means, factor, seen, steps, key, *, apply, statistics: str, epochs: int, samples: int,
           learning_rate: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4, valid=None):
@@ -236,7 +219,7 @@ def align(params, means, factor, seen, steps, key, *, apply, statistics: str, ep
         epoch_key = jax.random.fold_in(key, epoch)
         noise = jax.random.normal(jax.random.fold_in(epoch_key, 0), (classes, samples, dim), jnp.float32)
         if statistics == "covariance":
-            drawn = draw_seen(means, noise, factor, seen)
+            drawn = means[:, None, :] + jnp.einsum("csk,cdk->csd", noise, factor)
         elif statistics == "variance":
             drawn = means[:, None, :] + noise * factor[:, None, :]
         else:
