@@ -228,7 +228,8 @@ def ledger_time(ledger, restored: bool) -> dict:
 
 def run_protocol(run) -> dict:
     """What a run actually uses: the method's LoRA spec (its own defaults with the config's keys on top),
-    head, classifier and task identity. Recorded in results.json and printed before training."""
+    head, classifier, task identity and the evaluation batch (eval.batch_size, or the one chosen for the
+    stream). Recorded in results.json and printed before training."""
     import dataclasses
 
     from jaxtree_lora.methods.base import InferenceRule
@@ -249,11 +250,11 @@ def run_protocol(run) -> dict:
     if run.kind != "classification":
         inference = "generation (greedy)" if float(run.config.eval.get("temperature", 0.0)) == 0 else "generation"
         return {"lora": lora, "learning_rate": rate, "optimizer": optimizer, "inference": inference,
-                "task_identity": identity}
+                "task_identity": identity, "eval_batch_size": run.evaluator.batch_size}
     return {"lora": lora, "learning_rate": rate, "optimizer": optimizer,
             "head": None if not method.trains else run.protocol["head"],
             "classifier": run.protocol["classifier"], "inference": run.inference_rule.value,
-            "task_identity": identity}
+            "task_identity": identity, "eval_batch_size": run.evaluator.batch_size}
 
 
 def describe_protocol(protocol: dict) -> str:

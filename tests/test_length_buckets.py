@@ -121,3 +121,26 @@ def test_run_compiles_the_train_step_at_most_once_per_bucket(tmp_path):
     assert len(seen) > 1, "every batch had one width: the test shows nothing"
     assert run.train_step._cache_size() == len(seen) <= len(widths), \
         "the train step compiled more than once per bucket width it saw"
+
+
+def test_evaluation_batch_size_leaves_few_filler_rows_and_a_written_size_wins():
+    """eval.batch_size unset: the multiple of 8 up to 96 forwarding the fewest rows (+8 a forward) over
+    every split, the largest within 5%. Hand-computed: splits 80 / 40 -> 40 (3 forwards, 144 row-units,
+    where 96 costs 2 x 104 = 208 and computes 56 filler rows per test forward); 192 / 96 -> 96 (no filler
+    either way, the larger); 97 / 97 -> 56 (4 x 64 = 256 against 96's 4 x 104 = 416)."""
+    import types
+
+    from experiments.configs import default
+    from jaxtree_lora.train import plan
+
+    def stream(*sizes):
+        split = lambda n: types.SimpleNamespace(inputs={"input_ids": np.zeros((n, 4), np.int32)})
+        return types.SimpleNamespace(tasks=[types.SimpleNamespace(train=split(a), test=split(b)) for a, b in sizes])
+
+    config = default.get_config()
+    assert config.eval.batch_size is None, "the default leaves the size to the stream"
+    assert plan.evaluation_batch_size(config, stream(*[(80, 40)] * 10)) == 40
+    assert plan.evaluation_batch_size(config, stream(*[(192, 96)] * 5)) == 96
+    assert plan.evaluation_batch_size(config, stream((97, 97))) == 56
+    config.eval.batch_size = 96
+    assert plan.evaluation_batch_size(config, stream(*[(80, 40)] * 10)) == 96, "a size the user wrote wins"

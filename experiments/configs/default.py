@@ -89,7 +89,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # infers it per example as HiDe-LoRA does (pre-trained features, nearest class mean -> its task).
     # share_prefix (instruction streams): the prefix a task's test prompts share (chat template, the
     # task's instruction) is prefilled once per batch, not once per prompt.
-    config.eval = ml_collections.ConfigDict({"batch_size": 96, "temperature": 0.0, "classifier": "",
+    # batch_size: rows per evaluation forward; None chooses it per stream (train.plan.evaluation_batch_size:
+    # at most 96, a multiple of 8, the fewest filler rows for the stream's split sizes).
+    config.eval = ml_collections.ConfigDict({"batch_size": ml_collections.config_dict.placeholder(int),
+                                             "temperature": 0.0, "classifier": "",
                                              "task_identity": "given", "recomputed_prototypes": True,
                                              "share_prefix": True})
     if arg == "tiny":  # shapes for tests: random tiny encoder, synthetic data never used in a main job

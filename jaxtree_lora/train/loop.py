@@ -106,7 +106,7 @@ def validate(config) -> None:
         raise ConfigError(f"eval.task_identity must be 'given' or 'inferred', got {config.eval.task_identity!r}")
     if float(config.eval.get("temperature", 0.0)) < 0:
         raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {config.eval.temperature}")
-    if int(config.eval.get("batch_size", 1)) < 1:
+    if config.eval.get("batch_size", None) is not None and int(config.eval.batch_size) < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
     mesh = list(train.get("mesh", None) or [])
     if mesh and (len(mesh) != 3 or any(not isinstance(v, int) or v < 1 for v in mesh)):
@@ -260,13 +260,13 @@ class Run:
         self.begin_epoch = jax.jit(begin_epoch, donate_argnums=(0,), out_shardings=replicated)
 
         # The evaluator, and the passes over a task's data that a method may ask for.
-        eval_batch = int(config.eval.get("batch_size", 64))
+        options = plan.evaluation_options(config, self.stream)  # the batch size: chosen once, for every reader
         self.feature_packer = plan.feature_packer(config, self.stream, self.backbone)  # no compute on padding
         self.evaluator = Evaluator(
             backbone=self.backbone, method=self.forward_method, stream=self.stream, protocol=self.protocol,
             consts=self.consts, frozen=self.frozen, weights=self.forward_weights, host_batch=self._host_batch,
-            out_sharding=replicated, identity=self.identity, **plan.evaluation_options(config),
-            batches=plan.feature_batches(self.batching, self.feature_packer, eval_batch))
+            out_sharding=replicated, identity=self.identity, **options,
+            batches=plan.feature_batches(self.batching, self.feature_packer, options["batch_size"]))
         self.passes = TaskPasses(
             backbone=self.backbone, method=self.forward_method, task_loss=self.task_loss, consts=self.consts,
             weights=self.forward_weights, train_weights=self.folding.train_weights, evaluator=self.evaluator,
