@@ -518,7 +518,7 @@ class Evaluator:
         task_data = self.stream.tasks[task]
         limit = jnp.asarray(self.decode_limit(task), jnp.int32)
         shared = self.shared_prompts()
-        if shared is not None:
+        if shared is not None and task in shared.ids:
             batches = shared.batches(task, self.batch_size)
         else:
             batches = self.batches({"prompt_ids": task_data.test.arrays["prompt_ids"],
