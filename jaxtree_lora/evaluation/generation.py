@@ -31,7 +31,7 @@ def shared_prefix_length(ids: np.ndarray, mask: np.ndarray) -> int:
 class SharedPrompts:
     """A stream's test prompts split into the prefix each task's rows share and each row's own part.
 
-    prefixes: {task: [width] ids} and {task: [width] mask}, left-padded to one width for the stream;
+    prefix_ids / prefix_mask: {task: [width]} the shared tokens, left-padded to one width for the stream;
     ids / mask: {task: [N, P]} each row's own tokens, left-padded; widths: bucket widths of the own
     parts for the stream (few shapes: each is a compile); pad: the pad id."""
 
