@@ -77,23 +77,15 @@ class SharedPrompts:
         return cls(prefix_ids, prefix_mask, ids, mask, widths, int(pad))
 
     def batches(self, task: int, batch_size: int) -> Iterable[dict]:
-        """The task's prompts, shortest own part first, `batch_size` rows a batch (the last filled with
-        its first row at weight 0), each cut to the smallest bucket holding its rows: "prompt_ids",
-        "prompt_mask" (own parts), "prefix_ids", "prefix_mask", "weight", and "rows" (their indices in
-        the test split, for putting the answers back in order)."""
-        ids, mask = self.ids[task], self.mask[task]
-        extent = batching.real_extent(mask, "left")
-        order = np.argsort(extent, kind="stable")
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            weight = np.zeros((batch_size,), np.float32)
-            weight[:len(rows)] = 1.0
-            rows = np.concatenate([rows, np.full((batch_size - len(rows),), rows[0])])
-            longest = int(extent[rows].max(initial=1))
-            width = next((w for w in self.widths if w >= longest), ids.shape[1])
-            yield {"prompt_ids": ids[rows, -width:], "prompt_mask": mask[rows, -width:],
-                   "prefix_ids": self.prefix_ids[task], "prefix_mask": self.prefix_mask[task], "weight": weight,
-                   "rows": rows}
+        """The task's prompts, shortest own part first, in `batching.batches` (fixed size, "weight" 0 on
+        the last batch's filler rows), each cut to the smallest of `widths` holding its rows
+        (`LengthBuckets`): "prompt_ids", "prompt_mask" (own parts), "prefix_ids", "prefix_mask",
+        "weight", and "rows" (their indices in the test split, for putting the answers back in order)."""
+        order = np.argsort(batching.real_extent(self.mask[task], "left"), kind="stable")
+        arrays = {"prompt_ids": self.ids[task][order], "prompt_mask": self.mask[task][order], "rows": order}
+        buckets = batching.LengthBuckets({"prompt_mask": (("prompt_ids", "prompt_mask"), "left", self.widths)})
+        for batch in buckets.batches(arrays, batch_size, seed=0, task=task, epoch=0, shuffle=False):
+            yield {**batch, "prefix_ids": self.prefix_ids[task], "prefix_mask": self.prefix_mask[task]}
 
 
 def generate_and_score(task, batches: Iterable[dict], generate: Callable[[dict, int], np.ndarray], decode,
