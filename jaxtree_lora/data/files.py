@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxtree_lora.data.stream import DataError, Split, Stream, Task, class_incremental
 from jaxtree_lora.data.tfds_source import holdout, image_splits
-from jaxtree_lora.data.tokenize import (answer_token_ids, pad_to_common_length, tokenize_classification,
+from jaxtree_lora.data.tokenize import (answer_token_ids, pad_id, pad_to_common_length, tokenize_classification,
                                         tokenize_instruction)
 
 csv.field_size_limit(2 ** 31 - 1)
@@ -480,7 +480,7 @@ def instruction_files_stream(tokenizer, train, test=None, prompt_column: str = "
                   for p, a in ((prompts, answers), (test_prompts, test_answers))]
         stream_tasks.append(Task(index=index, name=name, train=splits[0], test=splits[1],
                                  metric=chosen_metrics[index], max_new_tokens=int(budget)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     pad_to_common_length(stream_tasks, int(pad))
     return Stream(name="instruction_files", kind="instruction", tasks=stream_tasks,
                   metadata={"train": train_paths, "test": test_paths or f"held out {test_fraction:.0%}",
@@ -640,7 +640,7 @@ def sequence_stream(configs: list[dict], tokenizer, get_stream) -> Stream:
         for stream in streams:
             for task in stream.tasks:
                 tasks.append(dataclasses.replace(task, index=len(tasks)))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         pad_to_common_length(tasks, int(pad))
         return Stream(name=name, kind="instruction", tasks=tasks,
                       metadata={"sources": [s.name for s in streams]})

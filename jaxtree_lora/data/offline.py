@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from jaxtree_lora.data.stream import DataError, Split, Stream, Task, class_incremental
-from jaxtree_lora.data.tokenize import (answer_token_ids, pad_to_common_length, prompt_token_ids,
+from jaxtree_lora.data.tokenize import (answer_token_ids, pad_id, pad_to_common_length, prompt_token_ids,
                                         tokenize_classification, tokenize_instruction)
 
 csv.field_size_limit(2 ** 31 - 1)
@@ -495,7 +495,7 @@ def offline_trace(tokenizer, per_task_train: int = 48, per_task_test: int = 48, 
             splits.append(Split(prompts=prompts, answers=answers, arrays=arrays))
         stream_tasks.append(Task(index=index, name=name, train=splits[0], test=splits[1], metric=task.metric,
                                  max_new_tokens=task.max_new_tokens))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     pad_to_common_length(stream_tasks, int(pad))
     return Stream(name="offline-trace", kind="instruction", tasks=stream_tasks,
                   metadata={"sources": SOURCES, "per_task_train": per_task_train, "per_task_test": per_task_test,

@@ -63,6 +63,11 @@ def prompt_token_ids(prompts: Sequence[str], tokenizer, chat_template: bool) -> 
     return [prefix + ids for ids in _ids(tokenizer, formatted)]
 
 
+def pad_id(tokenizer):
+    """The id padding positions hold: the tokenizer's pad token, or its EOS where it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def answer_token_ids(answers: Sequence[str], tokenizer) -> list[list[int]]:
     """Untruncated answer ids followed by EOS (the model learns to stop)."""
     eos = tokenizer.eos_token_id
@@ -86,7 +91,7 @@ def tokenize_instruction(prompts: Sequence[str], answers: Sequence[str], tokeniz
     if max_prompt_len < 1 or max_answer_len < 1:
         raise DataError("data.max_prompt_len and data.max_answer_len must be >= 1")
     answer_ids = answer_token_ids(answers, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     prompt_ids_all = prompt_token_ids(prompts, tokenizer, chat_template)
     total = max_prompt_len + max_answer_len
     count = len(prompts)

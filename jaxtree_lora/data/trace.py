@@ -13,7 +13,7 @@ import os
 from typing import Sequence
 
 from jaxtree_lora.data.stream import DataError, Split, Stream, Task
-from jaxtree_lora.data.tokenize import pad_to_common_length, tokenize_instruction
+from jaxtree_lora.data.tokenize import pad_id, pad_to_common_length, tokenize_instruction
 
 TRACE_ORDER = ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten")
 METRICS = {"C-STANCE": "accuracy", "FOMC": "accuracy", "MeetingBank": "rouge_l", "Py150": "fuzzy",
@@ -76,7 +76,7 @@ def trace_stream(root: str, tokenizer, tasks: Sequence[str] = TRACE_ORDER, max_t
         stream_tasks.append(Task(index=index, name=name, train=splits[0], test=splits[1],
                                  metric=METRICS.get(name, "accuracy"),
                                  max_new_tokens=min(MAX_NEW.get(name, 32), max_answer_len)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     pad_to_common_length(stream_tasks, int(pad))
     return Stream(name="trace", kind="instruction", tasks=stream_tasks,
                   metadata={"root": root, "eval_split": eval_split, "max_prompt_len": max_prompt_len,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtree_lora.data import tokenize
 from jaxtree_lora.evaluation import generation as generation_lib
 from jaxtree_lora.evaluation import prototypes as prototypes_lib
 from jaxtree_lora.evaluation.identity import TaskIdentity
@@ -538,8 +539,7 @@ class Evaluator:
         return score
 
     def _pad_id(self) -> int:
-        tokenizer = self.backbone.tokenizer
-        return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        return int(tokenize.pad_id(self.backbone.tokenizer))
 
     def shared_prompts(self) -> Optional[generation_lib.SharedPrompts]:
         """The stream's test prompts split into each task's shared prefix and the rows' own parts, built
