@@ -131,10 +131,11 @@ def test_evaluation_batch_size_leaves_few_filler_rows_and_a_written_size_wins():
     import types
 
     from experiments.configs import default
+    from jaxtree_lora.data.stream import Split
     from jaxtree_lora.train import plan
 
     def stream(*sizes):
-        split = lambda n: types.SimpleNamespace(inputs={"input_ids": np.zeros((n, 4), np.int32)})
+        split = lambda n: Split(inputs={"input_ids": np.zeros((n, 4), np.int32)}, labels=np.zeros((n,), np.int32))
         return types.SimpleNamespace(tasks=[types.SimpleNamespace(train=split(a), test=split(b)) for a, b in sizes])
 
     config = default.get_config()

@@ -70,7 +70,7 @@ def evaluation_batch_size(config, stream) -> int:
     given = config.eval.get("batch_size", None)
     if given is not None:
         return int(given)
-    sizes = split_sizes(stream)
+    sizes = [len(split) for task in stream.tasks for split in (task.train, task.test) if len(split)]
     if not sizes:
         return EVAL_ROWS
 
@@ -81,17 +81,6 @@ def evaluation_batch_size(config, stream) -> int:
     candidates = range(ROW_MULTIPLE, EVAL_ROWS + 1, ROW_MULTIPLE)
     least = min(cost(rows) for rows in candidates)
     return max(rows for rows in candidates if cost(rows) <= 1.05 * least)
-
-
-def split_sizes(stream) -> list[int]:
-    """Examples in every task's train and test split (the splits evaluation and feature passes forward)."""
-    sizes = []
-    for task in stream.tasks:
-        for split in (task.train, task.test):
-            arrays = getattr(split, "inputs", None) or getattr(split, "arrays", None) or {}
-            if arrays:
-                sizes.append(len(next(iter(arrays.values()))))
-    return [size for size in sizes if size > 0]
 
 
 def evaluation_options(config, stream) -> dict:
