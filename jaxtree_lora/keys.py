@@ -14,6 +14,8 @@ import hashlib
 
 import jax
 
+from jaxtree_lora import threefry  # noqa: F401  (the unrolled CPU lowering: same bits, faster draws)
+
 PURPOSES = ("init", "train", "generate")
 
 
