@@ -11,7 +11,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxtree_lora"
 # Lowest first. A module belongs to the layer of the longest prefix listed here; an import may go to
 # its own layer or below. Written once: docs/ARCHITECTURE.md draws the same list.
 LAYERS = (
-    ("foundation", ("errors", "faults", "keys", "ledger", "assets", "config", "checkpoint", "atomic")),
+    ("foundation", ("errors", "faults", "keys", "threefry", "ledger", "assets", "config", "checkpoint",
+                    "atomic")),
     ("models", ("models",)),
     ("lora", ("lora",)),
     ("tree", ("tree",)),
