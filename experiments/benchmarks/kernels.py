@@ -30,7 +30,7 @@ SHAPES = ((2048, 384, 1536), (2048, 1536, 384), (2048, 384, 384), (512, 576, 153
           (512, 576, 49152))
 
 DRAWS = """
-import hashlib, statistics, sys, time
+import hashlib, json, statistics, sys, time
 import jax, numpy as np
 if {ours}:
     import jaxtree_lora.threefry
@@ -44,7 +44,7 @@ for name, draw in draws.items():
     for _ in range({repeats}):
         start = time.perf_counter(); draw(key).block_until_ready(); times.append(time.perf_counter() - start)
     out[name] = (1e3 * statistics.median(times), hashlib.sha256(first.tobytes()).hexdigest())
-print(repr(out))
+print(json.dumps(out))
 """
 
 
@@ -93,7 +93,7 @@ def threefry_rows(repeats: int) -> dict:
     for side, ours in (("jax lowering", False), ("ours", True)):
         result = subprocess.run([sys.executable, "-c", DRAWS.format(ours=ours, repeats=repeats)],
                                 capture_output=True, text=True, check=True)
-        sides[side] = eval(result.stdout.strip().splitlines()[-1], {})  # noqa: S307 (our own child's repr)
+        sides[side] = json.loads(result.stdout.strip().splitlines()[-1])
     return {name: {"jax lowering ms": sides["jax lowering"][name][0], "ours ms": sides["ours"][name][0],
                    "same_bits": sides["jax lowering"][name][1] == sides["ours"][name][1]}
             for name in sides["ours"]}
