@@ -92,8 +92,8 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: Optional[jax.Array] = No
 
 def shared_prefix_cache(model, cache: dict, prefix_ids: jax.Array, prefix_mask: Optional[jax.Array] = None,
                         **kwargs) -> dict:
-    """`cache` (empty, [.., batch, slots, ..]) with `prefix_ids` [prefix] prefilled once (batch 1) and its
-    keys and values copied into every row's first `prefix` slots; mask, next slot and each row's next
+    """`cache` (empty; k, v [layers, batch, kv_heads, slots, head_dim]) with `prefix_ids` [prefix] prefilled
+    once (batch 1) and its keys and values copied into every row's first `prefix` slots; mask, next slot and each row's next
     rotary position follow it. The rows' own parts then go in the next slots, positions counted on from
     the prefix's real tokens; attention masks the gap, so a row computes what its whole prompt computes,
     up to float rounding (other matmul shapes)."""
