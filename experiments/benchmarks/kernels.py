@@ -74,13 +74,13 @@ def matmul_rows(shapes, repeats: int, threads: int) -> dict:
     for m, k, n in shapes:
         x, w, g = (rng.standard_normal(shape, dtype=np.float32) for shape in ((m, k), (k, n), (m, n)))
         gflop = 2 * m * k * n / 1e9
+        arrays = tuple(jnp.asarray(a) for a in (x, w, g))
+        tensors = None if torch is None else tuple(torch.from_numpy(a) for a in (x, w, g))
         row = {}
         for name, product in products.items():
             jitted = jax.jit(product)
-            arrays = tuple(jnp.asarray(a) for a in (x, w, g))
             row[name] = {"jax": gflop / _median_seconds(lambda: jitted(*arrays).block_until_ready(), repeats)}
-            if torch is not None:
-                tensors = tuple(torch.from_numpy(a) for a in (x, w, g))
+            if tensors is not None:
                 with torch.no_grad():
                     row[name]["torch"] = gflop / _median_seconds(lambda: product(*tensors), repeats)
         table[f"{m} x {k} x {n}"] = row
