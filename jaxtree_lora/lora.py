@@ -149,7 +149,7 @@ def init(key: Array, spec: LoraSpec, sites: Mapping[str, Site], num_layers: int,
     for index, (name, site) in enumerate(chosen.items()):
         shape = (num_layers, *leading, spec.rank, site.d_in)
         a = init_a(jax.random.fold_in(key, index), shape, spec.init, dtype)
-        mask = jnp.asarray(masks[name]).reshape((num_layers,) + (1,) * (a.ndim - 1))
+        mask = jax.device_put(np.asarray(masks[name]).reshape((num_layers,) + (1,) * (a.ndim - 1)))
         adapters[name] = {
             "a": (a * mask).astype(dtype),
             "b": jnp.zeros((num_layers, *leading, site.d_out, spec.rank), dtype),

@@ -184,7 +184,7 @@ def sampling_factor(spread, stored, statistics: str):
             factor[label] = _cholesky(np.ascontiguousarray(spread[label]))
     else:
         factor[stored] = np.sqrt(np.maximum(spread[stored].astype(np.float64), 0.0))
-    return jnp.asarray(factor, jnp.float32)
+    return jax.device_put(factor)  # a host array: a transfer, not a program per shape
 
 
 @functools.partial(jax.jit, static_argnames=("apply", "statistics", "epochs", "samples"))
@@ -325,9 +325,9 @@ def write_centroids(state: dict, prefix: str, statistics: dict) -> dict:
     valid = np.array(state[f"{prefix}centroid_valid"])
     for label, (_, (centre, spread, ok)) in statistics.items():
         means[label], deviation[label], valid[label] = centre, spread, ok
-    return {**state, f"{prefix}centroids": jnp.asarray(means, jnp.float32),
-            f"{prefix}centroid_deviation": jnp.asarray(deviation, jnp.float32),
-            f"{prefix}centroid_valid": jnp.asarray(valid)}
+    return {**state, f"{prefix}centroids": jax.device_put(np.asarray(means, np.float32)),
+            f"{prefix}centroid_deviation": jax.device_put(np.asarray(deviation, np.float32)),
+            f"{prefix}centroid_valid": jax.device_put(np.asarray(valid))}
 
 
 def write_statistics(means, spread, stored, statistics: dict):
@@ -335,7 +335,7 @@ def write_statistics(means, spread, stored, statistics: dict):
     means, spread, stored = np.array(means), np.array(spread), np.array(stored)
     for label, (mean, value) in statistics.items():
         means[label], spread[label], stored[label] = mean, value, True
-    return jnp.asarray(means), jnp.asarray(spread), jnp.asarray(stored)
+    return jax.device_put(means), jax.device_put(spread), jax.device_put(stored)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,13 +506,13 @@ class HiDeLoRA(IncLoRA):
         classes = sorted({int(label) for _, labels, weight in pretrained for label in labels[weight > 0]})
         class_task = np.array(state["class_task"])
         class_task[classes] = task
-        state = {**state, "class_task": jnp.asarray(class_task)}
+        state = {**state, "class_task": jax.device_put(class_task)}
         # Statistics under this task's slot (after the merge), computed once.
         stats, state = self._statistics(state, context.features(trainable, state), classes, "", task)
         means, spread, stored = write_statistics(state["means"], state["spread"], state["stored"], stats)
         state = {**state, "means": means, "spread": spread, "stored": stored}
         state = self._train_identity(state, pretrained, classes, task, context.batch_size)
-        seen = jnp.asarray(class_task >= 0)
+        seen = jax.device_put(class_task >= 0)
         earlier = int(np.sum((class_task >= 0) & (class_task < task)))  # the official crct_num
         if task > 0:
             head = self._align(state, trainable["head"], "", state["means"], state["spread"], state["stored"], seen,
@@ -531,19 +531,19 @@ class HiDeLoRA(IncLoRA):
         features = np.concatenate([b[0] for b in batches])[real]
         labels = np.concatenate([b[1] for b in batches])[real]
         weight = weight[real]
-        mask = jnp.asarray(np.asarray(state["class_task"]) == task)
+        mask = jax.device_put(np.asarray(state["class_task"]) == task)
         # Each epoch's rate in float32 as the host computes it: x0.1 every 30 epochs.
         rates = np.array([self.tii_learning_rate * 0.1 ** (epoch // 30) for epoch in range(self.tii_epochs)],
                          np.float32)
         key = jax.random.fold_in(keys.derive(state["host_key"], "tii_order"), task)
-        params = train_identity_head(state["identity_head"], jnp.asarray(features), jnp.asarray(labels),
-                                     jnp.asarray(weight), mask, jnp.asarray(rates), key,
+        params = train_identity_head(state["identity_head"], *jax.device_put((features, labels, weight)),
+                                     mask, jax.device_put(rates), key,
                                      batch_size=int(batch_size) or len(batches[0][1]))
         stats, state = self._statistics(state, batches, classes, "identity_", task)
         means, spread, _ = write_statistics(state["identity_means"], state["identity_spread"], state["stored"], stats)
         class_task = np.asarray(state["class_task"])
         if task > 0:
-            params = self._align(state, params, "identity_", means, spread, state["stored"], jnp.asarray(class_task >= 0),
+            params = self._align(state, params, "identity_", means, spread, state["stored"], jax.device_put(class_task >= 0),
                                  jnp.int32(int(np.sum((class_task >= 0) & (class_task < task)))),
                                  jax.random.fold_in(keys.derive(state["host_key"], "tii_align"), task), identity_head,
                                  self.tii_samples_per_class)

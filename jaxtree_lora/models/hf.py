@@ -167,11 +167,12 @@ def optional_file(directory: str, name: str) -> Optional[str]:
 
 def assign(model, mapped: Mapping[tuple, np.ndarray], dtype) -> None:
     """Writes mapped numpy arrays ({path of attribute names: array}) into the (abstract) module's
-    Params, cast to `dtype`."""
-    import jax.numpy as jnp
+    Params, cast to `dtype`. `device_put`: a host array's transfer (`jnp.asarray` would also compile and
+    run an identity program for each new shape)."""
+    import jax
 
     for path, value in mapped.items():
         node = model
         for key in path[:-1]:
             node = getattr(node, key)
-        getattr(node, path[-1]).set_value(jnp.asarray(to_dtype(np.asarray(value), dtype)))
+        getattr(node, path[-1]).set_value(jax.device_put(to_dtype(np.asarray(value), dtype)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxtree_lora.data import batching as batching_lib
@@ -109,7 +108,7 @@ def stream_consts(stream, max_tasks: int) -> dict:
         for task in stream.tasks:
             task_classes[task.index, list(task.classes)] = True
     seen = np.cumsum(task_classes, axis=0) > 0
-    return {"task_classes": jnp.asarray(task_classes), "seen_classes": jnp.asarray(seen)}
+    return {"task_classes": jax.device_put(task_classes), "seen_classes": jax.device_put(seen)}
 
 
 def answer_window(stream) -> Optional[int]:
