@@ -60,14 +60,37 @@ def test_packed_run_ends_like_an_unpacked_one(tmp_path):
         return c
 
     packed_run = make_run(config(True), tmp_path / "packed")
+    packer, seen = packed_run.packer, []
+
+    def recording(batch):
+        out = packer(batch)
+        seen.append(out["input_ids"].shape[0])
+        return out
+
+    packed_run.packer = recording
     packed = packed_run.fit()
     plain_run = make_run(config(False), tmp_path / "plain")
     plain = plain_run.fit()
-    assert packed_run.packer is not None and plain_run.packer is None
+    assert packer.planned and plain_run.packer is None
     np.testing.assert_array_equal(packed["matrix"], plain["matrix"])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5),
                  jax.device_get(packed["state"].trainable), jax.device_get(plain["state"].trainable))
-    assert packed_run.train_step._cache_size() <= len(packed_run.packer.choices), "more compiles than row counts"
+    # The rows planned before training (plan.packed_rows) are the ones the run packed: one compile each.
+    assert sorted(set(seen)) == list(packer.planned), "the stream's plan missed or invented a row count"
+    assert packed_run.train_step._cache_size() == len(packer.planned), "more compiles than planned row counts"
+
+
+def test_row_plan_merges_rare_counts_by_hand():
+    """A count joins the next one up while the rows that adds over the stream stay within the budget."""
+    assert packing.plan_rows({2: 4, 3: 56, 4: 60}, merge_row_steps=16) == (3, 4)  # 4 steps x 1 row: merged
+    assert packing.plan_rows({2: 4, 3: 56, 4: 60}, merge_row_steps=3) == (2, 3, 4)
+    assert packing.plan_rows({2: 4, 3: 56, 4: 60}, merge_row_steps=10 ** 6) == (4,)
+    # 30 steps x 1 row > 16: kept; 2 joins 3 (5 rows); the group {2, 3} would add 55 rows to reach 8.
+    assert packing.plan_rows({1: 30, 2: 5, 3: 5, 8: 100}, merge_row_steps=16) == (1, 3, 8)
+    assert packing.plan_rows({}) == ()
+    packer = packing.Packer(8, planned=(3,))
+    assert packer.choices[:1] == (3,) and packer(right_padded([8] * 8, 8))["input_ids"].shape[0] == 4, \
+        "a batch beyond the plan must still be packed (next even step)"
 
 
 def test_per_token_records_weigh_each_token_by_its_own_example(tmp_path):

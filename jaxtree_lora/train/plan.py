@@ -40,7 +40,25 @@ def packer(config, stream, backbone, devices: int, micro_batch: int, accumulatio
     if not all("attention_mask" in task.train.inputs and packing.right_padded(task.train.inputs["attention_mask"])
                for task in stream.tasks):
         return None  # not right-padded (or no mask): rows cannot be laid end to end
-    return packing.Packer(micro_batch, accumulation)
+    return packing.Packer(micro_batch, accumulation, packed_rows(config, stream, micro_batch, accumulation))
+
+
+def packed_rows(config, stream, micro_batch: int, accumulation: int) -> tuple[int, ...]:
+    """The row counts of the stream's packed training batches (`packing.plan_rows`), from the rows every
+    step of every task and epoch needs: its batches are a pure function of (seed, task, epoch), so
+    they are packed here as the run will pack them. Counts few steps need join the next one up."""
+    from jaxtree_lora.train.loop import epochs_for
+
+    packer = packing.Packer(micro_batch, accumulation)
+    needs: dict = {}
+    for index, task in enumerate(stream.tasks):
+        mask = {"attention_mask": task.train.inputs["attention_mask"]}
+        for epoch in range(epochs_for(config, index)):
+            for batch in batching_lib.batches(mask, micro_batch * accumulation, seed=int(config.seed), task=index,
+                                              epoch=epoch, shuffle=True):
+                rows = packer.rows(batch)
+                needs[rows] = needs.get(rows, 0) + 1
+    return packing.plan_rows(needs)
 
 
 def feature_packer(config, stream, backbone):
