@@ -42,6 +42,7 @@ from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import fold as fold_lib
 from jaxtree_lora.train import mesh as mesh_lib
 from jaxtree_lora.train import plan
+from jaxtree_lora.train.plan import epochs_for
 from jaxtree_lora.train.passes import TaskPasses
 from jaxtree_lora.train.step import (TrainState, build_optimizer, make_task_loss, make_train_step,
                                      optimizer_settings, task_hooks)
@@ -118,18 +119,6 @@ def validate(config) -> None:
     tasks = config.get("data", {}).get("num_tasks", None)
     if tasks is not None and int(tasks) < 1:
         raise ConfigError(f"data.num_tasks must be >= 1, got {tasks}")
-
-
-def epochs_for(config, task: int) -> int:
-    epochs = config.train.epochs
-    if isinstance(epochs, (list, tuple)):
-        if len(epochs) == 1:
-            return int(epochs[0])
-        if task >= len(epochs):
-            raise ConfigError(f"train.epochs lists {len(epochs)} tasks but the stream has more: "
-                              f"give one entry per task or a single integer")
-        return int(epochs[task])
-    return int(epochs)
 
 
 def fingerprint(config) -> str:

@@ -1,7 +1,8 @@
 """What a run's batches look like, decided once per stream before anything is compiled.
 
 The widths every batch is cut to (`batching`: length buckets, or the full width), whether training
-batches are packed (`packer`), the class masks the step and the evaluator read (`stream_consts`)
+batches are packed (`packer`) and into which row counts (`packed_rows`, from every step of every
+task's `epochs_for`), the class masks the step and the evaluator read (`stream_consts`)
 and how many trailing columns the LM head reads on instruction streams (`answer_window`). Pure
 functions of the config, the stream and the backbone.
 """
@@ -14,6 +15,7 @@ import numpy as np
 
 from jaxtree_lora.data import batching as batching_lib
 from jaxtree_lora.data import packing, tokenize
+from jaxtree_lora.errors import ConfigError
 
 
 def batching(config, stream, rows: int):
@@ -43,12 +45,23 @@ def packer(config, stream, backbone, devices: int, micro_batch: int, accumulatio
     return packing.Packer(micro_batch, accumulation, packed_rows(config, stream, micro_batch, accumulation))
 
 
+def epochs_for(config, task: int) -> int:
+    """Task `task`'s epochs: `train.epochs`, one integer or one entry per task."""
+    epochs = config.train.epochs
+    if isinstance(epochs, (list, tuple)):
+        if len(epochs) == 1:
+            return int(epochs[0])
+        if task >= len(epochs):
+            raise ConfigError(f"train.epochs lists {len(epochs)} tasks but the stream has more: "
+                              f"give one entry per task or a single integer")
+        return int(epochs[task])
+    return int(epochs)
+
+
 def packed_rows(config, stream, micro_batch: int, accumulation: int) -> tuple[int, ...]:
     """The row counts of the stream's packed training batches (`packing.plan_rows`), from the rows every
     step of every task and epoch needs: its batches are a pure function of (seed, task, epoch), so
     they are packed here as the run will pack them. Counts few steps need join the next one up."""
-    from jaxtree_lora.train.loop import epochs_for
-
     packer = packing.Packer(micro_batch, accumulation)
     needs: dict = {}
     for index, task in enumerate(stream.tasks):
