@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import DeltaFn, Site, attention, layer_norm, scan_layers
+from jaxtree_lora.models.common import DeltaFn, Site, attention, gelu_exact, layer_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
 
 SITES = ("attn.query", "attn.key", "attn.value", "attn.output", "mlp.fc1", "mlp.fc2")
@@ -139,7 +139,7 @@ def vit_block(x, p, hook, c: ViTConfig):
         attended = attended * p["scale1"].astype(dtype)
     x = x + attended
     h = layer_norm(x, p["norm2"], p["norm2_bias"], c.layer_norm_eps)
-    mlp = project("mlp.fc2", jax.nn.gelu(project("mlp.fc1", h), approximate=False))
+    mlp = project("mlp.fc2", gelu_exact(project("mlp.fc1", h)))  # its backward keeps only its input
     if c.layer_scale:
         mlp = mlp * p["scale2"].astype(dtype)
     return x + mlp
