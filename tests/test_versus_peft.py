@@ -19,3 +19,14 @@ def test_unknown_row_exits_2_naming_the_rows(capsys):
     with pytest.raises(SystemExit) as exit_info:
         versus_peft.main(["--rows", "resnet"])
     assert exit_info.value.code == 2 and "minilm, smollm2, epoch" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_dinov2_row_copies_the_asset_into_torch_and_times_both():
+    """The paper's setting (a pre-trained ViT, HiDe-LoRA's spec) against PEFT: the torch model's [CLS]
+    features equal ours on the batch (the row raises otherwise), and both steps are timed."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    result = versus_peft.row_dinov2(versus_peft.argparse.Namespace(threads=2, warmup=1, steps=1))
+    assert result["copied_weights_max_feature_difference"] < 1e-3
+    assert result["ours_step_s"] > 0 and result["peft_step_s"] > 0 and result["tokens"] == 37

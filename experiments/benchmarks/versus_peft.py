@@ -16,10 +16,13 @@ figures are medians after warm-up and the speed-up is the ratio of medians.
             (`data.packing`: several texts per 128-wide row, attention within each text), in the
             PEFT loop padded to each batch's longest row (what DataCollatorWithPadding does).
             Timed per epoch after one warm-up epoch (which compiles every row count here).
+  dinov2    the README's main job's step: DINOv2 ViT-S/14 (real weights: the offline ONNX asset into
+            transformers' Dinov2Model) at 84 px (37 tokens), batch 16, a 2-class head on [CLS], and
+            HiDe-LoRA's spec on both sides: rank 4, alpha 1, no dropout, key and value of blocks 0-4.
 
 PyTorch runs with torch.set_num_threads(--threads); JAX with its defaults (every core).
 
-    python -m experiments.benchmarks.versus_peft                      # all three rows
+    python -m experiments.benchmarks.versus_peft                      # all four rows
     python -m experiments.benchmarks.versus_peft --rows minilm --steps 5 --warmup 1   # quick
 
 Needs the `bench` extra (torch, peft): without them it prints one line and exits with status 2.
@@ -49,8 +52,9 @@ def _need_torch():
 
 
 # -- this project ---------------------------------------------------------------------------------
-def jax_runner(backbone, kind: str, targets: tuple, num_classes: int = 0, answer_window=None):
-    """(step(batch) -> None, blocking) for a plain-LoRA (SeqLoRA) train step on `backbone`."""
+def jax_runner(backbone, kind: str, targets: tuple, num_classes: int = 0, answer_window=None, spec=None):
+    """(step(batch) -> None, blocking) for a plain-LoRA (SeqLoRA) train step on `backbone`; `spec`: a
+    `lora.LoraSpec` (default: rank RANK, alpha ALPHA, dropout DROPOUT on `targets`)."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -61,7 +65,7 @@ def jax_runner(backbone, kind: str, targets: tuple, num_classes: int = 0, answer
     from jaxtree_lora.models.heads import init_head
     from jaxtree_lora.train.step import TrainState, make_optimizer, make_task_loss, make_train_step
 
-    method = SeqLoRA(lora=lora_lib.LoraSpec(targets=targets, rank=RANK, alpha=ALPHA, dropout=DROPOUT))
+    method = SeqLoRA(lora=spec or lora_lib.LoraSpec(targets=targets, rank=RANK, alpha=ALPHA, dropout=DROPOUT))
     adapters, method_state = method.init(jax.random.PRNGKey(0), backbone.info,
                                          StreamInfo(num_tasks=1, max_tasks=1, kind=kind, num_classes=num_classes))
     head = init_head(jax.random.PRNGKey(1), backbone.info.feature_dim, num_classes) if num_classes else {}
@@ -174,6 +178,56 @@ def torch_llama(jax_module):
     return run, check
 
 
+def torch_dinov2(tensors: dict, config, num_classes: int, rank: int, alpha: float, layers: list):
+    """transformers' Dinov2Model with the offline asset's weights (HF names, torch layout) and PEFT LoRA
+    on key and value of `layers`, a linear head on the [CLS] feature (after the final LayerNorm)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Dinov2Config, Dinov2Model
+
+    grid = int(round((tensors["embeddings.position_embeddings"].shape[1] - 1) ** 0.5))
+    model = Dinov2Model(Dinov2Config(hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                                     num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
+                                     patch_size=config.patch_size, image_size=grid * config.patch_size,
+                                     layer_norm_eps=config.layer_norm_eps, hidden_act="gelu", qkv_bias=True))
+    # transformers 5 names the attention projections q_proj, k_proj, v_proj, o_proj (HF checkpoints, as
+    # the asset, keep attention.attention.query ... and attention.output.dense).
+    renamed = {"attention.attention.query.": "attention.q_proj.", "attention.attention.key.": "attention.k_proj.",
+               "attention.attention.value.": "attention.v_proj.", "attention.output.dense.": "attention.o_proj."}
+    modern = any(".attention.q_proj." in name for name in model.state_dict())
+    state = {}
+    for name, value in tensors.items():
+        if name == "embeddings.mask_token":
+            continue
+        for old, new in (renamed.items() if modern else ()):
+            name = name.replace(old, new)
+        state[name] = torch.from_numpy(np.array(value, np.float32, copy=True))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if name != "embeddings.mask_token"]
+    if missing or unexpected:
+        raise RuntimeError(f"weights not copied: missing {missing}, unexpected {unexpected}")
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                             target_modules=["k_proj", "v_proj"] if modern else ["key", "value"],
+                                             layers_to_transform=layers))
+    head = torch.nn.Linear(config.hidden_size, num_classes)
+    parameters = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=1e-4)
+    model.train()
+
+    def features(pixels):
+        return model(pixel_values=torch.from_numpy(pixels)).last_hidden_state[:, 0]
+
+    def run(batch: dict):
+        loss = torch.nn.functional.cross_entropy(head(features(batch["pixels"])),
+                                                 torch.from_numpy(np.asarray(batch["labels"], np.int64)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run, features
+
+
 # -- measuring ------------------------------------------------------------------------------------
 def alternate(runners: dict, batches, warmup: int, rounds: int) -> dict:
     """Median seconds per call of each runner; calls alternate runner by runner, round by round.
@@ -275,12 +329,58 @@ def row_epoch(args) -> dict:
             "speedup": medians["peft"] / medians["ours"]}
 
 
-ROWS = {"minilm": row_minilm, "smollm2": row_smollm2, "epoch": row_epoch}
+def row_dinov2(args) -> dict:
+    """The README's main job's step: DINOv2 ViT-S/14 (the offline asset) at 84 px (37 tokens), batch 16,
+    HiDe-LoRA's spec (rank 4, alpha 1, k and v of the first 5 blocks, no dropout). Ours takes the
+    stored 28 px uint8 images and resizes and normalises inside the step, as the run does; torch takes
+    84 px float pixels prepared on the host beforehand (a DataLoader's work, not timed)."""
+    import jax
+    import ml_collections
+    import torch
+
+    from jaxtree_lora import assets
+    from jaxtree_lora import lora as lora_lib
+    from jaxtree_lora.models import dinov2
+    from jaxtree_lora.train import backbone as backbone_lib
+
+    size, rank, alpha, blocks = 84, 4, 1.0, 5
+    backbone = backbone_lib.build(ml_collections.ConfigDict(
+        {"model": {"name": "dinov2_small"}, "data": {"image_size": size}, "seed": 0}))
+    config = backbone.module().config
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 28, 28, 3)).astype(np.uint8)
+    labels = rng.integers(0, 2, 16).astype(np.int32)
+    resized = np.asarray(jax.image.resize(images.astype(np.float32) / 255.0, (16, size, size, 3), "bilinear"))
+    pixels = ((resized - np.asarray(config.mean, np.float32)) / np.asarray(config.std, np.float32))
+    pixels = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    torch.set_num_threads(args.threads)
+    tensors, _ = dinov2.onnx_tensors(str(assets.ensure("dinov2_small")))
+    peft_run, torch_features = torch_dinov2(tensors, config, 2, rank, alpha, list(range(blocks)))
+    # The copy is checked, not assumed: both models' [CLS] features on the batch.
+    with torch.no_grad():
+        theirs = torch_features(pixels).numpy()
+    ours = np.asarray(backbone.features(backbone.params, {"images": images}))
+    if np.abs(ours - theirs).max() > 1e-3:
+        raise RuntimeError(f"the torch copy's features differ from ours by {np.abs(ours - theirs).max():.2e}")
+    spec = lora_lib.LoraSpec(targets=("k", "v"), rank=rank, alpha=alpha, dropout=0.0, max_modules=2 * blocks)
+    runners = {"ours": jax_runner(backbone, "classification", ("k", "v"), num_classes=2, spec=spec),
+               "peft": peft_run}
+    batches = {"ours": {"images": images, "labels": labels, "weight": np.ones((16,), np.float32)},
+               "peft": {"pixels": pixels, "labels": labels}}
+    medians = alternate(runners, lambda name, index: [batches[name]], args.warmup, args.steps)
+    return {"row": "dinov2", "batch": [16, size, size], "tokens": (size // config.patch_size) ** 2 + 1,
+            "lora": f"r {rank}, alpha {alpha}, k and v of blocks 0-{blocks - 1}", "ours_step_s": medians["ours"],
+            "peft_step_s": medians["peft"], "speedup": medians["peft"] / medians["ours"],
+            "weights": "real (offline ONNX asset, copied into transformers' Dinov2Model)",
+            "copied_weights_max_feature_difference": float(np.abs(ours - theirs).max())}
+
+
+ROWS = {"minilm": row_minilm, "smollm2": row_smollm2, "epoch": row_epoch, "dinov2": row_dinov2}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="minilm,smollm2,epoch", help=f"comma-separated: {', '.join(ROWS)}")
+    parser.add_argument("--rows", default="minilm,smollm2,epoch,dinov2", help=f"comma-separated: {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per framework (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per framework first (compiles)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per framework in the epoch row")
