@@ -145,3 +145,33 @@ def test_evaluation_batch_size_leaves_few_filler_rows_and_a_written_size_wins():
     assert plan.evaluation_batch_size(config, stream((97, 97))) == 56
     config.eval.batch_size = 96
     assert plan.evaluation_batch_size(config, stream(*[(80, 40)] * 10)) == 96, "a size the user wrote wins"
+
+
+def test_a_splits_last_evaluation_batch_is_cut_to_a_planned_tail():
+    """The README's main job: batches of 100 over 256 training and 100 test images a task. The last
+    training batch held 56 images and 44 rows of filler; it is cut to 56 rows (a multiple of 8 holding
+    them). Tails few splits need join the next size up; instruction streams keep full batches."""
+    import types
+
+    from jaxtree_lora.data import batching
+    from jaxtree_lora.data.stream import Split
+    from jaxtree_lora.train import plan
+
+    def stream(*sizes, kind="classification"):
+        split = lambda n: Split(inputs={"input_ids": np.zeros((n, 4), np.int32)}, labels=np.zeros((n,), np.int32))
+        return types.SimpleNamespace(kind=kind, tasks=[types.SimpleNamespace(train=split(a), test=split(b))
+                                                       for a, b in sizes])
+
+    assert plan.evaluation_tails(stream(*[(256, 100)] * 5), 100) == (56,)
+    assert plan.evaluation_tails(stream(*[(256, 100)] * 5, kind="instruction"), 100) == ()
+    assert plan.evaluation_tails(stream((200, 100)), 100) == (), "no split ends short: nothing to cut"
+    # Tails 8 (one split), 16 (one split), 56 (five): 8 joins 16 (1 x 8 rows <= 64); {8, 16} would add
+    # 1 x 48 + 1 x 40 = 88 rows to reach 56: kept apart.
+    assert plan.evaluation_tails(stream((203, 100), (216, 100), *[(256, 100)] * 5), 100) == (16, 56)
+    batches = plan.feature_batches(batching, None, 100, stream(*[(256, 100)] * 5))
+    arrays = {"input_ids": np.arange(256 * 4, dtype=np.int32).reshape(256, 4), "labels": np.arange(256)}
+    sizes = [len(batch["weight"]) for batch in batches(arrays, 0)]
+    assert sizes == [100, 100, 56], sizes
+    last = list(batches(arrays, 0))[-1]
+    np.testing.assert_array_equal(last["labels"], np.arange(200, 256))
+    assert last["weight"].sum() == 56, "the cut batch must keep every real row and no filler"

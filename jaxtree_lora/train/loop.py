@@ -255,7 +255,7 @@ class Run:
             backbone=self.backbone, method=self.forward_method, stream=self.stream, protocol=self.protocol,
             consts=self.consts, frozen=self.frozen, weights=self.forward_weights, host_batch=self._host_batch,
             out_sharding=replicated, identity=self.identity, **options,
-            batches=plan.feature_batches(self.batching, self.feature_packer, options["batch_size"]))
+            batches=plan.feature_batches(self.batching, self.feature_packer, options["batch_size"], self.stream))
         self.passes = TaskPasses(
             backbone=self.backbone, method=self.forward_method, task_loss=self.task_loss, consts=self.consts,
             weights=self.forward_weights, train_weights=self.folding.train_weights, evaluator=self.evaluator,
