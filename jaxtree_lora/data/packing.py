@@ -89,10 +89,11 @@ MERGE_ROW_STEPS = 16
 
 
 def plan_rows(needs: dict, merge_row_steps: int = MERGE_ROW_STEPS) -> tuple[int, ...]:
-    """The row counts for a stream's packed training batches, from {rows needed: steps needing them}
-    (every step of the stream): counts are grouped from the smallest up, a group raised to the next
-    count while the rows that adds (steps x rows, over the group) stay within `merge_row_steps`;
-    each group's largest count is a choice, so every step fits its choice."""
+    """The row counts to compile for, from {rows needed: how many batches need them} (every packed
+    training step of a stream; `train.plan.evaluation_tails`: every split's last evaluation batch):
+    counts are grouped from the smallest up, a group raised to the next count while the rows that adds
+    (batches x rows, over the group) stay within `merge_row_steps`; each group's largest count is a
+    choice, so every batch fits its choice."""
     choices, group = [], []
     for rows, steps in sorted((int(r), int(s)) for r, s in needs.items()):
         if group and sum(n * (rows - r) for r, n in group) > merge_row_steps:
