@@ -117,10 +117,9 @@ class Packer:
 
     def rows(self, batch: dict) -> int:
         """The packed row count `batch` needs (its fullest micro-batch's first-fit rows)."""
-        micro = [np.asarray(batch["attention_mask"])[i * self.micro_batch:(i + 1) * self.micro_batch]
-                 for i in range(self.accumulation)]
-        width = 2 * micro[0].shape[1]
-        return max(first_fit(mask.sum(axis=1), width)[2] for mask in micro)
+        mask = np.asarray(batch["attention_mask"])
+        parts = (mask[i * self.micro_batch:(i + 1) * self.micro_batch] for i in range(self.accumulation))
+        return max(rows_needed({"attention_mask": part}, 2 * mask.shape[1]) for part in parts)
 
     def __call__(self, batch: dict) -> dict:
         micro = [{key: np.asarray(value)[i * self.micro_batch:(i + 1) * self.micro_batch]
