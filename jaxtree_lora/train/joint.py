@@ -28,7 +28,8 @@ from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.models.heads import head_logits, init_head
 from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import mesh as mesh_lib
-from jaxtree_lora.train.loop import NonFiniteLoss, Run, epochs_for, split_arrays
+from jaxtree_lora.train import plan
+from jaxtree_lora.train.loop import NonFiniteLoss, Run, split_arrays
 from jaxtree_lora.train.step import build_optimizer, make_train_step
 
 
@@ -295,7 +296,7 @@ class JointRun(Run):
                 self.ledger.close()
 
     def _fit(self, method, seed: int, tasks) -> dict:
-        max_epochs = int(method.max_epochs) or epochs_for(self.config, 0)
+        max_epochs = int(method.max_epochs) or plan.epochs_for(self.config, 0)
         rates = tuple(float(r) for r in method.learning_rates) or (float(self.optimizer_settings["learning_rate"]),)
         side = "right" if self.kind == "classification" else "left"
         configured_rate = float(self.optimizer_settings["learning_rate"])

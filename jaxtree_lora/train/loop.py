@@ -42,7 +42,6 @@ from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import fold as fold_lib
 from jaxtree_lora.train import mesh as mesh_lib
 from jaxtree_lora.train import plan
-from jaxtree_lora.train.plan import epochs_for
 from jaxtree_lora.train.passes import TaskPasses
 from jaxtree_lora.train.step import (TrainState, build_optimizer, make_task_loss, make_train_step,
                                      optimizer_settings, task_hooks)
@@ -343,7 +342,7 @@ class Run:
     def _train_task(self, state, task_index: int, arrays: dict, steps_per_epoch: int, books: "_Books"):
         """The task's epochs from the books' position (`fix`, which trains nothing, takes no step)."""
         position = books.position
-        epochs = epochs_for(self.config, task_index) if self.method.trains else 0
+        epochs = plan.epochs_for(self.config, task_index) if self.method.trains else 0
         start_epoch = position["epoch"] if task_index == position["task"] else 0
         bar = progress_bar(self.progress and books.primary, epochs * steps_per_epoch, task_index, self.num_tasks,
                            start_epoch * steps_per_epoch + (position["batch"] if task_index == position["task"] else 0))
