@@ -123,52 +123,48 @@ def test_run_compiles_the_train_step_at_most_once_per_bucket(tmp_path):
         "the train step compiled more than once per bucket width it saw"
 
 
+def sized_stream(*sizes, kind="classification"):
+    """A stand-in stream of tasks with (train, test) splits of the given sizes."""
+    import types
+
+    from jaxtree_lora.data.stream import Split
+
+    split = lambda n: Split(inputs={"input_ids": np.zeros((n, 4), np.int32)}, labels=np.zeros((n,), np.int32))
+    return types.SimpleNamespace(kind=kind, tasks=[types.SimpleNamespace(train=split(a), test=split(b))
+                                                   for a, b in sizes])
+
+
 def test_evaluation_batch_size_leaves_few_filler_rows_and_a_written_size_wins():
     """eval.batch_size unset: the multiple of 8 up to 96 forwarding the fewest rows (+8 a forward) over
     every split, the largest within 5%. Hand-computed: splits 80 / 40 -> 40 (3 forwards, 144 row-units,
     where 96 costs 2 x 104 = 208 and computes 56 filler rows per test forward); 192 / 96 -> 96 (no filler
     either way, the larger); 97 / 97 -> 56 (4 x 64 = 256 against 96's 4 x 104 = 416)."""
-    import types
-
     from experiments.configs import default
-    from jaxtree_lora.data.stream import Split
     from jaxtree_lora.train import plan
-
-    def stream(*sizes):
-        split = lambda n: Split(inputs={"input_ids": np.zeros((n, 4), np.int32)}, labels=np.zeros((n,), np.int32))
-        return types.SimpleNamespace(tasks=[types.SimpleNamespace(train=split(a), test=split(b)) for a, b in sizes])
 
     config = default.get_config()
     assert config.eval.batch_size is None, "the default leaves the size to the stream"
-    assert plan.evaluation_batch_size(config, stream(*[(80, 40)] * 10)) == 40
-    assert plan.evaluation_batch_size(config, stream(*[(192, 96)] * 5)) == 96
-    assert plan.evaluation_batch_size(config, stream((97, 97))) == 56
+    assert plan.evaluation_batch_size(config, sized_stream(*[(80, 40)] * 10)) == 40
+    assert plan.evaluation_batch_size(config, sized_stream(*[(192, 96)] * 5)) == 96
+    assert plan.evaluation_batch_size(config, sized_stream((97, 97))) == 56
     config.eval.batch_size = 96
-    assert plan.evaluation_batch_size(config, stream(*[(80, 40)] * 10)) == 96, "a size the user wrote wins"
+    assert plan.evaluation_batch_size(config, sized_stream(*[(80, 40)] * 10)) == 96, "a size the user wrote wins"
 
 
 def test_a_splits_last_evaluation_batch_is_cut_to_a_planned_tail():
     """The README's main job: batches of 100 over 256 training and 100 test images a task. The last
     training batch held 56 images and 44 rows of filler; it is cut to 56 rows (a multiple of 8 holding
     them). Tails few splits need join the next size up; instruction streams keep full batches."""
-    import types
-
     from jaxtree_lora.data import batching
-    from jaxtree_lora.data.stream import Split
     from jaxtree_lora.train import plan
 
-    def stream(*sizes, kind="classification"):
-        split = lambda n: Split(inputs={"input_ids": np.zeros((n, 4), np.int32)}, labels=np.zeros((n,), np.int32))
-        return types.SimpleNamespace(kind=kind, tasks=[types.SimpleNamespace(train=split(a), test=split(b))
-                                                       for a, b in sizes])
-
-    assert plan.evaluation_tails(stream(*[(256, 100)] * 5), 100) == (56,)
-    assert plan.evaluation_tails(stream(*[(256, 100)] * 5, kind="instruction"), 100) == ()
-    assert plan.evaluation_tails(stream((200, 100)), 100) == (), "no split ends short: nothing to cut"
+    assert plan.evaluation_tails(sized_stream(*[(256, 100)] * 5), 100) == (56,)
+    assert plan.evaluation_tails(sized_stream(*[(256, 100)] * 5, kind="instruction"), 100) == ()
+    assert plan.evaluation_tails(sized_stream((200, 100)), 100) == (), "no split ends short: nothing to cut"
     # Tails 8 (one split), 16 (one split), 56 (five): 8 joins 16 (1 x 8 rows <= 64); {8, 16} would add
     # 1 x 48 + 1 x 40 = 88 rows to reach 56: kept apart.
-    assert plan.evaluation_tails(stream((203, 100), (216, 100), *[(256, 100)] * 5), 100) == (16, 56)
-    batches = plan.feature_batches(batching, None, 100, stream(*[(256, 100)] * 5))
+    assert plan.evaluation_tails(sized_stream((203, 100), (216, 100), *[(256, 100)] * 5), 100) == (16, 56)
+    batches = plan.feature_batches(batching, None, 100, sized_stream(*[(256, 100)] * 5))
     arrays = {"input_ids": np.arange(256 * 4, dtype=np.int32).reshape(256, 4), "labels": np.arange(256)}
     sizes = [len(batch["weight"]) for batch in batches(arrays, 0)]
     assert sizes == [100, 100, 56], sizes
