@@ -1,6 +1,6 @@
 """Where a run's wall time goes: a host-side ledger of named phases whose parts sum to the wall.
 
-Every second from the process start to `table()` belongs to exactly one line: "startup" before the
+Every second from the interpreter's start to `table()` belongs to exactly one line: "startup" before the
 first ledger existed (interpreter, imports, config), the innermost phase open at that moment
 (`with ledger.phase("evaluation"): ...`), "compile" for tracing, lowering and XLA compilation (or
 loading a compiled program from the persistent cache) that jax.monitoring reports while a phase runs
@@ -11,7 +11,6 @@ spans, outside jit: with asynchronous dispatch, device work is counted in the ph
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from typing import Iterator
@@ -22,14 +21,19 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/j
 _startup_claimed = False  # only the first ledger of a process counts the start-up before it
 
 
-def process_age_seconds() -> float:
-    """Seconds since this process started (its /proc start time; 0 where that cannot be read)."""
-    try:
-        import psutil
+# The wall clock and the process's CPU seconds when this module was imported (the package imports it
+# first, `jaxtree_lora/__init__.py`).
+_IMPORTED = (time.time(), time.process_time())
 
-        return max(time.time() - psutil.Process(os.getpid()).create_time(), 0.0)
-    except Exception:
-        return 0.0
+
+def process_age_seconds() -> float:
+    """Seconds since this process's interpreter started: the wall time since the package was first
+    imported plus the CPU seconds the process had spent before that (the interpreter's start and its
+    first imports, on one thread). The process's creation time is not used: a shell that `exec`s its
+    last command (`bash -c "pip install ... && jaxtree-lora run"`) hands its own age, the install
+    included, to the interpreter."""
+    imported_at, cpu_before = _IMPORTED
+    return max(time.time() - imported_at, 0.0) + cpu_before
 
 
 def _union_length(spans: list) -> float:

@@ -46,6 +46,18 @@ def test_first_ledger_counts_the_start_up_since_the_process_began(monkeypatch):
         first.close(), second.close()
 
 
+def test_start_up_excludes_what_the_process_did_before_it_became_python():
+    """`bash -c "A && jaxtree-lora run"` execs the run into the shell's process: counting from the
+    process's creation put A (a 50 s pip install, measured) into the run's start-up line."""
+    import subprocess
+    import sys
+
+    probe = f"{sys.executable} -c 'from jaxtree_lora import ledger; print(ledger.process_age_seconds())'"
+    exec_age = float(subprocess.run(["bash", "-c", f"sleep 2 && {probe}"], capture_output=True, text=True,
+                                    check=True).stdout.split()[-1])
+    assert 0 < exec_age < 1.5, f"start-up {exec_age:.2f} s counts the shell's 2 s sleep before the exec"
+
+
 def test_a_run_accounts_for_every_phase(tmp_path):
     """A tiny TreeLoRA run (HiDe form: extra passes at each task's end, inferred task identity)."""
     config = tiny_config("treelora")
