@@ -33,7 +33,26 @@ def _orbax_error_reported_by_caller(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
 
 
+def _from_orbax(traceback) -> bool:
+    while traceback is not None:
+        if f"{os.sep}orbax{os.sep}" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+def _orbax_task_never_retrieved(record: logging.LogRecord) -> bool:
+    """Logging filter for asyncio: when one background write fails, Orbax raises the first failure
+    and leaves its sibling writes' failures (the same full disk) in tasks nobody awaits; asyncio logs
+    each as 'Task exception was never retrieved' when the task is collected, which depends on timing.
+    Those records (raised inside Orbax) are dropped; the failure reaches the caller once."""
+    exc_info = record.exc_info
+    return not (record.levelno >= logging.ERROR and exc_info and exc_info[2] is not None
+                and _from_orbax(exc_info[2]))
+
+
 logging.getLogger("absl").addFilter(_orbax_error_reported_by_caller)
+logging.getLogger("asyncio").addFilter(_orbax_task_never_retrieved)
 
 
 def _closed_loop_echo(kind, value) -> bool:
