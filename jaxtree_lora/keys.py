@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 
 import jax
+import numpy as np
 
-from jaxtree_lora import threefry  # noqa: F401  (the unrolled CPU lowering: same bits, faster draws)
+from jaxtree_lora import threefry  # the unrolled CPU lowering (same bits, faster draws); host fold_in
 
 PURPOSES = ("init", "train", "generate")
 
@@ -35,14 +36,39 @@ def for_purpose(seed: int, name: str) -> jax.Array:
     return derive(jax.random.PRNGKey(int(seed)), name)
 
 
-def train_step_key(seed: int, task: int, epoch: int, batch: int) -> jax.Array:
+def _on_host(seed: int) -> bool:
+    return (str(jax.config.jax_default_prng_impl) == "threefry2x32" and isinstance(seed, (int, np.integer))
+            and 0 <= int(seed) < 2 ** 31)
+
+
+def _host_chain(seed: int, name: str, *indices: int):
+    """fold_in(...fold_in(for_purpose(seed, name), i0)..., in) on the host, as numpy ([2] uint32), for
+    JAX's default threefry keys (the same bits: tests/test_keys.py); None for any other key type."""
+    if not _on_host(seed):
+        return None
+    key = threefry.fold_in(np.array([0, int(seed)], np.uint32), tag(name))  # PRNGKey(seed) = [0, seed]
+    for index in indices:
+        key = threefry.fold_in(key, int(index))
+    return key
+
+
+def train_step_key(seed: int, task: int, epoch: int, batch: int):
     """The key of one optimiser step: a pure function of (seed, task, epoch, batch), so a resumed
-    run draws the same keys as an uninterrupted one."""
+    run draws the same keys as an uninterrupted one. Derived on the host (numpy): an eager
+    `jax.random.fold_in` is a program queued behind the running step, so it would make the host wait
+    for the device at every step (other key types still take that path)."""
+    key = _host_chain(seed, "train", task, epoch, batch)
+    if key is not None:
+        return key
     key = for_purpose(seed, "train")
     return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, task), epoch), batch)
 
 
-def generation_key(seed: int, trained_upto: int, task: int) -> jax.Array:
-    """The sampling key of evaluating `task` after training up to task `trained_upto`."""
+def generation_key(seed: int, trained_upto: int, task: int):
+    """The sampling key of evaluating `task` after training up to task `trained_upto` (host-derived
+    like `train_step_key`)."""
+    key = _host_chain(seed, "generate", trained_upto, task)
+    if key is not None:
+        return key
     key = for_purpose(seed, "generate")
     return jax.random.fold_in(jax.random.fold_in(key, trained_upto), task)

@@ -30,8 +30,9 @@ def _rotate_left(x, bits: int):
 def threefry2x32(key1, key2, x1, x2):
     """Threefry-2x32 of counters (x1, x2) under key (key1, key2), all uint32 and broadcastable: five
     groups of four rounds (add, rotate, xor), each group followed by the injection of the next key word
-    pair and the group's index."""
-    shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in (key1, key2, x1, x2)))
+    pair and the group's index. All numpy: computed on the host (no program dispatched)."""
+    xp = np if all(isinstance(v, (np.ndarray, np.generic)) for v in (key1, key2, x1, x2)) else jnp
+    shape = xp.broadcast_shapes(*(xp.shape(v) for v in (key1, key2, x1, x2)))
     keys = (key1, key2, key1 ^ key2 ^ _PARITY)
     x1, x2 = x1 + keys[0], x2 + keys[1]
     for group in range(5):
@@ -40,7 +41,15 @@ def threefry2x32(key1, key2, x1, x2):
             x2 = _rotate_left(x2, bits) ^ x1
         x1 = x1 + keys[(group + 1) % 3]
         x2 = x2 + keys[(group + 2) % 3] + np.uint32(group + 1)
-    return jnp.broadcast_to(x1, shape), jnp.broadcast_to(x2, shape)
+    return xp.broadcast_to(x1, shape), xp.broadcast_to(x2, shape)
+
+
+def fold_in(key: np.ndarray, data: int) -> np.ndarray:
+    """`jax.random.fold_in` of a raw threefry key ([2] uint32) and a 32-bit integer, on the host: the
+    key hashes the counter pair (0, data) (JAX's `threefry_seed` of a 32-bit value is [0, value])."""
+    with np.errstate(over="ignore"):
+        x1, x2 = threefry2x32(np.uint32(key[0]), np.uint32(key[1]), np.uint32(0), np.uint32(data & 0xFFFFFFFF))
+    return np.array([x1, x2], np.uint32)
 
 
 if threefry2x32_p is not None:

@@ -123,3 +123,34 @@ def test_generation_draws_from_the_generate_purpose(tmp_path):
         run.fit()  # trains the one task, then evaluates it: the loop hands the evaluator its key
     # The first evaluation batch's key: fold_in(generation key, batch number 0).
     assert as_bytes(drawn[0]) == as_bytes(jax.random.fold_in(keys.generation_key(5, 0, 0), 0))
+
+
+def test_host_derived_step_and_generation_keys_equal_jax_fold_in():
+    """The step and generation keys are derived on the host (an eager fold_in is a program queued behind
+    the running step: the host would wait for the device every step). They must be JAX's bits: a
+    difference would change every dropout mask and sample of every run."""
+    def jax_chain(seed, name, *indices):
+        key = keys.for_purpose(seed, name)
+        for index in indices:
+            key = jax.random.fold_in(key, index)
+        return np.asarray(key)
+
+    rng = np.random.default_rng(0)
+    cases = [(0, 0, 0, 0), (5, 2, 0, 5), (2 ** 31 - 1, 2 ** 31 - 1, 7, 2 ** 31 - 1)]
+    cases += [tuple(int(v) for v in rng.integers(0, 2 ** 31, 4)) for _ in range(20)]
+    for seed, task, epoch, batch in cases:
+        step = keys.train_step_key(seed, task, epoch, batch)
+        assert isinstance(step, np.ndarray) and step.dtype == np.uint32, "derived on the host, as raw key data"
+        assert step.tobytes() == jax_chain(seed, "train", task, epoch, batch).tobytes(), (seed, task, epoch, batch)
+        assert keys.generation_key(seed, task, batch).tobytes() == jax_chain(seed, "generate", task, batch).tobytes()
+
+
+def test_step_keys_take_no_device_program(monkeypatch):
+    """With JAX's default keys no jax.random call (a dispatched program) is made for a step key."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a step key went through a device program")
+
+    for name in ("fold_in", "PRNGKey", "key"):
+        monkeypatch.setattr(jax.random, name, refuse)
+    assert keys.train_step_key(9, 1, 0, 4).shape == (2,)
+    assert keys.generation_key(9, 1, 0).shape == (2,)
