@@ -441,3 +441,39 @@ def test_recomputed_prototypes_reuse_a_slot_that_never_changed_and_recompute_one
     before = evaluator.forward_count
     evaluator.recomputed_prototype_scores(changed)
     assert evaluator.forward_count > before, "a changed slot's prototypes were reused"
+
+
+def test_inferred_slot_features_are_computed_once_per_example_and_slot_while_the_slot_is_unchanged(tmp_path, monkeypatch):
+    """After task t every seen task's test set is scored again, each example under the slot its task is
+    inferred to be. A finished task's slot never changes, so an example's features under it are the
+    ones already taken: only (example, slot) pairs not seen before are forwarded. The scores must equal
+    a run that forwards every example at every evaluation, with fewer examples forwarded; a slot whose
+    values change (here by hand) must be forwarded again and score as a fresh forward does."""
+    from jaxtree_lora.evaluation.evaluator import Evaluator
+
+    config = hide_config("hide_lora")
+    config.eval.batch_size = 32  # chunks of 8 for the examples forwarded again
+    reusing = make_run(config, tmp_path / "reusing")
+    assert reusing.evaluator.reuses_slot_features
+    outcome = reusing.fit()
+    with monkeypatch.context() as patch:
+        patch.setattr(Evaluator, "reuses_slot_features", property(lambda self: False))
+        forwarding = make_run(config, tmp_path / "forwarding")
+        expected = forwarding.fit()
+    for name in ("matrix", "ncm_matrix", "task_identity_accuracy", "recomputed_prototype_scores"):
+        np.testing.assert_array_equal(np.asarray(outcome[name], float), np.asarray(expected[name], float),
+                                      err_msg=f"{name} moved when features were reused")
+    assert reusing.evaluator.forward_count < forwarding.evaluator.forward_count, "nothing was reused"
+
+    state, evaluator, last = outcome["state"], reusing.evaluator, reusing.num_tasks - 1
+    before = evaluator.forward_count
+    again = [evaluator.evaluate(state, task, last) for task in range(reusing.num_tasks)]
+    assert evaluator.forward_count == before, "unchanged slots were forwarded again"
+    moved = jax.tree.map(lambda value: value.at[:, 0].add(0.5), state.trainable["adapters"])
+    changed = state.replace(trainable={**state.trainable, "adapters": moved})
+    scores = [evaluator.evaluate(changed, task, last) for task in range(reusing.num_tasks)]
+    assert evaluator.forward_count > before, "features under a changed slot were reused"
+    with monkeypatch.context() as patch:
+        patch.setattr(Evaluator, "reuses_slot_features", property(lambda self: False))
+        assert scores == [forwarding.evaluator.evaluate(changed, task, last) for task in range(reusing.num_tasks)]
+        assert again == [forwarding.evaluator.evaluate(state, task, last) for task in range(reusing.num_tasks)]

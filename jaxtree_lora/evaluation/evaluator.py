@@ -53,6 +53,14 @@ def token_tasks(batch: dict, example_tasks):
     return jnp.concatenate([jnp.zeros((1,), example_tasks.dtype), example_tasks])[batch["segment_ids"]]
 
 
+def same_slot_state(taken, now) -> bool:
+    """Whether two `Evaluator._slot_state` records read the same: the very same weights, equal slot inputs."""
+    if taken is None or now is None or len(taken[0]) != len(now[0]) or len(taken[1]) != len(now[1]):
+        return False
+    return (all(a is b for a, b in zip(taken[0], now[0]))
+            and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(taken[1], now[1])))
+
+
 def effective_rule(method, identity: str = "given") -> InferenceRule:
     """The rule a run scores by: the method's own, except that `eval.task_identity=inferred` turns a
     given task's slot (LiLoRA) into the slot of the task inferred from pre-trained class means."""
@@ -140,6 +148,10 @@ class Evaluator:
         # Per task, what its slot's forward read when its prototypes were taken (`Method.slot_inputs`, host
         # copies) and the weights it ran on: the diagnostic reuses those prototypes while both still hold.
         self._slot_taken: dict[int, tuple] = {}
+        # Test features under each slot, for a method that infers each example's slot and says what a slot's
+        # forward reads (`slot_inputs`): {slot: (what it read, {(task, example): [d] float32})}. A slot that
+        # no longer reads the same drops its rows; an example keeps its row while its slot is unchanged.
+        self._slot_features: dict[int, tuple] = {}
 
     def reading(self, stream) -> "Evaluator":
         """This evaluator (its compiled functions) over another stream's tasks, with none of the
@@ -147,6 +159,7 @@ class Evaluator:
         other = copy.copy(self)
         other.stream, other._frozen_features, other._untrained_scores = stream, {}, {}
         other._limits, other._final, other._kept_pass, other._slot_taken = {}, None, None, {}
+        other._slot_features = {}
         other.identity = TaskIdentity(other._pretrained_task_means, None)
         return other
 
@@ -330,11 +343,7 @@ class Evaluator:
 
     def _slot_unchanged(self, state, task: int) -> bool:
         """Whether task `task`'s slot forward reads now what it read when its prototypes were taken."""
-        taken, now = self._slot_taken.get(task), self._slot_state(state, task)
-        if taken is None or now is None or len(taken[0]) != len(now[0]) or len(taken[1]) != len(now[1]):
-            return False
-        return (all(a is b for a, b in zip(taken[0], now[0]))
-                and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(taken[1], now[1])))
+        return same_slot_state(self._slot_taken.get(task), self._slot_state(state, task))
 
     def recomputed_prototype_scores(self, state) -> list[float]:
         """Diagnostic, NOT rehearsal-free: every class's prototype recomputed with this (final) model over
@@ -461,7 +470,13 @@ class Evaluator:
         if last and not self._same_model(state):
             self._final = (jax.tree.leaves((state.trainable, state.method_state, state.prototypes)), [])
         kept = []
-        for batch in self.batches(classification_arrays(self.stream.tasks[task].test), task):
+        if self.reuses_slot_features and fixed is None and given_task is None:
+            correct, total, hits, kept = self._score_by_slot_features(state, task, trained_upto, weights, pretrained)
+            keep = keep and bool(kept)
+            batches = ()
+        else:
+            batches = self.batches(classification_arrays(self.stream.tasks[task].test), task)
+        for batch in batches:
             weight = np.asarray(batch.pop("weight"))
             labels = np.asarray(batch.pop("labels"))
             example_tasks = None
@@ -497,6 +512,85 @@ class Evaluator:
         if self.infer_identity:
             out["identity"] = 100.0 * hits / max(total, 1.0)
         return out
+
+    @property
+    def reuses_slot_features(self) -> bool:
+        """Whether test features are kept per (example, slot): the method infers each example's slot, one
+        forward scores it, and the method says what a slot's forward reads (`slot_inputs`)."""
+        return (self.kind == "classification" and self.method_infers_task and self.one_forward_per_example
+                and getattr(self.method, "slot_inputs", None) is not None and not self.fixed_features)
+
+    def _subset_batches(self, arrays: dict, task: int):
+        """The batches of a few examples to forward again: chunks of a quarter of the evaluation batch
+        (a multiple of 8; one more shape of the forward, compiled once) where they fill less than a whole
+        batch, else the split's own batches. A `batches` without a batch size: its own batches."""
+        full = int(getattr(self.batches, "batch_size", 0) or 0)
+        chunk = max(8, -(-full // (4 * 8)) * 8)
+        examples = len(next(iter(arrays.values())))
+        if full and chunk < full and -(-examples // chunk) * chunk < full:
+            return self.batches(arrays, task, rows=chunk)
+        return self.batches(arrays, task)
+
+    def _score_by_slot_features(self, state, task: int, trained_upto: int, weights, pretrained):
+        """`evaluate` for a method whose slots are inferred per example (HiDe-LoRA, TreeLoRA's ViT form):
+        each test example's features under its inferred slot are computed once and reused while that slot
+        reads the same values (`slot_inputs`; the earlier tasks' slots never change after their task), so
+        after task t only the examples whose (example, slot) pair is new are forwarded, gathered into the
+        split's usual batches. Returns (correct [2], total, identity hits, the batches' features)."""
+        arrays = classification_arrays(self.stream.tasks[task].test)
+        rows, offset = [], 0  # per batch: (its examples' indices, labels, weight, their inferred slots)
+        hits = 0.0
+        for batch in self.batches(arrays, task):
+            weight = np.asarray(batch.pop("weight"))
+            labels = np.asarray(batch.pop("labels"))
+            real = int(np.count_nonzero(weight))  # real rows first, filler after (`batching.batches`)
+            features = pretrained(batch)
+            inferred = np.asarray(self._infer_task(state.method_state, self.host_batch(features),
+                                                   jnp.asarray(trained_upto, jnp.int32))).astype(np.int32)
+            hits += float(np.sum((inferred == task) * weight))
+            rows.append((np.arange(offset, offset + real), labels, weight, inferred))
+            offset += real
+        slots = np.concatenate([inferred[:len(index)] for index, _, _, inferred in rows])
+        stores = {}
+        for slot in np.unique(slots).tolist():
+            now = self._slot_state(state, slot)
+            held = self._slot_features.get(slot)
+            if held is None or not same_slot_state(held[0], now):
+                held = self._slot_features[slot] = (now, {})
+            stores[slot] = held[1]
+        missing = np.array([example for example, slot in enumerate(slots.tolist())
+                            if (task, example) not in stores[slot]], np.int64)
+        if len(missing):
+            subset = {name: np.asarray(value)[missing] for name, value in arrays.items()}
+            done = 0
+            for batch in self._subset_batches(subset, task):
+                weight = np.asarray(batch.pop("weight"))
+                batch.pop("labels")
+                real = int(np.count_nonzero(weight))
+                chosen = missing[done:done + real]
+                example_tasks = np.zeros((len(weight),), np.int32)
+                example_tasks[:real] = slots[chosen]
+                self.forward_count += len(weight)
+                _, features = self._predict_and_features(
+                    state.trainable, weights, self.consts, state.method_state, state.prototypes, self.host_batch(batch),
+                    trained_upto, self.host_batch(example_tasks), None)
+                features = np.asarray(features)
+                for row, example in enumerate(chosen.tolist()):
+                    stores[int(slots[example])][(task, example)] = features[row]
+                done += real
+                kill_point("evaluation")
+        correct, total, kept = np.zeros((2,), np.float64), 0.0, []
+        dim = int(self.backbone.info.feature_dim)
+        for index, labels, weight, _ in rows:
+            features = np.zeros((len(weight), dim), np.float32)
+            for row, example in enumerate(index.tolist()):
+                features[row] = stores[int(slots[example])][(task, example)]
+            predictions = np.asarray(self._classify(state.trainable, self.consts, state.prototypes,
+                                                    self.host_batch(features), trained_upto))
+            kept.append(features)
+            correct += np.sum((predictions == labels[None, :]) * weight[None, :], axis=1)
+            total += float(np.sum(weight))
+        return correct, total, hits, kept
 
     def _generation_score(self, state, task: int, key) -> float:
         from flax import nnx

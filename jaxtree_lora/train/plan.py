@@ -156,11 +156,13 @@ def feature_batches(batching, packer, batch_size: int, stream=None):
         rows = next((size for size in tails if size >= real), batch_size)
         return {key: value[:rows] for key, value in batch.items()} if rows < len(batch["weight"]) else batch
 
-    def batches(arrays: dict, task: int):
-        ordered = batching.batches(arrays, batch_size, seed=0, task=task, epoch=0, shuffle=False)
-        ordered = map(cut, ordered) if tails else ordered
+    def batches(arrays: dict, task: int, rows: int = 0):
+        """`rows` > 0: batches of that many rows instead, none cut (a few examples forwarded again)."""
+        ordered = batching.batches(arrays, int(rows) or batch_size, seed=0, task=task, epoch=0, shuffle=False)
+        ordered = map(cut, ordered) if tails and not rows else ordered
         return ordered if packer is None else map(packer, ordered)
 
+    batches.batch_size = batch_size
     return batches
 
 
