@@ -451,7 +451,7 @@ def test_inferred_slot_features_are_computed_once_per_example_and_slot_while_the
     values change (here by hand) must be forwarded again and score as a fresh forward does."""
     from jaxtree_lora.evaluation.evaluator import Evaluator
 
-    config = hide_config("hide_lora")
+    config = hide_config("hide_lora", epochs=1)
     config.eval.batch_size = 32  # chunks of 8 for the examples forwarded again
     reusing = make_run(config, tmp_path / "reusing")
     assert reusing.evaluator.reuses_slot_features

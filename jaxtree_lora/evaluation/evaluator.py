@@ -535,8 +535,9 @@ class Evaluator:
         """`evaluate` for a method whose slots are inferred per example (HiDe-LoRA, TreeLoRA's ViT form):
         each test example's features under its inferred slot are computed once and reused while that slot
         reads the same values (`slot_inputs`; the earlier tasks' slots never change after their task), so
-        after task t only the examples whose (example, slot) pair is new are forwarded, gathered into the
-        split's usual batches. Returns (correct [2], total, identity hits, the batches' features)."""
+        after task t only the examples whose (example, slot) pair is new are forwarded (`_subset_batches`),
+        and every example is scored from its kept features by the current heads (`_classify`). Returns
+        (correct [2], total, identity hits, the batches' features)."""
         arrays = classification_arrays(self.stream.tasks[task].test)
         rows, offset = [], 0  # per batch: (its examples' indices, labels, weight, their inferred slots)
         hits = 0.0
