@@ -89,7 +89,8 @@ class Evaluator:
       weights: weights(trainable, method_state) -> the weights the method's forward runs on in that state
         (`Run.forward_weights`: `frozen` with the frozen past slots folded into the kernels where the run
         folds them); `frozen` when not given.
-      batches: batches(arrays, task_index) -> iterator of evaluation batches (fixed size, "weight").
+      batches: batches(arrays, task_index, few=False) -> iterator of evaluation batches (fixed size,
+        "weight"; `few`: a few examples forwarded again, `train.plan.feature_batches`).
       host_batch: a host batch -> arrays every process holds whole.
       out_sharding: the sharding of every jitted output (replicated).
       identity: "given" or "inferred" (only for methods whose protocol is told the task).
@@ -481,12 +482,7 @@ class Evaluator:
             labels = np.asarray(batch.pop("labels"))
             example_tasks = None
             if self.infer_identity:
-                features = pretrained(batch)
-                if self.method_infers_task:
-                    inferred = np.asarray(self._infer_task(state.method_state, self.host_batch(features),
-                                                           jnp.asarray(trained_upto, jnp.int32)))
-                else:
-                    inferred = self.identity.infer(features, trained_upto)
+                inferred = self._inferred_tasks(state, pretrained(batch), trained_upto)
                 hits += float(np.sum((inferred == task) * weight))
                 example_tasks = self.host_batch(inferred.astype(np.int32))
             if fixed is not None:
@@ -513,6 +509,14 @@ class Evaluator:
             out["identity"] = 100.0 * hits / max(total, 1.0)
         return out
 
+    def _inferred_tasks(self, state, pretrained_features, trained_upto: int) -> np.ndarray:
+        """[B] each example's inferred task: the method's own rule (`infer_task`) or the pre-trained
+        class means (`eval.task_identity=inferred`)."""
+        if self.method_infers_task:
+            return np.asarray(self._infer_task(state.method_state, self.host_batch(pretrained_features),
+                                               jnp.asarray(trained_upto, jnp.int32)))
+        return self.identity.infer(pretrained_features, trained_upto)
+
     @property
     def reuses_slot_features(self) -> bool:
         """Whether test features are kept per (example, slot): the method infers each example's slot, one
@@ -520,22 +524,11 @@ class Evaluator:
         return (self.kind == "classification" and self.method_infers_task and self.one_forward_per_example
                 and getattr(self.method, "slot_inputs", None) is not None and not self.fixed_features)
 
-    def _subset_batches(self, arrays: dict, task: int):
-        """The batches of a few examples to forward again: chunks of a quarter of the evaluation batch
-        (a multiple of 8; one more shape of the forward, compiled once) where they fill less than a whole
-        batch, else the split's own batches. A `batches` without a batch size: its own batches."""
-        full = int(getattr(self.batches, "batch_size", 0) or 0)
-        chunk = max(8, -(-full // (4 * 8)) * 8)
-        examples = len(next(iter(arrays.values())))
-        if full and chunk < full and -(-examples // chunk) * chunk < full:
-            return self.batches(arrays, task, rows=chunk)
-        return self.batches(arrays, task)
-
     def _score_by_slot_features(self, state, task: int, trained_upto: int, weights, pretrained):
         """`evaluate` for a method whose slots are inferred per example (HiDe-LoRA, TreeLoRA's ViT form):
         each test example's features under its inferred slot are computed once and reused while that slot
         reads the same values (`slot_inputs`; the earlier tasks' slots never change after their task), so
-        after task t only the examples whose (example, slot) pair is new are forwarded (`_subset_batches`),
+        after task t only the examples whose (example, slot) pair is new are forwarded (`batches(..., few=True)`),
         and every example is scored from its kept features by the current heads (`_classify`). Returns
         (correct [2], total, identity hits, the batches' features)."""
         arrays = classification_arrays(self.stream.tasks[task].test)
@@ -545,9 +538,7 @@ class Evaluator:
             weight = np.asarray(batch.pop("weight"))
             labels = np.asarray(batch.pop("labels"))
             real = int(np.count_nonzero(weight))  # real rows first, filler after (`batching.batches`)
-            features = pretrained(batch)
-            inferred = np.asarray(self._infer_task(state.method_state, self.host_batch(features),
-                                                   jnp.asarray(trained_upto, jnp.int32))).astype(np.int32)
+            inferred = self._inferred_tasks(state, pretrained(batch), trained_upto).astype(np.int32)
             hits += float(np.sum((inferred == task) * weight))
             rows.append((np.arange(offset, offset + real), labels, weight, inferred))
             offset += real
@@ -564,7 +555,7 @@ class Evaluator:
         if len(missing):
             subset = {name: np.asarray(value)[missing] for name, value in arrays.items()}
             done = 0
-            for batch in self._subset_batches(subset, task):
+            for batch in self.batches(subset, task, few=True):
                 weight = np.asarray(batch.pop("weight"))
                 batch.pop("labels")
                 real = int(np.count_nonzero(weight))

@@ -145,24 +145,29 @@ def evaluation_tails(stream, batch_size: int) -> tuple[int, ...]:
 
 
 def feature_batches(batching, packer, batch_size: int, stream=None):
-    """batches(arrays, task) -> a task's evaluation batches in order ("weight" 0 on padding rows), each
-    packed by `packer` (`feature_packer`) where one is given. Every batch has `batch_size` rows but a
-    split's last, which is cut to the smallest of the stream's tail sizes (`evaluation_tails`; none
-    without a stream) that holds its real rows (else filled to `batch_size`)."""
+    """batches(arrays, task, few=False) -> a task's evaluation batches in order ("weight" 0 on padding
+    rows), each packed by `packer` (`feature_packer`) where one is given. Every batch has `batch_size`
+    rows but a split's last, which is cut to the smallest of the stream's tail sizes (`evaluation_tails`;
+    none without a stream) that holds its real rows (else filled to `batch_size`)."""
     tails = evaluation_tails(stream, batch_size) if stream is not None else ()
+    # A quarter of the batch, a multiple of ROW_MULTIPLE: one more shape of each forward, compiled once.
+    chunk = max(ROW_MULTIPLE, -(-batch_size // (4 * ROW_MULTIPLE)) * ROW_MULTIPLE)
 
     def cut(batch: dict) -> dict:
         real = int(np.count_nonzero(batch["weight"]))  # real rows first, filler after (`batching.batches`)
         rows = next((size for size in tails if size >= real), batch_size)
         return {key: value[:rows] for key, value in batch.items()} if rows < len(batch["weight"]) else batch
 
-    def batches(arrays: dict, task: int, rows: int = 0):
-        """`rows` > 0: batches of that many rows instead, none cut (a few examples forwarded again)."""
-        ordered = batching.batches(arrays, int(rows) or batch_size, seed=0, task=task, epoch=0, shuffle=False)
-        ordered = map(cut, ordered) if tails and not rows else ordered
+    def batches(arrays: dict, task: int, few: bool = False):
+        """`few`: a few examples forwarded again (the evaluator's reused slot features): in chunks of
+        `chunk` rows, none cut, where those fill less than one whole batch."""
+        rows = batch_size
+        if few and -(-len(next(iter(arrays.values()))) // chunk) * chunk < batch_size:
+            rows = chunk
+        ordered = batching.batches(arrays, rows, seed=0, task=task, epoch=0, shuffle=False)
+        ordered = map(cut, ordered) if tails and rows == batch_size else ordered
         return ordered if packer is None else map(packer, ordered)
 
-    batches.batch_size = batch_size
     return batches
 
 
