@@ -26,16 +26,19 @@ import orbax.checkpoint as ocp
 from jaxtree_lora.faults import kill_point
 
 
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"  # in the path of Orbax's own files
+
+
 def _orbax_error_reported_by_caller(record: logging.LogRecord) -> bool:
     """Logging filter: drops Orbax's own ERROR records (with their tracebacks: a failed background
     write logs one before the failure reaches `save`/`wait`), since that same failure is raised to
     the caller here and reported there, in one line. Everything else is logged as before."""
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+    return not (record.levelno >= logging.ERROR and _ORBAX_SOURCE in (record.pathname or ""))
 
 
 def _from_orbax(traceback) -> bool:
     while traceback is not None:
-        if f"{os.sep}orbax{os.sep}" in traceback.tb_frame.f_code.co_filename:
+        if _ORBAX_SOURCE in traceback.tb_frame.f_code.co_filename:
             return True
         traceback = traceback.tb_next
     return False
