@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import DeltaFn, Site, attention, gelu_exact, layer_norm, scan_layers
+from jaxtree_lora.models.common import DeltaFn, Site, attention, dense, gelu_exact, layer_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
 
 SITES = ("attn.query", "attn.key", "attn.value", "attn.output", "mlp.intermediate", "mlp.output")
@@ -120,7 +120,7 @@ def encoder_block(x, p, hook, key_mask, num_heads: int, eps: float, act: str):
 
     def project(site, inputs):
         name = SITE_KERNELS[site]
-        y = inputs @ p[name].astype(dtype) + p[name + "_bias"].astype(dtype)
+        y = dense(inputs, p[name]) + p[name + "_bias"].astype(dtype)
         return hook(site, inputs, y)
 
     q = project("attn.query", x).reshape(batch, seq, num_heads, head_dim)

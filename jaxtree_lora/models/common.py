@@ -14,6 +14,7 @@ docs/MODELS.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -120,19 +121,86 @@ def scan_layers(body, carry, layer_params: PyTree, adapters: Optional[Mapping[st
     """
     keys = layer_keys(key, num_layers)
     xs = (layer_params, dict(adapters or {}), keys)
+    dtypes = jax.tree.map(lambda leaf: leaf.dtype, carry)
 
     def step(c, x):
         params_l, adapters_l, key_l = x
         hook = SiteHook(adapters_l, delta, key_l)
-        c, out = body(c, params_l, hook)
-        return c, (out, hook.records)
+        c, out = body(jax.tree.map(jnp.astype, c, dtypes), params_l, hook)
+        return jax.tree.map(_wide, c), (out, hook.records)
 
     if remat:
         step = jax.checkpoint(step, prevent_cse=False)
-    carry, (outs, records) = jax.lax.scan(step, carry, xs, length=num_layers)
+    carry, (outs, records) = jax.lax.scan(step, jax.tree.map(_wide, carry), xs, length=num_layers)
+    carry = jax.tree.map(jnp.astype, carry, dtypes)
     if records and hasattr(delta, "collect"):
         delta.collect(records)  # per-site measurements stacked over layers (SiteRecorder)
     return carry, outs
+
+
+# bfloat16 on XLA CPU, and what works around it (float32 and other backends are untouched):
+# - a bf16 x bf16 -> bf16 dot is run by widening both operands to float32 (float32's speed plus the
+#   conversions), while bf16 operands with a float32 result reach the CPU's bf16 matrix units (AMX
+#   where present: 4-5x float32 on the development box). `dense` asks for the float32 result.
+# - a dynamic-update-slice into a bf16 buffer is widened over the WHOLE buffer: under the layer scan
+#   every stacked bf16 array (the residuals kept for the backward, remat's saved layer inputs) had all
+#   L layers' slots converted twice at each layer's write, quadratic in depth. The layer carry is held
+#   in float32 between layers (`_wide`: bf16 -> f32 -> bf16 is exact) and the residuals our own
+#   backward rules keep are stored as their bits (`stash`: uint16), which the scan writes in place.
+def narrow_on_cpu(dtype) -> bool:
+    """Whether `dtype` is bfloat16 computed by XLA CPU (where the workarounds above apply)."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
+def _wide(x: Array) -> Array:
+    return x.astype(jnp.float32) if narrow_on_cpu(x.dtype) else x
+
+
+def stash(x: Array) -> Array:
+    """A residual for a custom backward rule: bf16 on CPU as its uint16 bits, anything else as it is."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if narrow_on_cpu(x.dtype) else x
+
+
+def unstash(x: Array, dtype) -> Array:
+    """The residual `stash` kept, back in `dtype`."""
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
+def dense(x: Array, kernel: Array, out_dtype=None) -> Array:
+    """x [..., d_in] @ kernel [d_in, d_out] with the kernel cast to x's dtype; the result in `out_dtype`
+    (default x's dtype). Every frozen projection and the LM head go through here. bf16 on CPU: the
+    products accumulate in float32 and are rounded once, forward and backward (`_narrow_product`)."""
+    if not narrow_on_cpu(x.dtype):
+        return jnp.matmul(x, kernel.astype(x.dtype), preferred_element_type=out_dtype)
+    return _narrow_product(x, kernel, jnp.dtype(out_dtype or x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _narrow_product(x, kernel, out_dtype):
+    return jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _narrow_product_forward(x, kernel, out_dtype):
+    # The kernel is kept as stored (a slice of the layer scan's input, not a stacked narrow copy).
+    return _narrow_product(x, kernel, out_dtype), (stash(x), kernel)
+
+
+def _narrow_product_backward(out_dtype, residuals, grad):
+    """Both gradients as the forward: narrow operands, float32 sums, one rounding (autodiff's own
+    transpose would widen the kernel again). A float32 cotangent (the LM head's logits) enters as two
+    bf16 terms, its rounding and the rest, so it keeps about 16 bits. A frozen kernel's gradient is
+    never read, and XLA drops it."""
+    x, kernel = residuals
+    x = unstash(x, jnp.bfloat16)
+    narrow = kernel.astype(x.dtype)
+    high = grad.astype(x.dtype)
+    terms = [high] if grad.dtype == x.dtype else [high, (grad - high.astype(grad.dtype)).astype(x.dtype)]
+    dx = sum(jnp.einsum("...o,io->...i", term, narrow, preferred_element_type=jnp.float32) for term in terms)
+    dkernel = sum(jnp.einsum("...i,...o->io", x, term, preferred_element_type=jnp.float32) for term in terms)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_narrow_product.defvjp(_narrow_product_forward, _narrow_product_backward)
 
 
 def attention(query: Array, key: Array, value: Array, mask: Optional[Array] = None) -> Array:
@@ -165,10 +233,11 @@ def gelu_exact(x: Array) -> Array:
 
 
 def _gelu_exact_forward(x):
-    return gelu_exact(x), x
+    return gelu_exact(x), stash(x)
 
 
 def _gelu_exact_backward(x, grad):
+    x = unstash(x, grad.dtype)
     # gelu(x) = (0.5 x) erfc(-x / sqrt 2); d erfc(z) / dz = -2 / sqrt(pi) exp(-z^2).
     sqrt_half = np.sqrt(0.5).astype(x.dtype)
     z = -x * sqrt_half
@@ -187,10 +256,11 @@ def silu(x: Array) -> Array:
 
 
 def _silu_forward(x):
-    return silu(x), x
+    return silu(x), stash(x)
 
 
 def _silu_backward(x, grad):
+    x = unstash(x, grad.dtype)
     sigmoid = jax.lax.logistic(x)
     return (grad * sigmoid + (x * grad) * (sigmoid * (1.0 - sigmoid)),)
 

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import Site, attention, rms_norm, scan_layers, silu
+from jaxtree_lora.models.common import Site, attention, dense, rms_norm, scan_layers, silu
 from jaxtree_lora.models.stacked import Stacked
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -210,7 +210,7 @@ def decoder_block(x, params, hook, allowed, cos, sin, config: LlamaConfig, cache
     c = config
 
     def project(site, name, inputs):
-        y = jnp.einsum("...i,io->...o", inputs, params[name].astype(dtype))
+        y = dense(inputs, params[name])
         bias = params.get(name.replace("_proj", "_bias"))
         if bias is not None:
             y = y + bias.astype(dtype)
@@ -354,7 +354,7 @@ class LlamaDecoder(nnx.Module):
     def logits_from_hidden(self, x):
         """[batch, seq, hidden] -> float32 logits [batch, seq, vocab]."""
         head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        return dense(x, head, jnp.float32)
 
     def __call__(self, tokens, attention_mask=None, *, adapters=None, delta=None, rng=None, cache=None,
                  compute_dtype=None, logits_window: Optional[tuple[int, int]] = None):

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import DeltaFn, Site, attention, gelu_exact, layer_norm, scan_layers
+from jaxtree_lora.models.common import DeltaFn, Site, attention, dense, gelu_exact, layer_norm, scan_layers
 from jaxtree_lora.models.stacked import Stacked
 
 SITES = ("attn.query", "attn.key", "attn.value", "attn.output", "mlp.fc1", "mlp.fc2")
@@ -127,7 +127,7 @@ def vit_block(x, p, hook, c: ViTConfig):
 
     def project(site, inputs):
         name = SITE_KERNELS[site]
-        return hook(site, inputs, inputs @ p[name].astype(dtype) + p[name + "_bias"].astype(dtype))
+        return hook(site, inputs, dense(inputs, p[name]) + p[name + "_bias"].astype(dtype))
 
     h = layer_norm(x, p["norm1"], p["norm1_bias"], c.layer_norm_eps)
     q = project("attn.query", h).reshape(batch, seq, c.num_heads, head_dim)
