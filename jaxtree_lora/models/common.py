@@ -226,10 +226,18 @@ def attention(query: Array, key: Array, value: Array, mask: Optional[Array] = No
 # recomputing the few elementwise terms (what torch's gelu_backward / silu_backward do). The backward
 # rules below are autodiff's own operations in autodiff's order, so gradients are bit-identical
 # (tests/test_activations.py compares them with jax.grad of jax.nn.gelu / jax.nn.silu).
+def _float32_inside(function, *arrays):
+    """`function` of the arrays; bf16 on CPU computed in float32 and rounded once (XLA CPU would widen
+    and round around every elementwise operation of the chain: slower, and rounded at each step)."""
+    if not narrow_on_cpu(arrays[0].dtype):
+        return function(*arrays)
+    return function(*(a.astype(jnp.float32) for a in arrays)).astype(arrays[0].dtype)
+
+
 @jax.custom_vjp
 def gelu_exact(x: Array) -> Array:
     """The exact (erf) GELU, x Phi(x), as jax.nn.gelu(approximate=False); its backward keeps only x."""
-    return jax.nn.gelu(x, approximate=False)
+    return _float32_inside(lambda v: jax.nn.gelu(v, approximate=False), x)
 
 
 def _gelu_exact_forward(x):
@@ -237,13 +245,16 @@ def _gelu_exact_forward(x):
 
 
 def _gelu_exact_backward(x, grad):
-    x = unstash(x, grad.dtype)
+    return (_float32_inside(_gelu_exact_gradient, grad, unstash(x, grad.dtype)),)
+
+
+def _gelu_exact_gradient(grad, x):
     # gelu(x) = (0.5 x) erfc(-x / sqrt 2); d erfc(z) / dz = -2 / sqrt(pi) exp(-z^2).
     sqrt_half = np.sqrt(0.5).astype(x.dtype)
     z = -x * sqrt_half
     through_erfc = -(((np.asarray(-2 / np.sqrt(np.pi), x.dtype) * ((0.5 * x) * grad)) * jnp.exp(-jnp.square(z)))
                      * sqrt_half)
-    return (through_erfc + 0.5 * (grad * jax.lax.erfc(z)),)
+    return through_erfc + 0.5 * (grad * jax.lax.erfc(z))
 
 
 gelu_exact.defvjp(_gelu_exact_forward, _gelu_exact_backward)
@@ -252,7 +263,7 @@ gelu_exact.defvjp(_gelu_exact_forward, _gelu_exact_backward)
 @jax.custom_vjp
 def silu(x: Array) -> Array:
     """x sigmoid(x), as jax.nn.silu; its backward keeps only x."""
-    return jax.nn.silu(x)
+    return _float32_inside(jax.nn.silu, x)
 
 
 def _silu_forward(x):
@@ -260,9 +271,12 @@ def _silu_forward(x):
 
 
 def _silu_backward(x, grad):
-    x = unstash(x, grad.dtype)
+    return (_float32_inside(_silu_gradient, grad, unstash(x, grad.dtype)),)
+
+
+def _silu_gradient(grad, x):
     sigmoid = jax.lax.logistic(x)
-    return (grad * sigmoid + (x * grad) * (sigmoid * (1.0 - sigmoid)),)
+    return grad * sigmoid + (x * grad) * (sigmoid * (1.0 - sigmoid))
 
 
 silu.defvjp(_silu_forward, _silu_backward)
