@@ -78,7 +78,8 @@ def test_float32_cotangent_of_a_float32_result_keeps_about_16_bits():
 def test_float32_is_the_plain_product():
     x, kernel = operands(seed=5)
     x = x.astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(jax.jit(common.dense)(x, kernel)), np.asarray(jax.jit(jnp.matmul)(x, kernel)),
+    np.testing.assert_array_equal(np.asarray(jax.jit(common.dense)(x, kernel)),
+                                  np.asarray(jax.jit(jnp.matmul)(x, kernel)),
                                   err_msg="float32 projections must stay bit-identical to x @ kernel")
 
 
@@ -139,3 +140,27 @@ def test_every_frozen_product_of_a_bf16_step_sums_in_float32(remat):
     flat = lambda tree: np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(tree)])
     error = np.linalg.norm(flat(grad_low) - flat(grad_high)) / np.linalg.norm(flat(grad_high))
     assert error < 0.05, f"bf16 LoRA gradients {error:.3f} (relative) from float32's"
+
+
+def test_bf16_cache_prefill_and_steps_equal_the_full_bf16_forward():
+    """A bf16 KV cache rides through the layer scan as its bits on CPU: prefill then one token at a
+    time must give the full bf16 forward's logits (to bf16 rounding), and the cache comes back bf16."""
+    config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                               num_kv_heads=2, head_dim=8, max_position=32)
+    model = llama.LlamaDecoder(config, rngs=nnx.Rngs(1))
+    tokens = jnp.asarray([[0, 0, 4, 8, 15, 16, 23, 42], [3, 1, 4, 1, 5, 9, 2, 6]])
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    full = np.asarray(model(tokens, mask, compute_dtype=jnp.bfloat16))
+    cache = model.init_cache(2, 8, jnp.bfloat16)
+    logits, cache = model(tokens[:, :5], mask[:, :5], cache=cache, compute_dtype=jnp.bfloat16)
+    assert cache["k"].dtype == jnp.bfloat16 and cache["v"].dtype == jnp.bfloat16
+    assert np.abs(np.asarray(cache["k"][:, 1, :, :5])).min(axis=(0, 1, 3)).max() > 0, "prefill wrote no keys"
+    scale = np.abs(full).max()
+    real = np.asarray(mask[:, :5]) > 0
+    np.testing.assert_allclose(np.asarray(logits)[real], full[:, :5][real], atol=0.02 * scale,
+                               err_msg="bf16 cached prefill differs from the full bf16 forward")
+    for step in range(5, 8):
+        logits, cache = model(tokens[:, step:step + 1], mask[:, step:step + 1], cache=cache,
+                              compute_dtype=jnp.bfloat16)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, step], atol=0.02 * scale,
+                                   err_msg=f"bf16 cached step {step} differs from the full bf16 forward")

@@ -414,7 +414,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype: ours model.compute_dtype, PEFT torch.autocast (weights float32 on both)")
-    parser.add_argument("--remat", action="store_true", help="ours: model.remat (each block recomputed in the backward)")
+    parser.add_argument("--remat", action="store_true", help="ours: model.remat (blocks recomputed in the backward)")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.rows.split(",") if name.strip()]
     unknown = [name for name in names if name not in ROWS]

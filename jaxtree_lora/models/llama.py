@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtree_lora.models import hf
-from jaxtree_lora.models.common import Site, attention, dense, rms_norm, scan_layers, silu
+from jaxtree_lora.models.common import Site, attention, dense, rms_norm, scan_layers, silu, stash, unstash
 from jaxtree_lora.models.stacked import Stacked
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -224,11 +224,14 @@ def decoder_block(x, params, hook, allowed, cos, sin, config: LlamaConfig, cache
     if cache_keys is not None:
         # The stacked cache [layers, batch, kv_heads, slots, head_dim]: this layer's new slots written in
         # place; attention reads the layer's [batch, kv_heads, slots, head_dim] without a transpose.
+        # A bf16 cache on CPU rides as its uint16 bits (`common.stash`: written in place, not widened).
         start = (layer, 0, 0, cache_index, 0)
-        cache_keys = jax.lax.dynamic_update_slice(cache_keys, k.swapaxes(1, 2)[None].astype(cache_keys.dtype), start)
-        cache_values = jax.lax.dynamic_update_slice(cache_values, v.swapaxes(1, 2)[None].astype(cache_values.dtype),
-                                                    start)
-        read = lambda cache: jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False).astype(dtype)
+        stored = jnp.bfloat16 if cache_keys.dtype == jnp.uint16 else cache_keys.dtype
+        write = lambda cache, new: jax.lax.dynamic_update_slice(cache, stash(new.swapaxes(1, 2)[None].astype(stored)),
+                                                                start)
+        cache_keys, cache_values = write(cache_keys, k), write(cache_values, v)
+        layer_of = lambda cache: jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
+        read = lambda cache: unstash(layer_of(cache), stored).astype(dtype)
         context = cached_attention(q, read(cache_keys), read(cache_values), allowed)
     else:
         # Grouped-query attention: each kv head serves its group of query heads (keys never repeated).
@@ -344,8 +347,9 @@ class LlamaDecoder(nnx.Module):
             return (x, keys, values), None
 
         layer_params = {**layer_params, "layer_index": jnp.arange(c.num_layers)}
-        (x, keys, values), _ = scan_layers(body, (x, cache["k"], cache["v"]), layer_params, adapters, delta, rng,
-                                           c.num_layers, remat=c.remat)
+        (x, keys, values), _ = scan_layers(body, (x, stash(cache["k"]), stash(cache["v"])), layer_params, adapters,
+                                           delta, rng, c.num_layers, remat=c.remat)
+        keys, values = unstash(keys, cache["k"].dtype), unstash(values, cache["v"].dtype)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         new_cache = {"k": keys, "v": values, "mask": key_mask, "index": start + seq,
                      "positions": cache["positions"] + jnp.sum(attention_mask, axis=1)}
