@@ -222,7 +222,7 @@ class ViT(nnx.Module):
         grid = c.grid
         patches = x.reshape(batch, grid, c.patch_size, grid, c.patch_size, c.num_channels)
         patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * grid, -1)
-        tokens = patches.astype(dtype) @ self.patch_kernel[...].astype(dtype) + self.patch_bias[...].astype(dtype)
+        tokens = dense(patches.astype(dtype), self.patch_kernel[...]) + self.patch_bias[...].astype(dtype)
         cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (batch, 1, c.hidden_size))
         x = jnp.concatenate([cls, tokens], axis=1) + self.position_embeddings[...].astype(dtype)[None]
         x, _ = scan_layers(lambda carry, p, hook: (vit_block(carry, p, hook, c), None), x, self.layers.as_dict(),
