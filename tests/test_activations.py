@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_walk import equations
 
 from jaxtree_lora.models import common
 
@@ -43,20 +44,10 @@ def test_silu_gradient_matches_the_closed_form_in_float64():
     np.testing.assert_allclose(np.asarray(ours), expected, rtol=2e-6, atol=2e-7)
 
 
-def _primitives(jaxpr, found=None):
+def _primitives(jaxpr):
     """Every primitive name in a jaxpr and its nested jaxprs (scan bodies, ...), not looking inside
     custom-VJP calls (their forward holds the activation's own terms)."""
-    found = set() if found is None else found
-    for eqn in jaxpr.eqns:
-        found.add(eqn.primitive.name)
-        if eqn.primitive.name.startswith("custom_vjp"):
-            continue
-        for value in eqn.params.values():
-            for inner in (value if isinstance(value, (list, tuple)) else [value]):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    _primitives(inner, found)
-    return found
+    return {eqn.primitive.name for eqn in equations(jaxpr, into_custom_vjp=False)}
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-vit", "tiny-llama"])

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from jaxpr_walk import equations
 
 from jaxtree_lora.models import common, llama
 
@@ -92,20 +93,6 @@ def test_stash_keeps_bits_and_only_for_bf16():
     assert common.stash(wide) is wide and common.unstash(wide, jnp.float32) is wide
 
 
-def _dots(jaxpr, found):
-    """Every dot_general equation in a jaxpr and its sub-jaxprs (scan, custom_vjp, pjit, remat)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append(eqn)
-        for value in eqn.params.values():
-            for inner in (value if isinstance(value, (tuple, list)) else (value,)):
-                if hasattr(inner, "jaxpr") and hasattr(inner.jaxpr, "eqns"):
-                    _dots(inner.jaxpr, found)
-                elif hasattr(inner, "eqns"):
-                    _dots(inner, found)
-    return found
-
-
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
 def test_every_frozen_product_of_a_bf16_step_sums_in_float32(remat):
     """A bf16 LoRA gradient through a 2-layer decoder: each dot with a frozen kernel as an operand,
@@ -125,7 +112,8 @@ def test_every_frozen_product_of_a_bf16_step_sums_in_float32(remat):
         logits = model(tokens, adapters=adapters, delta=delta, compute_dtype=dtype)
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
 
-    dots = _dots(jax.make_jaxpr(jax.grad(lambda a: loss(a, jnp.bfloat16)))(adapters).jaxpr, [])
+    program = jax.make_jaxpr(jax.grad(lambda a: loss(a, jnp.bfloat16)))(adapters).jaxpr
+    dots = [eqn for eqn in equations(program) if eqn.primitive.name == "dot_general"]
     frozen = [eqn for eqn in dots if any(tuple(v.aval.shape) in kernel_shapes for v in eqn.invars)]
     # 7 sites x (forward, input gradient) + the LM head's (the unread kernel gradients are dropped).
     assert len(frozen) >= 2 * len(sites) + 1, f"found only {len(frozen)} frozen-kernel products"
