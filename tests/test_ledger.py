@@ -67,7 +67,10 @@ def test_a_run_accounts_for_every_phase(tmp_path):
     table = outcome["time"]
     phases = table["phases"]
     for name in ("setup", "compile", "train", "end_task: treelora_hide", "pass: pre-trained features", "pass: features",
-                 "prototypes", "evaluation", "evaluation: recomputed prototypes", "checkpoint", "other"):
+                 "prototypes", "evaluation", "evaluation: recomputed prototypes", "checkpoint", "other",
+                 # HiDe's own parts of its end of task (`TaskContext.phase`), each its own line
+                 "end_task: treelora_hide: class statistics", "end_task: treelora_hide: identity head",
+                 "end_task: treelora_hide: alignment"):
         assert name in phases, f"phase {name!r} missing from the ledger: {sorted(phases)}"
     assert sum(phases.values()) == pytest.approx(table["wall_seconds"], rel=1e-6, abs=1e-6)
 
@@ -173,6 +176,9 @@ def test_run_profile_quick_prints_json(tmp_path):
     table = json.loads(completed.stdout.strip().splitlines()[-1])["stream10"]["fix"]
     assert "evaluation" in table["phases"] and "startup" in table["phases"]
     assert sum(table["phases"].values()) == pytest.approx(table["wall_seconds"], abs=1e-3)
+    counted = table["train_seconds"] + table["eval_seconds"]
+    assert table["ratio"] == pytest.approx(table["wall_seconds"] / counted)
+    assert table["method_training_seconds"] == 0.0, "fix trains nothing of its own at a task's end"
 
 
 def test_a_run_that_raises_leaves_no_monitoring_listener(tmp_path):

@@ -10,6 +10,7 @@ hook: docs/ARCHITECTURE.md, "The one seam".
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 from typing import Any, Callable, Mapping, Optional
@@ -74,6 +75,10 @@ class TaskContext:
     # pretrained_features() -> the same iterator with the frozen pre-trained backbone (no adapters), also
     # in evaluation batches.
     pretrained_features: Optional[Callable[[], Any]] = None
+    # phase(part) -> a context manager: a part of the method's own host work (e.g. "alignment") timed as
+    # its own line of the run's time ledger, "<stage>: <method>: <part>"; block on the part's results
+    # inside it, or its dispatched work is counted wherever it is next waited for.
+    phase: Callable[[str], Any] = lambda part: contextlib.nullcontext()
 
 
 
