@@ -23,7 +23,7 @@ figures are medians after warm-up and the speed-up is the ratio of medians.
 PyTorch runs with torch.set_num_threads(--threads); JAX with its defaults (every core).
 
 `--dtype bfloat16` runs both sides in bf16 mixed precision with the frozen weights kept float32: ours
-with `model.compute_dtype=bfloat16` (add `--remat` for `model.remat`, the faster bf16 setting on CPU),
+with `model.compute_dtype=bfloat16` (add `--remat` for `model.remat`, a few % faster in bf16 on CPU),
 PEFT under `torch.autocast("cpu", dtype=torch.bfloat16)`, its standard mixed precision. The LoRA
 parameters and Adam stay float32 on both sides.
 
