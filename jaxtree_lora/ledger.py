@@ -109,6 +109,11 @@ class Ledger:
             self._credit()
             self._stack.pop()
 
+    @property
+    def current(self) -> str:
+        """The innermost open phase ("other" outside every phase)."""
+        return self._stack[-1] if self._stack else "other"
+
     def timed(self, name: str, iterator) -> Iterator:
         """`iterator` with the time of each of its steps (not of the loop body using it) under `name`."""
         iterator = iter(iterator)

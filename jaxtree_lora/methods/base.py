@@ -76,8 +76,8 @@ class TaskContext:
     # in evaluation batches.
     pretrained_features: Optional[Callable[[], Any]] = None
     # phase(part) -> a context manager: a part of the method's own host work (e.g. "alignment") timed as
-    # its own line of the run's time ledger, "<stage>: <method>: <part>"; block on the part's results
-    # inside it, or its dispatched work is counted wherever it is next waited for.
+    # its own line of the run's time ledger, "end_task: <method>: <part>" in `end_task`; block on the
+    # part's results inside it, or its dispatched work is counted wherever it is next waited for.
     phase: Callable[[str], Any] = lambda part: contextlib.nullcontext()
 
 

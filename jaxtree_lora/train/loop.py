@@ -307,8 +307,7 @@ class Run:
                     with ledger.phase(f"prepare_task: {self.method.name}"):
                         trainable, method_state = self._on_mesh(self.method.prepare_task(
                             state.trainable, state.method_state,
-                            self.passes.context(task_index, arrays, steps_per_epoch, int(config.seed),
-                                                stage=f"prepare_task: {self.method.name}")))
+                            self.passes.context(task_index, arrays, steps_per_epoch, int(config.seed))))
                     with ledger.phase("train"):
                         state = self.begin_task(state.replace(trainable=trainable, method_state=method_state),
                                                 jnp.asarray(task_index, jnp.int32))
@@ -391,8 +390,7 @@ class Run:
     def _end_task(self, state, task_index: int, arrays: dict, steps_per_epoch: int, books: "_Books"):
         """The method's end-of-task host work, the task's prototypes, then one column of the accuracy
         matrices: every task seen so far scored with the state after this task."""
-        context = self.passes.context(task_index, arrays, steps_per_epoch, int(self.config.seed),
-                                      stage=f"end_task: {self.method.name}")
+        context = self.passes.context(task_index, arrays, steps_per_epoch, int(self.config.seed))
         ledger = self.ledger
         with ledger.phase(f"end_task: {self.method.name}"):
             trainable, method_state = self._on_mesh(self.method.end_task(state.trainable, state.method_state,

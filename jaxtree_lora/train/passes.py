@@ -48,9 +48,9 @@ class TaskPasses:
         self.pretrained_train: dict[int, list] = {}  # task -> the pre-trained features of its training data
         self._fisher_batch = self._moments_batch = None
 
-    def context(self, task_index: int, arrays: dict, steps_per_epoch: int, seed: int, stage: str = "") -> TaskContext:
-        """Host-side access to a task's data for `Method.prepare_task` and `Method.end_task`; `stage`
-        (e.g. "end_task: hide_lora") prefixes the ledger lines of the method's own parts (`phase`)."""
+    def context(self, task_index: int, arrays: dict, steps_per_epoch: int, seed: int) -> TaskContext:
+        """Host-side access to a task's data for `Method.prepare_task` and `Method.end_task`; the ledger
+        lines of the method's own parts (`phase`) are named after the phase open when they run."""
         ledger = self.ledger
 
         def timed(name, function):  # each extra pass over the task's data is a line of the time ledger
@@ -70,7 +70,7 @@ class TaskPasses:
                 arrays, task_index, trainable, method_state)),
             pretrained_features=lambda: ledger.timed("pass: pre-trained features",
                                                      self.features(arrays, task_index)),
-            phase=lambda part: ledger.phase(f"{stage}: {part}" if stage else part))
+            phase=lambda part: ledger.phase(f"{ledger.current}: {part}"))
 
     def fisher(self, trainable, method_state, arrays: dict, task_index: int):
         """Diagonal empirical Fisher of the task loss: mean over examples of squared per-example grads."""
