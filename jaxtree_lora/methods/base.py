@@ -75,7 +75,7 @@ class TaskContext:
     # pretrained_features() -> the same iterator with the frozen pre-trained backbone (no adapters), also
     # in evaluation batches.
     pretrained_features: Optional[Callable[[], Any]] = None
-    # phase(part) -> a context manager: a part of the method's own host work (e.g. "alignment") timed as
+    # phase(part) -> a context manager: a part of the method's own host work (e.g. "head training") timed as
     # its own line of the run's time ledger, "end_task: <method>: <part>" in `end_task`; block on the
     # part's results inside it, or its dispatched work is counted wherever it is next waited for.
     phase: Callable[[str], Any] = lambda part: contextlib.nullcontext()
