@@ -30,6 +30,10 @@ parameters and Adam stay float32 on both sides.
     python -m experiments.benchmarks.versus_peft                      # all four rows
     python -m experiments.benchmarks.versus_peft --rows minilm --steps 5 --warmup 1   # quick
     python -m experiments.benchmarks.versus_peft --dtype bfloat16 --remat            # bf16 on both sides
+    python -m experiments.benchmarks.versus_peft --dtype bfloat16 --peft_dtype float32  # each at its fastest
+
+`--peft_dtype` sets PEFT's side alone: on the development box torch's bf16 autocast is slower than
+its float32 (SmolLM2 1.8-2.1 s against 1.5-1.7), so a CPU user of PEFT would train in float32.
 
 Needs the `bench` extra (torch, peft): without them it prints one line and exits with status 2.
 Last line: a JSON object with each row's step (or epoch) times and `speedup` (PEFT time / ours).
@@ -278,7 +282,7 @@ def row_minilm(args) -> dict:
              "weight": np.ones((32,), np.float32)}
     torch.set_num_threads(args.threads)
     runners = {"ours": jax_runner(backbone, "classification", ("attn.query", "attn.value"), num_classes=2),
-               "peft": torch_bert(2, args.dtype)}
+               "peft": torch_bert(2, peft_dtype(args))}
     medians = alternate(runners, lambda name, index: [batch], args.warmup, args.steps)
     return {"row": "minilm", "batch": [32, 64], "ours_step_s": medians["ours"], "peft_step_s": medians["peft"],
             "speedup": medians["peft"] / medians["ours"], "weights": "real (offline asset)"}
@@ -299,7 +303,7 @@ def row_smollm2(args) -> dict:
              "attention_mask": np.ones((4, seq), np.int32), "loss_mask": loss_mask,
              "weight": np.ones((4,), np.float32)}
     torch.set_num_threads(args.threads)
-    peft_run, logit_difference = torch_llama(backbone.module(), args.dtype)
+    peft_run, logit_difference = torch_llama(backbone.module(), peft_dtype(args))
     runners = {"ours": jax_runner(backbone, "instruction", ("attn.q_proj", "attn.v_proj"), answer_window=answer),
                "peft": peft_run}
     medians = alternate(runners, lambda name, index: [batch], args.warmup, args.steps)
@@ -337,7 +341,7 @@ def row_epoch(args) -> dict:
             batch["labels"] = np.searchsorted(classes, batch["labels"]).astype(np.int32)
     torch.set_num_threads(args.threads)
     runners = {"ours": jax_runner(backbone, "classification", ("attn.query", "attn.value"), num_classes=2),
-               "peft": torch_bert(2, args.dtype)}
+               "peft": torch_bert(2, peft_dtype(args))}
     epochs = {"ours": ours_epoch, "peft": peft_epoch}
     medians = alternate(runners, lambda name, index: epochs[name], 1, args.epochs)
     return {"row": "epoch", "task": task.name, "rows": int(len(arrays["labels"])), "batch": size,
@@ -375,7 +379,7 @@ def row_dinov2(args) -> dict:
     pixels = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
     torch.set_num_threads(args.threads)
     tensors, _ = dinov2.onnx_tensors(str(assets.ensure("dinov2_small")))
-    peft_run, torch_features = torch_dinov2(tensors, config, 2, rank, alpha, list(range(blocks)), args.dtype)
+    peft_run, torch_features = torch_dinov2(tensors, config, 2, rank, alpha, list(range(blocks)), peft_dtype(args))
     # The copy is checked, not assumed: both models' [CLS] features on the batch (torch's in float32, ours
     # in the run's dtype: under bf16 within 5% of their largest feature).
     with torch.no_grad():
@@ -397,6 +401,11 @@ def row_dinov2(args) -> dict:
             "copied_weights_max_feature_difference": float(np.abs(ours - theirs).max())}
 
 
+def peft_dtype(args) -> str:
+    """PEFT's compute dtype: `--peft_dtype`, else the run's `--dtype`."""
+    return getattr(args, "peft_dtype", None) or args.dtype
+
+
 def model_config(name: str, args) -> dict:
     """The backbone's config at the run's compute dtype (`--dtype`) and remat (`--remat`)."""
     return {"name": name, "compute_dtype": args.dtype, "remat": bool(args.remat)}
@@ -414,6 +423,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype: ours model.compute_dtype, PEFT torch.autocast (weights float32 on both)")
+    parser.add_argument("--peft_dtype", default=None, choices=("float32", "bfloat16"),
+                        help="PEFT's compute dtype when it differs from ours (each side at its fastest)")
     parser.add_argument("--remat", action="store_true", help="ours: model.remat (blocks recomputed in the backward)")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.rows.split(",") if name.strip()]
@@ -434,7 +445,7 @@ def main(argv=None) -> dict:
     summary = {"benchmark": "versus_peft", "results": results, "torch": torch.__version__, "peft": peft.__version__,
                "jax": jax.__version__,
                "torch_threads": args.threads, "device": jax.devices()[0].device_kind, "dtype": args.dtype,
-               "remat": bool(args.remat)}
+               "peft_dtype": peft_dtype(args), "remat": bool(args.remat)}
     print(json.dumps(summary))
     return summary
 
