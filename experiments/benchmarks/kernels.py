@@ -2,7 +2,7 @@
 threefry draws (JAX's CPU lowering against this project's, `jaxtree_lora.threefry`).
 
   matmul    the step's GEMM shapes (MiniLM 2048 tokens x 384 / 1536, SmolLM2 512 tokens x 576 / 1536,
-            its LM head over 49152 words), each as forward (x W), input gradient (g W^T) and weight
+            its LM head over 49152 words, HiDe's TII head at batch 16: 16 x 384 x 768), each as forward (x W), input gradient (g W^T) and weight
             gradient (x^T g): GFLOP/s of a jitted `jnp` product and of torch's (`torch.set_num_threads
             (--threads)`; torch rows are left out without the `bench` extra).
   threefry  a [20, 120, 384] normal draw (HiDe's alignment samples) and a [32, 64, 384] Bernoulli mask,
@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 SHAPES = ((2048, 384, 1536), (2048, 1536, 384), (2048, 384, 384), (512, 576, 1536), (512, 1536, 576),
-          (512, 576, 49152))
+          (512, 576, 49152), (16, 384, 768))
 
 DRAWS = """
 import hashlib, json, statistics, sys, time
