@@ -24,7 +24,8 @@ NAMES = ("tiny-bert", "tiny-llama", "tiny-vit")
 
 
 def lora_gradient_program(name: str):
-    """(loss(adapters), adapters) of a rank-2 LoRA on every site of a 3-layer tiny backbone."""
+    """(loss(adapters), adapters, sites) of a rank-2 LoRA on every site of a 3-layer tiny backbone. The
+    scan reads `CPU_SCAN_POLICY` when the loss is traced: each new trace sees its current value."""
     backbone = backbone_lib.build_tiny(name, {"num_layers": 3}, seed=0)
     sites = backbone.module().lora_sites()
     spec = lora_lib.LoraSpec(targets=tuple(sites), rank=2, alpha=4.0)
@@ -45,7 +46,7 @@ def lora_gradient_program(name: str):
         features = backbone.features(backbone.params, inputs, adapters=adapters, delta=delta)
         return jnp.sum(jnp.sin(features @ readout))
 
-    return loss, adapters
+    return loss, adapters, sites
 
 
 def stacked_residuals(loss, adapters) -> list[tuple[int, ...]]:
@@ -64,10 +65,9 @@ def test_lora_gradients_equal_with_and_without_the_cpu_scan_policy(name, monkeyp
     inputs: the LoRA gradients may move only by float32 rounding (XLA fuses the recomputed operations
     differently: a relative 3e-6 seen on the tiny Llama); more means the policy changed the math."""
     assert jax.default_backend() == "cpu"
-    loss, adapters = lora_gradient_program(name)
+    loss, adapters, _ = lora_gradient_program(name)
     with_policy = jax.jit(jax.grad(loss))(adapters)
     monkeypatch.setattr(common, "CPU_SCAN_POLICY", None)
-    loss, adapters = lora_gradient_program(name)
     without = jax.jit(jax.grad(loss))(adapters)
     largest = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(without))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(with_policy), jax.tree.leaves(without)):
@@ -80,16 +80,14 @@ def test_cpu_layer_scan_keeps_only_matmul_outputs(name, monkeypatch):
     """With the policy, every stacked residual is a product's output (or the layer's input carry);
     without it autodiff also stacks the elementwise intermediates (activation terms, norm statistics,
     softmax), the buffers that cost XLA CPU a zero fill and a write per layer."""
-    loss, adapters = lora_gradient_program(name)
+    loss, adapters, sites = lora_gradient_program(name)
     kept = stacked_residuals(loss, adapters)
     monkeypatch.setattr(common, "CPU_SCAN_POLICY", None)
-    loss, adapters = lora_gradient_program(name)
     plain = stacked_residuals(loss, adapters)
     assert len(kept) < len(plain), f"{name}: the policy kept {len(kept)} stacked residuals, autodiff {len(plain)}"
     # A product's output is [layers, batch, tokens, width]: a projection's width (a site's, or the
-    # attention's heads x head_dim, 4 x 8) or LoRA's rank (2). Attention weights [.., tokens, tokens] and per-token norm
-    # statistics [.., 1] are elementwise results, recomputed now.
-    sites = backbone_lib.build_tiny(name, {"num_layers": 3}).module().lora_sites()
+    # attention's heads x head_dim, 4 x 8) or LoRA's rank (2). Attention weights [.., tokens, tokens]
+    # and per-token norm statistics [.., 1] are elementwise results, recomputed now.
     widths = {site.d_out for site in sites.values()} | {site.d_in for site in sites.values()} | {2}
     elementwise = [shape for shape in kept if shape[-1] not in widths and shape[-2:] != (4, 8)]
     assert not elementwise, f"{name}: elementwise intermediates still stacked for the backward: {elementwise}"

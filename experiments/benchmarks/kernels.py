@@ -2,9 +2,10 @@
 threefry draws (JAX's CPU lowering against this project's, `jaxtree_lora.threefry`).
 
   matmul    the step's GEMM shapes (MiniLM 2048 tokens x 384 / 1536, SmolLM2 512 tokens x 576 / 1536,
-            its LM head over 49152 words, HiDe's TII head at batch 16: 16 x 384 x 768), each as forward (x W), input gradient (g W^T) and weight
-            gradient (x^T g): GFLOP/s of a jitted `jnp` product and of torch's (`torch.set_num_threads
-            (--threads)`; torch rows are left out without the `bench` extra).
+            its LM head over 49152 words, HiDe's TII head at batch 16: 16 x 384 x 768), each as forward
+            (x W), input gradient (g W^T) and weight gradient (x^T g): GFLOP/s of a jitted `jnp` product
+            and of torch's (`torch.set_num_threads(--threads)`; torch rows are left out without the
+            `bench` extra).
   threefry  a [20, 120, 384] normal draw (HiDe's alignment samples) and a [32, 64, 384] Bernoulli mask,
             milliseconds: in a child process with JAX's own lowering (a rolled loop on CPU) and one with
             `jaxtree_lora.threefry` imported; `same_bits` checks the draws agree.
