@@ -3,8 +3,8 @@
 Under `lax.scan` every value autodiff keeps for the backward becomes a stacked [layers, ...] buffer,
 which XLA CPU zero-fills, writes layer by layer and copies. On CPU the scan keeps only the outputs of
 the matmuls and recomputes the elementwise operations between them (norms, activations, softmax) in
-the backward. These tests check that the gradients are the same values, and that the elementwise
-intermediates are really gone from what the forward stores.
+the backward; in bf16 it recomputes whole blocks (`blocks_recomputed`). These tests check that the
+gradients are the same values, and that what the forward stores is really only that.
 """
 import contextlib
 import io
@@ -23,10 +23,10 @@ from jaxtree_lora.train import backbone as backbone_lib
 NAMES = ("tiny-bert", "tiny-llama", "tiny-vit")
 
 
-def lora_gradient_program(name: str):
+def lora_gradient_program(name: str, compute_dtype=None):
     """(loss(adapters), adapters, sites) of a rank-2 LoRA on every site of a 3-layer tiny backbone. The
     scan reads `CPU_SCAN_POLICY` when the loss is traced: each new trace sees its current value."""
-    backbone = backbone_lib.build_tiny(name, {"num_layers": 3}, seed=0)
+    backbone = backbone_lib.build_tiny(name, {"num_layers": 3}, seed=0, compute_dtype=compute_dtype)
     sites = backbone.module().lora_sites()
     spec = lora_lib.LoraSpec(targets=tuple(sites), rank=2, alpha=4.0)
     adapters = lora_lib.init(jax.random.PRNGKey(1), spec, sites, 3)
@@ -92,3 +92,22 @@ def test_cpu_layer_scan_keeps_only_matmul_outputs(name, monkeypatch):
     elementwise = [shape for shape in kept if shape[-1] not in widths and shape[-2:] != (4, 8)]
     assert not elementwise, f"{name}: elementwise intermediates still stacked for the backward: {elementwise}"
     assert any(shape[-1] == 1 or shape[-1] == shape[-2] for shape in plain), "autodiff kept no statistics: vacuous"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_layer_scan_keeps_only_each_blocks_input_with_the_same_gradients(name, monkeypatch):
+    """bf16 on CPU recomputes whole blocks: the only stacked residual is the layer carry (float32 between
+    layers, [layers, batch, tokens, hidden]), and the recomputed forward is the same bf16 arithmetic, so
+    the gradients equal, to the bit here, those of the float32 policy's kept products in bf16."""
+    loss, adapters, _ = lora_gradient_program(name, "bfloat16")
+    kept = stacked_residuals(loss, adapters)
+    assert len(kept) == 1, f"{name}: bf16 kept {kept} for the backward, not only the blocks' inputs"
+    recomputed = jax.jit(jax.grad(loss))(adapters)
+    monkeypatch.setattr(common, "blocks_recomputed", lambda remat, dtype: bool(remat))
+    loss, adapters, _ = lora_gradient_program(name, "bfloat16")
+    assert len(stacked_residuals(loss, adapters)) > 1, "the products' outputs were not kept: vacuous"
+    kept_products = jax.jit(jax.grad(loss))(adapters)
+    largest = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(kept_products))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(recomputed), jax.tree.leaves(kept_products)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2,
+                                   atol=1e-2 * largest, err_msg=f"{name}: bf16 gradient {jax.tree_util.keystr(path)} moved")

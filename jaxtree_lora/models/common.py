@@ -112,14 +112,21 @@ def layer_keys(key: Optional[Array], num_layers: int) -> Optional[Array]:
     return jax.random.split(key, num_layers)
 
 
-# What the layer scan keeps for the backward on CPU when blocks are not rematerialised: the outputs of
-# the products (the projections, LoRA's), with the elementwise operations between them (norms,
-# activations, softmax, residual adds) recomputed in the backward. Every value autodiff keeps under
-# `lax.scan` is a stacked [layers, ...] buffer that XLA CPU zero-fills, writes layer by layer and
-# copies; recomputing the elementwise values costs less (bf16 steps 5-26% faster without remat, float32
-# within a few %, gradients equal to float32 rounding; docs/MODELS.md). Other backends keep autodiff's
-# residuals (unmeasured there). None: autodiff's residuals on CPU too.
+# What the layer scan keeps for the backward on CPU when blocks are not rematerialised: in float32, the
+# outputs of the products (the projections, LoRA's), with the elementwise operations between them
+# (norms, activations, softmax, residual adds) recomputed in the backward. Every value autodiff keeps
+# under `lax.scan` is a stacked [layers, ...] buffer that XLA CPU zero-fills, writes layer by layer and
+# copies; recomputing the elementwise values costs less (float32 within a few %, gradients equal to
+# float32 rounding; docs/MODELS.md). In bf16 the products run on the bf16 matrix units, 4-5x float32,
+# so recomputing whole blocks costs less than keeping their float32 outputs (`blocks_recomputed`: 5-10%
+# faster steps). Other backends keep autodiff's residuals (unmeasured there). None: autodiff's on CPU too.
 CPU_SCAN_POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+def blocks_recomputed(remat: bool, compute_dtype) -> bool:
+    """Whether the layer scan keeps only each block's input for the backward: `model.remat`, or bf16 on
+    CPU (where it is the fastest choice). The memory planner reads the same answer."""
+    return bool(remat) or narrow_on_cpu(compute_dtype)
 
 
 def scan_layers(body, carry, layer_params: PyTree, adapters: Optional[Mapping[str, PyTree]],
@@ -128,8 +135,8 @@ def scan_layers(body, carry, layer_params: PyTree, adapters: Optional[Mapping[st
     """Runs `body(carry, params_l, hook_l) -> (carry, out_l)` over the stacked layers.
 
     `layer_params` and every adapter leaf carry a leading `num_layers` axis; the scan slices both.
-    `remat`: each block recomputed whole in the backward (only its input kept); otherwise, on CPU,
-    `CPU_SCAN_POLICY` chooses what is kept.
+    `remat`: each block recomputed whole in the backward (only its input kept), as in bf16 on CPU
+    (`blocks_recomputed`); otherwise, on CPU, `CPU_SCAN_POLICY` chooses what is kept.
     """
     keys = layer_keys(key, num_layers)
     xs = (layer_params, dict(adapters or {}), keys)
@@ -141,7 +148,7 @@ def scan_layers(body, carry, layer_params: PyTree, adapters: Optional[Mapping[st
         c, out = body(jax.tree.map(jnp.astype, c, dtypes), params_l, hook)
         return jax.tree.map(_wide, c), (out, hook.records)
 
-    if remat:
+    if blocks_recomputed(remat, _compute_dtype(carry)):
         step = jax.checkpoint(step, prevent_cse=False)
     elif CPU_SCAN_POLICY is not None and jax.default_backend() == "cpu":
         step = jax.checkpoint(step, prevent_cse=False, policy=CPU_SCAN_POLICY)
@@ -164,6 +171,12 @@ def scan_layers(body, carry, layer_params: PyTree, adapters: Optional[Mapping[st
 def narrow_on_cpu(dtype) -> bool:
     """Whether `dtype` is bfloat16 computed by XLA CPU (where the workarounds above apply)."""
     return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
+def _compute_dtype(carry: PyTree):
+    """The layer carry's narrowest floating dtype: the block's compute dtype."""
+    floats = [leaf.dtype for leaf in jax.tree.leaves(carry) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return min(floats, key=lambda dtype: jnp.dtype(dtype).itemsize, default=jnp.float32)
 
 
 def _wide(x: Array) -> Array:
