@@ -22,8 +22,8 @@ images fed at 28 or at 112 px) and keeps the host copy 16x smaller (2.4 KB an im
 
 `get_config("quick")`, the README's main job: 84 px (37 tokens), 128 training images per class, no
 recomputed-prototype diagnostic. TreeLoRA 79.3 +- 0.3 against the frozen model's 60.4 +- 1.2 (seeds 0-2,
-RESULTS.md). Alone on 2 cores: 2:17 wall on a first run (`JAXTREE_LORA_XLA_CACHE=off`, 17.1 s of it
-compiling), 1:49-1:55 with the compilation cache filled (BENCHMARKS.md, issue 25).
+RESULTS.md). Alone on 2 cores: 1:52 wall on a first run (`JAXTREE_LORA_XLA_CACHE=off`, 13.3 s of it
+compiling), 1:37-1:46 with the compilation cache filled (BENCHMARKS.md, issue 25).
 
 `get_config("tiny")`: a random 2-layer ViT at 42 px (patch 14), 8 / 4 images per class, 1 epoch. Measured
 (2 shared cores, XLA compile cache warm): the whole run 10.4 s; one epoch (2 steps of 8) 6-20 ms after
