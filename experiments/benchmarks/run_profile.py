@@ -9,6 +9,7 @@ heads: their own ledger line) counts as training too.
 
     python -m experiments.benchmarks.run_profile                        # the default job + a 10-task stream
     python -m experiments.benchmarks.run_profile --jobs stream10 --methods fix,treelora
+    python -m experiments.benchmarks.run_profile --jobs stream10 --per_class 160,80   # 4x the examples
     python -m experiments.benchmarks.run_profile --quick                # 3 tasks, 1 epoch: a smoke check
     python -m experiments.benchmarks.run_profile --tiny --quick         # a random tiny BERT written here (tests)
     JAXTREE_LORA_XLA_CACHE=off python -m experiments.benchmarks.run_profile   # a first run's compile times
@@ -135,6 +136,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", default="treelora", help="comma-separated method names")
     parser.add_argument("--quick", action="store_true", help="3 tasks of 1 epoch (fewer examples on default)")
     parser.add_argument("--tiny", action="store_true", help="a random tiny BERT and the CSV stream: no assets")
+    parser.add_argument("--per_class", default="40,20", help="stream10's training,test examples per class")
     parser.add_argument("--workdir", default="", help="where the runs are written (default: a temporary folder)")
     args = parser.parse_args(argv)
     jobs = [job for job in args.jobs.split(",") if job]
@@ -143,7 +145,13 @@ def main(argv=None) -> dict:
         parser.error(f"unknown job(s) {', '.join(unknown)}: choose default, stream10")
     scratch = args.workdir or tempfile.mkdtemp(prefix="run_profile-")
     os.makedirs(scratch, exist_ok=True)
-    write_stream(scratch, **({"per_class_train": 16, "per_class_test": 8} if args.quick else {}))
+    try:
+        per_class_train, per_class_test = (int(n) for n in args.per_class.split(","))
+    except ValueError:
+        parser.error(f"--per_class takes TRAIN,TEST (two integers), got {args.per_class!r}")
+    if args.quick:
+        per_class_train, per_class_test = 16, 8
+    write_stream(scratch, per_class_train=per_class_train, per_class_test=per_class_test)
     if args.tiny:
         write_tiny_bert(os.path.join(scratch, "tiny_bert"))
     out = {}
