@@ -310,7 +310,6 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
 
 def cmd_plan(args, overrides) -> int:
     """Prints the per-device memory plan; a plan that does not fit is refused in one line, exit 2."""
-    from jaxtree_lora.models.common import blocks_recomputed
     from jaxtree_lora.train import memory
     from jaxtree_lora.train.loop import validate
 
@@ -323,11 +322,9 @@ def cmd_plan(args, overrides) -> int:
     if result.capacity_bytes is None:
         result.capacity_bytes = memory.device_capacity()
     mesh = list(config.train.get("mesh", ()) or ()) or [1, 1, 1]
-    compute, remat = config.model.get('compute_dtype', 'float32') or 'float32', bool(config.model.get('remat', False))
-    recomputed = blocks_recomputed(remat, compute)
     print(f"{config.model.name} {config.model.get('path', '') or ''} | {config.method.name} | mesh (data, fsdp, "
           f"tensor) = {tuple(mesh)} | micro-batch {config.train.batch_size} x {config.train.get('accumulation', 1)} "
-          f"| {compute} | remat {recomputed}{' (bf16 on CPU)' if recomputed and not remat else ''}")
+          f"| {config.model.get('compute_dtype', 'float32')} | remat {bool(config.model.get('remat', False))}")
     print(result.table())
     if not result.capacity_bytes:
         print("device memory unknown (this device does not report it): pass --device_memory_gib or a --tpu_config")

@@ -125,7 +125,8 @@ CPU_SCAN_POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 def blocks_recomputed(remat: bool, compute_dtype) -> bool:
     """Whether the layer scan keeps only each block's input for the backward: `model.remat`, or bf16 on
-    CPU (where it is the fastest choice). The memory planner reads the same answer."""
+    CPU (where it is the fastest choice). The memory planner plans `remat` as written (it may plan for
+    another backend; on CPU it then over-estimates)."""
     return bool(remat) or narrow_on_cpu(compute_dtype)
 
 

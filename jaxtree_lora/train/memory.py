@@ -161,7 +161,6 @@ def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True)
     from jaxtree_lora.train import mesh as mesh_lib
     from jaxtree_lora.assemble import method_from_config
     from jaxtree_lora.models.heads import init_head
-    from jaxtree_lora.models.common import blocks_recomputed
 
     module, kind = backbone_lib.abstract_module(config)
     from flax import nnx
@@ -190,7 +189,7 @@ def plan_run(config, capacity_bytes: Optional[float] = None, check: bool = True)
                   hidden=model_config.hidden_size, heads=model_config.num_heads, layers=model_config.num_layers,
                   seq=seq, micro_batch=int(config.train.batch_size), data_parallel=mesh_shape["data"],
                   fsdp=mesh_shape["fsdp"], compute_bytes=2 if compute == "bfloat16" else 4,
-                  remat=blocks_recomputed(config.model.get("remat", False), compute),
+                  remat=bool(config.model.get("remat", False)),
                   vocab=int(getattr(model_config, "vocab_size", 0) or 0) if kind == "decoder" else 0,
                   answer_len=answer_length(config.data), capacity_bytes=capacity_bytes, check=False)
     result.frozen_bytes = mesh_lib.bytes_per_device(frozen, specs, mesh_shape) + folded_kernel_bytes(
