@@ -80,6 +80,42 @@ def test_no_image_is_used_twice_and_duplicates_across_files_stay_in_training(idx
     assert len(seen) == len(set(seen)) == 10 * (12 + 5), "no image twice: not across train/test, not across tasks"
 
 
+def brute_force_first_occurrences(*image_sets):
+    """The masks by a Python set of each image's bytes, in order: the definition, independently."""
+    seen, masks = set(), []
+    for images in image_sets:
+        mask = []
+        for image in images:
+            key = (image.dtype.str, np.ascontiguousarray(image).tobytes())
+            mask.append(key not in seen)
+            seen.add(key)
+        masks.append(np.array(mask, bool))
+    return masks
+
+
+@pytest.mark.parametrize("shape,dtype", [((28, 28), np.uint8), ((5, 3), np.uint8), ((4, 4), np.float32)])
+@pytest.mark.parametrize("collide", [False, True])
+def test_first_occurrences_are_exact_with_repeats_within_and_across_sets(shape, dtype, collide, monkeypatch):
+    """Repeats planted within the first set, across sets and within the second; row widths that are and
+    are not a multiple of 8 bytes, and float pixels. With every hash key made equal (`collide`), the
+    byte-for-byte check must catch the false repeats and fall back: a wrong mask either way means
+    distinct images dropped (or repeats kept) from the stream."""
+    from jaxtree_lora.data import fashion
+
+    if collide:
+        monkeypatch.setattr(fashion, "_row_keys", lambda flat: np.zeros(len(flat), np.uint64))
+    rng = np.random.default_rng(3)
+    first = (rng.integers(0, 4, (40,) + shape)).astype(dtype)
+    second = (rng.integers(0, 4, (30,) + shape)).astype(dtype)
+    first[7], first[19] = first[2], first[2]
+    second[0], second[5], second[6] = first[11], second[3], first[39]
+    masks = fashion.first_occurrences(first, second)
+    expected = brute_force_first_occurrences(first, second)
+    for got, want in zip(masks, expected):
+        np.testing.assert_array_equal(got, want)
+    assert (~np.concatenate(expected)).sum() == 5, "the planted repeats are not all there: vacuous"
+
+
 def test_a_subset_of_classes_and_bad_options_are_refused_in_one_line(idx_dir, tmp_path):
     directory, _ = idx_dir
     stream = build(str(directory), num_tasks=1, per_class_train=2, per_class_test=2, classes=("bag", "sneaker"))
