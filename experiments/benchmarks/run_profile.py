@@ -136,7 +136,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", default="treelora", help="comma-separated method names")
     parser.add_argument("--quick", action="store_true", help="3 tasks of 1 epoch (fewer examples on default)")
     parser.add_argument("--tiny", action="store_true", help="a random tiny BERT and the CSV stream: no assets")
-    parser.add_argument("--per_class", default="40,20", help="stream10's training,test examples per class")
+    parser.add_argument("--per_class", default="", help="stream10's training,test examples per class "
+                        "(default 40,20; 16,8 with --quick)")
     parser.add_argument("--workdir", default="", help="where the runs are written (default: a temporary folder)")
     args = parser.parse_args(argv)
     jobs = [job for job in args.jobs.split(",") if job]
@@ -145,12 +146,11 @@ def main(argv=None) -> dict:
         parser.error(f"unknown job(s) {', '.join(unknown)}: choose default, stream10")
     scratch = args.workdir or tempfile.mkdtemp(prefix="run_profile-")
     os.makedirs(scratch, exist_ok=True)
+    per_class = args.per_class or ("16,8" if args.quick else "40,20")  # a written --per_class wins
     try:
-        per_class_train, per_class_test = (int(n) for n in args.per_class.split(","))
+        per_class_train, per_class_test = (int(n) for n in per_class.split(","))
     except ValueError:
-        parser.error(f"--per_class takes TRAIN,TEST (two integers), got {args.per_class!r}")
-    if args.quick:
-        per_class_train, per_class_test = 16, 8
+        parser.error(f"--per_class takes TRAIN,TEST (two integers), got {per_class!r}")
     write_stream(scratch, per_class_train=per_class_train, per_class_test=per_class_test)
     if args.tiny:
         write_tiny_bert(os.path.join(scratch, "tiny_bert"))

@@ -23,13 +23,13 @@ figures are medians after warm-up and the speed-up is the ratio of medians.
 PyTorch runs with torch.set_num_threads(--threads); JAX with its defaults (every core).
 
 `--dtype bfloat16` runs both sides in bf16 mixed precision with the frozen weights kept float32: ours
-with `model.compute_dtype=bfloat16` (add `--remat` for `model.remat`, a few % faster in bf16 on CPU),
+with `model.compute_dtype=bfloat16` (`--remat` for `model.remat`, which bf16 on CPU does anyway),
 PEFT under `torch.autocast("cpu", dtype=torch.bfloat16)`, its standard mixed precision. The LoRA
 parameters and Adam stay float32 on both sides.
 
     python -m experiments.benchmarks.versus_peft                      # all four rows
     python -m experiments.benchmarks.versus_peft --rows minilm --steps 5 --warmup 1   # quick
-    python -m experiments.benchmarks.versus_peft --dtype bfloat16 --remat            # bf16 on both sides
+    python -m experiments.benchmarks.versus_peft --dtype bfloat16                    # bf16 on both sides
     python -m experiments.benchmarks.versus_peft --dtype bfloat16 --peft_dtype float32  # each at its fastest
 
 `--peft_dtype` sets PEFT's side alone: on the development box torch's bf16 autocast is slower than

@@ -67,7 +67,7 @@ def first_occurrences(*image_sets: np.ndarray) -> list[np.ndarray]:
     earliest = first[group.reshape(-1)]
     keep = earliest == np.arange(len(flat))
     if not np.array_equal(flat[~keep], flat[earliest[~keep]]):  # a collision: group by the bytes themselves
-        rows = np.ascontiguousarray(flat).view(np.dtype((np.void, flat.shape[1]))).ravel()
+        rows = flat.view(np.dtype((np.void, flat.shape[1]))).ravel()
         keep = np.zeros(len(rows), bool)
         keep[np.unique(rows, return_index=True)[1]] = True
     bounds = np.cumsum([0] + [len(images) for images in image_sets])
