@@ -32,7 +32,11 @@ def derive(key: jax.Array, name: str) -> jax.Array:
 
 
 def for_purpose(seed: int, name: str) -> jax.Array:
-    """The first-level key of a purpose ("init", "train", "generate", ...) for a run's seed."""
+    """The first-level key of a purpose ("init", "train", "generate", ...) for a run's seed (derived on
+    the host where `_host_chain` can: the same bits, and no programs traced for two scalar ops)."""
+    key = _host_chain(seed, name)
+    if key is not None:
+        return jax.device_put(key)
     return derive(jax.random.PRNGKey(int(seed)), name)
 
 
