@@ -13,7 +13,6 @@ a task (passes.py), restoring the newest good checkpoint (checkpoint.py).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -38,12 +37,13 @@ from jaxtree_lora.evaluation.evaluator import Evaluator, classification_arrays, 
 from jaxtree_lora.faults import kill_point
 from jaxtree_lora.assemble import method_from_config
 from jaxtree_lora.methods.base import InferenceRule, MethodNotApplicable, StreamInfo
+from jaxtree_lora.models.heads import init_head
 from jaxtree_lora.reporting.results import MetricsWriter
 from jaxtree_lora.train import fold as fold_lib
 from jaxtree_lora.train import mesh as mesh_lib
 from jaxtree_lora.train import plan
 from jaxtree_lora.train.passes import TaskPasses
-from jaxtree_lora.train.step import (TrainState, initial_state, build_optimizer, make_task_loss, make_train_step,
+from jaxtree_lora.train.step import (TrainState, build_optimizer, make_task_loss, make_train_step,
                                      optimizer_settings, task_hooks)
 
 
@@ -263,13 +263,17 @@ class Run:
                                                                      epoch=0, shuffle=False))
 
     def initial_state(self) -> TrainState:
-        """Before the first task (`step.initial_state`), built by one program: one trace, lowering and
-        compile instead of one per array the method creates."""
-        build = functools.partial(initial_state, method=self.method, info=self.backbone.info,
-                                  stream_info=self.stream_info, head=self.protocol["head"], optimizer=self.optimizer)
-        replicated = mesh_lib.replicated(self.mesh)
-        return jax.jit(build, out_shardings=replicated)(
-            mesh_lib.to_global(keys.for_purpose(self.config.seed, "init"), replicated))
+        """Before the first task: the method's adapters and state, the head, the optimiser state."""
+        init_key, head_key = jax.random.split(keys.for_purpose(self.config.seed, "init"))
+        adapters, method_state = self.method.init(init_key, self.backbone.info, self.stream_info)
+        head = init_head(head_key, self.backbone.info.feature_dim, self.stream_info.num_classes, self.protocol["head"]) \
+            if self.kind == "classification" else {}
+        trainable = {"adapters": adapters, "head": head}
+        classes = self.stream_info.num_classes
+        prototypes = jnp.zeros((classes, self.backbone.info.feature_dim) if classes else (1, 1), jnp.float32)
+        state = TrainState(trainable=trainable, opt_state=self.optimizer.init(trainable),
+                           method_state=method_state, step=jnp.zeros((), jnp.int32), prototypes=prototypes)
+        return mesh_lib.to_global(state, mesh_lib.replicated(self.mesh))
 
     def _host_batch(self, batch: dict) -> dict:
         """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""

@@ -19,7 +19,7 @@ import optax
 from jaxtree_lora import keys
 from jaxtree_lora.errors import ConfigError
 from jaxtree_lora.models.common import SiteRecorder
-from jaxtree_lora.models.heads import head_logits, init_head
+from jaxtree_lora.models.heads import head_logits
 
 PyTree = Any
 
@@ -33,19 +33,6 @@ class TrainState:
     # Class prototypes [num_classes, feature_dim] (mean feature of each learned class) for
     # prototype (nearest-class-mean) evaluation; [1, 1] when unused.
     prototypes: jax.Array = None
-
-
-def initial_state(key, method, info, stream_info, head: str, optimizer) -> TrainState:
-    """Before the first task: the method's adapters and state (`Method.init`), the head (classification
-    streams), the optimiser state, zero prototypes. Pure (`Run` builds it as one jitted program)."""
-    init_key, head_key = jax.random.split(key)
-    adapters, method_state = method.init(init_key, info, stream_info)
-    classes = stream_info.num_classes
-    head_params = init_head(head_key, info.feature_dim, classes, head) if stream_info.kind == "classification" else {}
-    trainable = {"adapters": adapters, "head": head_params}
-    prototypes = jnp.zeros((classes, info.feature_dim) if classes else (1, 1), jnp.float32)
-    return TrainState(trainable=trainable, opt_state=optimizer.init(trainable), method_state=method_state,
-                      step=jnp.zeros((), jnp.int32), prototypes=prototypes)
 
 
 DEFAULT_LEARNING_RATE = 1e-4  # the official TreeLoRA rate: a method without its own takes it
