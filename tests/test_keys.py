@@ -126,11 +126,11 @@ def test_generation_draws_from_the_generate_purpose(tmp_path):
 
 
 def test_host_derived_step_and_generation_keys_equal_jax_fold_in():
-    """The step and generation keys are derived on the host (an eager fold_in is a program queued behind
-    the running step: the host would wait for the device every step). They must be JAX's bits: a
-    difference would change every dropout mask and sample of every run."""
+    """The purpose, step and generation keys are derived on the host (an eager fold_in is a program, and
+    one queued behind the running step makes the host wait for the device every step). They must be
+    JAX's bits: a difference would change every initial weight, dropout mask and sample of every run."""
     def jax_chain(seed, name, *indices):
-        key = keys.for_purpose(seed, name)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), keys.tag(name))  # JAX's own derivation
         for index in indices:
             key = jax.random.fold_in(key, index)
         return np.asarray(key)
@@ -139,6 +139,10 @@ def test_host_derived_step_and_generation_keys_equal_jax_fold_in():
     cases = [(0, 0, 0, 0), (5, 2, 0, 5), (2 ** 31 - 1, 2 ** 31 - 1, 7, 2 ** 31 - 1)]
     cases += [tuple(int(v) for v in rng.integers(0, 2 ** 31, 4)) for _ in range(20)]
     for seed, task, epoch, batch in cases:
+        for name in ("init", "train", "generate"):
+            purpose = keys.for_purpose(seed, name)
+            assert purpose.dtype == np.uint32 and purpose.shape == (2,)
+            assert np.asarray(purpose).tobytes() == jax_chain(seed, name).tobytes(), (seed, name)
         step = keys.train_step_key(seed, task, epoch, batch)
         assert isinstance(step, np.ndarray) and step.dtype == np.uint32, "derived on the host, as raw key data"
         assert step.tobytes() == jax_chain(seed, "train", task, epoch, batch).tobytes(), (seed, task, epoch, batch)
@@ -154,3 +158,4 @@ def test_step_keys_take_no_device_program(monkeypatch):
         monkeypatch.setattr(jax.random, name, refuse)
     assert keys.train_step_key(9, 1, 0, 4).shape == (2,)
     assert keys.generation_key(9, 1, 0).shape == (2,)
+    assert keys.for_purpose(9, "init").shape == (2,)
