@@ -259,6 +259,8 @@ BAD = [
     ("bytes.jsonl", None, {}, "line 2 holds bytes that are not UTF-8"),
     ("train.csv", None, {"num_tasks": 7}, "7 tasks need at least as many classes, but there are 6"),
     ("tasks.csv", None, {"task_column": "task", "test_fraction": 0.1}, "task 'lonely' (column 'task') has no test"),
+    # An unquoted comma in a text would otherwise cut the text short and make its tail the label.
+    ("comma.csv", None, {}, "line 3 has 3 cells but the header names 2 columns: put a cell that holds a comma"),
 ]
 
 
@@ -272,6 +274,7 @@ def write_bad_files(folder):
     text = "text,label\nw1 w20,c1\nw2 w21,c2\n".encode() + b"w3 \xff\xfe,c3\n"
     (folder / "bytes.csv").write_bytes(text)
     (folder / "bytes.jsonl").write_bytes(b'{"text": "w1", "label": 1}\n{"text": "w\xe9", "label": 2}\n')
+    (folder / "comma.csv").write_text("text,label\nw1 w20,c1\nw2, w21 w22,c2\nw3 w23,c3\n")
     write_csv(folder / "tasks.csv", [dict(r, task="big") for r in good] + [{"text": "w1 w2", "label": "c1",
                                                                             "task": "lonely"}])
 

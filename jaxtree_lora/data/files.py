@@ -79,6 +79,10 @@ def _read_delimited(path: str, delimiter: str) -> Table:
     for row in reader:
         if not row or all(not cell.strip() for cell in row):
             continue  # blank lines between records carry nothing
+        if any(cell.strip() for cell in row[len(header):]):  # empty trailing cells ("a,b,") carry nothing
+            sign = "a comma" if delimiter == "," else "a tab"
+            raise DataError(f"{path} line {reader.line_num} has {len(row)} cells but the header names {len(header)} "
+                            f"columns: put a cell that holds {sign} in double quotes, or name every column")
         for index, name in enumerate(header):
             columns[name].append(row[index] if index < len(row) else None)
         places.append(f"line {reader.line_num}")
