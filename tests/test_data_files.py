@@ -261,6 +261,8 @@ BAD = [
     ("tasks.csv", None, {"task_column": "task", "test_fraction": 0.1}, "task 'lonely' (column 'task') has no test"),
     # An unquoted comma in a text would otherwise cut the text short and make its tail the label.
     ("comma.csv", None, {}, "line 3 has 3 cells but the header names 2 columns: put a cell that holds a comma"),
+    # Two columns of one name would interleave their cells in one column: every row's text shifted.
+    ("twice.csv", None, {}, "names the column 'text' twice in its header: rename one"),
 ]
 
 
@@ -275,6 +277,7 @@ def write_bad_files(folder):
     (folder / "bytes.csv").write_bytes(text)
     (folder / "bytes.jsonl").write_bytes(b'{"text": "w1", "label": 1}\n{"text": "w\xe9", "label": 2}\n')
     (folder / "comma.csv").write_text("text,label\nw1 w20,c1\nw2, w21 w22,c2\nw3 w23,c3\n")
+    (folder / "twice.csv").write_text("text,label,text\n" + "".join(f"w{c} w20,c{c},note\n" for c in range(3)) * 2)
     write_csv(folder / "tasks.csv", [dict(r, task="big") for r in good] + [{"text": "w1 w2", "label": "c1",
                                                                             "task": "lonely"}])
 

@@ -74,6 +74,10 @@ def _read_delimited(path: str, delimiter: str) -> Table:
     if not header:
         raise DataError(f"{path} is empty: the first line must name the columns (e.g. text{delimiter}label)")
     header = [name.strip() for name in header]
+    named = [name for name in header if name]
+    for name in named:
+        if named.count(name) > 1:  # one list for both would interleave their cells, shifting every row
+            raise DataError(f"{path} names the column {name!r} twice in its header: rename one of them")
     columns: dict = {name: [] for name in header}
     places = []
     for row in reader:
