@@ -263,6 +263,8 @@ BAD = [
     ("comma.csv", None, {}, "line 3 has 3 cells but the header names 2 columns: put a cell that holds a comma"),
     # Two columns of one name would interleave their cells in one column: every row's text shifted.
     ("twice.csv", None, {}, "names the column 'text' twice in its header: rename one"),
+    # NaN (JSON's, or a Parquet float column's gap) is no label: it was a class named 'nan'.
+    ("nan.jsonl", None, {}, "line 2 has an empty label (column 'label')"),
 ]
 
 
@@ -278,6 +280,8 @@ def write_bad_files(folder):
     (folder / "bytes.jsonl").write_bytes(b'{"text": "w1", "label": 1}\n{"text": "w\xe9", "label": 2}\n')
     (folder / "comma.csv").write_text("text,label\nw1 w20,c1\nw2, w21 w22,c2\nw3 w23,c3\n")
     (folder / "twice.csv").write_text("text,label,text\n" + "".join(f"w{c} w20,c{c},note\n" for c in range(3)) * 2)
+    write_jsonl(folder / "nan.jsonl", [dict(r, label=float("nan") if i % 4 == 1 else r["label"])
+                                       for i, r in enumerate(good)])
     write_csv(folder / "tasks.csv", [dict(r, task="big") for r in good] + [{"text": "w1 w2", "label": "c1",
                                                                             "task": "lonely"}])
 

@@ -253,12 +253,17 @@ def _read_any(path: str) -> Table:
 # values
 # ---------------------------------------------------------------------------------------------------
 
+def _missing(value: Any) -> bool:
+    """None or NaN (JSON's NaN, a Parquet float column's gap): no value, not the text "nan"."""
+    return value is None or isinstance(value, float) and value != value
+
+
 def _texts(table: Table, column: str, option: str, what: str = "text") -> list[str]:
     """The column as non-empty strings; an empty one names its row."""
     values = table.column(column, option)
     out = []
     for value, place in zip(values, table.places):
-        text = "" if value is None else str(value).strip()
+        text = "" if _missing(value) else str(value).strip()
         if not text:
             raise DataError(f"{table.path} {place} has an empty {what} (column {column!r}): fill it in or drop the row")
         out.append(text)
@@ -277,7 +282,7 @@ def _labels(table: Table, column: str, option: str) -> list[str]:
     names = table.class_names.get(column)
     out = []
     for value, place in zip(values, table.places):
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if _missing(value) or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{table.path} {place} has an empty label (column {column!r}): fill it in or drop the row")
         if names is not None and isinstance(value, int) and 0 <= value < len(names):
             value = names[value]  # a ClassLabel stores the index of its name
