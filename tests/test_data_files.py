@@ -249,6 +249,21 @@ def test_image_folder_without_test_holds_out_a_fraction(tmp_path):
     assert stream.tasks[0].test.inputs["images"].max() <= 1.0
 
 
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG (microscopy, depth, medical scans): PIL's convert("RGB") clips its values at 255,
+    which made a mid-grey image white."""
+    from PIL import Image
+
+    from jaxtree_lora.data.files import load_image
+
+    grey = np.full((6, 6), 128 * 257, np.uint16)  # mid-grey in 16 bits
+    grey[0, 0] = 65535
+    Image.fromarray(grey).save(tmp_path / "scan.png")
+    pixels = load_image(str(tmp_path / "scan.png"), 0)
+    assert pixels.shape == (6, 6, 3) and pixels[1, 1].tolist() == [128] * 3, "mid-grey stays mid-grey"
+    assert pixels[0, 0].tolist() == [255] * 3
+
+
 BAD = [
     ("missing.csv", None, {}, "does not exist"),
     ("train.xlsx", None, {}, "unknown data format '.xlsx'"),

@@ -521,16 +521,34 @@ def _class_folders(root: str) -> dict:
     return out
 
 
+def _eight_bit(image, path: str):
+    """A 16-bit grey image (PIL modes I;16*, and I or F holding 0..65535) as 8-bit grey: PIL's convert
+    clips such values at 255, which turns most of the image white."""
+    from PIL import Image
+
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    values = np.asarray(image, np.float64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(f"{path} holds grey values outside 0..65535 (PIL mode {image.mode}): save it as an 8- or "
+                        f"16-bit image")
+    if image.mode.startswith("I;16") or (values.size and values.max() > 255):
+        values = values / 257.0
+    return Image.fromarray(np.rint(values).astype(np.uint8), "L")
+
+
 def load_image(path: str, size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: any mode converted to RGB, resized bilinearly."""
+    """uint8 [size, size, 3]: any mode converted to RGB (16-bit greys scaled), resized bilinearly."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _eight_bit(image, path).convert("RGB")
             if size and image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
             return np.asarray(image, np.uint8)
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{path} is not a readable image ({error}): remove or replace it") from error
 
