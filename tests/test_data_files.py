@@ -249,6 +249,20 @@ def test_image_folder_without_test_holds_out_a_fraction(tmp_path):
     assert stream.tasks[0].test.inputs["images"].max() <= 1.0
 
 
+def test_image_folder_reads_the_subfolders_of_a_class_folder(tmp_path):
+    """ImageFolder's layout includes root/<class>/<any folder>/x.png; only root/<class>/x.png was read,
+    and the rest dropped without a word."""
+    import shutil
+
+    write_images(tmp_path / "photos", per_class=4)
+    for c in range(3):
+        shutil.copytree(tmp_path / "photos" / f"class{c}", tmp_path / "photos" / f"class{c}" / "batch2")
+        shutil.copytree(tmp_path / "photos" / f"class{c}", tmp_path / "photos" / f"class{c}" / ".ipynb_checkpoints")
+    stream = get_stream({"name": "image_folder", "data_dir": str(tmp_path / "photos"), "image_size": 8,
+                         "num_tasks": 1, "test_fraction": 0.25}, None)
+    assert len(stream.tasks[0].train) + len(stream.tasks[0].test) == 3 * 8, "4 + 4 per class, hidden folders skipped"
+
+
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
     """A 16-bit grey PNG (microscopy, depth, medical scans): PIL's convert("RGB") clips its values at 255,
     which made a mid-grey image white."""

@@ -505,8 +505,18 @@ def instruction_files_stream(tokenizer, train, test=None, prompt_column: str = "
 # images
 # ---------------------------------------------------------------------------------------------------
 
+def _images_under(folder: str) -> list[str]:
+    """Sorted image paths in `folder` and its subfolders, as torchvision's ImageFolder finds them
+    (root/<class>/batch2/x.jpg is of <class>); hidden folders (.ipynb_checkpoints) skipped."""
+    found = []
+    for where, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [os.path.join(where, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
 def _class_folders(root: str) -> dict:
-    """class name -> sorted image paths of root/<class>/ (ImageFolder's layout)."""
+    """class name -> sorted image paths under root/<class>/ (ImageFolder's layout)."""
     classes = sorted(name for name in os.listdir(root)
                      if not name.startswith(".") and os.path.isdir(os.path.join(root, name)))
     if not classes:
@@ -514,7 +524,7 @@ def _class_folders(root: str) -> dict:
     out = {}
     for name in classes:
         folder = os.path.join(root, name)
-        images = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        images = _images_under(folder)
         if not images:
             raise DataError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         out[name] = images
