@@ -258,9 +258,11 @@ def test_image_folder_reads_the_subfolders_of_a_class_folder(tmp_path):
     for c in range(3):
         shutil.copytree(tmp_path / "photos" / f"class{c}", tmp_path / "photos" / f"class{c}" / "batch2")
         shutil.copytree(tmp_path / "photos" / f"class{c}", tmp_path / "photos" / f"class{c}" / ".ipynb_checkpoints")
+        # macOS writes ._<name> resource forks beside each file it copies to a foreign disk or zip: no images.
+        (tmp_path / "photos" / f"class{c}" / "._1.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
     stream = get_stream({"name": "image_folder", "data_dir": str(tmp_path / "photos"), "image_size": 8,
                          "num_tasks": 1, "test_fraction": 0.25}, None)
-    assert len(stream.tasks[0].train) + len(stream.tasks[0].test) == 3 * 8, "4 + 4 per class, hidden folders skipped"
+    assert len(stream.tasks[0].train) + len(stream.tasks[0].test) == 3 * 8, "4 + 4 per class, hidden ones skipped"
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):

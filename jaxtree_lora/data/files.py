@@ -507,11 +507,13 @@ def instruction_files_stream(tokenizer, train, test=None, prompt_column: str = "
 
 def _images_under(folder: str) -> list[str]:
     """Sorted image paths in `folder` and its subfolders, as torchvision's ImageFolder finds them
-    (root/<class>/batch2/x.jpg is of <class>); hidden folders (.ipynb_checkpoints) skipped."""
+    (root/<class>/batch2/x.jpg is of <class>); hidden folders (.ipynb_checkpoints) and files (macOS's
+    ._x.jpg resource forks, which are no images) skipped."""
     found = []
     for where, folders, files in os.walk(folder):
         folders[:] = [name for name in folders if not name.startswith(".")]
-        found += [os.path.join(where, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [os.path.join(where, name) for name in files
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
     return sorted(found)
 
 
