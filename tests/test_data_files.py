@@ -296,6 +296,8 @@ BAD = [
     ("twice.csv", None, {}, "names the column 'text' twice in its header: rename one"),
     # NaN (JSON's, or a Parquet float column's gap) is no label: it was a class named 'nan'.
     ("nan.jsonl", None, {}, "line 2 has an empty label (column 'label')"),
+    # A record spanning lines (an unclosed quote runs on to the end) is named by its first line, the quote's.
+    ("runaway.tsv", None, {}, "runaway.tsv line 3 (to line 4) has an empty label"),
 ]
 
 
@@ -313,6 +315,7 @@ def write_bad_files(folder):
     (folder / "twice.csv").write_text("text,label,text\n" + "".join(f"w{c} w20,c{c},note\n" for c in range(3)) * 2)
     write_jsonl(folder / "nan.jsonl", [dict(r, label=float("nan") if i % 4 == 1 else r["label"])
                                        for i, r in enumerate(good)])
+    (folder / "runaway.tsv").write_text('text\tlabel\nw1 w20\tc1\n"w2 w21\tc2\nw3 w23\tc3\n')
     write_csv(folder / "tasks.csv", [dict(r, task="big") for r in good] + [{"text": "w1 w2", "label": "c1",
                                                                             "task": "lonely"}])
 

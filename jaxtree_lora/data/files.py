@@ -80,16 +80,20 @@ def _read_delimited(path: str, delimiter: str) -> Table:
             raise DataError(f"{path} names the column {name!r} twice in its header: rename one of them")
     columns: dict = {name: [] for name in header}
     places = []
+    end = reader.line_num
     for row in reader:
+        # A quoted cell may hold line breaks: a record is named by its first line (where an unclosed quote is).
+        start, end = end + 1, reader.line_num
         if not row or all(not cell.strip() for cell in row):
             continue  # blank lines between records carry nothing
+        place = f"line {start}" if start == end else f"line {start} (to line {end})"
         if any(cell.strip() for cell in row[len(header):]):  # empty trailing cells ("a,b,") carry nothing
             sign = "a comma" if delimiter == "," else "a tab"
-            raise DataError(f"{path} line {reader.line_num} has {len(row)} cells but the header names {len(header)} "
+            raise DataError(f"{path} {place} has {len(row)} cells but the header names {len(header)} "
                             f"columns: put a cell that holds {sign} in double quotes, or name every column")
         for index, name in enumerate(header):
             columns[name].append(row[index] if index < len(row) else None)
-        places.append(f"line {reader.line_num}")
+        places.append(place)
     return Table(path, columns, places)
 
 
