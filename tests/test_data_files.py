@@ -298,6 +298,8 @@ BAD = [
     ("nan.jsonl", None, {}, "line 2 has an empty label (column 'label')"),
     # A record spanning lines (an unclosed quote runs on to the end) is named by its first line, the quote's.
     ("runaway.tsv", None, {}, "runaway.tsv line 3 (to line 4) has an empty label"),
+    # UTF-16 without a byte-order mark was read as UTF-8: "has no column 'text' (its columns: t e x t ...)".
+    ("utf16.csv", None, {}, "line 1 holds NUL bytes, as UTF-16 files do: save the file as UTF-8"),
 ]
 
 
@@ -316,6 +318,7 @@ def write_bad_files(folder):
     write_jsonl(folder / "nan.jsonl", [dict(r, label=float("nan") if i % 4 == 1 else r["label"])
                                        for i, r in enumerate(good)])
     (folder / "runaway.tsv").write_text('text\tlabel\nw1 w20\tc1\n"w2 w21\tc2\nw3 w23\tc3\n')
+    (folder / "utf16.csv").write_bytes("text,label\nw1 w20,c1\nw2 w21,c2\n".encode("utf-16-le"))
     write_csv(folder / "tasks.csv", [dict(r, task="big") for r in good] + [{"text": "w1 w2", "label": "c1",
                                                                             "task": "lonely"}])
 

@@ -58,7 +58,16 @@ def _line_of(data: bytes, offset: int) -> int:
     return data[:offset].count(b"\n") + 1
 
 
+def _no_nul(path: str, data: bytes) -> None:
+    """NUL bytes mean UTF-16 (Excel's "Unicode Text", PowerShell's `>`): without a byte-order mark it
+    decodes as UTF-8 with a NUL beside every character, and then no column name matches."""
+    at = data.find(b"\x00")
+    if at >= 0:
+        raise DataError(f"{path} line {_line_of(data, at)} holds NUL bytes, as UTF-16 files do: save the file as UTF-8")
+
+
 def _decode(path: str, data: bytes) -> str:
+    _no_nul(path, data)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -100,6 +109,7 @@ def _read_delimited(path: str, delimiter: str) -> Table:
 def _read_jsonl(path: str) -> Table:
     with open(path, "rb") as file:
         data = file.read()
+    _no_nul(path, data)
     columns: dict = {}
     places = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
