@@ -300,6 +300,9 @@ BAD = [
     ("runaway.tsv", None, {}, "runaway.tsv line 3 (to line 4) has an empty label"),
     # UTF-16 without a byte-order mark was read as UTF-8: "has no column 'text' (its columns: t e x t ...)".
     ("utf16.csv", None, {}, "line 1 holds NUL bytes, as UTF-16 files do: save the file as UTF-8"),
+    # A list label was one class of its own ("['c1', 'c2']"); an object text trained on its Python repr.
+    ("multi.jsonl", None, {}, "line 2 has a list as its label (column 'label'): give one label per row"),
+    ("object.jsonl", None, {}, "line 1 has an object as its text (column 'text'): give one string per row"),
 ]
 
 
@@ -319,6 +322,9 @@ def write_bad_files(folder):
                                        for i, r in enumerate(good)])
     (folder / "runaway.tsv").write_text('text\tlabel\nw1 w20\tc1\n"w2 w21\tc2\nw3 w23\tc3\n')
     (folder / "utf16.csv").write_bytes("text,label\nw1 w20,c1\nw2 w21,c2\n".encode("utf-16-le"))
+    write_jsonl(folder / "multi.jsonl", [dict(r, label=[r["label"], "c1"] if i % 4 == 1 else r["label"])
+                                         for i, r in enumerate(good)])
+    write_jsonl(folder / "object.jsonl", [dict(r, text={"title": r["text"]}) for r in good])
     write_csv(folder / "tasks.csv", [dict(r, task="big") for r in good] + [{"text": "w1 w2", "label": "c1",
                                                                             "task": "lonely"}])
 

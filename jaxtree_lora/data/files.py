@@ -272,11 +272,22 @@ def _missing(value: Any) -> bool:
     return value is None or isinstance(value, float) and value != value
 
 
+def _one_value(table: Table, value: Any, place: str, what: str, column: str) -> None:
+    """A list or an object (JSONL, Parquet list/struct columns) is refused: str() would make its Python
+    repr the text, or a set of labels one class of its own."""
+    if isinstance(value, (list, tuple, dict)):
+        kind = "an object" if isinstance(value, dict) else "a list"
+        fix = "give one label per row (multi-label rows are not supported)" if what == "label" else \
+            f"give one string per row (join the parts into one {what})"
+        raise DataError(f"{table.path} {place} has {kind} as its {what} (column {column!r}): {fix}")
+
+
 def _texts(table: Table, column: str, option: str, what: str = "text") -> list[str]:
     """The column as non-empty strings; an empty one names its row."""
     values = table.column(column, option)
     out = []
     for value, place in zip(values, table.places):
+        _one_value(table, value, place, what, column)
         text = "" if _missing(value) else str(value).strip()
         if not text:
             raise DataError(f"{table.path} {place} has an empty {what} (column {column!r}): fill it in or drop the row")
@@ -296,6 +307,7 @@ def _labels(table: Table, column: str, option: str) -> list[str]:
     names = table.class_names.get(column)
     out = []
     for value, place in zip(values, table.places):
+        _one_value(table, value, place, "label", column)
         if _missing(value) or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{table.path} {place} has an empty label (column {column!r}): fill it in or drop the row")
         if names is not None and isinstance(value, int) and 0 <= value < len(names):
