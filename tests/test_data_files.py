@@ -120,6 +120,19 @@ def test_integer_labels_are_one_class_whatever_their_type_and_ordered_numericall
     assert len(stream.tasks[0].test) == 6
 
 
+def test_a_float_column_written_as_text_is_the_same_class_as_its_integer(tmp_path, tokenizer):
+    """A float label column saved to CSV reads "3.0": it was a class apart from the 3 of a JSONL or
+    Parquet file, and a test file written that way was refused for labels the training file lacks."""
+    train = write_jsonl(tmp_path / "train.jsonl", rows(classes=3, per_class=6, label=lambda c: [3, 4, 12][c]))
+    test = write_csv(tmp_path / "test.csv", rows(classes=3, per_class=2, label=lambda c: ["3.0", "4.", "+12.00"][c]))
+    stream = get_stream({"name": "files", "train": train, "test": test, "num_tasks": 1, "max_len": 8}, tokenizer)
+    assert stream.class_names == ("3", "4", "12") and len(stream.tasks[0].test) == 6
+    labels = write_csv(tmp_path / "other.csv", rows(classes=3, per_class=4, label=lambda c: ["3.5", "v1.0", "03"][c]))
+    stream = get_stream({"name": "files", "train": labels, "num_tasks": 1, "max_len": 8, "test_fraction": 0.25},
+                        tokenizer)
+    assert sorted(stream.class_names) == ["03", "3.5", "v1.0"], "only whole numbers written with a point change"
+
+
 def test_task_column_gives_one_task_per_value_with_its_own_classes(tmp_path, tokenizer):
     records = [dict(r, task="sentiment", label=["pos", "neg"][i % 2]) for i, r in enumerate(rows(2, 6))]
     records += [dict(r, task="topic", label=["pos", "sport", "news"][i % 3]) for i, r in enumerate(rows(3, 6))]
@@ -278,6 +291,9 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
     pixels = load_image(str(tmp_path / "scan.png"), 0)
     assert pixels.shape == (6, 6, 3) and pixels[1, 1].tolist() == [128] * 3, "mid-grey stays mid-grey"
     assert pixels[0, 0].tolist() == [255] * 3
+    # A float image in [0, 1] (PIL mode F, a TIFF): convert("RGB") truncated it to black.
+    Image.fromarray(np.full((6, 6), 0.5, np.float32), "F").save(tmp_path / "float.tiff")
+    assert load_image(str(tmp_path / "float.tiff"), 0)[2, 2].tolist() == [128] * 3, "0.5 is mid-grey"
 
 
 BAD = [

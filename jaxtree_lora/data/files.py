@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -295,11 +296,16 @@ def _texts(table: Table, column: str, option: str, what: str = "text") -> list[s
     return out
 
 
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+\.0*")  # "3.0", "3.": a float column written out as text
+
+
 def _label(value: Any) -> str:
-    """A label as the string it names: 3, 3.0 and "3" are one class (CSV has only strings)."""
+    """A label as the string it names: 3, 3.0, "3" and "3.0" are one class (CSV has only strings, and a
+    float column written to CSV reads "3.0" where Parquet or JSON give 3.0)."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    text = str(value).strip()
+    return str(int(text.split(".")[0])) if _WHOLE_NUMBER.fullmatch(text) else text
 
 
 def _labels(table: Table, column: str, option: str) -> list[str]:
@@ -560,8 +566,8 @@ def _class_folders(root: str) -> dict:
 
 
 def _eight_bit(image, path: str):
-    """A 16-bit grey image (PIL modes I;16*, and I or F holding 0..65535) as 8-bit grey: PIL's convert
-    clips such values at 255, which turns most of the image white."""
+    """A 16-bit grey image (PIL modes I;16*, and I or F holding 0..65535) or a float one in [0, 1] (mode F)
+    as 8-bit grey: PIL's convert clips at 255, turning most of a 16-bit image white and a [0, 1] one black."""
     from PIL import Image
 
     if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
@@ -572,6 +578,8 @@ def _eight_bit(image, path: str):
                         f"16-bit image")
     if image.mode.startswith("I;16") or (values.size and values.max() > 255):
         values = values / 257.0
+    elif image.mode == "F" and values.size and values.max() <= 1.0:
+        values = values * 255.0  # a float image in [0, 1] (TIFF), as data.image_dtype=float32 gives them
     return Image.fromarray(np.rint(values).astype(np.uint8), "L")
 
 
