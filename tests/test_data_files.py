@@ -262,6 +262,17 @@ def test_image_folder_without_test_holds_out_a_fraction(tmp_path):
     assert stream.tasks[0].test.inputs["images"].max() <= 1.0
 
 
+def test_image_folder_tests_on_val_when_there_is_no_test_folder(tmp_path):
+    """root/train and root/val (ImageNet's layout): val/ was left unread and a fraction of train/ held out."""
+    write_images(tmp_path / "photos" / "train", per_class=4)
+    write_images(tmp_path / "photos" / "val", per_class=2)
+    stream = get_stream({"name": "image_folder", "data_dir": str(tmp_path / "photos"), "image_size": 8,
+                         "num_tasks": 1, "test_fraction": 0.25}, None)
+    assert len(stream.tasks[0].train) == 3 * 4, "every training image trained on, none held out"
+    assert len(stream.tasks[0].test) == 3 * 2, "val/ is the test split"
+    assert stream.metadata["test"] == str(tmp_path / "photos" / "val")
+
+
 def test_image_folder_reads_the_subfolders_of_a_class_folder(tmp_path):
     """ImageFolder's layout includes root/<class>/<any folder>/x.png; only root/<class>/x.png was read,
     and the rest dropped without a word."""

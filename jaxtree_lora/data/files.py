@@ -599,12 +599,15 @@ def load_image(path: str, size: int) -> np.ndarray:
         raise DataError(f"{path} is not a readable image ({error}): remove or replace it") from error
 
 
+TEST_FOLDERS = ("test", "val", "validation")  # beside root/train, the first found is tested on
+
+
 def image_folder_stream(root: str = "", train: str = "", test: str = "", image_size: int = 224, num_tasks: int = 5,
                         classes_per_task: int = 0, seed: int = 0, test_fraction: float = 0.2,
                         image_dtype: str = "uint8") -> Stream:
     """A class-incremental image Stream from class-per-subfolder folders: `root`/train and `root`/test
-    (or `train` and `test` given directly), or one `root` of class folders with a seeded held-out
-    `test_fraction`. Images [N, image_size, image_size, 3] uint8 (or float32 in [0, 1]), as the tfds
+    (else `root`/val or `root`/validation; or `train` and `test` given directly), or one `root` of
+    class folders with a seeded held-out `test_fraction`. Images [N, image_size, image_size, 3] uint8 (or float32 in [0, 1]), as the tfds
     source gives them, so the ViT path consumes them the same way."""
     if image_dtype not in ("uint8", "float32"):
         raise DataError(f"data.image_dtype {image_dtype!r} must be 'uint8' or 'float32'")
@@ -619,7 +622,9 @@ def image_folder_stream(root: str = "", train: str = "", test: str = "", image_s
                             f"or root/train/<class>/ and root/test/<class>/)")
         if os.path.isdir(os.path.join(root, "train")):
             train = os.path.join(root, "train")
-            test = test or (os.path.join(root, "test") if os.path.isdir(os.path.join(root, "test")) else "")
+            # ImageNet's layout names the held-out folder val/: tested on, not left aside unread.
+            tested = [os.path.join(root, name) for name in TEST_FOLDERS if os.path.isdir(os.path.join(root, name))]
+            test = test or (tested[0] if tested else "")
         else:
             train = root
     for folder in (train, test):

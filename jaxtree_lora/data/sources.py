@@ -325,7 +325,7 @@ class ImageFolder(Source):
     kind: ClassVar[str] = "classification"
     summary: ClassVar[str] = "class-per-subfolder images (files.image_folder_stream)"
     renamed: ClassVar[dict] = {"root": "data_dir"}
-    data_dir: str = option("", "a folder with train/<class>/ and test/<class>/, or only <class>/ folders", str)
+    data_dir: str = option("", "a folder with train/<class>/ and test/<class>/ (or val/), or only <class>/ folders", str)
     train: Any = option("", "a folder of <class>/ folders to train on (instead of data_dir)")
     test: Any = option("", "a folder of <class>/ folders to test on (empty: hold out test_fraction)")
     image_size: int = option(224, "images resized to this square size", int)
