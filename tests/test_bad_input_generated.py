@@ -209,9 +209,14 @@ SOURCE = st.fixed_dictionaries({"name": mostly(["files", "instruction_files"], [
                                          "test_fraction": mostly([0.2, 0.5], [0.0, 1.5, "x"])})
 
 
+# Half the sequences list only sound sources, so that their files reach the reader however the
+# generator's draws fall (one CI run's draws sent 133 of 150 to the config's refusals, 17 to the reader).
+SOUND_SOURCES = st.lists(st.tuples(st.fixed_dictionaries({"name": st.just("files")}), FILE), min_size=1, max_size=3)
+
+
 @settings(max_examples=150, **SETTINGS)
-@given(sources=st.lists(st.tuples(SOURCE, FILE), max_size=3), raw=mostly([""], ["[", "3", "[1]", "{}", "[[]]"]),
-       max_len=mostly(["8"], ["1"]))
+@given(sources=st.one_of(SOUND_SOURCES, st.lists(st.tuples(SOURCE, FILE), max_size=3)),
+       raw=mostly([""], ["[", "3", "[1]", "{}", "[[]]"]), max_len=mostly(["8"], ["1"]))
 def sequences(folder, tokenizer, sources, raw, max_len):
     listed = [dict(source, train=write(folder, *file)) for source, file in sources]
     text = raw or json.dumps(listed)
