@@ -127,6 +127,21 @@ def test_checkpoint_round_trip_matches_numpy(tmp_path, prefix, shards):
                                    err_msg="mean pooling must average the real tokens only")
 
 
+@pytest.mark.parametrize("head", ["classifier", "qa_outputs"])
+def test_fine_tuned_task_head_is_ignored(tmp_path, head):
+    """A researcher's fine-tuned BertForSequenceClassification (or TokenClassification, QuestionAnswering)
+    stores its head beside the "bert." encoder: the encoder loads, the head is not read."""
+    config, tensors = make_checkpoint(str(tmp_path), prefix="bert.")
+    path = os.path.join(tmp_path, "model.safetensors")
+    stored = load_file(path)
+    stored.update({f"{head}.weight": np.ones((2, HIDDEN), np.float32), f"{head}.bias": np.ones(2, np.float32)})
+    save_file(stored, path)
+    model, _ = bert.load_hf(str(tmp_path))
+    hidden = np.asarray(model(jnp.asarray(IDS[:1]), jnp.asarray(MASK[:1])))[0]
+    real = MASK[0].astype(bool)
+    np.testing.assert_allclose(hidden[real], numpy_bert(tensors, config, IDS[0], MASK[0])[real], atol=1e-4)
+
+
 def test_token_types_cls_pooling_and_tanh_gelu(tmp_path):
     """token_type_ids select their embedding rows; pooling="cls" returns the first hidden state;
     hidden_act gelu_new uses the tanh GELU (numpy computes each independently)."""

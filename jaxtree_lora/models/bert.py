@@ -265,8 +265,11 @@ def _rules() -> list:
 
 
 RULES = _rules()
-# Known tensors this encoder does not use: buffers, the pooler, pre-training heads.
-IGNORED = (r"embeddings\.position_ids", r"embeddings\.token_type_ids", r"pooler\..*", r"cls\..*")
+# Known tensors this encoder does not use: buffers, the pooler, pre-training heads (cls.*) and the task
+# heads of a fine-tuned BertFor{Sequence,Token}Classification / MultipleChoice (classifier.*) or
+# BertForQuestionAnswering (qa_outputs.*).
+IGNORED = (r"embeddings\.position_ids", r"embeddings\.token_type_ids", r"pooler\..*", r"cls\..*",
+           r"classifier\..*", r"qa_outputs\..*")
 
 
 def expected_shapes(config: BertConfig) -> dict:
@@ -287,7 +290,7 @@ def load_hf(directory: str, dtype=jnp.float32, pooling: str = "mean"):
 
     Reads config.json (hf.read_config), model.safetensors or sharded safetensors with
     model.safetensors.index.json (hf.read_tensors); tensor names with or without a "bert." prefix;
-    the pooler and pre-training heads are ignored. Every shape is checked: a tensor that does not fit
+    the pooler, pre-training heads and task heads (a fine-tuned classifier) are ignored. Every shape is checked: a tensor that does not fit
     raises CheckpointError naming it. The tokenizer is transformers' AutoTokenizer from the same
     directory (local files only).
     """
