@@ -211,6 +211,22 @@ def test_missing_tensor_is_named(tmp_path):
         llama.load_hf(write_checkpoint(str(tmp_path), config, tensors))
 
 
+@pytest.mark.parametrize("damage", ["truncated shard", "index not JSON"])
+def test_damaged_files_are_refused_in_one_line(tmp_path, damage):
+    """An interrupted download: a cut safetensors file or a broken index is a CheckpointError naming the
+    file (one line from the CLI, exit status 2), not safetensors' or json's traceback."""
+    config, tensors = make_checkpoint("llama")
+    directory = write_checkpoint(str(tmp_path), config, tensors, shards=2)
+    name = "model-00002-of-00002.safetensors" if damage == "truncated shard" else "model.safetensors.index.json"
+    path = os.path.join(directory, name)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(hf.CheckpointError, match=f"cannot read .*{name}"):
+        llama.load_hf(directory)
+
+
 def test_from_hf_refuses_what_it_cannot_run():
     from transformers import BertConfig, LlamaConfig, Qwen2Config
 

@@ -37,9 +37,13 @@ def safetensors_files(directory: str) -> list[str]:
     """The checkpoint's safetensors files: from `model.safetensors.index.json` if sharded."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
+        try:
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+        except (ValueError, AttributeError, TypeError) as error:  # not JSON, or no {name: file} weight_map
+            raise CheckpointError(f"cannot read {index} ({type(error).__name__}: {error}): copy it again from "
+                                  "the model's repository") from error
         missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
         if missing:
             raise CheckpointError(f"{index} names shards that are absent: {', '.join(missing)}")
@@ -60,9 +64,13 @@ def read_tensors(directory: str) -> dict[str, np.ndarray]:
 
     tensors = {}
     for path in safetensors_files(directory):
-        with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        try:
+            with safe_open(path, framework="numpy") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except Exception as error:  # safetensors raises SafetensorError (and others) for a damaged file
+            raise CheckpointError(f"cannot read {path} ({type(error).__name__}: {error}): the file is damaged or "
+                                  "incomplete; download or save it again") from error
     return tensors
 
 
