@@ -126,6 +126,25 @@ def test_float_images_in_unit_range_equal_uint8_pixels(tiny):
     np.testing.assert_allclose(from_normalised, from_uint8, atol=1e-5)
 
 
+def test_mean_and_std_come_from_the_preprocessor_config(tiny, tmp_path):
+    """A ViTModel trained with ImageNet's mean and std (facebook/dino-vit*) says so in its
+    preprocessor_config.json: pixels are normalised with those, not the in21k 0.5 and 0.5."""
+    _, _, in21k = tiny
+    make_checkpoint(str(tmp_path))  # the same weights as `tiny`
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    with open(os.path.join(tmp_path, "preprocessor_config.json"), "w") as f:
+        json.dump({"do_normalize": True, "image_mean": mean, "image_std": std}, f)
+    model = vit.load_hf(str(tmp_path))
+    assert (model.config.mean, model.config.std) == (tuple(mean), tuple(std))
+    images = np.random.default_rng(8).integers(0, 256, size=(1, SIZE, SIZE, 3)).astype(np.uint8)
+    expected = in21k(jnp.asarray((images / 255.0 - np.asarray(mean)) / np.asarray(std), jnp.float32), preprocessed=True)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(images))), np.asarray(expected), atol=1e-5)
+    with open(os.path.join(tmp_path, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_mean": mean, "image_std": [0.2, 0.0, 0.2]}, f)
+    with pytest.raises(hf.CheckpointError, match="image_std .* must be positive"):
+        vit.load_hf(str(tmp_path))
+
+
 def test_images_of_another_size_are_resized_and_bad_shapes_refused(tiny):
     _, _, model = tiny
     assert model(jnp.zeros((1, 2 * SIZE, 2 * SIZE, 3), jnp.uint8)).shape == (1, (SIZE // PATCH) ** 2 + 1, HIDDEN)

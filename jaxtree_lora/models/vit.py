@@ -12,6 +12,8 @@ DINOv2's LayerScale (models/dinov2.py). Normalisation and resizing rules: docs/M
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Optional, Union
 
 import jax
@@ -297,6 +299,32 @@ def expected_shapes(c: ViTConfig) -> dict:
     return shapes
 
 
+def normalisation(directory: str, num_channels: int) -> dict:
+    """{"mean", "std"} of the directory's `preprocessor_config.json` (its image_mean / image_std; 0 and 1
+    with do_normalize false), or {} without one (the in21k default, 0.5 and 0.5)."""
+    path = hf.optional_file(directory, "preprocessor_config.json")
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            processor = json.load(f)
+        if not processor.get("do_normalize", True):
+            return {"mean": 0.0, "std": 1.0}
+        values = {}
+        for key, name in (("mean", "image_mean"), ("std", "image_std")):
+            value = processor.get(name, 0.5)
+            value = tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else float(value)
+            if np.size(value) not in (1, num_channels) or not np.all(np.isfinite(value)):
+                raise ValueError(f"{name} {value!r} is not 1 or {num_channels} finite numbers")
+            values[key] = value
+        if np.any(np.asarray(values["std"]) <= 0):
+            raise ValueError(f"image_std {values['std']!r} must be positive")
+    except (ValueError, TypeError, AttributeError) as error:  # not JSON, or values that are not numbers
+        raise hf.CheckpointError(f"cannot read the image mean and std of {path} ({error}): fix image_mean and "
+                                 "image_std there, or remove the file to use 0.5 and 0.5") from error
+    return values
+
+
 def load_hf(directory: str, dtype=jnp.float32, image_size: Optional[int] = None) -> ViT:
     """A ViT from a `google/vit-base-patch16-224-in21k`-layout directory.
 
@@ -304,8 +332,11 @@ def load_hf(directory: str, dtype=jnp.float32, image_size: Optional[int] = None)
     the pooler and classifier are ignored; every shape is checked and a tensor that does not fit raises
     CheckpointError naming it. `image_size` (a multiple of the patch size) builds the model for another
     input size by interpolating the position embeddings (module docstring); None keeps the checkpoint's.
+    Pixels are normalised with the mean and std of `preprocessor_config.json` when there is one (e.g.
+    ImageNet's for facebook/dino-vit*), else 0.5 and 0.5.
     """
     config = ViTConfig.from_hf(hf.read_config(directory))
+    config = dataclasses.replace(config, **normalisation(directory, config.num_channels))
     tensors = {(name[len("vit."):] if name.startswith("vit.") else name): value
                for name, value in hf.read_tensors(directory).items()}
     mapped = hf.map_checkpoint(tensors, rules(config), expected_shapes(config), config.num_layers, ignore=IGNORED)
