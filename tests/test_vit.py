@@ -189,9 +189,18 @@ def test_interpolation_keeps_cls_and_is_identity_at_the_same_grid():
 
 
 def test_image_size_must_be_a_multiple_of_the_patch(tmp_path):
+    """Loading (run) and planning (plan reads only config.json) refuse it alike, in one line naming a size."""
+    import ml_collections
+
+    from jaxtree_lora.train import backbone
+
     make_checkpoint(str(tmp_path))
     with pytest.raises(hf.CheckpointError, match="choose e.g. 12"):
         vit.load_hf(str(tmp_path), image_size=13)
+    config = ml_collections.ConfigDict({"model": {"name": "hf", "kind": "vit", "path": str(tmp_path)},
+                                        "data": {"image_size": 13}})
+    with pytest.raises(hf.CheckpointError, match="choose e.g. 12"):
+        backbone.abstract_module(config)
 
 
 def test_pure_function_under_jit(tiny):

@@ -299,6 +299,15 @@ def expected_shapes(c: ViTConfig) -> dict:
     return shapes
 
 
+def with_image_size(config: ViTConfig, image_size: int) -> ViTConfig:
+    """`config` for `image_size`-pixel inputs; CheckpointError unless a positive multiple of its patch size."""
+    if image_size <= 0 or image_size % config.patch_size:
+        raise hf.CheckpointError(f"image_size {image_size} is not a positive multiple of the checkpoint's "
+                                 f"patch size {config.patch_size}: choose e.g. "
+                                 f"{max(1, round(image_size / config.patch_size)) * config.patch_size}")
+    return dataclasses.replace(config, image_size=image_size)
+
+
 def normalisation(directory: str, num_channels: int) -> dict:
     """{"mean", "std"} of the directory's `preprocessor_config.json` (its image_mean / image_std; 0 and 1
     with do_normalize false), or {} without one (the in21k default, 0.5 and 0.5)."""
@@ -341,11 +350,7 @@ def load_hf(directory: str, dtype=jnp.float32, image_size: Optional[int] = None)
                for name, value in hf.read_tensors(directory).items()}
     mapped = hf.map_checkpoint(tensors, rules(config), expected_shapes(config), config.num_layers, ignore=IGNORED)
     if image_size is not None and image_size != config.image_size:
-        if image_size <= 0 or image_size % config.patch_size:
-            raise hf.CheckpointError(f"image_size {image_size} is not a positive multiple of the checkpoint's "
-                                     f"patch size {config.patch_size}: choose e.g. "
-                                     f"{max(1, round(image_size / config.patch_size)) * config.patch_size}")
-        config = dataclasses.replace(config, image_size=image_size)
+        config = with_image_size(config, image_size)
         mapped[("position_embeddings",)] = np.asarray(
             interpolate_position_embeddings(mapped[("position_embeddings",)].astype(np.float32), config.grid))
     model = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0), param_dtype=dtype))

@@ -301,7 +301,7 @@ def abstract_module(config) -> tuple[Any, str]:
         cfg = vit.ViTConfig.from_hf(hf_config)
         image_size = config.get("data", {}).get("image_size", None)
         if image_size:
-            cfg = dataclasses.replace(cfg, image_size=int(image_size))
+            cfg = vit.with_image_size(cfg, int(image_size))
         return nnx.eval_shape(lambda: vit.ViT(cfg, rngs=rngs())), kind
     raise BackboneError(f"unknown model.kind {kind!r}: choose one of {', '.join(KINDS)} "
                         "(or dinov2 with model.name hf)")
