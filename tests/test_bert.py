@@ -344,6 +344,13 @@ def test_roberta_is_refused_not_run_wrongly(tmp_path):
         bert.load_hf(str(tmp_path))
 
 
+def test_impossible_config_json_is_a_checkpoint_error():
+    from transformers import BertConfig
+
+    with pytest.raises(hf.CheckpointError, match="config.json .* not divisible by num_heads"):
+        bert.BertConfig.from_hf(BertConfig(hidden_size=32, num_attention_heads=5))
+
+
 def test_config_rejects_impossible_values():
     with pytest.raises(ValueError, match="pooling 'max'"):
         bert.BertConfig(pooling="max")

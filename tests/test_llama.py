@@ -240,6 +240,9 @@ def test_from_hf_refuses_what_it_cannot_run():
         llama.LlamaConfig.from_hf(Qwen2Config(use_sliding_window=True, sliding_window=16))
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         llama.LlamaConfig(num_heads=6, num_kv_heads=4)
+    # From a config.json it is bad input: a CheckpointError (one line from the CLI), not a bare ValueError.
+    with pytest.raises(hf.CheckpointError, match="config.json .* multiple of num_kv_heads"):
+        llama.LlamaConfig.from_hf(LlamaConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=4))
 
 
 def test_from_hf_reads_llama3_rope_scaling_and_frequencies_follow_the_rule():

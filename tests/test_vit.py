@@ -272,6 +272,15 @@ def test_shape_mismatch_is_named(tmp_path):
     assert "layers.fc2 of layers [0]" in message, message
 
 
+def test_impossible_config_json_is_a_checkpoint_error():
+    from transformers import ViTConfig
+
+    with pytest.raises(hf.CheckpointError, match="config.json .* not a multiple of patch_size 8"):
+        vit.ViTConfig.from_hf(ViTConfig(image_size=30, patch_size=8))
+    with pytest.raises(hf.CheckpointError, match="config.json .* not divisible by num_heads"):
+        vit.ViTConfig.from_hf(ViTConfig(hidden_size=32, num_attention_heads=5))
+
+
 def test_other_model_types_are_refused(tmp_path):
     from transformers import BertConfig
 

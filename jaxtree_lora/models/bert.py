@@ -83,11 +83,11 @@ class BertConfig:
         if config.hidden_act not in activations:
             raise hf.CheckpointError(f"hidden_act {config.hidden_act!r} is not supported: "
                                      f"supported are {', '.join(activations)}")
-        return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                   intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
-                   num_heads=config.num_attention_heads, max_position=config.max_position_embeddings,
-                   type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
-                   hidden_act=activations[config.hidden_act])
+        return hf.make_config(cls, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                              intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+                              num_heads=config.num_attention_heads, max_position=config.max_position_embeddings,
+                              type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
+                              hidden_act=activations[config.hidden_act])
 
 
 def gelu(x, kind: str):

@@ -132,10 +132,10 @@ def _config(tensors: dict, source: str, image_size: int, num_heads: Optional[int
     problem = image_size_error(image_size, patch)
     if problem:
         raise hf.CheckpointError(problem)
-    config = vit.ViTConfig(image_size=image_size, patch_size=patch, num_channels=channels, hidden_size=hidden,
-                           intermediate_size=int(np.shape(tensors[needed[2]])[0]), num_layers=max(layers) + 1,
-                           num_heads=num_heads or hidden // HEAD_DIM, layer_norm_eps=layer_norm_eps, mean=IMAGENET_MEAN,
-                           std=IMAGENET_STD, family="dinov2")
+    config = hf.make_config(vit.ViTConfig, image_size=image_size, patch_size=patch, num_channels=channels,
+                            hidden_size=hidden, intermediate_size=int(np.shape(tensors[needed[2]])[0]),
+                            num_layers=max(layers) + 1, num_heads=num_heads or hidden // HEAD_DIM,
+                            layer_norm_eps=layer_norm_eps, mean=IMAGENET_MEAN, std=IMAGENET_STD, family="dinov2")
     return config, grid
 
 

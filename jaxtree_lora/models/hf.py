@@ -33,6 +33,15 @@ def read_config(directory: str):
         raise CheckpointError(f"cannot read {path} with transformers' AutoConfig: {error}") from error
 
 
+def make_config(cls, **values):
+    """`cls(**values)` for values read from a config.json; the ValueError of a shape the backbone cannot
+    run (heads that do not divide the width, ...) becomes a CheckpointError saying where it came from."""
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise CheckpointError(f"config.json describes a {cls.__name__} this backbone cannot build: {error}") from error
+
+
 def safetensors_files(directory: str) -> list[str]:
     """The checkpoint's safetensors files: from `model.safetensors.index.json` if sharded."""
     index = os.path.join(directory, "model.safetensors.index.json")

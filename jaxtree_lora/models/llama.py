@@ -124,7 +124,7 @@ class LlamaConfig:
             mlp_bias=model_type == "llama" and bool(getattr(config, "mlp_bias", False)),
             rope_scaling=scaling, sliding_window=int(window) if window else None)
         values.update(overrides)
-        return cls(**values)
+        return hf.make_config(cls, **values)
 
 
 def layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:

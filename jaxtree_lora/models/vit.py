@@ -103,10 +103,10 @@ class ViTConfig:
                 if len(set(value)) != 1:
                     raise hf.CheckpointError(f"{name} {value} is not square: only square images and patches are supported")
                 sizes[name] = value[0]
-        return cls(image_size=sizes["image_size"], patch_size=sizes["patch_size"], num_channels=config.num_channels,
-                   hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                   num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                   layer_norm_eps=config.layer_norm_eps)
+        return hf.make_config(cls, image_size=sizes["image_size"], patch_size=sizes["patch_size"],
+                              num_channels=config.num_channels, hidden_size=config.hidden_size,
+                              intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+                              num_heads=config.num_attention_heads, layer_norm_eps=config.layer_norm_eps)
 
 
 def layer_shapes(c: ViTConfig) -> dict:

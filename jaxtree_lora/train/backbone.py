@@ -292,10 +292,11 @@ def abstract_module(config) -> tuple[Any, str]:
         raise BackboneError(f"model.kind dinov2 but {path}/config.json has model_type "
                             f"{getattr(hf_config, 'model_type', None)!r}: set model.kind to the checkpoint's family")
     if kind == "dinov2" or (kind == "vit" and getattr(hf_config, "model_type", None) == "dinov2"):
-        cfg = dataclasses.replace(dinov2.SMALL, image_size=_dinov2_image_size(config, hf_config.patch_size),
-                                  patch_size=hf_config.patch_size, hidden_size=hf_config.hidden_size,
-                                  intermediate_size=int(hf_config.hidden_size * hf_config.mlp_ratio),
-                                  num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads)
+        cfg = hf.make_config(vit.ViTConfig, **{
+            **dataclasses.asdict(dinov2.SMALL), "image_size": _dinov2_image_size(config, hf_config.patch_size),
+            "patch_size": hf_config.patch_size, "hidden_size": hf_config.hidden_size,
+            "intermediate_size": int(hf_config.hidden_size * hf_config.mlp_ratio),
+            "num_layers": hf_config.num_hidden_layers, "num_heads": hf_config.num_attention_heads})
         return nnx.eval_shape(lambda: vit.ViT(cfg, rngs=rngs())), "vit"
     if kind == "vit":
         cfg = vit.ViTConfig.from_hf(hf_config)
