@@ -227,6 +227,22 @@ def test_damaged_files_are_refused_in_one_line(tmp_path, damage):
         llama.load_hf(directory)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_bare_decoder_without_model_prefix_loads_when_tied(tmp_path, tied):
+    """LlamaModel.save_pretrained (no LM head) names its tensors without "model.": they were all refused as
+    unknown. Tied, the head is the embedding and the logits are the full model's; untied, no head exists."""
+    config, tensors = make_checkpoint("llama", tied=tied)
+    bare = {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
+    directory = write_checkpoint(str(tmp_path), config, bare)
+    if not tied:
+        with pytest.raises(hf.CheckpointError, match="decoder without its LM head"):
+            llama.load_hf(directory)
+        return
+    model, _ = llama.load_hf(directory)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS[None])))[0], numpy_forward(tensors, config, IDS),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_from_hf_refuses_what_it_cannot_run():
     from transformers import BertConfig, LlamaConfig, Qwen2Config
 

@@ -452,11 +452,20 @@ def load_hf(directory: str, dtype=jnp.float32):
     """(LlamaDecoder, tokenizer) from a Hugging Face checkpoint directory (single or sharded safetensors).
 
     Tied embeddings: when the config ties them, an `lm_head.weight` in the file is dropped (it is a copy).
+    A bare decoder (LlamaModel's names, without "model.") loads when its embeddings are tied.
     """
     from transformers import AutoTokenizer
 
-    config = LlamaConfig.from_hf(hf.read_config(directory))
+    hf_config = hf.read_config(directory)
+    config = LlamaConfig.from_hf(hf_config)
     tensors = hf.read_tensors(directory)
+    if "model.embed_tokens.weight" not in tensors and "embed_tokens.weight" in tensors:
+        # A bare LlamaModel / MistralModel / Qwen2Model saved without its LM head: names lack "model.".
+        tensors = {name if name.startswith("lm_head.") else f"model.{name}": value for name, value in tensors.items()}
+        if not config.tie_embeddings and "lm_head.weight" not in tensors:
+            raise hf.CheckpointError(f"{directory} holds a decoder without its LM head (a bare {hf_config.model_type} "
+                                     "model, untied embeddings): save the ...ForCausalLM model, or set "
+                                     "tie_word_embeddings true in config.json if its head is the embedding")
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     mapped = hf.map_checkpoint(tensors, rules(config), expected_shapes(config), config.num_layers,
