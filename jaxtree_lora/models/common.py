@@ -262,10 +262,28 @@ def _float32_inside(function, *arrays):
     return function(*(a.astype(jnp.float32) for a in arrays)).astype(arrays[0].dtype)
 
 
+def _every_bf16() -> Array:
+    """[65536] bf16: every bfloat16 value, indexed by its bits."""
+    return jax.lax.bitcast_convert_type(jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16), jnp.bfloat16)
+
+
+def _by_bits(table: Array, bits: Array) -> Array:
+    """table[bits] for uint16 bits: a lookup in a [65536] table of a function of one bf16 value."""
+    return table.at[bits.astype(jnp.int32)].get(mode="promise_in_bounds")
+
+
+def _gelu(v):
+    return jax.nn.gelu(v, approximate=False)
+
+
 @jax.custom_vjp
 def gelu_exact(x: Array) -> Array:
-    """The exact (erf) GELU, x Phi(x), as jax.nn.gelu(approximate=False); its backward keeps only x."""
-    return _float32_inside(lambda v: jax.nn.gelu(v, approximate=False), x)
+    """The exact (erf) GELU, x Phi(x), as jax.nn.gelu(approximate=False); its backward keeps only x.
+    bf16 on CPU: read from the GELU of all 65536 bf16 values (the same bits, a third of the time of
+    XLA's float32 erfc over a [tokens, intermediate] array)."""
+    if narrow_on_cpu(x.dtype):
+        return _by_bits(_float32_inside(_gelu, _every_bf16()), stash(x))
+    return _gelu(x)
 
 
 def _gelu_exact_forward(x):
@@ -273,16 +291,26 @@ def _gelu_exact_forward(x):
 
 
 def _gelu_exact_backward(x, grad):
-    return (_float32_inside(_gelu_exact_gradient, grad, unstash(x, grad.dtype)),)
+    if x.dtype != jnp.uint16:
+        return (_gelu_exact_gradient(grad, x),)
+    # bf16 on CPU: the exp and erfc terms of every bf16 x in float32, looked up; the rest as autodiff's.
+    terms = [_by_bits(table, x) for table in _gelu_exact_terms(_every_bf16().astype(jnp.float32))]
+    wide = _gelu_exact_gradient(grad.astype(jnp.float32), unstash(x, grad.dtype).astype(jnp.float32), terms)
+    return (wide.astype(grad.dtype),)
 
 
-def _gelu_exact_gradient(grad, x):
+def _gelu_exact_terms(x):
+    """exp(-z^2) and erfc(z) for z = -x / sqrt 2: the two transcendental terms of GELU's derivative."""
+    z = -x * np.sqrt(0.5).astype(x.dtype)
+    return jnp.exp(-jnp.square(z)), jax.lax.erfc(z)
+
+
+def _gelu_exact_gradient(grad, x, terms=None):
     # gelu(x) = (0.5 x) erfc(-x / sqrt 2); d erfc(z) / dz = -2 / sqrt(pi) exp(-z^2).
-    sqrt_half = np.sqrt(0.5).astype(x.dtype)
-    z = -x * sqrt_half
-    through_erfc = -(((np.asarray(-2 / np.sqrt(np.pi), x.dtype) * ((0.5 * x) * grad)) * jnp.exp(-jnp.square(z)))
-                     * sqrt_half)
-    return through_erfc + 0.5 * (grad * jax.lax.erfc(z))
+    exp_term, erfc_term = _gelu_exact_terms(x) if terms is None else terms
+    through_erfc = -(((np.asarray(-2 / np.sqrt(np.pi), x.dtype) * ((0.5 * x) * grad)) * exp_term)
+                     * np.sqrt(0.5).astype(x.dtype))
+    return through_erfc + 0.5 * (grad * erfc_term)
 
 
 gelu_exact.defvjp(_gelu_exact_forward, _gelu_exact_backward)
