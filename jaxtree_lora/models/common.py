@@ -318,8 +318,11 @@ gelu_exact.defvjp(_gelu_exact_forward, _gelu_exact_backward)
 
 @jax.custom_vjp
 def silu(x: Array) -> Array:
-    """x sigmoid(x), as jax.nn.silu; its backward keeps only x."""
-    return _float32_inside(jax.nn.silu, x)
+    """x sigmoid(x), as jax.nn.silu; its backward keeps only x. bf16 on CPU: read by the input's bits
+    from the SiLU of every bf16 value, as `gelu_exact`."""
+    if narrow_on_cpu(x.dtype):
+        return _by_bits(_float32_inside(jax.nn.silu, _every_bf16()), stash(x))
+    return jax.nn.silu(x)
 
 
 def _silu_forward(x):
@@ -327,11 +330,15 @@ def _silu_forward(x):
 
 
 def _silu_backward(x, grad):
-    return (_float32_inside(_silu_gradient, grad, unstash(x, grad.dtype)),)
+    if x.dtype != jnp.uint16:
+        return (_silu_gradient(grad, x),)
+    sigmoid = _by_bits(jax.lax.logistic(_every_bf16().astype(jnp.float32)), x)  # float32, looked up
+    wide = _silu_gradient(grad.astype(jnp.float32), unstash(x, grad.dtype).astype(jnp.float32), sigmoid)
+    return (wide.astype(grad.dtype),)
 
 
-def _silu_gradient(grad, x):
-    sigmoid = jax.lax.logistic(x)
+def _silu_gradient(grad, x, sigmoid=None):
+    sigmoid = jax.lax.logistic(x) if sigmoid is None else sigmoid
     return grad * sigmoid + (x * grad) * (sigmoid * (1.0 - sigmoid))
 
 
