@@ -19,7 +19,7 @@ from jaxtree_lora.methods.inclora import IncLoRA
 from jaxtree_lora.methods.seqlora import SeqLoRA
 from jaxtree_lora.models.common import Site
 from jaxtree_lora.models.heads import init_head
-from jaxtree_lora.train.step import TrainState, make_optimizer, make_task_loss, make_train_step
+from jaxtree_lora.train.step import TrainState, loss_classes, make_optimizer, make_task_loss, make_train_step
 
 D_IN, D_OUT, CLASSES = 6, 5, 4
 
@@ -251,3 +251,25 @@ def test_frozen_leaves_do_not_enter_clipping_or_adam_moments():
         np.testing.assert_array_equal(adam(later.opt_state).mu["frozen"], first.mu["frozen"])
         np.testing.assert_array_equal(adam(later.opt_state).nu["frozen"], first.nu["frozen"])
         np.testing.assert_array_equal(later.trainable["frozen"], history[0].trainable["frozen"])
+
+
+def test_a_task_of_one_class_is_trained_against_the_seen_classes():
+    """One class per task (or a task column's lone class): a softmax over the task's one class has loss 0
+    and no gradient, so its head column never learned and the run scored it 0 when told apart from the
+    earlier classes. It is trained against the seen classes; the earlier columns stay frozen."""
+    method = SeqLoRA(lora=lora_lib.LoraSpec(targets=("proj",), rank=2, alpha=4.0, dropout=0.0))
+    _, frozen, state, _, optimizer, task_loss = setup(method)
+    task_classes = jnp.asarray([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], bool)  # tasks of 2, 1 and 1 classes
+    consts = {"task_classes": task_classes, "seen_classes": jnp.cumsum(task_classes, axis=0) > 0}
+    _, method_state = method.begin_task(state.trainable["adapters"], state.method_state, 1)
+    state = state.replace(method_state=method_state)
+    batch = {**batch_of(jax.random.PRNGKey(3), 8), "labels": jnp.full((1, 8), 2)}
+    step = jax.jit(make_train_step(method, task_loss, optimizer, freeze_other_classes=True))
+    new, metrics = step(state, frozen, consts, batch, jax.random.PRNGKey(4))
+    assert float(metrics["loss"]) > 0.1 and float(metrics["grad_norm"]) > 0, "the one-class task learned nothing"
+    moved = np.abs(np.asarray(new.trainable["head"]["w"] - state.trainable["head"]["w"])).sum(axis=0)
+    assert moved[2] > 0 and (moved[[0, 1, 3]] == 0).all(), f"head columns moved: {moved}"
+    # A task of two or more classes keeps its task-local softmax: only its own classes enter the loss.
+    np.testing.assert_array_equal(loss_classes(consts, 0), [True, True, False, False])
+    np.testing.assert_array_equal(loss_classes(consts, 2), [True, True, True, True])
+    np.testing.assert_array_equal(loss_classes(consts, 2, "seen"), [True, True, True, True])

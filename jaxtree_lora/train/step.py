@@ -135,6 +135,16 @@ def loss_positions(seq: int, answer_window: Optional[int]) -> tuple[int, int]:
     return seq - 1 - int(answer_window), seq - 1
 
 
+def loss_classes(consts, task, train_mask: str = "task") -> jax.Array:
+    """[C] bool: the classes task `task`'s loss is over, its own (train_mask "task") or every seen one.
+    A task of one class is trained against the seen classes: a softmax over one class has loss 0, so
+    its head column and adapters would never be trained (one class per task, a task column's lone class)."""
+    own, seen = consts["task_classes"][task], consts["seen_classes"][task]
+    if train_mask != "task":
+        return seen
+    return jnp.where(jnp.sum(own) > 1, own, seen)
+
+
 def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: str = "cosine",
                    head_scale: float = 20.0, answer_window: Optional[int] = None) -> Callable:
     """Returns task_loss(trainable, frozen, consts, method_state, batch, key) -> (loss, aux).
@@ -168,7 +178,7 @@ def make_task_loss(backbone, method, kind: str, train_mask: str = "task", head: 
             features = backbone.features(frozen, batch, adapters=adapters, delta=delta, rng=dropout_key(key))
             logits = head_logits(trainable["head"], features, head, head_scale)
             task = method_state["task"]
-            mask = consts["task_classes"][task] if train_mask == "task" else consts["seen_classes"][task]
+            mask = loss_classes(consts, task, train_mask)
             loss, aux = masked_cross_entropy(logits, batch["labels"], mask, batch["weight"])
             # The logits over the trained classes (others at -1e9) for methods that distil (CL-LoRA).
             class_logits = jnp.where(mask[None, :], logits.astype(jnp.float32), -1e9)
