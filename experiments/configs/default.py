@@ -62,6 +62,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "name": placeholder(str), "learning_rate": placeholder(float), "b1": 0.9, "b2": 0.95, "momentum": 0.9,
         "weight_decay": 0.0, "clip_norm": 1.0, "schedule": "constant",
     })
+    # train_mask: the classes a task's softmax runs over, "task" (its own; a task of one class: every
+    # seen class, since a softmax over one class teaches nothing) or "seen".
     config.train = ml_collections.ConfigDict({
         "batch_size": 16, "accumulation": 1, "epochs": 2, "max_tasks": 0, "train_mask": "task",
         # "" = the method's own head ("linear" per-task heads, "cosine" for LoDA and CL-LoRA).
