@@ -192,6 +192,26 @@ def test_unsupported_files_give_checkpoint_errors(tmp_path):
         gguf_loader.load_gguf(tmp_path / "junk.gguf")
 
 
+def test_plan_of_a_bad_gguf_file_is_a_checkpoint_error(tmp_path):
+    """`jaxtree-lora plan` reads only the header (backbone.abstract_module): a file that is not GGUF, or
+    is cut short, is the same one-line CheckpointError as for loading, not the reader's ValueError."""
+    import ml_collections
+
+    from jaxtree_lora.train import backbone
+
+    write_gguf(tmp_path / "tiny.gguf", hf_tensors())
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    (tmp_path / "cut.gguf").write_bytes(data[:1000])
+    for name in ("junk.gguf", "cut.gguf"):
+        config = ml_collections.ConfigDict({"model": {"name": "gguf", "path": str(tmp_path / name)}})
+        with pytest.raises(hf.CheckpointError, match="not a readable GGUF"):
+            backbone.abstract_module(config)
+    config = ml_collections.ConfigDict({"model": {"name": "gguf", "path": str(tmp_path / "tiny.gguf")}})
+    planned, kind = backbone.abstract_module(config)
+    assert kind == "decoder" and planned.config.num_layers == LAYERS
+
+
 def test_rope_freqs_tensor_divides_the_frequencies(tmp_path):
     """llama.cpp stores Llama 3.x rope scaling as per-frequency divisors (`rope_freqs`)."""
     factors = np.linspace(1.0, 8.0, HEAD_DIM // 2).astype(np.float32)

@@ -192,19 +192,25 @@ def tokenizer_from_metadata(reader):
     return tokenizer
 
 
-def load_gguf(path: str, dtype=None) -> tuple[LlamaDecoder, Any]:
-    """(LlamaDecoder, tokenizer) from a Llama-architecture GGUF file; weights dequantised to `dtype`
-    (float32 by default)."""
+def open_reader(path: str):
+    """The `gguf` package's reader for `path`; a missing or unreadable file is a CheckpointError."""
     import gguf
-    import jax.numpy as jnp
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise hf.CheckpointError(f"GGUF file {path} does not exist: run `jaxtree-lora assets` or fix model.path")
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as error:  # the reader raises ValueError, struct errors, ... for a bad file
         raise hf.CheckpointError(f"{path} is not a readable GGUF file ({error})") from error
+
+
+def load_gguf(path: str, dtype=None) -> tuple[LlamaDecoder, Any]:
+    """(LlamaDecoder, tokenizer) from a Llama-architecture GGUF file; weights dequantised to `dtype`
+    (float32 by default)."""
+    import jax.numpy as jnp
+
+    reader = open_reader(path)
     config = config_from_metadata(reader)
     model = from_arrays(config, map_tensors(reader, config), dtype or jnp.float32)
     return model, tokenizer_from_metadata(reader)

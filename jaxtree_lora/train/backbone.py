@@ -275,11 +275,9 @@ def abstract_module(config) -> tuple[Any, str]:
                                 f"{'directory (its config.json is enough to plan)' if name == 'hf' else 'file'}")
     rngs = lambda: nnx.Rngs(0)  # noqa: E731
     if name == "gguf":
-        import gguf
+        from jaxtree_lora.models.gguf import config_from_metadata, open_reader
 
-        from jaxtree_lora.models.gguf import config_from_metadata
-
-        cfg = config_from_metadata(gguf.GGUFReader(path))
+        cfg = config_from_metadata(open_reader(path))
         return nnx.eval_shape(lambda: llama.LlamaDecoder(dataclasses.replace(cfg, param_dtype=jnp.float32),
                                                          rngs=rngs())), "decoder"
     hf_config = hf.read_config(path)
