@@ -168,6 +168,36 @@ def test_tiny_gguf_add_bos_token(tmp_path):
     assert tokenizer("ab")["input_ids"] == [1, TOKENS.index("ab")], "add_bos_token=true must prepend BOS"
 
 
+def test_llama3_pre_tokenizer_splits_digits_in_threes(tmp_path):
+    """Llama 3 GGUFs are byte-level BPE with tokenizer.ggml.pre "llama-bpe": text is split by Llama 3's
+    regex (digits in groups of up to three, case-insensitive contractions, a space kept with the
+    following word) before the merges, as in its tokenizer.json."""
+    from tokenizers import pre_tokenizers
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = ["3 4", "1 2", "12 3", "Ġ D", "ĠD O", "ĠDO N"]
+    tokens = ["<|begin_of_text|>"] + symbols + ["34", "12", "123", "ĠD", "ĠDO", "ĠDON"]
+    writer = gguf.GGUFWriter(str(tmp_path / "l3.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([3] + [1] * (len(tokens) - 1))
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    tokenizer = gguf_loader.tokenizer_from_metadata(gguf.GGUFReader(str(tmp_path / "l3.gguf")))
+    index = {token: i for i, token in enumerate(tokens)}
+    # "1234" is split "123" + "4" first, so the top-ranked merge "3 4" never applies across the split.
+    ids = tokenizer("1234 DON'T", add_special_tokens=False)["input_ids"]
+    assert ids == [index[t] for t in ["123", "4", "ĠDON", "'", "T"]], [tokens[i] for i in ids]
+    assert tokenizer.decode(ids) == "1234 DON'T"
+    text = "Hé, 12345 don't!\n\n  x"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
 def test_unsupported_files_give_checkpoint_errors(tmp_path):
     tensors = hf_tensors()
     write_gguf(tmp_path / "qwen.gguf", tensors, architecture="qwen2")

@@ -26,8 +26,12 @@ LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
-# tokenizer.ggml.pre -> whether digits are split one by one before byte-level BPE.
-PRE_TOKENIZERS = {"smollm": True, "gpt-2": False}
+# Llama 3's split before byte-level BPE (its tokenizer.json): contractions, letters, up to 3 digits, punctuation.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre -> how text is split before byte-level BPE: "digits" (one by one, then GPT-2's
+# regex), "gpt-2" (GPT-2's regex) or a regex of its own.
+PRE_TOKENIZERS = {"smollm": "digits", "gpt-2": "gpt-2", "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT}
 
 
 def metadata(reader, key: str, default: Any = None) -> Any:
@@ -145,11 +149,11 @@ def map_tensors(reader, config: LlamaConfig) -> dict[tuple[str, ...], np.ndarray
 def tokenizer_from_metadata(reader):
     """A transformers PreTrainedTokenizerFast rebuilt from the `tokenizer.ggml.*` metadata.
 
-    Supports byte-level BPE ("gpt2" model) with the "smollm" (digits split one by one) or "gpt-2"
-    pre-tokenizer; control tokens (token_type 3) become special tokens, user-defined ones (4)
+    Supports byte-level BPE ("gpt2" model) with the "smollm" (digits split one by one), "gpt-2" or
+    Llama 3's "llama-bpe" pre-tokenizer; control tokens (token_type 3) become special tokens, user-defined ones (4)
     added tokens; bos/eos/unk/pad come from the metadata ids.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     kind = metadata(reader, "tokenizer.ggml.model")
@@ -165,9 +169,15 @@ def tokenizer_from_metadata(reader):
     types = [int(t) for t in metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens))]
     backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)}, merges=merges,
                                    fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                             if PRE_TOKENIZERS[pre] else byte_level)
+    split = PRE_TOKENIZERS[pre]
+    if split in ("digits", "gpt-2"):
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                                 if split == "digits" else byte_level)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                 for i, t in enumerate(types) if t == TOKEN_CONTROL])
