@@ -47,8 +47,8 @@ def config_from_metadata(reader) -> LlamaConfig:
     architecture = metadata(reader, "general.architecture")
     if architecture != "llama":
         raise hf.CheckpointError(
-            f"GGUF architecture {architecture!r} is not supported: use a 'llama'-architecture GGUF "
-            f"(Llama 2/3, Mistral, SmolLM2) or the Hugging Face checkpoint with model.name=hf")
+            f"GGUF architecture {architecture!r} is not supported: use a 'llama'-architecture GGUF with a "
+            f"byte-level BPE tokenizer (Llama 3, SmolLM2) or the Hugging Face checkpoint with model.name=hf")
 
     def get(name, default=None):
         value = metadata(reader, f"llama.{name}", default)
@@ -158,8 +158,9 @@ def tokenizer_from_metadata(reader):
 
     kind = metadata(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise hf.CheckpointError(f"GGUF tokenizer model {kind!r} is not supported: only byte-level BPE ('gpt2') is; "
-                                 f"use the Hugging Face checkpoint (tokenizer.json) instead")
+        raise hf.CheckpointError(f"GGUF tokenizer model {kind!r} is not supported: only byte-level BPE ('gpt2': Llama 3, "
+                                 f"SmolLM2) is; for SentencePiece files (Llama 2, Mistral) use the Hugging Face "
+                                 f"checkpoint with model.name=hf")
     pre = metadata(reader, "tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
         raise hf.CheckpointError(f"GGUF pre-tokenizer {pre!r} is not supported ({', '.join(PRE_TOKENIZERS)}): use "
