@@ -198,14 +198,40 @@ def test_llama3_pre_tokenizer_splits_digits_in_threes(tmp_path):
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
+def test_sentencepiece_tokenizer_of_llama2_and_mistral_files(tmp_path):
+    """Llama 2 and Mistral GGUFs carry a SentencePiece vocabulary ("llama" model: scores, byte tokens,
+    the "\u2581" word boundary); they were refused. Merges come from the scores (higher first), unknown
+    characters fall back to their bytes, BOS is prepended (llama.cpp's default for these files)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["\u2581", "a", "b", "\u2581a", "ab",
+                                                                              "\u2581ab", "c"]
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * 7)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    tokenizer = gguf_loader.tokenizer_from_metadata(gguf.GGUFReader(str(tmp_path / "spm.gguf")))
+    index = {token: i for i, token in enumerate(tokens)}
+    ids = tokenizer("ab a cé")["input_ids"]
+    expected = ["<s>", "\u2581ab", "\u2581a", "\u2581", "c", "<0xC3>", "<0xA9>"]  # é: no token, its two UTF-8 bytes
+    assert ids == [index[t] for t in expected], [tokens[i] for i in ids]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "ab a cé"
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
+
+
 def test_unsupported_files_give_checkpoint_errors(tmp_path):
     tensors = hf_tensors()
     write_gguf(tmp_path / "qwen.gguf", tensors, architecture="qwen2")
     with pytest.raises(hf.CheckpointError, match="architecture 'qwen2'"):
         gguf_loader.load_gguf(tmp_path / "qwen.gguf")
-    write_gguf(tmp_path / "spm.gguf", tensors, tokenizer_model="llama")
-    with pytest.raises(hf.CheckpointError, match=r"tokenizer model 'llama' .*\(Llama 2, Mistral\) .*model.name=hf"):
-        gguf_loader.load_gguf(tmp_path / "spm.gguf")
+    write_gguf(tmp_path / "rwkv.gguf", tensors, tokenizer_model="rwkv")
+    with pytest.raises(hf.CheckpointError, match=r"tokenizer model 'rwkv' .*\('llama': Llama 2, Mistral\) .*model.name=hf"):
+        gguf_loader.load_gguf(tmp_path / "rwkv.gguf")
     write_gguf(tmp_path / "pre.gguf", tensors, pre="qwen2")
     with pytest.raises(hf.CheckpointError, match="pre-tokenizer 'qwen2'"):
         gguf_loader.load_gguf(tmp_path / "pre.gguf")

@@ -47,8 +47,8 @@ def config_from_metadata(reader) -> LlamaConfig:
     architecture = metadata(reader, "general.architecture")
     if architecture != "llama":
         raise hf.CheckpointError(
-            f"GGUF architecture {architecture!r} is not supported: use a 'llama'-architecture GGUF with a "
-            f"byte-level BPE tokenizer (Llama 3, SmolLM2) or the Hugging Face checkpoint with model.name=hf")
+            f"GGUF architecture {architecture!r} is not supported: use a 'llama'-architecture GGUF (Llama 2/3, "
+            f"Mistral, SmolLM2) or the Hugging Face checkpoint with model.name=hf")
 
     def get(name, default=None):
         value = metadata(reader, f"llama.{name}", default)
@@ -146,26 +146,15 @@ def map_tensors(reader, config: LlamaConfig) -> dict[tuple[str, ...], np.ndarray
     return mapped
 
 
-def tokenizer_from_metadata(reader):
-    """A transformers PreTrainedTokenizerFast rebuilt from the `tokenizer.ggml.*` metadata.
+def _byte_level_backend(reader, tokens: list[str]):
+    """The `tokenizers` backend of a byte-level BPE file ("gpt2": SmolLM2, Llama 3): vocabulary, merges,
+    the split `tokenizer.ggml.pre` names, control tokens special, user-defined ones added."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    Supports byte-level BPE ("gpt2" model) with the "smollm" (digits split one by one), "gpt-2" or
-    Llama 3's "llama-bpe" pre-tokenizer; control tokens (token_type 3) become special tokens, user-defined ones (4)
-    added tokens; bos/eos/unk/pad come from the metadata ids.
-    """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    kind = metadata(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise hf.CheckpointError(f"GGUF tokenizer model {kind!r} is not supported: only byte-level BPE ('gpt2': Llama 3, "
-                                 f"SmolLM2) is; for SentencePiece files (Llama 2, Mistral) use the Hugging Face "
-                                 f"checkpoint with model.name=hf")
     pre = metadata(reader, "tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
         raise hf.CheckpointError(f"GGUF pre-tokenizer {pre!r} is not supported ({', '.join(PRE_TOKENIZERS)}): use "
                                  f"the Hugging Face checkpoint (tokenizer.json) instead")
-    tokens = [str(token) for token in metadata(reader, "tokenizer.ggml.tokens")]
     merges = [tuple(str(merge).split(" ", 1)) for merge in metadata(reader, "tokenizer.ggml.merges", [])]
     types = [int(t) for t in metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens))]
     backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)}, merges=merges,
@@ -184,13 +173,52 @@ def tokenizer_from_metadata(reader):
                                 for i, t in enumerate(types) if t == TOKEN_CONTROL])
     backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                         for i, t in enumerate(types) if t == TOKEN_USER_DEFINED])
+    return backend
+
+
+def _sentencepiece_backend(reader):
+    """The `tokenizers` backend of a SentencePiece file ("llama": Llama 2, Mistral), built by
+    transformers' GGUF tokenizer conversion from this reader's metadata (transformers' own GGUF reader
+    needs torch): merges recovered from the token scores, byte fallback, the "\u2581" word boundary."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                           convert_gguf_tokenizer)
+    except ImportError as error:
+        raise hf.CheckpointError(f"this transformers cannot rebuild a SentencePiece GGUF tokenizer ({error}): use the "
+                                 f"Hugging Face checkpoint with model.name=hf") from error
+    values = {name: metadata(reader, f"tokenizer.{key}") for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()}
+    return convert_gguf_tokenizer(metadata(reader, "general.architecture"),
+                                  {name: value for name, value in values.items() if value is not None})[0]
+
+
+def tokenizer_from_metadata(reader):
+    """A transformers PreTrainedTokenizerFast rebuilt from the `tokenizer.ggml.*` metadata.
+
+    Byte-level BPE ("gpt2" model) with the "smollm" (digits split one by one), "gpt-2" or Llama 3's
+    "llama-bpe" pre-tokenizer, built here; SentencePiece ("llama" model: Llama 2, Mistral) through
+    transformers' GGUF conversion. bos/eos/unk/pad come from the metadata ids;
+    BOS is prepended where `tokenizer.ggml.add_bos_token` says (SentencePiece files: by default).
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    kind = metadata(reader, "tokenizer.ggml.model")
+    tokens = [str(token) for token in metadata(reader, "tokenizer.ggml.tokens")]
+    if kind == "gpt2":
+        backend, add_bos = _byte_level_backend(reader, tokens), metadata(reader, "tokenizer.ggml.add_bos_token", False)
+    elif kind == "llama":
+        backend, add_bos = _sentencepiece_backend(reader), metadata(reader, "tokenizer.ggml.add_bos_token", True)
+    else:
+        raise hf.CheckpointError(f"GGUF tokenizer model {kind!r} is not supported: byte-level BPE ('gpt2': Llama 3, "
+                                 f"SmolLM2) and SentencePiece ('llama': Llama 2, Mistral) are; use the Hugging Face "
+                                 f"checkpoint with model.name=hf")
 
     def token(key: str) -> Optional[str]:
         index = metadata(reader, key)
         return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
     bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-    if metadata(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if add_bos and bos is not None:
         bos_id = tokens.index(bos)
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, bos_id)])
