@@ -224,16 +224,62 @@ def test_sentencepiece_tokenizer_of_llama2_and_mistral_files(tmp_path):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen2_file_with_biases_matches_the_numpy_forward(tmp_path, tied):
+    """Qwen2 GGUFs ('qwen2' keys, q/k/v biases, q/k rows not permuted: its rotary pairing is NeoX's) were
+    refused. The logits equal the numpy transcription of transformers' Qwen2 (tests/test_llama.py), and
+    the "qwen2" pre-tokenizer splits digits one by one."""
+    from test_llama import VOCAB as LLAMA_VOCAB, make_checkpoint, numpy_forward
+
+    config, tensors = make_checkpoint("qwen2", tied=tied)
+    renames = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    writer = gguf.GGUFWriter(str(tmp_path / "qwen2.gguf"), "qwen2")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(64)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"] if getattr(config, "rope_parameters", None)
+                              else config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(["<|endoftext|>", "1", "2", "12"] + [f"t{i}" for i in range(LLAMA_VOCAB - 4)])
+    writer.add_token_merges(["1 2"])
+    writer.add_eos_token_id(0)
+    for name, value in tensors.items():
+        name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}.get(name, name)
+        if name.startswith("model.layers."):
+            layer, rest = name[len("model.layers."):].split(".", 1)
+            site, kind = rest.rsplit(".", 1)
+            name = f"blk.{layer}.{renames[site]}.{kind}"
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model, tokenizer = gguf_loader.load_gguf(tmp_path / "qwen2.gguf")
+    assert model.config.attention_bias and not model.config.attention_output_bias
+    ids = np.asarray([3, 17, 5, 9, 30, 2, 41], np.int32)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids[None])))[0], numpy_forward(tensors, config, ids),
+                               rtol=1e-4, atol=1e-4)
+    assert tokenizer("12 1212", add_special_tokens=False)["input_ids"] == [1, 2, 1, 2, 1, 2], "digits one by one"
+
+
 def test_unsupported_files_give_checkpoint_errors(tmp_path):
     tensors = hf_tensors()
-    write_gguf(tmp_path / "qwen.gguf", tensors, architecture="qwen2")
-    with pytest.raises(hf.CheckpointError, match="architecture 'qwen2'"):
-        gguf_loader.load_gguf(tmp_path / "qwen.gguf")
+    write_gguf(tmp_path / "phi.gguf", tensors, architecture="phi3")
+    with pytest.raises(hf.CheckpointError, match="architecture 'phi3'"):
+        gguf_loader.load_gguf(tmp_path / "phi.gguf")
     write_gguf(tmp_path / "rwkv.gguf", tensors, tokenizer_model="rwkv")
     with pytest.raises(hf.CheckpointError, match=r"tokenizer model 'rwkv' .*\('llama': Llama 2, Mistral\) .*model.name=hf"):
         gguf_loader.load_gguf(tmp_path / "rwkv.gguf")
-    write_gguf(tmp_path / "pre.gguf", tensors, pre="qwen2")
-    with pytest.raises(hf.CheckpointError, match="pre-tokenizer 'qwen2'"):
+    write_gguf(tmp_path / "pre.gguf", tensors, pre="deepseek-llm")
+    with pytest.raises(hf.CheckpointError, match="pre-tokenizer 'deepseek-llm'"):
         gguf_loader.load_gguf(tmp_path / "pre.gguf")
     write_gguf(tmp_path / "q81.gguf", tensors, gate_type=Q.Q8_1)
     with pytest.raises(hf.CheckpointError, match="blk.0.ffn_gate.weight has type Q8_1"):

@@ -1,11 +1,11 @@
-"""Llama-family GGUF files (llama.cpp's format): dequantised weights, config and tokenizer.
+"""Llama-family GGUF files (llama.cpp's "llama" and "qwen2" architectures): weights, config, tokenizer.
 
 Weights: the `gguf` package's reader and dequantiser give float32 [out, in] arrays for every type it
-implements; `unpermute` undoes llama.cpp's pairing of rotary dimensions in q and k, back to the
-Hugging Face order `llama.decoder_block` expects. Config: the `llama.*` metadata keys (Llama 3.x rope
-scaling as `rope_freqs`, kept as `LlamaConfig.rope_frequency_factors`). Tokenizer: rebuilt from the
-`tokenizer.ggml.*` metadata with `tokenizers` and wrapped as a transformers
-`PreTrainedTokenizerFast` with the file's chat template. More in docs/MODELS.md.
+implements; `unpermute` undoes llama.cpp's pairing of rotary dimensions in a llama file's q and k, back
+to the Hugging Face order `llama.decoder_block` expects. Config: the `<architecture>.*` metadata keys
+(Llama 3.x rope scaling as `rope_freqs`, kept as `LlamaConfig.rope_frequency_factors`). Tokenizer:
+rebuilt from the `tokenizer.ggml.*` metadata (byte-level BPE here, SentencePiece through transformers)
+and wrapped as a transformers `PreTrainedTokenizerFast` with the file's chat template. docs/MODELS.md.
 """
 from __future__ import annotations
 
@@ -22,16 +22,21 @@ from jaxtree_lora.models.llama import LlamaConfig, LlamaDecoder, expected_shapes
 LAYER_NAMES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
                "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
                "attn_norm": "input_norm", "ffn_norm": "post_norm"}
-LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Architectures read, and whether llama.cpp permuted their q/k rows for its rotary pairing (Qwen2: NeoX order).
+ARCHITECTURES = {"llama": True, "qwen2": False}
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 # Llama 3's split before byte-level BPE (its tokenizer.json): contractions, letters, up to 3 digits, punctuation.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # as Llama 3's, digits one by one
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # tokenizer.ggml.pre -> how text is split before byte-level BPE: "digits" (one by one, then GPT-2's
 # regex), "gpt-2" (GPT-2's regex) or a regex of its own.
-PRE_TOKENIZERS = {"smollm": "digits", "gpt-2": "gpt-2", "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT}
+PRE_TOKENIZERS = {"smollm": "digits", "gpt-2": "gpt-2", "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT,
+                  "qwen2": QWEN2_SPLIT}
 
 
 def metadata(reader, key: str, default: Any = None) -> Any:
@@ -43,17 +48,18 @@ def metadata(reader, key: str, default: Any = None) -> Any:
 
 
 def config_from_metadata(reader) -> LlamaConfig:
-    """LlamaConfig from the `llama.*` keys (and whether `output.weight` exists, for tied embeddings)."""
+    """LlamaConfig from the `<architecture>.*` keys ("llama" or "qwen2"), with biases and tied
+    embeddings read off the tensors present."""
     architecture = metadata(reader, "general.architecture")
-    if architecture != "llama":
+    if architecture not in ARCHITECTURES:
         raise hf.CheckpointError(
-            f"GGUF architecture {architecture!r} is not supported: use a 'llama'-architecture GGUF (Llama 2/3, "
-            f"Mistral, SmolLM2) or the Hugging Face checkpoint with model.name=hf")
+            f"GGUF architecture {architecture!r} is not supported: use a 'llama' (Llama 2/3, Mistral, SmolLM2) "
+            f"or 'qwen2' GGUF, or the Hugging Face checkpoint with model.name=hf")
 
     def get(name, default=None):
-        value = metadata(reader, f"llama.{name}", default)
+        value = metadata(reader, f"{architecture}.{name}", default)
         if value is None:
-            raise hf.CheckpointError(f"GGUF metadata lacks llama.{name}: the file is incomplete")
+            raise hf.CheckpointError(f"GGUF metadata lacks {architecture}.{name}: the file is incomplete")
         return value
 
     heads, hidden = int(get("attention.head_count")), int(get("embedding_length"))
@@ -62,7 +68,7 @@ def config_from_metadata(reader) -> LlamaConfig:
     if rotary != head_dim:
         raise hf.CheckpointError(f"GGUF rope.dimension_count={rotary} differs from head_dim={head_dim}: partial "
                                  f"rotary embeddings are not supported")
-    scaling = metadata(reader, "llama.rope.scaling.type")
+    scaling = metadata(reader, f"{architecture}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise hf.CheckpointError(f"GGUF rope scaling {scaling!r} is not supported (none, or llama3 via rope_freqs)")
     names = {tensor.name for tensor in reader.tensors}
@@ -70,14 +76,16 @@ def config_from_metadata(reader) -> LlamaConfig:
     if "rope_freqs.weight" in names:
         tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         factors = tuple(float(v) for v in np.asarray(dequantize(tensor)).reshape(-1))
-    vocab = metadata(reader, "llama.vocab_size") or len(metadata(reader, "tokenizer.ggml.tokens", []))
+    vocab = metadata(reader, f"{architecture}.vocab_size") or len(metadata(reader, "tokenizer.ggml.tokens", []))
     return LlamaConfig(vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
                        num_layers=int(get("block_count")), num_heads=heads,
                        num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
                        rope_theta=float(get("rope.freq_base", 10000.0)),
                        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
                        max_position=int(get("context_length", 4096)),
-                       tie_embeddings="output.weight" not in names, rope_frequency_factors=factors)
+                       tie_embeddings="output.weight" not in names, rope_frequency_factors=factors,
+                       attention_bias="blk.0.attn_q.bias" in names, attention_output_bias="blk.0.attn_output.bias" in names,
+                       mlp_bias="blk.0.ffn_up.bias" in names)
 
 
 def dequantize(tensor) -> np.ndarray:
@@ -104,20 +112,23 @@ def map_tensors(reader, config: LlamaConfig) -> dict[tuple[str, ...], np.ndarray
     mapped: dict[tuple[str, ...], np.ndarray] = {}
     per_layer: dict[str, dict[int, np.ndarray]] = {}
     unknown = []
+    permuted = ARCHITECTURES.get(metadata(reader, "general.architecture"), True)
     for tensor in reader.tensors:
         name = tensor.name
         if name == "rope_freqs.weight":
             continue  # already in the config
         match = LAYER_PATTERN.fullmatch(name)
-        if match is not None and match.group(2) in LAYER_NAMES:
+        if match is not None and match.group(2) in LAYER_NAMES and (match.group(3) == "weight" or
+                                                                   LAYER_NAMES[match.group(2)].endswith("_proj")):
             array = dequantize(tensor)
             kind = match.group(2)
-            if kind == "attn_q":
+            if permuted and kind == "attn_q":
                 array = unpermute(array, config.num_heads)
-            elif kind == "attn_k":
+            elif permuted and kind == "attn_k":
                 array = unpermute(array, config.num_kv_heads)
-            # Linear weights [out, in] become kernels [in, out]; norms are 1-D.
-            per_layer.setdefault(LAYER_NAMES[kind], {})[int(match.group(1))] = (
+            # Linear weights [out, in] become kernels [in, out]; norms and biases are 1-D.
+            target = LAYER_NAMES[kind] if match.group(3) == "weight" else LAYER_NAMES[kind].replace("_proj", "_bias")
+            per_layer.setdefault(target, {})[int(match.group(1))] = (
                 np.ascontiguousarray(array.T) if array.ndim == 2 else array)
         elif name == "token_embd.weight":
             mapped[("embed",)] = dequantize(tensor)
@@ -149,7 +160,7 @@ def map_tensors(reader, config: LlamaConfig) -> dict[tuple[str, ...], np.ndarray
 def _byte_level_backend(reader, tokens: list[str]):
     """The `tokenizers` backend of a byte-level BPE file ("gpt2": SmolLM2, Llama 3): vocabulary, merges,
     the split `tokenizer.ggml.pre` names, control tokens special, user-defined ones added."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     pre = metadata(reader, "tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
@@ -168,6 +179,8 @@ def _byte_level_backend(reader, tokens: list[str]):
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre == "qwen2":
+        backend.normalizer = normalizers.NFC()  # Qwen2's tokenizer.json composes characters first
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                 for i, t in enumerate(types) if t == TOKEN_CONTROL])
