@@ -28,11 +28,11 @@ ARCHITECTURES = {"llama": True, "qwen2": False}
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
-# Llama 3's split before byte-level BPE (its tokenizer.json): contractions, letters, up to 3 digits, punctuation.
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # as Llama 3's, digits one by one
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The split before byte-level BPE of Llama 3 and Qwen2 (their tokenizer.json): contractions, letters, a
+# run of digits, punctuation, whitespace. Llama 3 keeps up to three digits together, Qwen2 one.
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|{digits}"
+          r"| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT, QWEN2_SPLIT = _SPLIT.format(digits=r"\p{N}{1,3}"), _SPLIT.format(digits=r"\p{N}")
 # tokenizer.ggml.pre -> how text is split before byte-level BPE: "digits" (one by one, then GPT-2's
 # regex), "gpt-2" (GPT-2's regex) or a regex of its own.
 PRE_TOKENIZERS = {"smollm": "digits", "gpt-2": "gpt-2", "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT,
@@ -107,6 +107,15 @@ def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def _layer_target(kind: str, part: str) -> Optional[str]:
+    """The stacked parameter of `blk.N.<kind>.<part>`: q_proj for attn_q.weight, q_bias for attn_q.bias
+    (projections only; a norm has no bias here), else None."""
+    name = LAYER_NAMES.get(kind)
+    if name is None or part == "weight":
+        return name
+    return name.replace("_proj", "_bias") if name.endswith("_proj") else None
+
+
 def map_tensors(reader, config: LlamaConfig) -> dict[tuple[str, ...], np.ndarray]:
     """GGUF tensors -> `{parameter path: array}` in the decoder's layout, shapes checked."""
     mapped: dict[tuple[str, ...], np.ndarray] = {}
@@ -118,8 +127,8 @@ def map_tensors(reader, config: LlamaConfig) -> dict[tuple[str, ...], np.ndarray
         if name == "rope_freqs.weight":
             continue  # already in the config
         match = LAYER_PATTERN.fullmatch(name)
-        if match is not None and match.group(2) in LAYER_NAMES and (match.group(3) == "weight" or
-                                                                   LAYER_NAMES[match.group(2)].endswith("_proj")):
+        target = _layer_target(match.group(2), match.group(3)) if match is not None else None
+        if target is not None:
             array = dequantize(tensor)
             kind = match.group(2)
             if permuted and kind == "attn_q":
@@ -127,7 +136,6 @@ def map_tensors(reader, config: LlamaConfig) -> dict[tuple[str, ...], np.ndarray
             elif permuted and kind == "attn_k":
                 array = unpermute(array, config.num_kv_heads)
             # Linear weights [out, in] become kernels [in, out]; norms and biases are 1-D.
-            target = LAYER_NAMES[kind] if match.group(3) == "weight" else LAYER_NAMES[kind].replace("_proj", "_bias")
             per_layer.setdefault(target, {})[int(match.group(1))] = (
                 np.ascontiguousarray(array.T) if array.ndim == 2 else array)
         elif name == "token_embd.weight":
@@ -207,8 +215,8 @@ def _sentencepiece_backend(reader):
 def tokenizer_from_metadata(reader):
     """A transformers PreTrainedTokenizerFast rebuilt from the `tokenizer.ggml.*` metadata.
 
-    Byte-level BPE ("gpt2" model) with the "smollm" (digits split one by one), "gpt-2" or Llama 3's
-    "llama-bpe" pre-tokenizer, built here; SentencePiece ("llama" model: Llama 2, Mistral) through
+    Byte-level BPE ("gpt2" model) with the "smollm" (digits split one by one), "gpt-2", Llama 3's
+    "llama-bpe" or Qwen2's "qwen2" pre-tokenizer, built here; SentencePiece ("llama" model: Llama 2, Mistral) through
     transformers' GGUF conversion. bos/eos/unk/pad come from the metadata ids;
     BOS is prepended where `tokenizer.ggml.add_bos_token` says (SentencePiece files: by default).
     """
