@@ -168,6 +168,21 @@ def test_tiny_gguf_add_bos_token(tmp_path):
     assert tokenizer("ab")["input_ids"] == [1, TOKENS.index("ab")], "add_bos_token=true must prepend BOS"
 
 
+def tokenizer_file(path, model: str, tokens: list, types: list, **fields):
+    """Our tokenizer of a GGUF holding only tokenizer metadata: `model`, `tokens`, their `types`, and each
+    of `fields` written by the GGUFWriter method `add_<field>`."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    for field, value in fields.items():
+        getattr(writer, f"add_{field}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return gguf_loader.tokenizer_from_metadata(gguf.GGUFReader(str(path)))
+
+
 def test_llama3_pre_tokenizer_splits_digits_in_threes(tmp_path):
     """Llama 3 GGUFs are byte-level BPE with tokenizer.ggml.pre "llama-bpe": text is split by Llama 3's
     regex (digits in groups of up to three, case-insensitive contractions, a space kept with the
@@ -177,18 +192,8 @@ def test_llama3_pre_tokenizer_splits_digits_in_threes(tmp_path):
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     merges = ["3 4", "1 2", "12 3", "Ġ D", "ĠD O", "ĠDO N"]
     tokens = ["<|begin_of_text|>"] + symbols + ["34", "12", "123", "ĠD", "ĠDO", "ĠDON"]
-    writer = gguf.GGUFWriter(str(tmp_path / "l3.gguf"), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")
-    writer.add_token_list(tokens)
-    writer.add_token_merges(merges)
-    writer.add_token_types([3] + [1] * (len(tokens) - 1))
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
-    tokenizer = gguf_loader.tokenizer_from_metadata(gguf.GGUFReader(str(tmp_path / "l3.gguf")))
+    tokenizer = tokenizer_file(tmp_path / "l3.gguf", "gpt2", tokens, [3] + [1] * (len(tokens) - 1),
+                               tokenizer_pre="llama-bpe", token_merges=merges, bos_token_id=0, eos_token_id=0)
     index = {token: i for i, token in enumerate(tokens)}
     # "1234" is split "123" + "4" first, so the top-ranked merge "3 4" never applies across the split.
     ids = tokenizer("1234 DON'T", add_special_tokens=False)["input_ids"]
@@ -204,18 +209,9 @@ def test_sentencepiece_tokenizer_of_llama2_and_mistral_files(tmp_path):
     characters fall back to their bytes, BOS is prepended (llama.cpp's default for these files)."""
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["\u2581", "a", "b", "\u2581a", "ab",
                                                                               "\u2581ab", "c"]
-    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * 259 + [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0])
-    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * 7)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
-    tokenizer = gguf_loader.tokenizer_from_metadata(gguf.GGUFReader(str(tmp_path / "spm.gguf")))
+    tokenizer = tokenizer_file(tmp_path / "spm.gguf", "llama", tokens, [2, 3, 3] + [6] * 256 + [1] * 7,
+                               token_scores=[0.0] * 259 + [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0],
+                               bos_token_id=1, eos_token_id=2, unk_token_id=0)
     index = {token: i for i, token in enumerate(tokens)}
     ids = tokenizer("ab a cé")["input_ids"]
     expected = ["<s>", "\u2581ab", "\u2581a", "\u2581", "c", "<0xC3>", "<0xA9>"]  # é: no token, its two UTF-8 bytes
