@@ -607,8 +607,8 @@ def image_folder_stream(root: str = "", train: str = "", test: str = "", image_s
                         image_dtype: str = "uint8") -> Stream:
     """A class-incremental image Stream from class-per-subfolder folders: `root`/train and `root`/test
     (else `root`/val or `root`/validation; or `train` and `test` given directly), or one `root` of
-    class folders with a seeded held-out `test_fraction`. Images [N, image_size, image_size, 3] uint8 (or float32 in [0, 1]), as the tfds
-    source gives them, so the ViT path consumes them the same way."""
+    class folders with a seeded held-out `test_fraction`. Images [N, image_size, image_size, 3] uint8
+    (or float32 in [0, 1]), as the tfds source gives them, so the ViT path consumes them the same way."""
     if image_dtype not in ("uint8", "float32"):
         raise DataError(f"data.image_dtype {image_dtype!r} must be 'uint8' or 'float32'")
     for value, option in ((root, "data_dir"), (train, "train"), (test, "test")):

@@ -290,9 +290,9 @@ def load_hf(directory: str, dtype=jnp.float32, pooling: str = "mean"):
 
     Reads config.json (hf.read_config), model.safetensors or sharded safetensors with
     model.safetensors.index.json (hf.read_tensors); tensor names with or without a "bert." prefix;
-    the pooler, pre-training heads and task heads (a fine-tuned classifier) are ignored. Every shape is checked: a tensor that does not fit
-    raises CheckpointError naming it. The tokenizer is transformers' AutoTokenizer from the same
-    directory (local files only).
+    the pooler, pre-training heads and task heads (a fine-tuned classifier) are ignored. Every shape
+    is checked: a tensor that does not fit raises CheckpointError naming it. The tokenizer is
+    transformers' AutoTokenizer from the same directory (local files only).
     """
     from transformers import AutoTokenizer
 
