@@ -76,3 +76,11 @@ def generation_key(seed: int, trained_upto: int, task: int):
         return key
     key = for_purpose(seed, "generate")
     return jax.random.fold_in(jax.random.fold_in(key, trained_upto), task)
+
+
+def settled(draw: jax.Array) -> jax.Array:
+    """A random draw kept apart from the arithmetic that uses it (`scale * settled(normal(key))`). The
+    run's initial state is one jitted program (`Run.initial_state`), where XLA would otherwise fuse the
+    scale into the draw's own arithmetic and round some values differently from the same draw made op
+    by op; the barrier keeps the bits of both the same."""
+    return jax.lax.optimization_barrier(draw)

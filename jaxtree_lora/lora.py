@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry_2x32
 
-from jaxtree_lora import threefry  # noqa: F401  (the unrolled CPU lowering: same bits, faster masks)
+from jaxtree_lora import keys, threefry  # noqa: F401  (threefry: the unrolled CPU lowering: same bits, faster masks)
 from jaxtree_lora.models.common import Site
 
 Array = jax.Array
@@ -122,7 +122,7 @@ def init_a(key: Array, shape: Sequence[int], init: str, dtype=jnp.float32) -> Ar
         bound = 1.0 / math.sqrt(d_in)
         return jax.random.uniform(key, shape, dtype, -bound, bound)
     if init == "gaussian":
-        return (jax.random.normal(key, shape, jnp.float32) / r).astype(dtype)
+        return (keys.settled(jax.random.normal(key, shape, jnp.float32)) / r).astype(dtype)
     if init == "orthogonal":
         if r <= d_in:  # rows orthonormal: A A^T = I_r
             q, _ = jnp.linalg.qr(jax.random.normal(key, (*shape[:-2], d_in, r), jnp.float32))

@@ -83,12 +83,12 @@ def init_identity_head(key, feature_dim: int, num_classes: int, expansion: int =
     trunc-normal std 0.02, here normal; biases 0; LayerNorm 1 / 0)."""
     k1, k2, k3 = jax.random.split(key, 3)
     hidden = feature_dim * expansion
-    return {"w1": 0.02 * jax.random.normal(k1, (feature_dim, hidden), jnp.float32),
+    return {"w1": 0.02 * keys.settled(jax.random.normal(k1, (feature_dim, hidden), jnp.float32)),
             "b1": jnp.zeros((hidden,), jnp.float32),
-            "w2": 0.02 * jax.random.normal(k2, (hidden, feature_dim), jnp.float32),
+            "w2": 0.02 * keys.settled(jax.random.normal(k2, (hidden, feature_dim), jnp.float32)),
             "b2": jnp.zeros((feature_dim,), jnp.float32),
             "scale": jnp.ones((feature_dim,), jnp.float32), "bias": jnp.zeros((feature_dim,), jnp.float32),
-            "w": 0.02 * jax.random.normal(k3, (feature_dim, num_classes), jnp.float32),
+            "w": 0.02 * keys.settled(jax.random.normal(k3, (feature_dim, num_classes), jnp.float32)),
             "b": jnp.zeros((num_classes,), jnp.float32)}
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxtree_lora import keys
+
 
 def init_head(key, feature_dim: int, num_classes: int, kind: str = "cosine") -> dict:
     """Classification head over all classes of the stream: w [feature_dim, num_classes], b [num_classes].
@@ -23,7 +25,7 @@ def init_head(key, feature_dim: int, num_classes: int, kind: str = "cosine") -> 
     if kind == "linear":
         w = jnp.zeros((feature_dim, num_classes), jnp.float32)
     else:
-        w = jax.random.normal(key, (feature_dim, num_classes), jnp.float32) / jnp.sqrt(feature_dim)
+        w = keys.settled(jax.random.normal(key, (feature_dim, num_classes), jnp.float32)) / jnp.sqrt(feature_dim)
     return {"w": w, "b": jnp.zeros((num_classes,), jnp.float32)}
 
 
