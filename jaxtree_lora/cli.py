@@ -116,7 +116,7 @@ def _prepare_workdir(workdir: str, resume: bool, create: bool = True) -> None:
 
 def run_one(config, workdir: str, resume: bool = False, progress: bool = True, quiet: bool = False) -> dict:
     """Runs one continual stream and writes the work directory. Returns the results dict."""
-    from jaxtree_lora.train.loop import Run, peak_memory_mb, validate
+    from jaxtree_lora.train.loop import Run, validate
 
     validate(config)
     from jaxtree_lora.train import memory
@@ -125,7 +125,7 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
         memory.plan_run(config)  # a plan that cannot fit is refused before anything is loaded
     _prepare_workdir(workdir, resume, create=False)  # a finished run is refused before anything is loaded
     from jaxtree_lora import data as data_lib
-    from jaxtree_lora.reporting import plots, results as results_lib, tables
+    from jaxtree_lora.reporting import results as results_lib, tables
     from jaxtree_lora.train import backbone as backbone_lib
 
     import jax
@@ -161,13 +161,45 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
         return results
     if not quiet and jax.process_index() == 0:
         print(describe_protocol(run_protocol(run)), flush=True)
-    outcome = run.fit(resume=resume)
+    # The last checkpoint is written while the results and plots are made (waited for below).
+    outcome = run.fit(resume=resume, wait_for_checkpoint=False)
+    try:
+        results = _report(config, run, stream, backbone, outcome, workdir, started, primary, ledger)
+    finally:
+        with ledger.phase("checkpoint"):
+            run.finish_checkpoints()
+    results["time"] = {**results["time"], **ledger_time(ledger, outcome.get("restored", resume))}
+    frozen = outcome.get("frozen_ncm_scores")
+    if frozen:  # the frozen model's nearest class mean on the same stream, from features the run computed anyway
+        results["frozen_ncm"] = {"scores": [float(v) for v in frozen],
+                                 "average_accuracy": float(sum(frozen) / len(frozen))}
+    ledger.close()
+    if not primary:
+        return results
+    results_lib.write_results(os.path.join(workdir, "results.json"), results)
+    if not quiet:
+        print(tables.format_matrix(outcome["matrix"], [task.name for task in stream.tasks]))
+        print(tables.format_summary(results))
+        if frozen:
+            own = (results.get("metrics") or {}).get("average_accuracy")
+            print(f"average accuracy: {run.method.name} {'-' if own is None else f'{own:.2f}'} | "
+                  f"fix (frozen NCM) {results['frozen_ncm']['average_accuracy']:.2f}")
+        print(ledger_lib.format_table(results["time"]["ledger"]))
+        print(f"wrote {workdir}")
+    return results
+
+
+def _report(config, run, stream, backbone, outcome: dict, workdir: str, started: float, primary: bool,
+            ledger) -> dict:
+    """The results dict of a finished run and, on the primary process, its plots (a ledger line)."""
+    from jaxtree_lora import lora as lora_lib
+    from jaxtree_lora.reporting import plots, results as results_lib
+    from jaxtree_lora.train.loop import peak_memory_mb
+
     with ledger.phase("reports"):  # results, plots
         wall = time.perf_counter() - started
         state = outcome["state"]
         trainable_count = run.method.trainable_count(state.trainable, state.method_state)
-        from jaxtree_lora import lora as lora_lib
-
         backbone_count = lora_lib.count(backbone.params)
         results = results_lib.build_results(
             matrix=outcome["matrix"],
@@ -195,26 +227,7 @@ def run_one(config, workdir: str, resume: bool = False, progress: bool = True, q
                                        title=f"{run.method.name} on {stream.name}")
             if hasattr(run.method, "draw_tree"):
                 run.method.draw_tree(state.method_state, os.path.join(workdir, "tree.png"))
-    results["time"] = {**results["time"], **ledger_time(ledger, outcome.get("restored", resume))}
-    frozen = outcome.get("frozen_ncm_scores")
-    if frozen:  # the frozen model's nearest class mean on the same stream, from features the run computed anyway
-        results["frozen_ncm"] = {"scores": [float(v) for v in frozen],
-                                 "average_accuracy": float(sum(frozen) / len(frozen))}
-    ledger.close()
-    if not primary:
-        return results
-    results_lib.write_results(os.path.join(workdir, "results.json"), results)
-    if not quiet:
-        print(tables.format_matrix(outcome["matrix"], [task.name for task in stream.tasks]))
-        print(tables.format_summary(results))
-        if frozen:
-            own = (results.get("metrics") or {}).get("average_accuracy")
-            print(f"average accuracy: {run.method.name} {'-' if own is None else f'{own:.2f}'} | "
-                  f"fix (frozen NCM) {results['frozen_ncm']['average_accuracy']:.2f}")
-        print(ledger_lib.format_table(results["time"]["ledger"]))
-        print(f"wrote {workdir}")
     return results
-
 
 def ledger_time(ledger, restored: bool) -> dict:
     """results.json `time` entries from the run's ledger: the wall from the process start and every

@@ -279,9 +279,11 @@ class JointRun(Run):
                 "fit_rows": len(fit_split), "probe_grid": probe_grid, "candidates": candidates, "chosen": chosen}
 
     # -- the whole run --------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, wait_for_checkpoint: bool = True) -> dict:
         """Selection, the chosen setting on all the training data, every task scored. Returns what
-        `Run.fit` returns, plus "selection"."""
+        `Run.fit` returns, plus "selection". It writes no checkpoint: `finish_checkpoints` has nothing
+        to wait for."""
+        self.finish_checkpoints = lambda: None
         method, seed, tasks = self.method, int(self.config.seed), self.task_stream.tasks
         os.makedirs(self.workdir, exist_ok=True)
         self._log = MetricsWriter(os.path.join(self.workdir, "metrics.jsonl"))

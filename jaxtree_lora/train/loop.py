@@ -291,10 +291,11 @@ class Run:
         return tree if jax.process_count() == 1 else mesh_lib.to_global(tree, mesh_lib.replicated(self.mesh))
 
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, wait_for_checkpoint: bool = True) -> dict:
         """Trains and evaluates task after task (from the newest good checkpoint with `resume`).
         Returns {"matrix", "timings", "state"} (+ "ncm_matrix", "recomputed_prototype_scores" on
-        classification streams)."""
+        classification streams). `wait_for_checkpoint=False`: the last checkpoint may still be being
+        written on return; the caller ends it with `finish_checkpoints()` (the CLI, after its reports)."""
         config = self.config
         ledger = self.ledger
         os.makedirs(self.workdir, exist_ok=True)
@@ -331,10 +332,13 @@ class Run:
         except BaseException:
             if self._own_ledger:
                 ledger.close()  # its jax.monitoring listener goes with it, as on success
-            raise
-        finally:
             with ledger.phase("checkpoint"):
                 books.close()
+            raise
+        self.finish_checkpoints = lambda: books.close()
+        if wait_for_checkpoint:
+            with ledger.phase("checkpoint"):
+                self.finish_checkpoints()
         self.final_state = state
         outcome = {"matrix": books.matrix, "timings": books.timings, "state": state, "restored": books.restored}
         if books.identity is not None:
