@@ -178,6 +178,10 @@ def test_run_profile_quick_prints_json(tmp_path):
     counted = table["train_seconds"] + table["eval_seconds"]
     assert table["ratio"] == pytest.approx(table["wall_seconds"] / counted)
     assert table["method_training_seconds"] == 0.0, "fix trains nothing of its own at a task's end"
+    tool = sum(table["phases"][name] for name in ("startup", "weights", "data", "setup", "compile", "checkpoint",
+                                                  "reports", "other") if name in table["phases"])
+    assert table["tool_overhead_seconds"] == pytest.approx(tool), "a tool line missed or a method line counted"
+    assert table["ratio_tool_overhead"] == pytest.approx(table["wall_seconds"] / (table["wall_seconds"] - tool))
 
 
 def test_a_run_that_raises_leaves_no_monitoring_listener(tmp_path):

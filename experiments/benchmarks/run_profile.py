@@ -5,7 +5,9 @@ as they do for a user) and the table is read from its results.json (`time.ledger
 weights, data, setup, compile, train, each task's extra passes by name, prototypes, evaluation,
 checkpoints, reports, other; the phases sum to the wall), with `ratio` = wall / (train + evaluation)
 and `ratio_method_training_counted`, where a method's own optimisation outside the train step (HiDe's
-heads: their own ledger line) counts as training too.
+heads: their own ledger line) counts as training too; `tool_overhead_seconds` is the time that is
+neither the method's work nor evaluation (start-up, weights, data, setup, compile, checkpoints,
+reports, other) and `ratio_tool_overhead` the wall over the rest.
 
     python -m experiments.benchmarks.run_profile                        # the default job + a 10-task stream
     python -m experiments.benchmarks.run_profile --jobs stream10 --methods fix,treelora
@@ -34,6 +36,9 @@ WORDS = [f"w{i}" for i in range(60)]
 # Ledger lines of a method's own optimisation outside the train step (`TaskContext.phase` parts):
 # HiDe's, its TII head's training and alignment and its classifier's alignment.
 METHOD_TRAINING = (": head training",)
+# Ledger lines of the tool's own time: what a run costs beyond training, the method's passes and evaluation.
+TOOL_OVERHEAD = ("startup", "weights", "data", "setup", "compile", "checkpoint", "checkpoint restore", "reports",
+                 "other")
 
 
 def write_stream(directory: str, classes: int = 20, per_class_train: int = 40, per_class_test: int = 20,
@@ -124,9 +129,11 @@ def profile(job: str, method: str, scratch: str, quick: bool, tiny: bool) -> dic
     counted = time["train_seconds"] + time["eval_seconds"]
     # The method's own gradient steps outside the train step (HiDe's heads).
     own = sum(seconds for name, seconds in ledger["phases"].items() if name.endswith(METHOD_TRAINING))
+    tool = sum(seconds for name, seconds in ledger["phases"].items() if name in TOOL_OVERHEAD)
     return {**ledger, "train_seconds": time["train_seconds"], "eval_seconds": time["eval_seconds"],
             "ratio": ledger["wall_seconds"] / counted, "method_training_seconds": own,
             "ratio_method_training_counted": ledger["wall_seconds"] / (counted + own),
+            "tool_overhead_seconds": tool, "ratio_tool_overhead": ledger["wall_seconds"] / (ledger["wall_seconds"] - tool),
             "average_accuracy": results["metrics"]["average_accuracy"]}
 
 
@@ -160,7 +167,8 @@ def main(argv=None) -> dict:
             table = profile(job, method, scratch, args.quick, args.tiny)
             out.setdefault(job, {})[method] = table
             print(f"{job} {method}: wall {table['wall_seconds']:.1f} s (ratio {table['ratio']:.2f}, "
-                  f"{table['ratio_method_training_counted']:.2f} with the method's own training counted) "
+                  f"{table['ratio_method_training_counted']:.2f} with the method's own training counted; tool "
+                  f"overhead {table['tool_overhead_seconds']:.1f} s, {table['ratio_tool_overhead']:.2f}x the rest) "
                   + ", ".join(f"{name} {seconds:.1f}" for name, seconds in table["phases"].items()), flush=True)
     print(json.dumps(out))
     return out
