@@ -229,6 +229,7 @@ def _report(config, run, stream, backbone, outcome: dict, workdir: str, started:
                 run.method.draw_tree(state.method_state, os.path.join(workdir, "tree.png"))
     return results
 
+
 def ledger_time(ledger, restored: bool) -> dict:
     """results.json `time` entries from the run's ledger: the wall from the process start and every
     phase of it (`jaxtree_lora.ledger`). A run restored from a checkpoint: the resumed process only."""

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry_2x32
 
-from jaxtree_lora import keys, threefry  # noqa: F401  (threefry: the unrolled CPU lowering: same bits, faster masks)
+from jaxtree_lora import keys
+from jaxtree_lora import threefry  # noqa: F401  (the unrolled CPU lowering: same bits, faster masks)
 from jaxtree_lora.models.common import Site
 
 Array = jax.Array

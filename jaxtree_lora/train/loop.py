@@ -335,7 +335,7 @@ class Run:
             with ledger.phase("checkpoint"):
                 books.close()
             raise
-        self.finish_checkpoints = lambda: books.close()
+        self.finish_checkpoints = books.close
         if wait_for_checkpoint:
             with ledger.phase("checkpoint"):
                 self.finish_checkpoints()
