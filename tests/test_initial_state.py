@@ -33,3 +33,12 @@ def test_jitted_initial_state_equals_op_by_op(method, init, tmp_path):
         assert a.tobytes() == b.tobytes(), (
             f"{method} ({init or 'its own'} init): leaf {index} {a.shape} differs from op by op by up to "
             f"{np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))}: a draw not kept apart (keys.settled)")
+
+
+def test_the_initial_state_is_traced_once_per_run(tmp_path):
+    """A run makes its initial state more than once (the joint run's probe starts every rate from it):
+    the program is traced once, not once per call."""
+    run = make_run(tiny_config("seqlora"), tmp_path / "run")
+    first, second = run.initial_state(), run.initial_state()
+    assert run._initial_program._cache_size() == 1, "each call traced the initial state again"
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(first), leaves(second)))

@@ -279,8 +279,11 @@ class Run:
     def initial_state(self) -> TrainState:
         """Before the first task: the method's adapters and state, the head, the optimiser state, as one
         program (op by op, each of their few dozen operations was a program to trace and load: 0.4 s)."""
-        return jax.jit(functools.partial(initial_values, self), out_shardings=mesh_lib.replicated(self.mesh))(
-            keys.for_purpose(self.config.seed, "init"))
+        return self._initial_program(keys.for_purpose(self.config.seed, "init"))
+
+    @functools.cached_property
+    def _initial_program(self):  # one trace per run, however often the state is made (the joint probe)
+        return jax.jit(functools.partial(initial_values, self), out_shardings=mesh_lib.replicated(self.mesh))
 
     def _host_batch(self, batch: dict) -> dict:
         """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""
