@@ -19,7 +19,8 @@ def leaves(state):
 # Every method with its own LoRA init; the other inits on four adapter layouts (plain, per-task slots,
 # LiLoRA's, InfLoRA's).
 CASES = [(method, None) for method in methods.names()] + [
-    (method, init) for method in ("seqlora", "treelora_hide", "lilora", "inflora") for init in ("gaussian", "orthogonal")]
+    (method, init) for method in ("seqlora", "treelora_hide", "lilora", "inflora")
+    for init in ("gaussian", "orthogonal")]
 
 
 @pytest.mark.parametrize("method, init", CASES)

@@ -133,7 +133,8 @@ def profile(job: str, method: str, scratch: str, quick: bool, tiny: bool) -> dic
     return {**ledger, "train_seconds": time["train_seconds"], "eval_seconds": time["eval_seconds"],
             "ratio": ledger["wall_seconds"] / counted, "method_training_seconds": own,
             "ratio_method_training_counted": ledger["wall_seconds"] / (counted + own),
-            "tool_overhead_seconds": tool, "ratio_tool_overhead": ledger["wall_seconds"] / (ledger["wall_seconds"] - tool),
+            "tool_overhead_seconds": tool,
+            "ratio_tool_overhead": ledger["wall_seconds"] / (ledger["wall_seconds"] - tool),
             "average_accuracy": results["metrics"]["average_accuracy"]}
 
 
