@@ -41,15 +41,9 @@ IGNORED = (r"embeddings\.mask_token", r"classifier\..*")
 
 def image_size_error(image_size, patch_size: int = PATCH_SIZE, label: str = "image size") -> Optional[str]:
     """One line naming a valid size if `image_size` is not a positive multiple of the patch size, else None."""
-    if isinstance(image_size, (int, np.integer)) and image_size > 0 and image_size % patch_size == 0:
-        return None
-    try:
-        near = max(1, round(float(image_size) / patch_size)) * patch_size
-    except (TypeError, ValueError):
-        near = DEFAULT_IMAGE_SIZE
+    problem = vit.image_size_error(image_size, patch_size, label, "DINOv2's", default=DEFAULT_IMAGE_SIZE)
     common = " (112 and 224 are common)" if patch_size == PATCH_SIZE else ""
-    return (f"{label} {image_size!r} is not a positive multiple of DINOv2's patch size {patch_size}: "
-            f"choose e.g. {near}{common}")
+    return problem and problem + common
 
 
 def _layer_scale(weight):

@@ -299,12 +299,24 @@ def expected_shapes(c: ViTConfig) -> dict:
     return shapes
 
 
+def image_size_error(image_size, patch_size: int, label: str = "image_size", whose: str = "the checkpoint's",
+                     default: Optional[int] = None) -> Optional[str]:
+    """One line naming a valid size if `image_size` is not a positive multiple of the patch size, else None
+    (`default` is offered for a value that is not a number)."""
+    if isinstance(image_size, (int, np.integer)) and image_size > 0 and image_size % patch_size == 0:
+        return None
+    try:
+        near = max(1, round(float(image_size) / patch_size)) * patch_size
+    except (TypeError, ValueError):
+        near = default or patch_size
+    return f"{label} {image_size!r} is not a positive multiple of {whose} patch size {patch_size}: choose e.g. {near}"
+
+
 def with_image_size(config: ViTConfig, image_size: int) -> ViTConfig:
     """`config` for `image_size`-pixel inputs; CheckpointError unless a positive multiple of its patch size."""
-    if image_size <= 0 or image_size % config.patch_size:
-        raise hf.CheckpointError(f"image_size {image_size} is not a positive multiple of the checkpoint's "
-                                 f"patch size {config.patch_size}: choose e.g. "
-                                 f"{max(1, round(image_size / config.patch_size)) * config.patch_size}")
+    problem = image_size_error(image_size, config.patch_size)
+    if problem:
+        raise hf.CheckpointError(problem)
     return dataclasses.replace(config, image_size=image_size)
 
 
