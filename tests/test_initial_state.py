@@ -45,5 +45,5 @@ def test_the_initial_state_is_traced_once_per_run(tmp_path):
     the program is traced once, not once per call."""
     run = make_run(tiny_config("seqlora"), tmp_path / "run")
     first, second = run.initial_state(), run.initial_state()
-    assert run._initial_program._cache_size() == 1, "each call traced the initial state again"
+    assert run._initial_program[1]._cache_size() == 1, "each call traced the initial state again"
     assert all(np.array_equal(a, b) for a, b in zip(leaves(first), leaves(second)))

@@ -163,8 +163,6 @@ class JointRun(Run):
                                    freeze_other_classes=self.config.train.get("train_mask", "task") == "task")
             self._steps[learning_rate] = (optimizer, jax.jit(step, donate_argnums=(0,),
                                                              out_shardings=mesh_lib.replicated(self.mesh)))
-        if self.optimizer is not self._steps[learning_rate][0]:
-            self.__dict__.pop("_initial_program", None)  # the initial state's program reads the optimiser
         self.optimizer, self.train_step = self._steps[learning_rate]
 
     def _start(self, head):

@@ -278,12 +278,12 @@ class Run:
 
     def initial_state(self) -> TrainState:
         """Before the first task: the method's adapters and state, the head, the optimiser state, as one
-        program (op by op, each of their few dozen operations was a program to trace and load: 0.4 s)."""
-        return self._initial_program(keys.for_purpose(self.config.seed, "init"))
-
-    @functools.cached_property
-    def _initial_program(self):  # one trace per run, however often the state is made (the joint probe)
-        return jax.jit(functools.partial(initial_values, self), out_shardings=mesh_lib.replicated(self.mesh))
+        program (not a program per operation), traced once per optimiser (the joint probe's rates)."""
+        made_for, program = getattr(self, "_initial_program", (None, None))
+        if made_for is not self.optimizer:
+            program = jax.jit(functools.partial(initial_values, self), out_shardings=mesh_lib.replicated(self.mesh))
+            self._initial_program = (self.optimizer, program)
+        return program(keys.for_purpose(self.config.seed, "init"))
 
     def _host_batch(self, batch: dict) -> dict:
         """A batch every process holds whole (evaluation, statistics) -> replicated global arrays."""
